@@ -1,0 +1,165 @@
+//! `Selector`: a `type:value` fact about a node or workload, e.g. `unix:uid:1000`.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Longest selector value accepted, in bytes.
+pub const MAX_SELECTOR_LEN: usize = 1024;
+
+/// Why a string is not a selector.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SelectorError {
+    /// No `:` separating type and value.
+    #[error("selector {0:?} must be TYPE:VALUE (e.g. unix:uid:1000)")]
+    MissingSeparator(String),
+    /// Empty type before the first `:`.
+    #[error("selector {0:?} has an empty type")]
+    EmptyType(String),
+    /// Empty value after the first `:`.
+    #[error("selector {0:?} has an empty value")]
+    EmptyValue(String),
+    /// Type has characters outside `[a-z0-9_]`.
+    #[error("selector type {0:?} may only contain a-z, 0-9 and _")]
+    BadType(String),
+    /// A control character in the value.
+    #[error("selector {0:?} contains a control character")]
+    ControlChar(String),
+    /// Longer than [`MAX_SELECTOR_LEN`].
+    #[error("selector is {len} bytes, more than the maximum of {MAX_SELECTOR_LEN}")]
+    TooLong {
+        /// Its length in bytes.
+        len: usize,
+    },
+}
+
+/// A selector: the attestor type (`unix`, `join_token`, ...) and its value.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Selector {
+    full: String,
+    type_end: usize,
+}
+
+impl Selector {
+    /// Parses `TYPE:VALUE`; the value may itself contain `:`.
+    pub fn new(input: &str) -> Result<Self, SelectorError> {
+        if input.len() > MAX_SELECTOR_LEN {
+            return Err(SelectorError::TooLong { len: input.len() });
+        }
+        let Some((ty, value)) = input.split_once(':') else {
+            return Err(SelectorError::MissingSeparator(input.to_string()));
+        };
+        if ty.is_empty() {
+            return Err(SelectorError::EmptyType(input.to_string()));
+        }
+        if value.is_empty() {
+            return Err(SelectorError::EmptyValue(input.to_string()));
+        }
+        if !ty
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        {
+            return Err(SelectorError::BadType(ty.to_string()));
+        }
+        if value.chars().any(char::is_control) {
+            return Err(SelectorError::ControlChar(input.to_string()));
+        }
+        Ok(Selector {
+            full: input.to_string(),
+            type_end: ty.len(),
+        })
+    }
+
+    /// Builds a selector from a type and value.
+    pub fn from_parts(ty: &str, value: &str) -> Result<Self, SelectorError> {
+        Self::new(&format!("{ty}:{value}"))
+    }
+
+    /// The type, e.g. `unix`.
+    pub fn kind(&self) -> &str {
+        &self.full[..self.type_end]
+    }
+
+    /// The value, e.g. `uid:1000`.
+    pub fn value(&self) -> &str {
+        &self.full[self.type_end + 1..]
+    }
+
+    /// The whole selector as `type:value`.
+    pub fn as_str(&self) -> &str {
+        &self.full
+    }
+}
+
+/// True when every selector in `required` is among `have`: the rule that
+/// decides whether a workload or node may receive an entry.
+pub fn is_subset(required: &[Selector], have: &[Selector]) -> bool {
+    required.iter().all(|r| have.contains(r))
+}
+
+impl fmt::Display for Selector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.full)
+    }
+}
+
+impl fmt::Debug for Selector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Selector({})", self.full)
+    }
+}
+
+impl FromStr for Selector {
+    type Err = SelectorError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::new(s)
+    }
+}
+
+impl Serialize for Selector {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.full)
+    }
+}
+
+impl<'de> Deserialize<'de> for Selector {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Selector::new(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_type_and_value() {
+        let s = Selector::new("unix:uid:1000").unwrap();
+        assert_eq!(s.kind(), "unix");
+        assert_eq!(s.value(), "uid:1000");
+        assert_eq!(s.to_string(), "unix:uid:1000");
+        assert_eq!(Selector::from_parts("unix", "uid:1000").unwrap(), s);
+    }
+
+    #[test]
+    fn rejects_bad_selectors() {
+        assert!(matches!(Selector::new("unix"), Err(SelectorError::MissingSeparator(_))));
+        assert!(matches!(Selector::new(":x"), Err(SelectorError::EmptyType(_))));
+        assert!(matches!(Selector::new("unix:"), Err(SelectorError::EmptyValue(_))));
+        assert!(matches!(Selector::new("Unix:x"), Err(SelectorError::BadType(_))));
+        assert!(matches!(Selector::new("unix:a\nb"), Err(SelectorError::ControlChar(_))));
+        let long = format!("unix:{}", "a".repeat(1100));
+        assert!(matches!(Selector::new(&long), Err(SelectorError::TooLong { .. })));
+    }
+
+    #[test]
+    fn subset() {
+        let a = Selector::new("unix:uid:1").unwrap();
+        let b = Selector::new("unix:gid:2").unwrap();
+        assert!(is_subset(&[a.clone()], &[a.clone(), b.clone()]));
+        assert!(!is_subset(&[a.clone(), b.clone()], &[a]));
+        assert!(is_subset(&[], &[b]));
+    }
+}

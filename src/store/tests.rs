@@ -1,0 +1,215 @@
+//! One behavioural suite, run against every backend.
+
+use super::*;
+use crate::x509::KeyAlgorithm;
+
+fn suite(store: &dyn Store) {
+    assert_eq!(store.revision().unwrap(), 0);
+
+    // Writes bump the revision once per commit and are readable.
+    let r1 = store
+        .commit(Commit::new().put(Table::Entries, "a", "1").put(Table::Entries, "b", "2"))
+        .unwrap();
+    assert_eq!(r1, 1);
+    assert_eq!(store.get(Table::Entries, b"a").unwrap(), Some(b"1".to_vec()));
+    assert_eq!(store.get(Table::Agents, b"a").unwrap(), None);
+
+    // A failed check writes nothing and does not bump the revision.
+    let err = store
+        .commit(Commit::new().require_absent(Table::Entries, "a").put(Table::Entries, "c", "3"))
+        .unwrap_err();
+    assert!(matches!(err, StoreError::CheckFailed(CheckFailure::Exists { .. })), "{err}");
+    assert_eq!(store.get(Table::Entries, b"c").unwrap(), None);
+    assert_eq!(store.revision().unwrap(), 1);
+
+    let err = store
+        .commit(Commit::new().require_exists(Table::JoinTokens, "t").delete(Table::JoinTokens, "t"))
+        .unwrap_err();
+    assert!(matches!(err, StoreError::CheckFailed(CheckFailure::Missing { .. })));
+
+    // Compare-and-swap on revision.
+    let err = store
+        .commit(Commit::new().at_revision(0).put(Table::Entries, "x", "y"))
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        StoreError::CheckFailed(CheckFailure::Revision { expected: 0, actual: 1 })
+    ));
+    let r2 = store
+        .commit(Commit::new().at_revision(1).delete(Table::Entries, "b").put(Table::Bundle, "td", "x"))
+        .unwrap();
+    assert_eq!(r2, 2);
+
+    // Consume-once: exactly one of two identical consuming commits wins.
+    store.commit(Commit::new().put(Table::JoinTokens, "tok", "v")).unwrap();
+    let consume = || {
+        Commit::new()
+            .require_exists(Table::JoinTokens, "tok")
+            .delete(Table::JoinTokens, "tok")
+    };
+    assert!(store.commit(consume()).is_ok());
+    assert!(store.commit(consume()).is_err());
+
+    // Scans are ordered, prefix-bounded and pageable.
+    for k in ["p/1", "p/2", "p/3", "q/1"] {
+        store.commit(Commit::new().put(Table::Agents, k, k)).unwrap();
+    }
+    let page = store.scan(Table::Agents, b"p/", None, 2).unwrap();
+    let keys: Vec<&[u8]> = page.iter().map(|(k, _)| k.as_slice()).collect();
+    assert_eq!(keys, [b"p/1".as_slice(), b"p/2"]);
+    let page = store.scan(Table::Agents, b"p/", Some(b"p/2"), 10).unwrap();
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0].0, b"p/3");
+
+    // The event log records every change, in order.
+    let EventsSince::Events(events) = store.events_since(0, 100).unwrap() else {
+        panic!("not compacted yet");
+    };
+    let revisions: Vec<u64> = events.iter().map(|e| e.revision).collect();
+    let now = store.revision().unwrap();
+    assert_eq!(revisions, (1..=now).collect::<Vec<_>>());
+    assert_eq!(
+        events[1].changes,
+        vec![
+            Change { table: Table::Entries, key: b"b".to_vec(), deleted: true },
+            Change { table: Table::Bundle, key: b"td".to_vec(), deleted: false },
+        ]
+    );
+    let EventsSince::Events(tail) = store.events_since(now - 1, 100).unwrap() else {
+        panic!()
+    };
+    assert_eq!(tail.len(), 1);
+    let EventsSince::Events(limited) = store.events_since(0, 2).unwrap() else { panic!() };
+    assert_eq!(limited.len(), 2);
+
+    // Compaction: older readers are told to resync.
+    store.compact_events(2).unwrap();
+    assert_eq!(store.events_since(1, 10).unwrap(), EventsSince::Compacted { oldest: 3 });
+    let EventsSince::Events(after) = store.events_since(2, 100).unwrap() else { panic!() };
+    assert_eq!(after.first().map(|e| e.revision), Some(3));
+
+    // Empty commits check without writing.
+    assert_eq!(store.commit(Commit::new().at_revision(now)).unwrap(), now);
+
+    // Authorities are sealed: the raw table value does not contain the key.
+    let key = PrivateKey::generate(KeyAlgorithm::EcP256).unwrap();
+    let record = AuthorityRecord {
+        id: "auth-1".into(),
+        kind: AuthorityKind::Jwt,
+        state: SlotState::Active,
+        cert_der: None,
+        not_after: 123,
+        key: key.clone(),
+    };
+    store.put_authority(&record).unwrap();
+    let raw = store.get(Table::Authorities, b"auth-1").unwrap().unwrap();
+    let pkcs8 = key.pkcs8_der();
+    assert!(!raw.windows(16).any(|w| pkcs8.windows(16).any(|p| p == w)));
+    assert_eq!(store.authorities().unwrap(), vec![record.clone()]);
+    store.delete_authority("auth-1").unwrap();
+    assert!(store.authorities().unwrap().is_empty());
+}
+
+#[test]
+fn memory_store_semantics() {
+    suite(&MemoryStore::new().unwrap());
+}
+
+#[test]
+fn sled_store_semantics() {
+    let dir = tempfile::tempdir().unwrap();
+    let kek = Kek::load_or_create(&dir.path().join("kek")).unwrap();
+    suite(&SledStore::open(&dir.path().join("data"), kek).unwrap());
+}
+
+#[test]
+fn sled_store_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let kek_path = dir.path().join("kek");
+    let data = dir.path().join("data");
+    let key = PrivateKey::generate(KeyAlgorithm::EcP384).unwrap();
+    {
+        let s = SledStore::open_with_kek_file(&data, &kek_path).unwrap();
+        s.commit(Commit::new().put(Table::Entries, "e", "v")).unwrap();
+        s.put_authority(&AuthorityRecord {
+            id: "x".into(),
+            kind: AuthorityKind::X509,
+            state: SlotState::Prepared,
+            cert_der: Some(vec![1, 2, 3]),
+            not_after: 9,
+            key: key.clone(),
+        })
+        .unwrap();
+    }
+    let s = SledStore::open_with_kek_file(&data, &kek_path).unwrap();
+    assert_eq!(s.revision().unwrap(), 2);
+    assert_eq!(s.get(Table::Entries, b"e").unwrap(), Some(b"v".to_vec()));
+    let auths = s.authorities().unwrap();
+    assert_eq!(auths.len(), 1);
+    assert_eq!(auths[0].key, key);
+    assert_eq!(auths[0].state, SlotState::Prepared);
+}
+
+#[test]
+fn sled_store_refuses_wrong_kek() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    drop(SledStore::open_with_kek_file(&data, &dir.path().join("kek-a")).unwrap());
+    let err = SledStore::open_with_kek_file(&data, &dir.path().join("kek-b")).unwrap_err();
+    assert!(matches!(err, StoreError::WrongKek { .. }), "{err}");
+    assert!(err.to_string().contains("kek-b"), "{err}");
+}
+
+#[test]
+fn sled_store_refuses_newer_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let kek = dir.path().join("kek");
+    drop(SledStore::open_with_kek_file(&data, &kek).unwrap());
+    {
+        let db = sled::open(data.join("db")).unwrap();
+        let meta = db.open_tree("meta").unwrap();
+        meta.insert(META_SCHEMA_FOR_TEST, &(SCHEMA_VERSION + 1).to_be_bytes()).unwrap();
+        db.flush().unwrap();
+    }
+    let err = SledStore::open_with_kek_file(&data, &kek).unwrap_err();
+    assert!(
+        matches!(err, StoreError::NewerSchema { found, supported } if found == SCHEMA_VERSION + 1 && supported == SCHEMA_VERSION),
+        "{err}"
+    );
+    assert!(err.to_string().contains("upgrade sigil"));
+}
+
+const META_SCHEMA_FOR_TEST: &[u8] = b"schema_version";
+
+#[test]
+fn concurrent_consumers_of_one_key_have_one_winner() {
+    let dir = tempfile::tempdir().unwrap();
+    let kek = Kek::load_or_create(&dir.path().join("kek")).unwrap();
+    let store = std::sync::Arc::new(SledStore::open(&dir.path().join("d"), kek).unwrap());
+    for round in 0..20 {
+        let key = format!("tok{round}");
+        store.commit(Commit::new().put(Table::JoinTokens, key.as_str(), "v")).unwrap();
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let store = store.clone();
+                let key = key.clone();
+                std::thread::spawn(move || {
+                    store
+                        .commit(
+                            Commit::new()
+                                .require_exists(Table::JoinTokens, key.as_str())
+                                .delete(Table::JoinTokens, key.as_str()),
+                        )
+                        .is_ok()
+                })
+            })
+            .collect();
+        let wins = handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .filter(|won| *won)
+            .count();
+        assert_eq!(wins, 1, "round {round}: {wins} consumers won");
+    }
+}

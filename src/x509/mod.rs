@@ -1,0 +1,75 @@
+//! X.509 material: private keys, certificate PEM helpers and trust bundles.
+
+mod bundle;
+mod key;
+
+pub use bundle::{Bundle, BundleError};
+pub use key::{KeyAlgorithm, KeyError, PrivateKey};
+
+/// Why PEM certificate input was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PemError {
+    /// Not decodable PEM.
+    #[error("bad PEM: {0}")]
+    Decode(String),
+    /// A block that is not a `CERTIFICATE`.
+    #[error("PEM block {index} is {tag:?}, expected \"CERTIFICATE\"")]
+    Tag {
+        /// Zero-based block index.
+        index: usize,
+        /// The block's tag.
+        tag: String,
+    },
+    /// A block whose contents are not an X.509 certificate.
+    #[error("PEM block {index} is not a valid X.509 certificate: {reason}")]
+    Cert {
+        /// Zero-based block index.
+        index: usize,
+        /// The parser's message.
+        reason: String,
+    },
+    /// No certificate at all.
+    #[error("no certificate found in PEM input")]
+    Empty,
+}
+
+/// Parses every `CERTIFICATE` block of a PEM document into DER, checking each parses.
+pub fn certs_from_pem(text: &str) -> Result<Vec<Vec<u8>>, PemError> {
+    let blocks = pem::parse_many(text).map_err(|e| PemError::Decode(e.to_string()))?;
+    if blocks.is_empty() {
+        return Err(PemError::Empty);
+    }
+    blocks
+        .into_iter()
+        .enumerate()
+        .map(|(index, b)| {
+            if b.tag() != "CERTIFICATE" {
+                return Err(PemError::Tag {
+                    index,
+                    tag: b.tag().to_string(),
+                });
+            }
+            let der = b.into_contents();
+            check_cert(&der).map_err(|reason| PemError::Cert { index, reason })?;
+            Ok(der)
+        })
+        .collect()
+}
+
+/// Encodes DER certificates as concatenated PEM `CERTIFICATE` blocks.
+pub fn certs_to_pem<'a>(ders: impl IntoIterator<Item = &'a Vec<u8>>) -> String {
+    let blocks: Vec<pem::Pem> = ders
+        .into_iter()
+        .map(|d| pem::Pem::new("CERTIFICATE", d.clone()))
+        .collect();
+    pem::encode_many(&blocks)
+}
+
+/// Checks that `der` is exactly one well-formed X.509 certificate.
+pub fn check_cert(der: &[u8]) -> Result<(), String> {
+    match x509_parser::parse_x509_certificate(der) {
+        Ok((rest, _)) if rest.is_empty() => Ok(()),
+        Ok(_) => Err("trailing bytes after the certificate".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
