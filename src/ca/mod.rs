@@ -6,14 +6,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use ring::rand::{SecureRandom, SystemRandom};
 use x509_parser::oid_registry::{
-    OID_PKCS1_RSASSAPSS, OID_PKCS1_SHA256WITHRSA, OID_PKCS1_SHA384WITHRSA,
-    OID_PKCS1_SHA512WITHRSA, OID_SIG_ECDSA_WITH_SHA256, OID_SIG_ECDSA_WITH_SHA384,
-    OID_SIG_ED25519,
+    OID_PKCS1_RSASSAPSS, OID_PKCS1_SHA256WITHRSA, OID_PKCS1_SHA384WITHRSA, OID_PKCS1_SHA512WITHRSA,
+    OID_SIG_ECDSA_WITH_SHA256, OID_SIG_ECDSA_WITH_SHA384, OID_SIG_ED25519,
 };
 use x509_parser::prelude::{FromDer, GeneralName, X509CertificationRequest};
 
@@ -32,7 +31,9 @@ pub enum CaError {
     #[error("CSR is malformed: {0}")]
     CsrMalformed(String),
     /// The CSR is signed with an algorithm outside the allow-list (e.g. SHA-1).
-    #[error("CSR signature algorithm {0} is not allowed (use ECDSA with SHA-256/384, RSA with SHA-256+, or Ed25519)")]
+    #[error(
+        "CSR signature algorithm {0} is not allowed (use ECDSA with SHA-256/384, RSA with SHA-256+, or Ed25519)"
+    )]
     CsrUnsupportedAlgorithm(String),
     /// The CSR's signature does not verify with its own public key.
     #[error("CSR signature does not verify (proof of possession failed)")]
@@ -441,7 +442,11 @@ impl JwtAuthority {
     }
 
     /// Rebuilds an authority from stored parts.
-    pub fn from_parts(kid: String, key: PrivateKey, not_after: SystemTime) -> Result<Self, CaError> {
+    pub fn from_parts(
+        kid: String,
+        key: PrivateKey,
+        not_after: SystemTime,
+    ) -> Result<Self, CaError> {
         let curve = match key.algorithm() {
             KeyAlgorithm::EcP256 => EcCurve::P256,
             KeyAlgorithm::EcP384 => EcCurve::P384,
@@ -493,7 +498,9 @@ impl JwtAuthority {
             });
         }
         let remaining = self.not_after.duration_since(now).unwrap_or_default();
-        Ok(self.signer.mint(subject, audience, ttl.min(remaining), now)?)
+        Ok(self
+            .signer
+            .mint(subject, audience, ttl.min(remaining), now)?)
     }
 }
 

@@ -14,8 +14,13 @@ fn now() -> SystemTime {
 }
 
 fn authority() -> X509Authority {
-    X509Authority::self_signed(&td(), KeyAlgorithm::EcP256, Duration::from_secs(86_400), now())
-        .unwrap()
+    X509Authority::self_signed(
+        &td(),
+        KeyAlgorithm::EcP256,
+        Duration::from_secs(86_400),
+        now(),
+    )
+    .unwrap()
 }
 
 fn params(ttl: u64) -> X509SvidParams {
@@ -57,24 +62,40 @@ fn uri_sans(cert: &X509Certificate<'_>) -> Vec<String> {
 fn assert_leaf_rules(der: &[u8], ca: &X509Authority, expected_id: &str) {
     let cert = parse(der);
     let ca_cert = parse(ca.cert_der());
-    assert_eq!(uri_sans(&cert), vec![expected_id.to_string()], "exactly one URI SAN");
-    let bc = cert.basic_constraints().unwrap().expect("basicConstraints present");
+    assert_eq!(
+        uri_sans(&cert),
+        vec![expected_id.to_string()],
+        "exactly one URI SAN"
+    );
+    let bc = cert
+        .basic_constraints()
+        .unwrap()
+        .expect("basicConstraints present");
     assert!(!bc.value.ca, "leaf must have cA=false");
     let ku = cert.key_usage().unwrap().expect("keyUsage present");
     assert!(ku.critical, "keyUsage must be critical");
     assert!(ku.value.digital_signature());
     assert!(!ku.value.key_cert_sign() && !ku.value.crl_sign());
-    assert!(!ku.value.key_encipherment(), "EC leaf keys get no keyEncipherment");
+    assert!(
+        !ku.value.key_encipherment(),
+        "EC leaf keys get no keyEncipherment"
+    );
     let eku = cert.extended_key_usage().unwrap().expect("EKU present");
     assert!(eku.value.server_auth && eku.value.client_auth);
     let san = cert.subject_alternative_name().unwrap().unwrap();
     if cert.subject().iter().next().is_none() {
-        assert!(san.critical, "URI SAN must be critical when the subject is empty");
+        assert!(
+            san.critical,
+            "URI SAN must be critical when the subject is empty"
+        );
     }
     // Serial: positive and at least 128 bits of randomness (16 bytes; DER may add a 0x00).
     let serial = cert.raw_serial();
     let significant = serial.iter().skip_while(|b| **b == 0).count();
-    assert!(significant >= 15 && serial.len() <= 17, "serial {serial:02x?}");
+    assert!(
+        significant >= 15 && serial.len() <= 17,
+        "serial {serial:02x?}"
+    );
     // AKI = issuer's SKI; issuer = CA subject.
     let aki = cert
         .iter_extensions()
@@ -98,7 +119,10 @@ fn authority_certificate_meets_signing_cert_rules() {
         let ca = X509Authority::self_signed(&td(), alg, Duration::from_secs(3600), now()).unwrap();
         let cert = parse(ca.cert_der());
         let bc = cert.basic_constraints().unwrap().unwrap();
-        assert!(bc.value.ca && bc.critical, "critical basicConstraints cA=true");
+        assert!(
+            bc.value.ca && bc.critical,
+            "critical basicConstraints cA=true"
+        );
         let ku = cert.key_usage().unwrap().unwrap();
         assert!(ku.critical && ku.value.key_cert_sign());
         assert_eq!(uri_sans(&cert), vec!["spiffe://example.org".to_string()]);
@@ -126,8 +150,14 @@ fn issues_svid_from_csr_with_every_rule() {
     let ca = authority();
     for alg in [KeyAlgorithm::EcP256, KeyAlgorithm::EcP384] {
         let key = PrivateKey::generate(alg).unwrap();
-        let svid = ca.issue_from_csr(&csr_for(&key), &params(3600), now()).unwrap();
-        assert_leaf_rules(svid.cert_der(), &ca, "spiffe://example.org/ns/default/sa/api");
+        let svid = ca
+            .issue_from_csr(&csr_for(&key), &params(3600), now())
+            .unwrap();
+        assert_leaf_rules(
+            svid.cert_der(),
+            &ca,
+            "spiffe://example.org/ns/default/sa/api",
+        );
         let cert = parse(svid.cert_der());
         // The certificate carries the CSR's key.
         assert_eq!(
@@ -146,14 +176,19 @@ fn serials_differ() {
     let key = PrivateKey::generate(KeyAlgorithm::EcP256).unwrap();
     let a = ca.issue_for_private_key(&key, &params(60), now()).unwrap();
     let b = ca.issue_for_private_key(&key, &params(60), now()).unwrap();
-    assert_ne!(parse(a.cert_der()).raw_serial(), parse(b.cert_der()).raw_serial());
+    assert_ne!(
+        parse(a.cert_der()).raw_serial(),
+        parse(b.cert_der()).raw_serial()
+    );
 }
 
 #[test]
 fn not_after_is_capped_at_the_authority() {
     let ca = authority();
     let key = PrivateKey::generate(KeyAlgorithm::EcP256).unwrap();
-    let svid = ca.issue_for_private_key(&key, &params(10 * 86_400), now()).unwrap();
+    let svid = ca
+        .issue_for_private_key(&key, &params(10 * 86_400), now())
+        .unwrap();
     let cert = parse(svid.cert_der());
     assert_eq!(
         cert.validity().not_after.timestamp(),
@@ -243,8 +278,14 @@ fn authority_reloads_from_parts_and_rejects_mismatched_key() {
     assert_eq!(again.trust_domain(), &td());
     assert_eq!(again.not_after(), ca.not_after());
     let key = PrivateKey::generate(KeyAlgorithm::EcP256).unwrap();
-    let svid = again.issue_for_private_key(&key, &params(60), now()).unwrap();
-    assert_leaf_rules(svid.cert_der(), &ca, "spiffe://example.org/ns/default/sa/api");
+    let svid = again
+        .issue_for_private_key(&key, &params(60), now())
+        .unwrap();
+    assert_leaf_rules(
+        svid.cert_der(),
+        &ca,
+        "spiffe://example.org/ns/default/sa/api",
+    );
     let other = PrivateKey::generate(KeyAlgorithm::EcP256).unwrap();
     assert!(matches!(
         X509Authority::from_parts(ca.cert_der().to_vec(), other),
@@ -256,11 +297,14 @@ fn authority_reloads_from_parts_and_rejects_mismatched_key() {
 
 #[test]
 fn jwt_authority_mints_validatable_tokens_capped_at_expiry() {
-    let auth = JwtAuthority::generate(KeyAlgorithm::EcP256, Duration::from_secs(600), now()).unwrap();
+    let auth =
+        JwtAuthority::generate(KeyAlgorithm::EcP256, Duration::from_secs(600), now()).unwrap();
     let mut keys = crate::jwt::JwtKeySet::new();
     keys.insert(auth.kid().to_string(), auth.public_key().clone());
     let id = SpiffeId::new("spiffe://example.org/web").unwrap();
-    let token = auth.mint(&id, &["aud".into()], Duration::from_secs(3600), now()).unwrap();
+    let token = auth
+        .mint(&id, &["aud".into()], Duration::from_secs(3600), now())
+        .unwrap();
     let v = crate::jwt::validate(&token, &td(), &keys, "aud", now()).unwrap();
     assert_eq!(v.spiffe_id, id);
     assert_eq!(v.expiry, 1_800_000_600, "capped at the authority's expiry");
@@ -268,7 +312,12 @@ fn jwt_authority_mints_validatable_tokens_capped_at_expiry() {
         JwtAuthority::from_parts(auth.kid().into(), auth.key().clone(), auth.not_after()).unwrap();
     assert_eq!(reloaded.public_key(), auth.public_key());
     assert!(matches!(
-        auth.mint(&id, &["a".into()], Duration::from_secs(1), now() + Duration::from_secs(601)),
+        auth.mint(
+            &id,
+            &["a".into()],
+            Duration::from_secs(1),
+            now() + Duration::from_secs(601)
+        ),
         Err(CaError::AuthorityExpired { .. })
     ));
 }
@@ -315,24 +364,45 @@ fn bundle_jwks_and_pem_round_trip() {
 fn bundle_parsing_errors_name_the_key() {
     use crate::x509::{Bundle, BundleError};
     let e = Bundle::from_jwks(td(), "{}").unwrap_err();
-    assert!(matches!(&e, BundleError::Json(m) if m.contains("keys")), "{e}");
+    assert!(
+        matches!(&e, BundleError::Json(m) if m.contains("keys")),
+        "{e}"
+    );
     let e = Bundle::from_jwks(td(), r#"{"keys":[{"kty":"EC","use":"sig"}]}"#).unwrap_err();
-    assert_eq!(e, BundleError::Use { index: 0, value: "sig".into() });
+    assert_eq!(
+        e,
+        BundleError::Use {
+            index: 0,
+            value: "sig".into()
+        }
+    );
     let e = Bundle::from_jwks(td(), r#"{"keys":[{"kty":"EC","use":"x509-svid"}]}"#).unwrap_err();
     assert_eq!(e, BundleError::X5cCount { index: 0, count: 0 });
-    let e = Bundle::from_jwks(td(), r#"{"keys":[{"kty":"EC","use":"x509-svid","x5c":["AAAA"]}]}"#)
-        .unwrap_err();
+    let e = Bundle::from_jwks(
+        td(),
+        r#"{"keys":[{"kty":"EC","use":"x509-svid","x5c":["AAAA"]}]}"#,
+    )
+    .unwrap_err();
     assert!(matches!(e, BundleError::Cert { index: 0, .. }));
-    let e = Bundle::from_jwks(td(), r#"{"keys":[{"kty":"EC","use":"jwt-svid","crv":"P-256"}]}"#)
-        .unwrap_err();
+    let e = Bundle::from_jwks(
+        td(),
+        r#"{"keys":[{"kty":"EC","use":"jwt-svid","crv":"P-256"}]}"#,
+    )
+    .unwrap_err();
     assert_eq!(e, BundleError::MissingKid { index: 0 });
     let e = Bundle::from_jwks(
         td(),
         r#"{"keys":[{"kty":"EC","use":"jwt-svid","kid":"k","crv":"P-256","x":"AA","y":"AA"}]}"#,
     )
     .unwrap_err();
-    assert!(matches!(&e, BundleError::Key { index: 0, reason } if reason.contains("32 bytes")), "{e}");
-    let e = Bundle::from_pem(td(), "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
-        .unwrap_err();
+    assert!(
+        matches!(&e, BundleError::Key { index: 0, reason } if reason.contains("32 bytes")),
+        "{e}"
+    );
+    let e = Bundle::from_pem(
+        td(),
+        "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("expected \"CERTIFICATE\""), "{e}");
 }

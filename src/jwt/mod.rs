@@ -251,7 +251,10 @@ impl JwtSigner {
             .key_pair
             .sign(&SystemRandom::new(), signing_input.as_bytes())
             .map_err(|_| JwtError::Sign("ECDSA signing failed".into()))?;
-        Ok(format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref())))
+        Ok(format!(
+            "{signing_input}.{}",
+            URL_SAFE_NO_PAD.encode(sig.as_ref())
+        ))
     }
 }
 

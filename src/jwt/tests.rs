@@ -45,7 +45,9 @@ fn good_claims() -> Value {
 fn mint_then_validate() {
     let (_, signer, keys) = setup();
     let aud = vec!["a".to_string(), "b".to_string()];
-    let token = signer.mint(&id(), &aud, Duration::from_secs(300), now()).unwrap();
+    let token = signer
+        .mint(&id(), &aud, Duration::from_secs(300), now())
+        .unwrap();
     let v = validate(&token, &td(), &keys, "b", now()).unwrap();
     assert_eq!(v.spiffe_id, id());
     assert_eq!(v.audience, aud);
@@ -67,7 +69,9 @@ fn es384_authority() {
         "k384".into(),
         JwtPublicKey::ec(EcCurve::P384, key.public_key_point().unwrap()).unwrap(),
     );
-    let token = signer.mint(&id(), &["a".into()], Duration::from_secs(60), now()).unwrap();
+    let token = signer
+        .mint(&id(), &["a".into()], Duration::from_secs(60), now())
+        .unwrap();
     assert!(validate(&token, &td(), &keys, "a", now()).is_ok());
 }
 
@@ -83,7 +87,9 @@ fn mint_needs_an_audience() {
 #[test]
 fn refuses_expired_and_not_yet_valid() {
     let (_, signer, keys) = setup();
-    let token = signer.mint(&id(), &["a".into()], Duration::from_secs(60), now()).unwrap();
+    let token = signer
+        .mint(&id(), &["a".into()], Duration::from_secs(60), now())
+        .unwrap();
     let later = now() + Duration::from_secs(61);
     assert!(matches!(
         validate(&token, &td(), &keys, "a", later),
@@ -102,7 +108,9 @@ fn refuses_expired_and_not_yet_valid() {
 #[test]
 fn refuses_wrong_or_missing_audience() {
     let (key, signer, keys) = setup();
-    let token = signer.mint(&id(), &["a".into()], Duration::from_secs(60), now()).unwrap();
+    let token = signer
+        .mint(&id(), &["a".into()], Duration::from_secs(60), now())
+        .unwrap();
     assert!(matches!(
         validate(&token, &td(), &keys, "other", now()),
         Err(JwtError::AudienceMismatch { .. })
@@ -182,7 +190,10 @@ fn refuses_unknown_kid_missing_kid_and_extra_headers() {
         Err(JwtError::UnknownKid("nope".into()))
     );
     let token = forge(&key, json!({"alg":"ES256"}), good_claims());
-    assert_eq!(validate(&token, &td(), &keys, "a", now()), Err(JwtError::MissingKid));
+    assert_eq!(
+        validate(&token, &td(), &keys, "a", now()),
+        Err(JwtError::MissingKid)
+    );
     let token = forge(
         &key,
         json!({"alg":"ES256","kid":"kid-1","jku":"https://evil"}),
@@ -192,19 +203,29 @@ fn refuses_unknown_kid_missing_kid_and_extra_headers() {
         validate(&token, &td(), &keys, "a", now()),
         Err(JwtError::UnexpectedHeader("jku".into()))
     );
-    let token = forge(&key, json!({"alg":"ES256","kid":"kid-1","typ":"at+jwt"}), good_claims());
+    let token = forge(
+        &key,
+        json!({"alg":"ES256","kid":"kid-1","typ":"at+jwt"}),
+        good_claims(),
+    );
     assert!(matches!(
         validate(&token, &td(), &keys, "a", now()),
         Err(JwtError::BadType(_))
     ));
-    let token = forge(&key, json!({"alg":"ES256","kid":"kid-1","typ":"JOSE"}), good_claims());
+    let token = forge(
+        &key,
+        json!({"alg":"ES256","kid":"kid-1","typ":"JOSE"}),
+        good_claims(),
+    );
     assert!(validate(&token, &td(), &keys, "a", now()).is_ok());
 }
 
 #[test]
 fn refuses_tampering_and_other_signers() {
     let (_, signer, keys) = setup();
-    let token = signer.mint(&id(), &["a".into()], Duration::from_secs(60), now()).unwrap();
+    let token = signer
+        .mint(&id(), &["a".into()], Duration::from_secs(60), now())
+        .unwrap();
     // Swap in different claims under the original signature.
     let parts: Vec<&str> = token.split('.').collect();
     let evil = URL_SAFE_NO_PAD.encode(
@@ -219,18 +240,30 @@ fn refuses_tampering_and_other_signers() {
     let mut sig = URL_SAFE_NO_PAD.decode(parts[2]).unwrap();
     sig[5] ^= 1;
     let flipped = format!("{}.{}.{}", parts[0], parts[1], URL_SAFE_NO_PAD.encode(sig));
-    assert_eq!(validate(&flipped, &td(), &keys, "a", now()), Err(JwtError::BadSignature));
+    assert_eq!(
+        validate(&flipped, &td(), &keys, "a", now()),
+        Err(JwtError::BadSignature)
+    );
     // Same kid, another key.
     let other = PrivateKey::generate(KeyAlgorithm::EcP256).unwrap();
     let forged = forge(&other, json!({"alg":"ES256","kid":"kid-1"}), good_claims());
-    assert_eq!(validate(&forged, &td(), &keys, "a", now()), Err(JwtError::BadSignature));
+    assert_eq!(
+        validate(&forged, &td(), &keys, "a", now()),
+        Err(JwtError::BadSignature)
+    );
 }
 
 #[test]
 fn refuses_malformed() {
     let (_, _, keys) = setup();
-    assert_eq!(validate("a.b", &td(), &keys, "a", now()), Err(JwtError::NotCompact(2)));
-    assert_eq!(validate("!!.b.c", &td(), &keys, "a", now()), Err(JwtError::Base64("header")));
+    assert_eq!(
+        validate("a.b", &td(), &keys, "a", now()),
+        Err(JwtError::NotCompact(2))
+    );
+    assert_eq!(
+        validate("!!.b.c", &td(), &keys, "a", now()),
+        Err(JwtError::Base64("header"))
+    );
     let arr = URL_SAFE_NO_PAD.encode("[1]");
     assert!(matches!(
         validate(&format!("{arr}.{arr}.x"), &td(), &keys, "a", now()),

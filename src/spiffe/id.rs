@@ -65,7 +65,9 @@ pub enum IdError {
         segment: String,
     },
     /// A path character outside `[a-zA-Z0-9.-_]`.
-    #[error("SPIFFE ID {id:?} has invalid path character {character:?} (allowed: a-z A-Z 0-9 . - _)")]
+    #[error(
+        "SPIFFE ID {id:?} has invalid path character {character:?} (allowed: a-z A-Z 0-9 . - _)"
+    )]
     BadPathChar {
         /// The whole ID.
         id: String,
@@ -365,33 +367,74 @@ mod tests {
     #[test]
     fn each_rule_has_its_own_error() {
         assert_eq!(err(""), IdError::Empty);
-        assert!(matches!(err("http://example.org/a"), IdError::WrongScheme(_)));
-        assert!(matches!(err("spiffe:/example.org"), IdError::WrongScheme(_)));
+        assert!(matches!(
+            err("http://example.org/a"),
+            IdError::WrongScheme(_)
+        ));
+        assert!(matches!(
+            err("spiffe:/example.org"),
+            IdError::WrongScheme(_)
+        ));
         assert!(matches!(err("spiffe:///a"), IdError::MissingTrustDomain(_)));
         assert!(matches!(err("spiffe://"), IdError::MissingTrustDomain(_)));
         assert!(matches!(
             err("spiffe://exa$mple.org/a"),
             IdError::BadTrustDomainChar { character: '$', .. }
         ));
-        assert!(matches!(err("spiffe://example.org:8080/a"), IdError::Port(_)));
-        assert!(matches!(err("spiffe://user@example.org/a"), IdError::UserInfo(_)));
-        assert!(matches!(err("spiffe://example.org/a?x=1"), IdError::Query(_)));
-        assert!(matches!(err("spiffe://example.org/a#frag"), IdError::Fragment(_)));
-        assert!(matches!(err("spiffe://example.org/a%20b"), IdError::PercentEncoded(_)));
-        assert!(matches!(err("spiffe://example.org//a"), IdError::EmptySegment(_)));
-        assert!(matches!(err("spiffe://example.org/a//b"), IdError::EmptySegment(_)));
-        assert!(matches!(err("spiffe://example.org/./a"), IdError::DotSegment { .. }));
-        assert!(matches!(err("spiffe://example.org/a/.."), IdError::DotSegment { .. }));
+        assert!(matches!(
+            err("spiffe://example.org:8080/a"),
+            IdError::Port(_)
+        ));
+        assert!(matches!(
+            err("spiffe://user@example.org/a"),
+            IdError::UserInfo(_)
+        ));
+        assert!(matches!(
+            err("spiffe://example.org/a?x=1"),
+            IdError::Query(_)
+        ));
+        assert!(matches!(
+            err("spiffe://example.org/a#frag"),
+            IdError::Fragment(_)
+        ));
+        assert!(matches!(
+            err("spiffe://example.org/a%20b"),
+            IdError::PercentEncoded(_)
+        ));
+        assert!(matches!(
+            err("spiffe://example.org//a"),
+            IdError::EmptySegment(_)
+        ));
+        assert!(matches!(
+            err("spiffe://example.org/a//b"),
+            IdError::EmptySegment(_)
+        ));
+        assert!(matches!(
+            err("spiffe://example.org/./a"),
+            IdError::DotSegment { .. }
+        ));
+        assert!(matches!(
+            err("spiffe://example.org/a/.."),
+            IdError::DotSegment { .. }
+        ));
         assert!(matches!(
             err("spiffe://example.org/a b"),
             IdError::BadPathChar { character: ' ', .. }
         ));
         assert!(matches!(
             err("spiffe://example.org/é"),
-            IdError::BadPathChar { character: 'é', .. }
+            IdError::BadPathChar {
+                character: 'é', ..
+            }
         ));
-        assert!(matches!(err("spiffe://example.org/a/"), IdError::TrailingSlash(_)));
-        assert!(matches!(err("spiffe://example.org/"), IdError::TrailingSlash(_)));
+        assert!(matches!(
+            err("spiffe://example.org/a/"),
+            IdError::TrailingSlash(_)
+        ));
+        assert!(matches!(
+            err("spiffe://example.org/"),
+            IdError::TrailingSlash(_)
+        ));
         let long_td = format!("spiffe://{}/a", "a".repeat(256));
         assert_eq!(err(&long_td), IdError::TrustDomainTooLong { len: 256 });
         let long = format!("spiffe://example.org/{}", "a".repeat(2048));
@@ -438,7 +481,10 @@ mod tests {
     #[test]
     fn serde_validates() {
         let id: SpiffeId = serde_json::from_str("\"spiffe://example.org/a\"").unwrap();
-        assert_eq!(serde_json::to_string(&id).unwrap(), "\"spiffe://example.org/a\"");
+        assert_eq!(
+            serde_json::to_string(&id).unwrap(),
+            "\"spiffe://example.org/a\""
+        );
         assert!(serde_json::from_str::<SpiffeId>("\"spiffe://example.org/a/\"").is_err());
     }
 }

@@ -16,7 +16,10 @@ mod proptests {
     }
 
     fn valid_id() -> impl Strategy<Value = String> {
-        ("[a-zA-Z0-9._-]{1,30}", proptest::collection::vec(segment(), 0..6))
+        (
+            "[a-zA-Z0-9._-]{1,30}",
+            proptest::collection::vec(segment(), 0..6),
+        )
             .prop_map(|(td, segs)| {
                 let mut s = format!("spiffe://{td}");
                 for seg in segs {

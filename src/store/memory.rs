@@ -4,8 +4,8 @@ use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
 
 use super::{
-    Commit, Event, EventsSince, Kek, Store, StoreError, Table, decode_changes, encode_changes,
-    evaluate_checks,
+    Commit, Event, EventsSince, Kek, KeyValues, Store, StoreError, Table, decode_changes,
+    encode_changes, evaluate_checks,
 };
 
 #[derive(Default)]
@@ -61,7 +61,9 @@ impl Store for MemoryStore {
         }
         inner.revision += 1;
         let revision = inner.revision;
-        inner.events.insert(revision, encode_changes(commit.writes()));
+        inner
+            .events
+            .insert(revision, encode_changes(commit.writes()));
         Ok(revision)
     }
 
@@ -75,7 +77,7 @@ impl Store for MemoryStore {
         prefix: &[u8],
         after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    ) -> Result<KeyValues, StoreError> {
         let inner = self.lock();
         Ok(inner.tables[table.index()]
             .range(prefix.to_vec()..)

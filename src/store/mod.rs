@@ -37,7 +37,9 @@ pub enum StoreError {
         reason: String,
     },
     /// Written by a newer Sigil.
-    #[error("store schema version {found} is newer than this build supports ({supported}); upgrade sigil")]
+    #[error(
+        "store schema version {found} is newer than this build supports ({supported}); upgrade sigil"
+    )]
     NewerSchema {
         /// Version found in `meta`.
         found: u32,
@@ -53,7 +55,9 @@ pub enum StoreError {
         reason: String,
     },
     /// The KEK is not the one this store was sealed with.
-    #[error("the key-encryption key from {kek} does not match this store (it was sealed with another KEK)")]
+    #[error(
+        "the key-encryption key from {kek} does not match this store (it was sealed with another KEK)"
+    )]
     WrongKek {
         /// Where the KEK came from.
         kek: String,
@@ -119,6 +123,9 @@ pub enum CheckFailure {
         actual: u64,
     },
 }
+
+/// Key-value pairs returned by a scan, in key order.
+pub type KeyValues = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// The tables of the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -393,8 +400,10 @@ impl AuthorityRecord {
             what: format!("authority {id}"),
             reason,
         };
-        let form: SealedForm = serde_json::from_slice(&plain).map_err(|e| corrupt(e.to_string()))?;
-        let key = PrivateKey::from_pkcs8_der(&form.key_pkcs8).map_err(|e| corrupt(e.to_string()))?;
+        let form: SealedForm =
+            serde_json::from_slice(&plain).map_err(|e| corrupt(e.to_string()))?;
+        let key =
+            PrivateKey::from_pkcs8_der(&form.key_pkcs8).map_err(|e| corrupt(e.to_string()))?;
         Ok(AuthorityRecord {
             id: form.id.clone(),
             kind: form.kind,
@@ -428,7 +437,7 @@ pub trait Store: Send + Sync {
         prefix: &[u8],
         after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+    ) -> Result<KeyValues, StoreError>;
 
     /// Events with revision > `after`, oldest first, at most `limit`.
     fn events_since(&self, after: u64, limit: usize) -> Result<EventsSince, StoreError>;

@@ -174,14 +174,26 @@ mod tests {
         let sealed = kek.seal(b"ctx", b"secret").unwrap();
         assert!(!sealed.windows(6).any(|w| w == b"secret"));
         assert_eq!(kek.open(b"ctx", &sealed).unwrap().as_slice(), b"secret");
-        assert!(matches!(kek.open(b"other", &sealed), Err(StoreError::Unseal { .. })));
+        assert!(matches!(
+            kek.open(b"other", &sealed),
+            Err(StoreError::Unseal { .. })
+        ));
         let mut bad = sealed.clone();
         let last = bad.len() - 1;
         bad[last] ^= 1;
-        assert!(matches!(kek.open(b"ctx", &bad), Err(StoreError::Unseal { .. })));
+        assert!(matches!(
+            kek.open(b"ctx", &bad),
+            Err(StoreError::Unseal { .. })
+        ));
         let other = Kek::ephemeral().unwrap();
-        assert!(matches!(other.open(b"ctx", &sealed), Err(StoreError::Unseal { .. })));
-        assert!(matches!(kek.open(b"ctx", &[]), Err(StoreError::Unseal { .. })));
+        assert!(matches!(
+            other.open(b"ctx", &sealed),
+            Err(StoreError::Unseal { .. })
+        ));
+        assert!(matches!(
+            kek.open(b"ctx", &[]),
+            Err(StoreError::Unseal { .. })
+        ));
     }
 
     #[test]

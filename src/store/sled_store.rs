@@ -8,7 +8,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 use sled::{Db, Tree};
 
 use super::{
-    Commit, EventsSince, Kek, SCHEMA_VERSION, Store, StoreError, Table, decode_changes,
+    Commit, EventsSince, Kek, KeyValues, SCHEMA_VERSION, Store, StoreError, Table, decode_changes,
     encode_changes, evaluate_checks, kek_check_value, verify_kek,
 };
 
@@ -32,7 +32,9 @@ pub struct SledStore {
 
 impl std::fmt::Debug for SledStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SledStore").field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("SledStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
     }
 }
 
@@ -115,9 +117,9 @@ impl Store for SledStore {
                 )
             })?;
             if let Err(failure) = checked {
-                return Err(ConflictableTransactionError::Abort(StoreError::CheckFailed(
-                    failure,
-                )));
+                return Err(ConflictableTransactionError::Abort(
+                    StoreError::CheckFailed(failure),
+                ));
             }
             if commit.writes().is_empty() {
                 return Ok(revision);
@@ -154,7 +156,7 @@ impl Store for SledStore {
         prefix: &[u8],
         after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    ) -> Result<KeyValues, StoreError> {
         let start = match after {
             Some(a) if a >= prefix => Bound::Excluded(a.to_vec()),
             _ => Bound::Included(prefix.to_vec()),

@@ -8,24 +8,45 @@ fn suite(store: &dyn Store) {
 
     // Writes bump the revision once per commit and are readable.
     let r1 = store
-        .commit(Commit::new().put(Table::Entries, "a", "1").put(Table::Entries, "b", "2"))
+        .commit(
+            Commit::new()
+                .put(Table::Entries, "a", "1")
+                .put(Table::Entries, "b", "2"),
+        )
         .unwrap();
     assert_eq!(r1, 1);
-    assert_eq!(store.get(Table::Entries, b"a").unwrap(), Some(b"1".to_vec()));
+    assert_eq!(
+        store.get(Table::Entries, b"a").unwrap(),
+        Some(b"1".to_vec())
+    );
     assert_eq!(store.get(Table::Agents, b"a").unwrap(), None);
 
     // A failed check writes nothing and does not bump the revision.
     let err = store
-        .commit(Commit::new().require_absent(Table::Entries, "a").put(Table::Entries, "c", "3"))
+        .commit(
+            Commit::new()
+                .require_absent(Table::Entries, "a")
+                .put(Table::Entries, "c", "3"),
+        )
         .unwrap_err();
-    assert!(matches!(err, StoreError::CheckFailed(CheckFailure::Exists { .. })), "{err}");
+    assert!(
+        matches!(err, StoreError::CheckFailed(CheckFailure::Exists { .. })),
+        "{err}"
+    );
     assert_eq!(store.get(Table::Entries, b"c").unwrap(), None);
     assert_eq!(store.revision().unwrap(), 1);
 
     let err = store
-        .commit(Commit::new().require_exists(Table::JoinTokens, "t").delete(Table::JoinTokens, "t"))
+        .commit(
+            Commit::new()
+                .require_exists(Table::JoinTokens, "t")
+                .delete(Table::JoinTokens, "t"),
+        )
         .unwrap_err();
-    assert!(matches!(err, StoreError::CheckFailed(CheckFailure::Missing { .. })));
+    assert!(matches!(
+        err,
+        StoreError::CheckFailed(CheckFailure::Missing { .. })
+    ));
 
     // Compare-and-swap on revision.
     let err = store
@@ -33,15 +54,25 @@ fn suite(store: &dyn Store) {
         .unwrap_err();
     assert!(matches!(
         err,
-        StoreError::CheckFailed(CheckFailure::Revision { expected: 0, actual: 1 })
+        StoreError::CheckFailed(CheckFailure::Revision {
+            expected: 0,
+            actual: 1
+        })
     ));
     let r2 = store
-        .commit(Commit::new().at_revision(1).delete(Table::Entries, "b").put(Table::Bundle, "td", "x"))
+        .commit(
+            Commit::new()
+                .at_revision(1)
+                .delete(Table::Entries, "b")
+                .put(Table::Bundle, "td", "x"),
+        )
         .unwrap();
     assert_eq!(r2, 2);
 
     // Consume-once: exactly one of two identical consuming commits wins.
-    store.commit(Commit::new().put(Table::JoinTokens, "tok", "v")).unwrap();
+    store
+        .commit(Commit::new().put(Table::JoinTokens, "tok", "v"))
+        .unwrap();
     let consume = || {
         Commit::new()
             .require_exists(Table::JoinTokens, "tok")
@@ -52,7 +83,9 @@ fn suite(store: &dyn Store) {
 
     // Scans are ordered, prefix-bounded and pageable.
     for k in ["p/1", "p/2", "p/3", "q/1"] {
-        store.commit(Commit::new().put(Table::Agents, k, k)).unwrap();
+        store
+            .commit(Commit::new().put(Table::Agents, k, k))
+            .unwrap();
     }
     let page = store.scan(Table::Agents, b"p/", None, 2).unwrap();
     let keys: Vec<&[u8]> = page.iter().map(|(k, _)| k.as_slice()).collect();
@@ -71,21 +104,36 @@ fn suite(store: &dyn Store) {
     assert_eq!(
         events[1].changes,
         vec![
-            Change { table: Table::Entries, key: b"b".to_vec(), deleted: true },
-            Change { table: Table::Bundle, key: b"td".to_vec(), deleted: false },
+            Change {
+                table: Table::Entries,
+                key: b"b".to_vec(),
+                deleted: true
+            },
+            Change {
+                table: Table::Bundle,
+                key: b"td".to_vec(),
+                deleted: false
+            },
         ]
     );
     let EventsSince::Events(tail) = store.events_since(now - 1, 100).unwrap() else {
         panic!()
     };
     assert_eq!(tail.len(), 1);
-    let EventsSince::Events(limited) = store.events_since(0, 2).unwrap() else { panic!() };
+    let EventsSince::Events(limited) = store.events_since(0, 2).unwrap() else {
+        panic!()
+    };
     assert_eq!(limited.len(), 2);
 
     // Compaction: older readers are told to resync.
     store.compact_events(2).unwrap();
-    assert_eq!(store.events_since(1, 10).unwrap(), EventsSince::Compacted { oldest: 3 });
-    let EventsSince::Events(after) = store.events_since(2, 100).unwrap() else { panic!() };
+    assert_eq!(
+        store.events_since(1, 10).unwrap(),
+        EventsSince::Compacted { oldest: 3 }
+    );
+    let EventsSince::Events(after) = store.events_since(2, 100).unwrap() else {
+        panic!()
+    };
     assert_eq!(after.first().map(|e| e.revision), Some(3));
 
     // Empty commits check without writing.
@@ -130,7 +178,8 @@ fn sled_store_survives_reopen() {
     let key = PrivateKey::generate(KeyAlgorithm::EcP384).unwrap();
     {
         let s = SledStore::open_with_kek_file(&data, &kek_path).unwrap();
-        s.commit(Commit::new().put(Table::Entries, "e", "v")).unwrap();
+        s.commit(Commit::new().put(Table::Entries, "e", "v"))
+            .unwrap();
         s.put_authority(&AuthorityRecord {
             id: "x".into(),
             kind: AuthorityKind::X509,
@@ -169,7 +218,8 @@ fn sled_store_refuses_newer_schema() {
     {
         let db = sled::open(data.join("db")).unwrap();
         let meta = db.open_tree("meta").unwrap();
-        meta.insert(META_SCHEMA_FOR_TEST, &(SCHEMA_VERSION + 1).to_be_bytes()).unwrap();
+        meta.insert(META_SCHEMA_FOR_TEST, &(SCHEMA_VERSION + 1).to_be_bytes())
+            .unwrap();
         db.flush().unwrap();
     }
     let err = SledStore::open_with_kek_file(&data, &kek).unwrap_err();
@@ -189,7 +239,9 @@ fn concurrent_consumers_of_one_key_have_one_winner() {
     let store = std::sync::Arc::new(SledStore::open(&dir.path().join("d"), kek).unwrap());
     for round in 0..20 {
         let key = format!("tok{round}");
-        store.commit(Commit::new().put(Table::JoinTokens, key.as_str(), "v")).unwrap();
+        store
+            .commit(Commit::new().put(Table::JoinTokens, key.as_str(), "v"))
+            .unwrap();
         let handles: Vec<_> = (0..4)
             .map(|_| {
                 let store = store.clone();

@@ -74,7 +74,9 @@ impl std::str::FromStr for KeyAlgorithm {
         match s {
             "ec-p256" | "p256" | "P-256" => Ok(KeyAlgorithm::EcP256),
             "ec-p384" | "p384" | "P-384" => Ok(KeyAlgorithm::EcP384),
-            other => Err(format!("unknown key algorithm {other:?} (expected ec-p256 or ec-p384)")),
+            other => Err(format!(
+                "unknown key algorithm {other:?} (expected ec-p256 or ec-p384)"
+            )),
         }
     }
 }
@@ -232,8 +234,14 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        assert!(matches!(PrivateKey::from_pkcs8_der(b"nope"), Err(KeyError::NotPkcs8)));
+        assert!(matches!(
+            PrivateKey::from_pkcs8_der(b"nope"),
+            Err(KeyError::NotPkcs8)
+        ));
         let cert_pem = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
-        assert!(matches!(PrivateKey::from_pem(cert_pem), Err(KeyError::NoPemKey { .. })));
+        assert!(matches!(
+            PrivateKey::from_pem(cert_pem),
+            Err(KeyError::NoPemKey { .. })
+        ));
     }
 }

@@ -1,0 +1,6 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Integration tests: one binary, real files and processes in temp dirs.
+
+mod openssl_verify;
+mod store_crash;
+mod workload_proto;

@@ -1,0 +1,140 @@
+//! A child process writes to a sled store and is SIGKILLed at random points,
+//! over and over. Every write it reported as acknowledged must survive.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sigil::store::{AuthorityKind, AuthorityRecord, Commit, SlotState, Table};
+use sigil::{KeyAlgorithm, PrivateKey, SledStore, Store};
+
+const CHILD_ENV: &str = "SIGIL_CRASH_CHILD_DIR";
+
+fn entry_key(i: u64) -> String {
+    format!("k{i:010}")
+}
+
+/// Runs only inside the child process the parent test spawns.
+#[test]
+#[ignore = "spawned by store_survives_sigkill"]
+fn store_crash_child() {
+    let Some(dir) = std::env::var_os(CHILD_ENV) else {
+        return;
+    };
+    let dir = std::path::PathBuf::from(dir);
+    let store = SledStore::open_with_kek_file(&dir.join("data"), &dir.join("kek")).unwrap();
+    let key = PrivateKey::generate(KeyAlgorithm::EcP256).unwrap();
+    let mut i = store.revision().unwrap();
+    let mut out = std::io::stdout();
+    loop {
+        if i % 7 == 0 {
+            let record = AuthorityRecord {
+                id: format!("auth{i}"),
+                kind: AuthorityKind::Jwt,
+                state: SlotState::Active,
+                cert_der: None,
+                not_after: i,
+                key: key.clone(),
+            };
+            store.put_authority(&record).unwrap();
+            writeln!(out, "ack-auth {i}").unwrap();
+        } else {
+            store
+                .commit(Commit::new().put(Table::Entries, entry_key(i), i.to_be_bytes().to_vec()))
+                .unwrap();
+            writeln!(out, "ack {i}").unwrap();
+        }
+        out.flush().unwrap();
+        i += 1;
+    }
+}
+
+fn jitter_ms(max: u64) -> u64 {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    u64::from(nanos) % max
+}
+
+#[test]
+fn store_survives_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let mut acked: Vec<u64> = Vec::new();
+    let mut acked_auth: Vec<u64> = Vec::new();
+    for round in 0..8 {
+        let mut child = Command::new(&exe)
+            .args([
+                "--ignored",
+                "--exact",
+                "store_crash::store_crash_child",
+                "--nocapture",
+            ])
+            .env(CHILD_ENV, dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        // Wait for the first ack (the child is up), then kill at a random point.
+        let first = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("child never acknowledged");
+        let mut lines = vec![first];
+        std::thread::sleep(Duration::from_millis(20 + jitter_ms(300)));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        reader.join().unwrap();
+        lines.extend(rx.try_iter());
+        for line in lines {
+            if let Some(n) = line.strip_prefix("ack ") {
+                acked.push(n.parse().unwrap());
+            } else if let Some(n) = line.strip_prefix("ack-auth ") {
+                acked_auth.push(n.parse().unwrap());
+            }
+        }
+
+        let store =
+            SledStore::open_with_kek_file(&dir.path().join("data"), &dir.path().join("kek"))
+                .unwrap_or_else(|e| panic!("round {round}: store does not reopen: {e}"));
+        for i in &acked {
+            assert_eq!(
+                store.get(Table::Entries, entry_key(*i).as_bytes()).unwrap(),
+                Some(i.to_be_bytes().to_vec()),
+                "round {round}: acknowledged write {i} lost"
+            );
+        }
+        let auths: Vec<String> = store
+            .authorities()
+            .unwrap()
+            .into_iter()
+            .map(|a| a.id)
+            .collect();
+        for i in &acked_auth {
+            assert!(
+                auths.contains(&format!("auth{i}")),
+                "round {round}: authority {i} lost"
+            );
+        }
+        let last = acked.iter().chain(&acked_auth).max().copied().unwrap_or(0);
+        assert!(
+            store.revision().unwrap() >= last,
+            "round {round}: revision went back"
+        );
+    }
+    assert!(
+        acked.len() > 8,
+        "too few writes to mean anything: {}",
+        acked.len()
+    );
+}
