@@ -5,7 +5,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     let include = protoc_bin_vendored::include_path()?;
-    let protos = ["proto/workload.proto"];
+    let protos = [
+        "proto/workload.proto",
+        "proto/sigil/node/v1/node.proto",
+        "proto/sigil/admin/v1/admin.proto",
+    ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

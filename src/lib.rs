@@ -6,7 +6,9 @@
 //! and never leave the service edges.
 
 pub mod ca;
+pub mod config;
 pub mod jwt;
+pub mod registry;
 pub mod runtime;
 pub mod spiffe;
 pub mod store;
@@ -19,6 +21,25 @@ pub mod proto {
     pub mod workload {
         tonic::include_proto!("_");
     }
+    /// Sigil's own APIs; module paths mirror the proto packages.
+    pub mod sigil {
+        /// The node API (agent → server).
+        pub mod node {
+            /// Version 1.
+            pub mod v1 {
+                tonic::include_proto!("sigil.node.v1");
+            }
+        }
+        /// The admin API (operator → server, Unix socket).
+        pub mod admin {
+            /// Version 1.
+            pub mod v1 {
+                tonic::include_proto!("sigil.admin.v1");
+            }
+        }
+    }
+    pub use sigil::admin::v1 as admin;
+    pub use sigil::node::v1 as node;
 }
 
 pub use ca::{CaError, IssuedX509, JwtAuthority, X509Authority, X509SvidParams};

@@ -16,6 +16,10 @@ use x509_parser::oid_registry::{
 };
 use x509_parser::prelude::{FromDer, GeneralName, X509CertificationRequest};
 
+mod set;
+
+pub use set::{CaOptions, CaSet, CaSetError};
+
 use crate::jwt::{EcCurve, JwtError, JwtPublicKey, JwtSigner};
 use crate::spiffe::{SpiffeId, TrustDomain};
 use crate::x509::{KeyAlgorithm, KeyError, PrivateKey};
@@ -363,16 +367,11 @@ impl X509Authority {
         }
         let mut sans = vec![uri_san(&params.spiffe_id)?];
         for name in &params.dns_names {
-            let valid = !name.is_empty()
-                && name.len() <= 253
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '*'));
             let ia5 = name
                 .clone()
                 .try_into()
                 .ok()
-                .filter(|_| valid)
+                .filter(|_| crate::registry::valid_dns_name(name))
                 .ok_or_else(|| CaError::BadDnsName(name.clone()))?;
             sans.push(SanType::DnsName(ia5));
         }

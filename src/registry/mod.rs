@@ -1,0 +1,483 @@
+//! The registry: registration entries, attested agents and join tokens, with
+//! their validation and the authorization rules (who may get what). State
+//! lives in the [`Store`]; every mutation is one atomic commit.
+
+mod entry;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ring::digest::{SHA256, digest};
+use ring::rand::{SecureRandom, SystemRandom};
+use serde::{Deserialize, Serialize};
+
+pub use entry::{Entry, EntryError, EntryParams, EntryValidation, MAX_HINT_LEN, valid_dns_name};
+
+use crate::spiffe::{Selector, SpiffeId, TrustDomain};
+use crate::store::{CheckFailure, Commit, Store, StoreError, Table};
+
+/// Why a registry operation failed, grouped by fault: the caller's input,
+/// a missing or conflicting object, or the store.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// A field is invalid; the message names it.
+    #[error(transparent)]
+    Invalid(#[from] EntryError),
+    /// No such entry.
+    #[error("entry {0:?} not found")]
+    EntryNotFound(String),
+    /// An identical entry (same SPIFFE ID, parent and selectors) exists.
+    #[error("an entry with the same spiffe_id, parent_id and selectors already exists: {0}")]
+    DuplicateEntry(String),
+    /// No such agent.
+    #[error("agent {0:?} not found")]
+    AgentNotFound(String),
+    /// A join token is unknown, used or expired (deliberately not saying which).
+    #[error("join token is invalid, already used or expired")]
+    BadToken,
+    /// A join token TTL of zero.
+    #[error("ttl must be greater than zero")]
+    ZeroTokenTtl,
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A stored record does not decode.
+    #[error("corrupt {what} record: {reason}")]
+    Corrupt {
+        /// Which record.
+        what: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// An attested agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentRecord {
+    /// `spiffe://<td>/sigil/agent/<attestor>/<id>`.
+    pub spiffe_id: SpiffeId,
+    /// `join_token` or `x509pop`.
+    pub attestor: String,
+    /// Node selectors from attestation.
+    pub selectors: Vec<Selector>,
+    /// When it first attested (seconds since the epoch).
+    pub attested_at: u64,
+    /// Expiry of its current SVID.
+    pub svid_expires_at: u64,
+    /// Hex serial of its current SVID.
+    pub svid_serial: String,
+    /// Refused at once when true.
+    pub banned: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+struct TokenRecord {
+    expires_at: u64,
+    agent_id: SpiffeId,
+}
+
+/// A freshly generated join token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinToken {
+    /// The secret the agent presents (printed once, never stored in clear).
+    pub token: String,
+    /// The agent ID it will attest as.
+    pub agent_id: SpiffeId,
+    /// Expiry, seconds since the epoch.
+    pub expires_at: u64,
+}
+
+pub(crate) fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// SHA-256 in hex, e.g. for token keys and certificate fingerprints.
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex(digest(&SHA256, data).as_ref())
+}
+
+fn random_token() -> Result<String, RegistryError> {
+    Ok(hex(&random_bytes(16)?))
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(what: &str, bytes: &[u8]) -> Result<T, RegistryError> {
+    serde_json::from_slice(bytes).map_err(|e| RegistryError::Corrupt {
+        what: what.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Records are plain strings and numbers; serialization cannot fail.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+/// Key of the parent index: `p/<parent>\0<entry id>`.
+fn parent_key(parent: &SpiffeId, entry_id: &str) -> Vec<u8> {
+    format!("p/{parent}\0{entry_id}").into_bytes()
+}
+
+fn parent_prefix(parent: &SpiffeId) -> Vec<u8> {
+    format!("p/{parent}\0").into_bytes()
+}
+
+/// Key of the uniqueness marker: `u/<sha256 of id, parent, selectors>`.
+fn unique_key(e: &Entry) -> Vec<u8> {
+    let mut material = format!("{}\n{}", e.spiffe_id, e.parent_id);
+    for s in &e.selectors {
+        material.push('\n');
+        material.push_str(s.as_str());
+    }
+    format!("u/{}", sha256_hex(material.as_bytes())).into_bytes()
+}
+
+/// The registry over a store.
+#[derive(Clone)]
+pub struct Registry {
+    store: Arc<dyn Store>,
+    trust_domain: TrustDomain,
+    validation: EntryValidation,
+}
+
+impl Registry {
+    /// A registry for `trust_domain` on `store`.
+    pub fn new(
+        store: Arc<dyn Store>,
+        trust_domain: TrustDomain,
+        validation: EntryValidation,
+    ) -> Self {
+        Registry {
+            store,
+            trust_domain,
+            validation,
+        }
+    }
+
+    /// The trust domain.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.trust_domain
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The agent ID for an attestor and a node ID.
+    pub fn agent_id(&self, attestor: &str, node: &str) -> Result<SpiffeId, RegistryError> {
+        self.trust_domain
+            .id_with_path(&format!("sigil/agent/{attestor}/{node}"))
+            .map_err(|e| {
+                RegistryError::Invalid(EntryError::SpiffeId {
+                    field: "agent_id",
+                    source: e,
+                })
+            })
+    }
+
+    /// Creates an entry; returns it with its new ID and revision.
+    pub fn create_entry(
+        &self,
+        params: EntryParams,
+        now: SystemTime,
+    ) -> Result<Entry, RegistryError> {
+        let mut entry = params.validate(&self.trust_domain, &self.validation)?;
+        entry.id = random_token()?;
+        entry.created_at = unix(now);
+        self.write_new(entry)
+    }
+
+    fn write_new(&self, entry: Entry) -> Result<Entry, RegistryError> {
+        let unique = unique_key(&entry);
+        let commit = Commit::new()
+            .require_absent(Table::EntriesByParent, unique.clone())
+            .put(Table::Entries, entry.id.as_bytes(), encode(&entry))
+            .put(
+                Table::EntriesByParent,
+                parent_key(&entry.parent_id, &entry.id),
+                Vec::new(),
+            )
+            .put(Table::EntriesByParent, unique, entry.id.as_bytes());
+        match self.store.commit(commit) {
+            Ok(_) => Ok(entry),
+            Err(StoreError::CheckFailed(_)) => {
+                Err(RegistryError::DuplicateEntry(entry.spiffe_id.to_string()))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Replaces an entry's fields (the ID stays).
+    pub fn update_entry(&self, id: &str, params: EntryParams) -> Result<Entry, RegistryError> {
+        let validated = params.validate(&self.trust_domain, &self.validation)?;
+        // The parent index key depends on the old entry: commit only if nothing
+        // changed since we read it, retrying a few times under contention.
+        for _ in 0..8 {
+            let revision = self.store.revision()?;
+            let old = self
+                .entry(id)?
+                .ok_or_else(|| RegistryError::EntryNotFound(id.to_string()))?;
+            let mut entry = validated.clone();
+            entry.id = old.id.clone();
+            entry.created_at = old.created_at;
+            let old_unique = unique_key(&old);
+            let new_unique = unique_key(&entry);
+            let mut commit = Commit::new()
+                .at_revision(revision)
+                .delete(Table::EntriesByParent, parent_key(&old.parent_id, id))
+                .put(Table::Entries, id.as_bytes(), encode(&entry))
+                .put(
+                    Table::EntriesByParent,
+                    parent_key(&entry.parent_id, id),
+                    Vec::new(),
+                );
+            if old_unique != new_unique {
+                commit = commit
+                    .require_absent(Table::EntriesByParent, new_unique.clone())
+                    .delete(Table::EntriesByParent, old_unique)
+                    .put(Table::EntriesByParent, new_unique, id.as_bytes());
+            }
+            match self.store.commit(commit) {
+                Ok(_) => return Ok(entry),
+                Err(StoreError::CheckFailed(CheckFailure::Exists { .. })) => {
+                    return Err(RegistryError::DuplicateEntry(entry.spiffe_id.to_string()));
+                }
+                Err(StoreError::CheckFailed(CheckFailure::Revision { .. })) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(RegistryError::Store(StoreError::Backend(
+            "entry update kept conflicting with concurrent writes; retry".into(),
+        )))
+    }
+
+    /// Deletes an entry.
+    pub fn delete_entry(&self, id: &str) -> Result<Entry, RegistryError> {
+        let old = self
+            .entry(id)?
+            .ok_or_else(|| RegistryError::EntryNotFound(id.to_string()))?;
+        let commit = Commit::new()
+            .require_exists(Table::Entries, id.as_bytes())
+            .delete(Table::Entries, id.as_bytes())
+            .delete(Table::EntriesByParent, parent_key(&old.parent_id, id))
+            .delete(Table::EntriesByParent, unique_key(&old));
+        match self.store.commit(commit) {
+            Ok(_) => Ok(old),
+            Err(StoreError::CheckFailed(_)) => Err(RegistryError::EntryNotFound(id.to_string())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// One entry by ID.
+    pub fn entry(&self, id: &str) -> Result<Option<Entry>, RegistryError> {
+        self.store
+            .get(Table::Entries, id.as_bytes())?
+            .map(|b| decode(&format!("entry {id}"), &b))
+            .transpose()
+    }
+
+    /// Up to `limit` entries parented to `parent`, after entry ID `after` (paging).
+    pub fn entries_by_parent(
+        &self,
+        parent: &SpiffeId,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Entry>, RegistryError> {
+        let prefix = parent_prefix(parent);
+        let after_key = after.map(|a| parent_key(parent, a));
+        let keys = self
+            .store
+            .scan(Table::EntriesByParent, &prefix, after_key.as_deref(), limit)?;
+        let mut out = Vec::with_capacity(keys.len());
+        for (k, _) in keys {
+            let id = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+            if let Some(e) = self.entry(&id)? {
+                out.push(e);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every entry matching the filters (all entries when none is given).
+    pub fn list_entries(
+        &self,
+        spiffe_id: Option<&SpiffeId>,
+        parent_id: Option<&SpiffeId>,
+        selector: Option<&Selector>,
+    ) -> Result<Vec<Entry>, RegistryError> {
+        let all: Vec<Entry> = match parent_id {
+            Some(p) => self.entries_by_parent(p, None, usize::MAX)?,
+            None => self
+                .store
+                .scan(Table::Entries, b"", None, usize::MAX)?
+                .into_iter()
+                .map(|(k, v)| decode(&format!("entry {}", String::from_utf8_lossy(&k)), &v))
+                .collect::<Result<_, _>>()?,
+        };
+        Ok(all
+            .into_iter()
+            .filter(|e| spiffe_id.is_none_or(|id| &e.spiffe_id == id))
+            .filter(|e| selector.is_none_or(|s| e.selectors.contains(s)))
+            .collect())
+    }
+
+    /// Generates a single-use join token valid for `ttl`.
+    pub fn generate_token(
+        &self,
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<JoinToken, RegistryError> {
+        if ttl.is_zero() {
+            return Err(RegistryError::ZeroTokenTtl);
+        }
+        let token = random_token()?;
+        let hash = sha256_hex(token.as_bytes());
+        let agent_id = self.agent_id("join_token", &hash[..32])?;
+        let expires_at = unix(now + ttl);
+        let record = TokenRecord {
+            expires_at,
+            agent_id: agent_id.clone(),
+        };
+        self.store.commit(Commit::new().put(
+            Table::JoinTokens,
+            hash.as_bytes(),
+            encode(&record),
+        ))?;
+        Ok(JoinToken {
+            token,
+            agent_id,
+            expires_at,
+        })
+    }
+
+    /// Consumes a join token atomically: of two racing callers, one wins.
+    /// Returns the agent ID it attests as.
+    pub fn consume_token(&self, token: &str, now: SystemTime) -> Result<SpiffeId, RegistryError> {
+        let hash = sha256_hex(token.as_bytes());
+        let record: TokenRecord = match self.store.get(Table::JoinTokens, hash.as_bytes())? {
+            Some(b) => decode("join token", &b)?,
+            None => return Err(RegistryError::BadToken),
+        };
+        let consume = Commit::new()
+            .require_exists(Table::JoinTokens, hash.as_bytes())
+            .delete(Table::JoinTokens, hash.as_bytes());
+        match self.store.commit(consume) {
+            Ok(_) => {}
+            Err(StoreError::CheckFailed(_)) => return Err(RegistryError::BadToken),
+            Err(e) => return Err(e.into()),
+        }
+        // An expired token is consumed too: it can never be used again.
+        if record.expires_at <= unix(now) {
+            return Err(RegistryError::BadToken);
+        }
+        Ok(record.agent_id)
+    }
+
+    /// Records (or replaces) an attested agent.
+    pub fn put_agent(&self, agent: &AgentRecord) -> Result<u64, RegistryError> {
+        Ok(self.store.commit(Commit::new().put(
+            Table::Agents,
+            agent.spiffe_id.as_str().as_bytes(),
+            encode(agent),
+        ))?)
+    }
+
+    /// One agent.
+    pub fn agent(&self, id: &SpiffeId) -> Result<Option<AgentRecord>, RegistryError> {
+        self.store
+            .get(Table::Agents, id.as_str().as_bytes())?
+            .map(|b| decode(&format!("agent {id}"), &b))
+            .transpose()
+    }
+
+    /// Every agent.
+    pub fn agents(&self) -> Result<Vec<AgentRecord>, RegistryError> {
+        self.store
+            .scan(Table::Agents, b"", None, usize::MAX)?
+            .into_iter()
+            .map(|(_, v)| decode("agent", &v))
+            .collect()
+    }
+
+    /// Marks an agent banned: refused at once, now and on re-attestation.
+    pub fn ban_agent(&self, id: &SpiffeId) -> Result<AgentRecord, RegistryError> {
+        let mut agent = self
+            .agent(id)?
+            .ok_or_else(|| RegistryError::AgentNotFound(id.to_string()))?;
+        agent.banned = true;
+        self.store.commit(
+            Commit::new()
+                .require_exists(Table::Agents, id.as_str().as_bytes())
+                .put(Table::Agents, id.as_str().as_bytes(), encode(&agent)),
+        )?;
+        Ok(agent)
+    }
+
+    /// Forgets an agent: it must attest again.
+    pub fn evict_agent(&self, id: &SpiffeId) -> Result<AgentRecord, RegistryError> {
+        let agent = self
+            .agent(id)?
+            .ok_or_else(|| RegistryError::AgentNotFound(id.to_string()))?;
+        self.store.commit(
+            Commit::new()
+                .require_exists(Table::Agents, id.as_str().as_bytes())
+                .delete(Table::Agents, id.as_str().as_bytes()),
+        )?;
+        Ok(agent)
+    }
+
+    /// The rule of the node API: an agent may obtain SVIDs only for entries
+    /// parented to it, and only while it is known and not banned.
+    pub fn authorize_agent_entry(
+        &self,
+        agent: &SpiffeId,
+        entry_id: &str,
+    ) -> Result<Entry, AuthzError> {
+        let entry = self
+            .entry(entry_id)
+            .map_err(AuthzError::Registry)?
+            .ok_or_else(|| AuthzError::NoSuchEntry(entry_id.to_string()))?;
+        if &entry.parent_id != agent {
+            return Err(AuthzError::NotParent {
+                entry: entry_id.to_string(),
+                agent: agent.to_string(),
+            });
+        }
+        Ok(entry)
+    }
+}
+
+/// Why an agent may not have an entry's SVID.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthzError {
+    /// No such entry.
+    #[error("entry {0:?} not found")]
+    NoSuchEntry(String),
+    /// The entry has another parent.
+    #[error("entry {entry} is not parented to {agent}")]
+    NotParent {
+        /// Entry ID.
+        entry: String,
+        /// The caller.
+        agent: String,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Registry(RegistryError),
+}
+
+/// Random bytes from the system generator (nonces).
+pub fn random_bytes(len: usize) -> Result<Vec<u8>, RegistryError> {
+    let mut bytes = vec![0u8; len];
+    SystemRandom::new().fill(&mut bytes).map_err(|_| {
+        RegistryError::Store(StoreError::Crypto("random number generator failed".into()))
+    })?;
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,258 @@
+use super::*;
+use crate::store::MemoryStore;
+
+fn registry() -> Registry {
+    Registry::new(
+        Arc::new(MemoryStore::new().unwrap()),
+        TrustDomain::new("example.org").unwrap(),
+        EntryValidation::default(),
+    )
+}
+
+fn params(id: &str, parent: &str) -> EntryParams {
+    EntryParams {
+        spiffe_id: id.into(),
+        parent_id: parent.into(),
+        selectors: vec!["unix:uid:1000".into()],
+        ..EntryParams::default()
+    }
+}
+
+const AGENT: &str = "spiffe://example.org/sigil/agent/join_token/a";
+const OTHER: &str = "spiffe://example.org/sigil/agent/join_token/b";
+
+fn now() -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(1_800_000_000)
+}
+
+#[test]
+fn create_list_update_delete() {
+    let r = registry();
+    let e = r
+        .create_entry(params("spiffe://example.org/web", AGENT), now())
+        .unwrap();
+    assert_eq!(e.id.len(), 32);
+    assert_eq!(r.entry(&e.id).unwrap().unwrap(), e);
+    let agent = SpiffeId::new(AGENT).unwrap();
+    let other = SpiffeId::new(OTHER).unwrap();
+    assert_eq!(
+        r.entries_by_parent(&agent, None, 10).unwrap(),
+        vec![e.clone()]
+    );
+
+    // Move it to another parent: the index follows.
+    let moved = r
+        .update_entry(&e.id, params("spiffe://example.org/web", OTHER))
+        .unwrap();
+    assert_eq!(moved.id, e.id);
+    assert!(r.entries_by_parent(&agent, None, 10).unwrap().is_empty());
+    assert_eq!(
+        r.entries_by_parent(&other, None, 10).unwrap(),
+        vec![moved.clone()]
+    );
+    assert_eq!(r.list_entries(None, None, None).unwrap().len(), 1);
+    let sel = Selector::new("unix:uid:1000").unwrap();
+    assert_eq!(r.list_entries(None, None, Some(&sel)).unwrap().len(), 1);
+    let nope = Selector::new("unix:uid:1").unwrap();
+    assert!(r.list_entries(None, None, Some(&nope)).unwrap().is_empty());
+
+    r.delete_entry(&e.id).unwrap();
+    assert!(r.entry(&e.id).unwrap().is_none());
+    assert!(matches!(
+        r.delete_entry(&e.id),
+        Err(RegistryError::EntryNotFound(_))
+    ));
+    assert!(matches!(
+        r.update_entry(&e.id, params("spiffe://example.org/web", OTHER)),
+        Err(RegistryError::EntryNotFound(_))
+    ));
+    // After deletion the same entry may be created again.
+    r.create_entry(params("spiffe://example.org/web", OTHER), now())
+        .unwrap();
+}
+
+#[test]
+fn duplicates_are_refused_even_with_reordered_selectors() {
+    let r = registry();
+    let mut p = params("spiffe://example.org/web", AGENT);
+    p.selectors = vec!["unix:uid:1".into(), "unix:gid:2".into()];
+    r.create_entry(p.clone(), now()).unwrap();
+    p.selectors.reverse();
+    assert!(matches!(
+        r.create_entry(p.clone(), now()),
+        Err(RegistryError::DuplicateEntry(_))
+    ));
+    p.selectors.push("unix:gid:3".into());
+    r.create_entry(p, now()).unwrap();
+}
+
+#[test]
+fn paging_by_parent() {
+    let r = registry();
+    for i in 0..25 {
+        r.create_entry(params(&format!("spiffe://example.org/w{i}"), AGENT), now())
+            .unwrap();
+    }
+    let agent = SpiffeId::new(AGENT).unwrap();
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = r.entries_by_parent(&agent, after.as_deref(), 10).unwrap();
+        if page.is_empty() {
+            break;
+        }
+        after = page.last().map(|e| e.id.clone());
+        seen.extend(page.into_iter().map(|e| e.id));
+    }
+    assert_eq!(seen.len(), 25);
+    let mut sorted = seen.clone();
+    sorted.dedup();
+    assert_eq!(sorted.len(), 25);
+}
+
+#[test]
+fn validation_names_the_field() {
+    let r = registry();
+    let cases: Vec<(EntryParams, &str)> = vec![
+        (params("spiffe://example.org/a/", AGENT), "spiffe_id"),
+        (params("spiffe://other.org/a", AGENT), "spiffe_id"),
+        (params("spiffe://example.org", AGENT), "spiffe_id"),
+        (
+            params("spiffe://example.org/sigil/agent/x", AGENT),
+            "spiffe_id",
+        ),
+        (params("spiffe://example.org/a", "nope"), "parent_id"),
+        (
+            params("spiffe://example.org/a", "spiffe://other.org/x"),
+            "parent_id",
+        ),
+        (
+            EntryParams {
+                selectors: vec![],
+                ..params("spiffe://example.org/a", AGENT)
+            },
+            "selectors",
+        ),
+        (
+            EntryParams {
+                selectors: vec!["bad".into()],
+                ..params("spiffe://example.org/a", AGENT)
+            },
+            "selectors[0]",
+        ),
+        (
+            EntryParams {
+                x509_ttl: Some(0),
+                ..params("spiffe://example.org/a", AGENT)
+            },
+            "x509_ttl",
+        ),
+        (
+            EntryParams {
+                jwt_ttl: Some(10 * 86_400),
+                ..params("spiffe://example.org/a", AGENT)
+            },
+            "jwt_ttl",
+        ),
+        (
+            EntryParams {
+                hint: "h".repeat(1025),
+                ..params("spiffe://example.org/a", AGENT)
+            },
+            "hint",
+        ),
+        (
+            EntryParams {
+                dns_names: vec!["a b".into()],
+                ..params("spiffe://example.org/a", AGENT)
+            },
+            "dns_names[0]",
+        ),
+    ];
+    for (p, field) in cases {
+        let err = r.create_entry(p.clone(), now()).unwrap_err().to_string();
+        assert!(err.starts_with(field), "{p:?}: {err}");
+    }
+    assert!(
+        r.list_entries(None, None, None).unwrap().is_empty(),
+        "nothing written"
+    );
+    let ok = EntryParams {
+        hint: "h".repeat(1024),
+        ..params("spiffe://example.org/a", AGENT)
+    };
+    r.create_entry(ok, now()).unwrap();
+}
+
+#[test]
+fn join_tokens_are_single_use_and_expire() {
+    let r = registry();
+    let t = r.generate_token(Duration::from_secs(600), now()).unwrap();
+    assert!(t.agent_id.path().starts_with("/sigil/agent/join_token/"));
+    assert!(
+        !t.agent_id.as_str().contains(&t.token),
+        "the agent ID must not reveal the token"
+    );
+    assert_eq!(r.consume_token(&t.token, now()).unwrap(), t.agent_id);
+    assert!(matches!(
+        r.consume_token(&t.token, now()),
+        Err(RegistryError::BadToken)
+    ));
+    let t = r.generate_token(Duration::from_secs(60), now()).unwrap();
+    let late = now() + Duration::from_secs(61);
+    assert!(matches!(
+        r.consume_token(&t.token, late),
+        Err(RegistryError::BadToken)
+    ));
+    assert!(matches!(
+        r.consume_token("unknown", now()),
+        Err(RegistryError::BadToken)
+    ));
+    assert!(matches!(
+        r.generate_token(Duration::ZERO, now()),
+        Err(RegistryError::ZeroTokenTtl)
+    ));
+}
+
+#[test]
+fn agents_ban_evict_and_entry_authorization() {
+    let r = registry();
+    let agent = SpiffeId::new(AGENT).unwrap();
+    let record = AgentRecord {
+        spiffe_id: agent.clone(),
+        attestor: "join_token".into(),
+        selectors: vec![],
+        attested_at: 1,
+        svid_expires_at: 2,
+        svid_serial: "00".into(),
+        banned: false,
+    };
+    r.put_agent(&record).unwrap();
+    assert!(r.ban_agent(&agent).unwrap().banned);
+    assert!(r.agent(&agent).unwrap().unwrap().banned);
+    r.evict_agent(&agent).unwrap();
+    assert!(r.agent(&agent).unwrap().is_none());
+    assert!(matches!(
+        r.evict_agent(&agent),
+        Err(RegistryError::AgentNotFound(_))
+    ));
+
+    let mine = r
+        .create_entry(params("spiffe://example.org/mine", AGENT), now())
+        .unwrap();
+    let theirs = r
+        .create_entry(params("spiffe://example.org/theirs", OTHER), now())
+        .unwrap();
+    assert_eq!(
+        r.authorize_agent_entry(&agent, &mine.id).unwrap().id,
+        mine.id
+    );
+    assert!(matches!(
+        r.authorize_agent_entry(&agent, &theirs.id),
+        Err(AuthzError::NotParent { .. })
+    ));
+    assert!(matches!(
+        r.authorize_agent_entry(&agent, "missing"),
+        Err(AuthzError::NoSuchEntry(_))
+    ));
+}
