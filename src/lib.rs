@@ -5,11 +5,14 @@
 //! (`ca`) and persistence (`store`). Generated protobuf types live in `proto`
 //! and never leave the service edges.
 
+pub mod agent;
 pub mod ca;
+pub mod cli;
 pub mod config;
 pub mod jwt;
 pub mod registry;
 pub mod runtime;
+pub mod server;
 pub mod spiffe;
 pub mod store;
 pub mod x509;

@@ -1,12 +1,14 @@
 //! The `sigil` binary: parse the command line, run, map errors to exit codes.
 
-use clap::Parser;
+use std::io::Write;
+use std::process::ExitCode;
 
-/// Sigil: a SPIFFE certificate authority.
-#[derive(Debug, Parser)]
-#[command(name = "sigil", version, about)]
-struct Cli {}
-
-fn main() {
-    let _cli = Cli::parse();
+fn main() -> ExitCode {
+    match sigil::cli::main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -6,6 +6,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::spiffe::{IdError, Selector, SelectorError, SpiffeId, TrustDomain};
 
+/// The DNS name in the server's own SVID, which agents verify; no entry may claim it.
+pub const SERVER_DNS_NAME: &str = "sigil-server";
+
 /// Longest hint accepted, in bytes.
 pub const MAX_HINT_LEN: usize = 1024;
 
@@ -129,7 +132,7 @@ pub enum EntryError {
         len: usize,
     },
     /// A DNS name that cannot go in a certificate.
-    #[error("dns_names[{index}]: {name:?} is not a valid DNS name")]
+    #[error("dns_names[{index}]: {name:?} is not a valid DNS name or is reserved")]
     DnsName {
         /// Index in the list.
         index: usize,
@@ -213,7 +216,7 @@ impl EntryParams {
             });
         }
         for (index, name) in self.dns_names.iter().enumerate() {
-            if !valid_dns_name(name) {
+            if !valid_dns_name(name) || name.eq_ignore_ascii_case(SERVER_DNS_NAME) {
                 return Err(EntryError::DnsName {
                     index,
                     name: name.clone(),

@@ -10,8 +10,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use ring::digest::{SHA256, digest};
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
-pub use entry::{Entry, EntryError, EntryParams, EntryValidation, MAX_HINT_LEN, valid_dns_name};
+pub use entry::{
+    Entry, EntryError, EntryParams, EntryValidation, MAX_HINT_LEN, SERVER_DNS_NAME, valid_dns_name,
+};
 
 use crate::spiffe::{Selector, SpiffeId, TrustDomain};
 use crate::store::{CheckFailure, Commit, Store, StoreError, Table};
@@ -121,7 +124,8 @@ fn parent_key(parent: &SpiffeId, entry_id: &str) -> Vec<u8> {
     format!("p/{parent}\0{entry_id}").into_bytes()
 }
 
-fn parent_prefix(parent: &SpiffeId) -> Vec<u8> {
+/// The parent index prefix of `parent`'s entries.
+pub fn parent_prefix(parent: &SpiffeId) -> Vec<u8> {
     format!("p/{parent}\0").into_bytes()
 }
 
@@ -135,12 +139,14 @@ fn unique_key(e: &Entry) -> Vec<u8> {
     format!("u/{}", sha256_hex(material.as_bytes())).into_bytes()
 }
 
-/// The registry over a store.
+/// The registry over a store. Every commit it makes is announced on a
+/// `watch` channel of the store revision, which push streams subscribe to.
 #[derive(Clone)]
 pub struct Registry {
     store: Arc<dyn Store>,
     trust_domain: TrustDomain,
     validation: EntryValidation,
+    revisions: Arc<watch::Sender<u64>>,
 }
 
 impl Registry {
@@ -150,11 +156,30 @@ impl Registry {
         trust_domain: TrustDomain,
         validation: EntryValidation,
     ) -> Self {
+        let revision = store.revision().unwrap_or(0);
         Registry {
             store,
             trust_domain,
             validation,
+            revisions: Arc::new(watch::Sender::new(revision)),
         }
+    }
+
+    /// A receiver that sees the store revision after every registry commit.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.revisions.subscribe()
+    }
+
+    fn commit(&self, commit: Commit) -> Result<u64, StoreError> {
+        let revision = self.store.commit(commit)?;
+        self.revisions.send_if_modified(|r| {
+            let newer = revision > *r;
+            if newer {
+                *r = revision;
+            }
+            newer
+        });
+        Ok(revision)
     }
 
     /// The trust domain.
@@ -202,7 +227,7 @@ impl Registry {
                 Vec::new(),
             )
             .put(Table::EntriesByParent, unique, entry.id.as_bytes());
-        match self.store.commit(commit) {
+        match self.commit(commit) {
             Ok(_) => Ok(entry),
             Err(StoreError::CheckFailed(_)) => {
                 Err(RegistryError::DuplicateEntry(entry.spiffe_id.to_string()))
@@ -241,7 +266,7 @@ impl Registry {
                     .delete(Table::EntriesByParent, old_unique)
                     .put(Table::EntriesByParent, new_unique, id.as_bytes());
             }
-            match self.store.commit(commit) {
+            match self.commit(commit) {
                 Ok(_) => return Ok(entry),
                 Err(StoreError::CheckFailed(CheckFailure::Exists { .. })) => {
                     return Err(RegistryError::DuplicateEntry(entry.spiffe_id.to_string()));
@@ -265,7 +290,7 @@ impl Registry {
             .delete(Table::Entries, id.as_bytes())
             .delete(Table::EntriesByParent, parent_key(&old.parent_id, id))
             .delete(Table::EntriesByParent, unique_key(&old));
-        match self.store.commit(commit) {
+        match self.commit(commit) {
             Ok(_) => Ok(old),
             Err(StoreError::CheckFailed(_)) => Err(RegistryError::EntryNotFound(id.to_string())),
             Err(e) => Err(e.into()),
@@ -342,11 +367,7 @@ impl Registry {
             expires_at,
             agent_id: agent_id.clone(),
         };
-        self.store.commit(Commit::new().put(
-            Table::JoinTokens,
-            hash.as_bytes(),
-            encode(&record),
-        ))?;
+        self.commit(Commit::new().put(Table::JoinTokens, hash.as_bytes(), encode(&record)))?;
         Ok(JoinToken {
             token,
             agent_id,
@@ -365,7 +386,7 @@ impl Registry {
         let consume = Commit::new()
             .require_exists(Table::JoinTokens, hash.as_bytes())
             .delete(Table::JoinTokens, hash.as_bytes());
-        match self.store.commit(consume) {
+        match self.commit(consume) {
             Ok(_) => {}
             Err(StoreError::CheckFailed(_)) => return Err(RegistryError::BadToken),
             Err(e) => return Err(e.into()),
@@ -379,7 +400,7 @@ impl Registry {
 
     /// Records (or replaces) an attested agent.
     pub fn put_agent(&self, agent: &AgentRecord) -> Result<u64, RegistryError> {
-        Ok(self.store.commit(Commit::new().put(
+        Ok(self.commit(Commit::new().put(
             Table::Agents,
             agent.spiffe_id.as_str().as_bytes(),
             encode(agent),
@@ -409,7 +430,7 @@ impl Registry {
             .agent(id)?
             .ok_or_else(|| RegistryError::AgentNotFound(id.to_string()))?;
         agent.banned = true;
-        self.store.commit(
+        self.commit(
             Commit::new()
                 .require_exists(Table::Agents, id.as_str().as_bytes())
                 .put(Table::Agents, id.as_str().as_bytes(), encode(&agent)),
@@ -422,7 +443,7 @@ impl Registry {
         let agent = self
             .agent(id)?
             .ok_or_else(|| RegistryError::AgentNotFound(id.to_string()))?;
-        self.store.commit(
+        self.commit(
             Commit::new()
                 .require_exists(Table::Agents, id.as_str().as_bytes())
                 .delete(Table::Agents, id.as_str().as_bytes()),

@@ -161,6 +161,21 @@ impl PrivateKey {
             .map_err(|_| KeyError::NotPkcs8)
     }
 
+    /// Signs `message` with ECDSA (ASN.1 DER signature; SHA-256 for P-256,
+    /// SHA-384 for P-384), as the x509pop challenge response.
+    pub fn sign_asn1(&self, message: &[u8]) -> Result<Vec<u8>, KeyError> {
+        let alg = match self.algorithm {
+            KeyAlgorithm::EcP256 => &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+            KeyAlgorithm::EcP384 => &ring::signature::ECDSA_P384_SHA384_ASN1_SIGNING,
+        };
+        let rng = SystemRandom::new();
+        let pair =
+            EcdsaKeyPair::from_pkcs8(alg, &self.pkcs8, &rng).map_err(|_| KeyError::NotPkcs8)?;
+        pair.sign(&rng, message)
+            .map(|s| s.as_ref().to_vec())
+            .map_err(|_| KeyError::Generate(self.algorithm))
+    }
+
     /// The uncompressed public point (`04 || X || Y`).
     pub fn public_key_point(&self) -> Result<Vec<u8>, KeyError> {
         Ok(self.ring_key_pair()?.public_key().as_ref().to_vec())

@@ -73,3 +73,37 @@ pub fn check_cert(der: &[u8]) -> Result<(), String> {
         Err(e) => Err(e.to_string()),
     }
 }
+
+/// The SPIFFE ID in a certificate's single URI SAN.
+pub fn svid_id(der: &[u8]) -> Result<crate::spiffe::SpiffeId, String> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| e.to_string())?
+        .ok_or("certificate has no subjectAltName")?;
+    let uris: Vec<&str> = san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::URI(u) => Some(*u),
+            _ => None,
+        })
+        .collect();
+    match uris[..] {
+        [uri] => crate::spiffe::SpiffeId::new(uri).map_err(|e| e.to_string()),
+        _ => Err(format!(
+            "certificate has {} URI SANs, expected exactly one",
+            uris.len()
+        )),
+    }
+}
+
+/// The message an x509pop agent signs: a fixed label and the server's nonce,
+/// so the key is never used to sign arbitrary server-chosen data.
+pub fn x509pop_challenge_message(nonce: &[u8]) -> Vec<u8> {
+    let mut m = b"sigil x509pop challenge v1\0".to_vec();
+    m.extend_from_slice(nonce);
+    m
+}

@@ -2,5 +2,6 @@
 //! Integration tests: one binary, real files and processes in temp dirs.
 
 mod openssl_verify;
+mod server;
 mod store_crash;
 mod workload_proto;

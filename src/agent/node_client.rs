@@ -1,0 +1,200 @@
+//! The agent's side of the node API: connecting over TLS (mTLS once it has
+//! an SVID) and attesting with a join token or x509pop.
+
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::proto::node::{self as pn, node_client::NodeClient};
+use crate::registry::SERVER_DNS_NAME;
+use crate::spiffe::{SpiffeId, TrustDomain};
+use crate::x509::{Bundle, KeyAlgorithm, PrivateKey, certs_to_pem, x509pop_challenge_message};
+
+/// Why talking to the server failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeClientError {
+    /// Could not connect (address, TLS).
+    #[error("cannot connect to the server at {addr}: {reason}")]
+    Connect {
+        /// The server address.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// The server refused.
+    #[error("server refused: {} ({:?})", .0.message(), .0.code())]
+    Status(#[from] tonic::Status),
+    /// The server answered something unusable.
+    #[error("unexpected answer from the server: {0}")]
+    Protocol(String),
+    /// Local key material problem.
+    #[error(transparent)]
+    Key(#[from] crate::x509::KeyError),
+}
+
+/// The agent's identity: its SVID, key and the bundle it came with.
+#[derive(Debug, Clone)]
+pub struct AgentIdentity {
+    /// `spiffe://<td>/sigil/agent/...`.
+    pub spiffe_id: SpiffeId,
+    /// DER chain, leaf first.
+    pub cert_chain: Vec<Vec<u8>>,
+    /// The SVID's key (generated here; never sent).
+    pub key: PrivateKey,
+    /// Expiry, seconds since the epoch.
+    pub expires_at: i64,
+    /// The trust bundle.
+    pub bundle: Bundle,
+}
+
+/// Opens a channel to the server, verifying it against `bundle_pem`, and
+/// presenting `identity` as client certificate when given.
+pub async fn connect(
+    addr: &str,
+    bundle_pem: &str,
+    identity: Option<&AgentIdentity>,
+) -> Result<NodeClient<Channel>, NodeClientError> {
+    let err = |reason: String| NodeClientError::Connect {
+        addr: addr.to_string(),
+        reason,
+    };
+    let url = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("https://{addr}")
+    };
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(bundle_pem))
+        .domain_name(SERVER_DNS_NAME);
+    if let Some(id) = identity {
+        tls = tls.identity(Identity::from_pem(
+            certs_to_pem(&id.cert_chain),
+            id.key.to_pem().as_bytes(),
+        ));
+    }
+    let channel = Endpoint::from_shared(url)
+        .map_err(|e| err(e.to_string()))?
+        .tls_config(tls)
+        .map_err(|e| err(e.to_string()))?
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .connect()
+        .await
+        .map_err(|e| err(format!("{e}: {}", source_chain(&e))))?;
+    Ok(NodeClient::new(channel))
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut parts = Vec::new();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        parts.push(s.to_string());
+        cur = s.source();
+    }
+    parts.join(": ")
+}
+
+fn identity_from(
+    svid: pn::AgentSvid,
+    key: PrivateKey,
+    trust_domain: &TrustDomain,
+) -> Result<AgentIdentity, NodeClientError> {
+    let spiffe_id = SpiffeId::new(&svid.spiffe_id)
+        .map_err(|e| NodeClientError::Protocol(format!("agent SPIFFE ID: {e}")))?;
+    let jwks = String::from_utf8(svid.bundle_jwks)
+        .map_err(|_| NodeClientError::Protocol("bundle is not UTF-8".into()))?;
+    let bundle = Bundle::from_jwks(trust_domain.clone(), &jwks)
+        .map_err(|e| NodeClientError::Protocol(format!("bundle: {e}")))?;
+    if svid.cert_chain.is_empty() {
+        return Err(NodeClientError::Protocol("empty certificate chain".into()));
+    }
+    Ok(AgentIdentity {
+        spiffe_id,
+        cert_chain: svid.cert_chain,
+        key,
+        expires_at: svid.expires_at,
+        bundle,
+    })
+}
+
+/// How the agent proves which node it is.
+#[derive(Debug, Clone)]
+pub enum Attestation {
+    /// A single-use join token.
+    JoinToken(String),
+    /// A certificate chain (leaf first) and its key.
+    X509Pop {
+        /// DER chain.
+        chain: Vec<Vec<u8>>,
+        /// The leaf's key.
+        key: PrivateKey,
+    },
+}
+
+/// Attests to the server and returns the agent identity.
+pub async fn attest(
+    client: &mut NodeClient<Channel>,
+    trust_domain: &TrustDomain,
+    attestation: &Attestation,
+) -> Result<AgentIdentity, NodeClientError> {
+    use pn::attest_agent_request::Step as Req;
+    use pn::attest_agent_response::Step as Resp;
+    let key = PrivateKey::generate(KeyAlgorithm::EcP256)?;
+    let csr = key.csr_der(trust_domain.id().as_str())?;
+    let (attestor, payload) = match attestation {
+        Attestation::JoinToken(t) => ("join_token", vec![t.as_bytes().to_vec()]),
+        Attestation::X509Pop { chain, .. } => ("x509pop", chain.clone()),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    let first = pn::AttestAgentRequest {
+        step: Some(Req::Params(pn::AttestParams {
+            attestor: attestor.into(),
+            payload,
+            csr,
+        })),
+    };
+    tx.send(first)
+        .await
+        .map_err(|_| NodeClientError::Protocol("attestation stream closed".into()))?;
+    let mut inbound = client
+        .attest_agent(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    loop {
+        let msg = inbound.message().await?.ok_or_else(|| {
+            NodeClientError::Protocol("attestation ended without a result".into())
+        })?;
+        match msg.step {
+            Some(Resp::Result(svid)) => return identity_from(svid, key, trust_domain),
+            Some(Resp::Challenge(nonce)) => {
+                let Attestation::X509Pop { key: pop_key, .. } = attestation else {
+                    return Err(NodeClientError::Protocol("unexpected challenge".into()));
+                };
+                let signature = pop_key.sign_asn1(&x509pop_challenge_message(&nonce))?;
+                tx.send(pn::AttestAgentRequest {
+                    step: Some(Req::ChallengeResponse(signature)),
+                })
+                .await
+                .map_err(|_| NodeClientError::Protocol("attestation stream closed".into()))?;
+            }
+            None => {
+                return Err(NodeClientError::Protocol(
+                    "empty attestation message".into(),
+                ));
+            }
+        }
+    }
+}
+
+/// Renews the agent SVID over mTLS with the current one.
+pub async fn renew(
+    client: &mut NodeClient<Channel>,
+    current: &AgentIdentity,
+) -> Result<AgentIdentity, NodeClientError> {
+    let key = PrivateKey::generate(KeyAlgorithm::EcP256)?;
+    let csr = key.csr_der(current.spiffe_id.as_str())?;
+    let svid = client
+        .renew_agent(pn::RenewAgentRequest { csr })
+        .await?
+        .into_inner()
+        .svid
+        .ok_or_else(|| NodeClientError::Protocol("renewal without an SVID".into()))?;
+    identity_from(svid, key, current.bundle.trust_domain())
+}

@@ -1,0 +1,309 @@
+//! The admin API, served on the 0600 Unix socket. Every change is audited.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::{Request, Response, Status};
+
+use super::ServerState;
+use super::convert::{status, ts};
+use crate::ca::X509SvidParams;
+use crate::proto::admin::{self as pa, admin_server::Admin};
+use crate::proto::node as pn;
+use crate::registry::{EntryParams, SERVER_DNS_NAME};
+use crate::spiffe::{Selector, SpiffeId};
+use crate::x509::{KeyAlgorithm, PrivateKey};
+
+/// The admin API.
+pub struct AdminService {
+    state: Arc<ServerState>,
+}
+
+impl AdminService {
+    /// A service over the shared server state.
+    pub fn new(state: Arc<ServerState>) -> Self {
+        AdminService { state }
+    }
+}
+
+fn parse_id(field: &str, value: &str) -> Result<SpiffeId, Status> {
+    SpiffeId::new(value).map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
+}
+
+fn optional_id(field: &str, value: &str) -> Result<Option<SpiffeId>, Status> {
+    (!value.is_empty())
+        .then(|| parse_id(field, value))
+        .transpose()
+}
+
+fn positive_ttl(field: &str, seconds: i64, default: Duration) -> Result<Duration, Status> {
+    match seconds {
+        0 => Ok(default),
+        s if s < 0 => Err(Status::invalid_argument(format!(
+            "{field}: {s} is negative"
+        ))),
+        s => Ok(Duration::from_secs(s.unsigned_abs())),
+    }
+}
+
+fn audited<T>(
+    action: &str,
+    target: &str,
+    result: Result<T, Status>,
+) -> Result<Response<T>, Status> {
+    match &result {
+        Ok(_) => {
+            tracing::info!(target: "sigil::audit", event = action, caller = "admin-socket", decision = "allow", subject = target)
+        }
+        Err(s) => {
+            tracing::warn!(target: "sigil::audit", event = action, caller = "admin-socket", decision = "deny", subject = target, reason = s.message())
+        }
+    }
+    result.map(Response::new)
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn create_entry(
+        &self,
+        req: Request<pa::EntryParams>,
+    ) -> Result<Response<pn::Entry>, Status> {
+        let p = req.into_inner();
+        let subject = p.spiffe_id.clone();
+        let result = EntryParams::try_from(p).and_then(|params| {
+            self.state
+                .registry
+                .create_entry(params, self.state.clock.now())
+                .map(|e| pn::Entry::from(&e))
+                .map_err(status)
+        });
+        audited("create_entry", &subject, result)
+    }
+
+    async fn update_entry(
+        &self,
+        req: Request<pa::UpdateEntryRequest>,
+    ) -> Result<Response<pn::Entry>, Status> {
+        let r = req.into_inner();
+        let id = r.id.clone();
+        let result = r
+            .params
+            .ok_or_else(|| Status::invalid_argument("params: required"))
+            .and_then(EntryParams::try_from)
+            .and_then(|params| {
+                self.state
+                    .registry
+                    .update_entry(&r.id, params)
+                    .map(|e| pn::Entry::from(&e))
+                    .map_err(status)
+            });
+        audited("update_entry", &id, result)
+    }
+
+    async fn delete_entry(
+        &self,
+        req: Request<pa::EntryIdRequest>,
+    ) -> Result<Response<pa::DeleteEntryResponse>, Status> {
+        let id = req.into_inner().id;
+        let result = self
+            .state
+            .registry
+            .delete_entry(&id)
+            .map(|e| pa::DeleteEntryResponse { id: e.id })
+            .map_err(status);
+        audited("delete_entry", &id, result)
+    }
+
+    async fn get_entry(
+        &self,
+        req: Request<pa::EntryIdRequest>,
+    ) -> Result<Response<pn::Entry>, Status> {
+        let id = req.into_inner().id;
+        match self.state.registry.entry(&id).map_err(status)? {
+            Some(e) => Ok(Response::new(pn::Entry::from(&e))),
+            None => Err(Status::not_found(format!("entry {id:?} not found"))),
+        }
+    }
+
+    async fn list_entries(
+        &self,
+        req: Request<pa::ListEntriesRequest>,
+    ) -> Result<Response<pa::ListEntriesResponse>, Status> {
+        let r = req.into_inner();
+        let spiffe_id = optional_id("spiffe_id", &r.spiffe_id)?;
+        let parent_id = optional_id("parent_id", &r.parent_id)?;
+        let selector = (!r.selector.is_empty())
+            .then(|| Selector::new(&r.selector))
+            .transpose()
+            .map_err(|e| Status::invalid_argument(format!("selector: {e}")))?;
+        let entries = self
+            .state
+            .registry
+            .list_entries(spiffe_id.as_ref(), parent_id.as_ref(), selector.as_ref())
+            .map_err(status)?;
+        Ok(Response::new(pa::ListEntriesResponse {
+            entries: entries.iter().map(pn::Entry::from).collect(),
+        }))
+    }
+
+    async fn generate_token(
+        &self,
+        req: Request<pa::GenerateTokenRequest>,
+    ) -> Result<Response<pa::GenerateTokenResponse>, Status> {
+        let ttl = positive_ttl("ttl", req.get_ref().ttl_seconds, Duration::from_secs(600))?;
+        let result = self
+            .state
+            .registry
+            .generate_token(ttl, self.state.clock.now())
+            .map(|t| pa::GenerateTokenResponse {
+                token: t.token,
+                agent_id: t.agent_id.to_string(),
+                expires_at: i64::try_from(t.expires_at).unwrap_or(i64::MAX),
+            })
+            .map_err(status);
+        let subject = result
+            .as_ref()
+            .map(|r| r.agent_id.clone())
+            .unwrap_or_default();
+        audited("generate_token", &subject, result)
+    }
+
+    async fn list_agents(
+        &self,
+        _req: Request<pa::ListAgentsRequest>,
+    ) -> Result<Response<pa::ListAgentsResponse>, Status> {
+        let agents = self.state.registry.agents().map_err(status)?;
+        Ok(Response::new(pa::ListAgentsResponse {
+            agents: agents.iter().map(pa::Agent::from).collect(),
+        }))
+    }
+
+    async fn ban_agent(
+        &self,
+        req: Request<pa::AgentIdRequest>,
+    ) -> Result<Response<pa::Agent>, Status> {
+        let raw = req.into_inner().spiffe_id;
+        let result = parse_id("spiffe_id", &raw).and_then(|id| {
+            self.state
+                .registry
+                .ban_agent(&id)
+                .map(|a| pa::Agent::from(&a))
+                .map_err(status)
+        });
+        audited("ban_agent", &raw, result)
+    }
+
+    async fn evict_agent(
+        &self,
+        req: Request<pa::AgentIdRequest>,
+    ) -> Result<Response<pa::Agent>, Status> {
+        let raw = req.into_inner().spiffe_id;
+        let result = parse_id("spiffe_id", &raw).and_then(|id| {
+            self.state
+                .registry
+                .evict_agent(&id)
+                .map(|a| pa::Agent::from(&a))
+                .map_err(status)
+        });
+        audited("evict_agent", &raw, result)
+    }
+
+    async fn get_bundle(
+        &self,
+        _req: Request<pa::GetBundleRequest>,
+    ) -> Result<Response<pa::GetBundleResponse>, Status> {
+        Ok(Response::new(pa::GetBundleResponse {
+            bundle_jwks: self.state.bundle_jwks(),
+            trust_domain: self.state.registry.trust_domain().to_string(),
+        }))
+    }
+
+    async fn mint_x509svid(
+        &self,
+        req: Request<pa::MintX509svidRequest>,
+    ) -> Result<Response<pa::MintX509svidResponse>, Status> {
+        let r = req.into_inner();
+        let result = (|| {
+            let spiffe_id = parse_id("spiffe_id", &r.spiffe_id)?;
+            if r.dns_names
+                .iter()
+                .any(|n| n.eq_ignore_ascii_case(SERVER_DNS_NAME))
+            {
+                return Err(Status::invalid_argument(format!(
+                    "dns_names: {SERVER_DNS_NAME:?} is reserved for the server"
+                )));
+            }
+            let ttl = positive_ttl("ttl", r.ttl_seconds, self.state.options.default_x509_ttl)?;
+            let key = PrivateKey::generate(KeyAlgorithm::EcP256)
+                .map_err(|e| status(crate::ca::CaError::from(e)))?;
+            let params = X509SvidParams {
+                spiffe_id,
+                dns_names: r.dns_names.clone(),
+                ttl,
+            };
+            let svid = self
+                .state
+                .ca
+                .x509()
+                .issue_for_private_key(&key, &params, self.state.clock.now())
+                .map_err(status)?;
+            Ok(pa::MintX509svidResponse {
+                cert_chain: vec![svid.cert_der().to_vec()],
+                private_key: key.pkcs8_der().to_vec(),
+                expires_at: ts(svid.not_after()),
+            })
+        })();
+        audited("mint_x509_svid", &r.spiffe_id, result)
+    }
+
+    async fn mint_jwtsvid(
+        &self,
+        req: Request<pa::MintJwtsvidRequest>,
+    ) -> Result<Response<pa::MintJwtsvidResponse>, Status> {
+        let r = req.into_inner();
+        let result = (|| {
+            let spiffe_id = parse_id("spiffe_id", &r.spiffe_id)?;
+            if !spiffe_id.is_member_of(self.state.registry.trust_domain()) {
+                return Err(Status::invalid_argument(format!(
+                    "spiffe_id: {spiffe_id} is not in trust domain {}",
+                    self.state.registry.trust_domain()
+                )));
+            }
+            if r.audience.is_empty() || r.audience.iter().any(String::is_empty) {
+                return Err(Status::invalid_argument(
+                    "audience: at least one non-empty audience is required",
+                ));
+            }
+            let ttl = positive_ttl("ttl", r.ttl_seconds, self.state.options.default_jwt_ttl)?;
+            let now = self.state.clock.now();
+            let token = self
+                .state
+                .ca
+                .jwt()
+                .mint(&spiffe_id, &r.audience, ttl, now)
+                .map_err(status)?;
+            Ok(pa::MintJwtsvidResponse {
+                token,
+                expires_at: ts(now + ttl).min(ts(self.state.ca.jwt().not_after())),
+            })
+        })();
+        audited("mint_jwt_svid", &r.spiffe_id, result)
+    }
+
+    async fn health(
+        &self,
+        _req: Request<pa::HealthRequest>,
+    ) -> Result<Response<pa::HealthResponse>, Status> {
+        let revision = self
+            .state
+            .registry
+            .store()
+            .revision()
+            .map_err(|e| status(crate::registry::RegistryError::from(e)))?;
+        Ok(Response::new(pa::HealthResponse {
+            trust_domain: self.state.registry.trust_domain().to_string(),
+            revision,
+            x509_authority_expires_at: ts(self.state.ca.x509().not_after()),
+        }))
+    }
+}

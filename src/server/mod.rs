@@ -1,0 +1,413 @@
+//! `sigil server`: the composition root. Opens the store, loads or creates the
+//! authorities, and serves the node API (TLS, mTLS for agents) and the admin
+//! API (Unix socket, 0600) until told to shut down.
+
+mod admin;
+pub mod convert;
+mod node;
+mod x509pop;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tonic::Status;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+pub use admin::AdminService;
+pub use node::{NodeService, SNAPSHOT_PAGE};
+
+use crate::ca::{CaOptions, CaSet, CaSetError, IssuedX509, VerifiedCsr, X509SvidParams};
+use crate::config::{ConfigError, LogFormat, RawConfig};
+use crate::proto::admin::admin_server::AdminServer;
+use crate::proto::node::{self as pn, node_server::NodeServer};
+use crate::registry::{EntryValidation, Registry, SERVER_DNS_NAME};
+use crate::runtime::{Clock, SystemClock};
+use crate::spiffe::{SpiffeId, TrustDomain};
+use crate::store::{Kek, SledStore, Store, StoreError};
+use crate::x509::{KeyAlgorithm, PrivateKey, certs_from_pem, certs_to_pem};
+
+/// Default node API address.
+pub const DEFAULT_BIND: &str = "127.0.0.1:8081";
+/// Default admin socket.
+pub const DEFAULT_ADMIN_SOCKET: &str = "/tmp/sigil-server/private/api.sock";
+/// Config keys (and, with `-` for `_`, flags) of `sigil server`.
+pub const SERVER_KEYS: &[&str] = &[
+    "trust_domain",
+    "data_dir",
+    "bind",
+    "admin_socket",
+    "kek_file",
+    "log_format",
+    "ca_ttl",
+    "default_x509_ttl",
+    "default_jwt_ttl",
+    "agent_ttl",
+    "x509pop_ca",
+    "key_algorithm",
+];
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The authorities could not be loaded or created.
+    #[error(transparent)]
+    Ca(#[from] CaSetError),
+    /// Issuing the server's own SVID failed.
+    #[error("cannot issue the server SVID: {0}")]
+    ServerSvid(String),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {reason}")]
+    Bind {
+        /// Address or socket path.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// The gRPC transport failed.
+    #[error("transport error: {0}")]
+    Transport(String),
+}
+
+/// Tunables the services read.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// X509-SVID TTL for entries without one.
+    pub default_x509_ttl: Duration,
+    /// JWT-SVID TTL for entries without one.
+    pub default_jwt_ttl: Duration,
+    /// Agent SVID TTL.
+    pub agent_ttl: Duration,
+    /// x509pop trust anchors, DER (empty: x509pop disabled).
+    pub x509pop_roots: Vec<Vec<u8>>,
+}
+
+/// Validated `sigil server` configuration.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The trust domain.
+    pub trust_domain: TrustDomain,
+    /// Where the sled store lives.
+    pub data_dir: PathBuf,
+    /// Node API address.
+    pub bind: SocketAddr,
+    /// Admin socket path.
+    pub admin_socket: PathBuf,
+    /// KEK file.
+    pub kek_file: PathBuf,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Lifetime of new authorities.
+    pub ca_ttl: Duration,
+    /// Key algorithm of new authorities.
+    pub key_algorithm: KeyAlgorithm,
+    /// Service tunables.
+    pub options: ServerOptions,
+}
+
+impl ServerConfig {
+    /// Validates merged flags and file values; errors name the key.
+    pub fn from_raw(raw: &RawConfig) -> Result<Self, ConfigError> {
+        let trust_domain = raw.trust_domain("trust_domain")?;
+        let data_dir = PathBuf::from(raw.string_or("data_dir", ".sigil/server")?);
+        let kek_file = raw
+            .get("kek_file")?
+            .map_or_else(|| data_dir.join("kek"), PathBuf::from);
+        let x509pop_roots = raw
+            .parsed("x509pop_ca", None, |path| {
+                let text =
+                    std::fs::read_to_string(path).map_err(|e| format!("cannot read: {e}"))?;
+                certs_from_pem(&text).map_err(|e| e.to_string())
+            })?
+            .unwrap_or_default();
+        let ca_ttl = raw.duration("ca_ttl", "24h")?;
+        Ok(ServerConfig {
+            bind: raw.socket_addr("bind", DEFAULT_BIND)?,
+            admin_socket: PathBuf::from(raw.string_or("admin_socket", DEFAULT_ADMIN_SOCKET)?),
+            log_format: raw
+                .parsed("log_format", Some("text"), |v| v.parse())?
+                .unwrap_or(LogFormat::Text),
+            key_algorithm: raw
+                .parsed("key_algorithm", Some("ec-p256"), |v| v.parse())?
+                .unwrap_or(KeyAlgorithm::EcP256),
+            options: ServerOptions {
+                default_x509_ttl: raw.duration("default_x509_ttl", "1h")?,
+                default_jwt_ttl: raw.duration("default_jwt_ttl", "5m")?,
+                agent_ttl: raw.duration("agent_ttl", "1h")?,
+                x509pop_roots,
+            },
+            trust_domain,
+            data_dir,
+            kek_file,
+            ca_ttl,
+        })
+    }
+}
+
+/// State shared by the services.
+pub struct ServerState {
+    registry: Registry,
+    ca: CaSet,
+    clock: Arc<dyn Clock>,
+    options: ServerOptions,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl ServerState {
+    /// Refuses an agent ID that is not an agent, unknown (evicted) or banned.
+    fn check_agent(&self, id: &SpiffeId) -> Result<(), Status> {
+        if !id.is_member_of(self.registry.trust_domain()) || !id.path().starts_with("/sigil/agent/")
+        {
+            return Err(Status::permission_denied(format!(
+                "{id} is not an agent identity"
+            )));
+        }
+        match self.registry.agent(id).map_err(convert::status)? {
+            None => Err(Status::permission_denied(format!(
+                "agent {id} is not attested (evicted?); attest again"
+            ))),
+            Some(a) if a.banned => Err(Status::permission_denied(format!("agent {id} is banned"))),
+            Some(_) => Ok(()),
+        }
+    }
+
+    fn issue_agent_svid(&self, csr: &VerifiedCsr, id: &SpiffeId) -> Result<IssuedX509, Status> {
+        let params = X509SvidParams {
+            spiffe_id: id.clone(),
+            dns_names: Vec::new(),
+            ttl: self.options.agent_ttl,
+        };
+        self.ca
+            .x509()
+            .issue(csr, &params, self.clock.now())
+            .map_err(convert::status)
+    }
+
+    fn agent_svid(&self, id: &SpiffeId, cert: &[u8], not_after: SystemTime) -> pn::AgentSvid {
+        pn::AgentSvid {
+            spiffe_id: id.to_string(),
+            cert_chain: vec![cert.to_vec()],
+            expires_at: convert::ts(not_after),
+            bundle_jwks: self.bundle_jwks(),
+        }
+    }
+
+    fn bundle_jwks(&self) -> Vec<u8> {
+        self.ca.bundle().to_jwks().into_bytes()
+    }
+}
+
+/// A running server.
+pub struct ServerHandle {
+    node_addr: SocketAddr,
+    admin_socket: PathBuf,
+    bundle_pem: String,
+    trust_domain: TrustDomain,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<Result<(), ServerError>>,
+}
+
+impl ServerHandle {
+    /// The node API's bound address (useful with port 0).
+    pub fn node_addr(&self) -> SocketAddr {
+        self.node_addr
+    }
+    /// The admin socket path.
+    pub fn admin_socket(&self) -> &Path {
+        &self.admin_socket
+    }
+    /// The trust bundle's X.509 authorities, PEM (what agents bootstrap with).
+    pub fn bundle_pem(&self) -> &str {
+        &self.bundle_pem
+    }
+    /// The trust domain.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.trust_domain
+    }
+
+    /// Stops accepting, lets in-flight RPCs finish for up to `grace`, then stops.
+    pub async fn shutdown(self, grace: Duration) -> Result<(), ServerError> {
+        let _ = self.shutdown.send(true);
+        let abort = self.task.abort_handle();
+        let result = match tokio::time::timeout(grace, self.task).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(join)) => Err(ServerError::Transport(join.to_string())),
+            Err(_) => {
+                tracing::warn!(
+                    grace_secs = grace.as_secs(),
+                    "drain time limit reached; stopping"
+                );
+                abort.abort();
+                Ok(())
+            }
+        };
+        let _ = std::fs::remove_file(&self.admin_socket);
+        result
+    }
+
+    /// Waits until the server stops by itself (a transport error).
+    pub async fn wait(&mut self) -> Result<(), ServerError> {
+        match (&mut self.task).await {
+            Ok(r) => r,
+            Err(join) => Err(ServerError::Transport(join.to_string())),
+        }
+    }
+}
+
+fn bind_admin_socket(path: &Path) -> Result<UnixListener, ServerError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let err = |reason: String| ServerError::Bind {
+        addr: path.display().to_string(),
+        reason,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| err(e.to_string()))?;
+        }
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(err(
+                "another server is already listening on this socket".into()
+            ));
+        }
+        std::fs::remove_file(path).map_err(|e| err(format!("cannot remove stale socket: {e}")))?;
+    }
+    let listener = UnixListener::bind(path).map_err(|e| err(e.to_string()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| err(e.to_string()))?;
+    Ok(listener)
+}
+
+async fn wait_for(mut rx: watch::Receiver<bool>) {
+    while !*rx.borrow() {
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Opens the store and authorities, binds both listeners and starts serving.
+pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
+    let kek = Kek::load_or_create(&config.kek_file)?;
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(&config.data_dir, kek)?);
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let now = clock.now();
+    let ca = CaSet::load_or_create(
+        store.as_ref(),
+        &CaOptions {
+            trust_domain: config.trust_domain.clone(),
+            key_algorithm: config.key_algorithm,
+            ca_ttl: config.ca_ttl,
+        },
+        now,
+    )?;
+    let registry = Registry::new(
+        store.clone(),
+        config.trust_domain.clone(),
+        EntryValidation::default(),
+    );
+
+    // The server's own SVID: its key lives only in this process.
+    let server_key = PrivateKey::generate(KeyAlgorithm::EcP256)
+        .map_err(|e| ServerError::ServerSvid(e.to_string()))?;
+    let server_id = config
+        .trust_domain
+        .id_with_path("sigil/server")
+        .map_err(|e| ServerError::ServerSvid(e.to_string()))?;
+    let remaining = ca
+        .x509()
+        .not_after()
+        .duration_since(now)
+        .unwrap_or_default();
+    let svid = ca
+        .x509()
+        .issue_for_private_key(
+            &server_key,
+            &X509SvidParams {
+                spiffe_id: server_id,
+                dns_names: vec![SERVER_DNS_NAME.to_string()],
+                ttl: remaining,
+            },
+            now,
+        )
+        .map_err(|e| ServerError::ServerSvid(e.to_string()))?;
+    let bundle_pem = ca.bundle().to_pem();
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(
+            certs_to_pem([&svid.cert_der().to_vec()]),
+            server_key.to_pem().as_bytes(),
+        ))
+        .client_ca_root(Certificate::from_pem(&bundle_pem))
+        .client_auth_optional(true);
+
+    let listener = TcpListener::bind(config.bind)
+        .await
+        .map_err(|e| ServerError::Bind {
+            addr: config.bind.to_string(),
+            reason: e.to_string(),
+        })?;
+    let node_addr = listener.local_addr().map_err(|e| ServerError::Bind {
+        addr: config.bind.to_string(),
+        reason: e.to_string(),
+    })?;
+    let admin_listener = bind_admin_socket(&config.admin_socket)?;
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let state = Arc::new(ServerState {
+        registry,
+        ca,
+        clock,
+        options: config.options.clone(),
+        shutdown: shutdown_rx.clone(),
+    });
+    let node_server = Server::builder()
+        .tls_config(tls)
+        .map_err(|e| ServerError::Transport(e.to_string()))?
+        .add_service(NodeServer::new(NodeService::new(state.clone())))
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listener),
+            wait_for(shutdown_rx.clone()),
+        );
+    let admin_server = Server::builder()
+        .add_service(AdminServer::new(AdminService::new(state)))
+        .serve_with_incoming_shutdown(
+            UnixListenerStream::new(admin_listener),
+            wait_for(shutdown_rx),
+        );
+    let task = tokio::spawn(async move {
+        let (node, admin) = tokio::join!(node_server, admin_server);
+        node.and(admin)
+            .map_err(|e| ServerError::Transport(e.to_string()))
+    });
+    tracing::info!(
+        trust_domain = %config.trust_domain,
+        node_api = %node_addr,
+        admin_socket = %config.admin_socket.display(),
+        data_dir = %config.data_dir.display(),
+        "sigil server ready"
+    );
+    Ok(ServerHandle {
+        node_addr,
+        admin_socket: config.admin_socket,
+        bundle_pem,
+        trust_domain: config.trust_domain,
+        shutdown: shutdown_tx,
+        task,
+    })
+}

@@ -1,0 +1,467 @@
+//! The node API service: attestation, signing and the push sync stream.
+//! Every decision is written to the audit log (target `sigil::audit`).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::ServerState;
+use super::convert::{status, ts};
+use crate::ca::{X509SvidParams, verify_csr};
+use crate::proto::node::{self as pn, node_server::Node};
+use crate::registry::{AgentRecord, sha256_hex, unix};
+use crate::spiffe::SpiffeId;
+use crate::store::{EventsSince, Table};
+use crate::x509::svid_id;
+
+/// How long an attestation may wait for the agent's next message.
+const ATTEST_STEP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Entries per snapshot page: far below gRPC's 4 MiB message limit.
+pub const SNAPSHOT_PAGE: usize = 500;
+/// Events read per wake-up of a sync stream.
+const EVENT_BATCH: usize = 10_000;
+
+type Sender<T> = mpsc::Sender<Result<T, Status>>;
+
+/// The node API.
+pub struct NodeService {
+    state: Arc<ServerState>,
+}
+
+impl NodeService {
+    /// A service over the shared server state.
+    pub fn new(state: Arc<ServerState>) -> Self {
+        NodeService { state }
+    }
+}
+
+/// The agent behind an mTLS request: its SVID verified by TLS, its record
+/// present and not banned.
+fn caller<T>(state: &ServerState, req: &Request<T>) -> Result<SpiffeId, Status> {
+    let certs = req.peer_certs().ok_or_else(|| {
+        Status::unauthenticated("this RPC requires the agent SVID as TLS client certificate")
+    })?;
+    let leaf = certs
+        .first()
+        .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+    let id =
+        svid_id(leaf).map_err(|e| Status::unauthenticated(format!("client certificate: {e}")))?;
+    state.check_agent(&id)?;
+    Ok(id)
+}
+
+#[tonic::async_trait]
+impl Node for NodeService {
+    type AttestAgentStream = ReceiverStream<Result<pn::AttestAgentResponse, Status>>;
+
+    async fn attest_agent(
+        &self,
+        req: Request<Streaming<pn::AttestAgentRequest>>,
+    ) -> Result<Response<Self::AttestAgentStream>, Status> {
+        let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let mut inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(2);
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            let outcome = attest(&state, &mut inbound, &tx).await;
+            let reply = match outcome {
+                Ok((resp, attestor)) => {
+                    let id = resp.spiffe_id.clone();
+                    tracing::info!(target: "sigil::audit", event = "attest_agent", decision = "allow", agent = %id, attestor, peer = %peer);
+                    Ok(pn::AttestAgentResponse {
+                        step: Some(pn::attest_agent_response::Step::Result(resp)),
+                    })
+                }
+                Err(s) => {
+                    tracing::warn!(target: "sigil::audit", event = "attest_agent", decision = "deny", reason = s.message(), peer = %peer);
+                    Err(s)
+                }
+            };
+            // The agent may have hung up; nothing more to do then.
+            let _ = tx.send(reply).await;
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn renew_agent(
+        &self,
+        req: Request<pn::RenewAgentRequest>,
+    ) -> Result<Response<pn::RenewAgentResponse>, Status> {
+        let state = &self.state;
+        let id = match caller(state, &req) {
+            Ok(id) => id,
+            Err(s) => {
+                tracing::warn!(target: "sigil::audit", event = "renew_agent", decision = "deny", reason = s.message());
+                return Err(s);
+            }
+        };
+        let csr = verify_csr(&req.get_ref().csr).map_err(status)?;
+        let mut record = state
+            .registry
+            .agent(&id)
+            .map_err(status)?
+            .ok_or_else(|| Status::permission_denied(format!("agent {id} is not attested")))?;
+        let svid = state.issue_agent_svid(&csr, &id)?;
+        record.svid_expires_at = unix(svid.not_after());
+        record.svid_serial = serial_hex(svid.cert_der());
+        state.registry.put_agent(&record).map_err(status)?;
+        tracing::info!(target: "sigil::audit", event = "renew_agent", decision = "allow", agent = %id, expires_at = record.svid_expires_at);
+        Ok(Response::new(pn::RenewAgentResponse {
+            svid: Some(state.agent_svid(&id, svid.cert_der(), svid.not_after())),
+        }))
+    }
+
+    async fn batch_new_x509svid(
+        &self,
+        req: Request<pn::BatchNewX509svidRequest>,
+    ) -> Result<Response<pn::BatchNewX509svidResponse>, Status> {
+        let state = &self.state;
+        let agent = caller(state, &req)?;
+        let now = state.clock.now();
+        let mut results = Vec::with_capacity(req.get_ref().params.len());
+        for p in &req.get_ref().params {
+            let outcome = state
+                .registry
+                .authorize_agent_entry(&agent, &p.entry_id)
+                .map_err(status)
+                .and_then(|entry| {
+                    let params = X509SvidParams {
+                        spiffe_id: entry.spiffe_id.clone(),
+                        dns_names: entry.dns_names.clone(),
+                        ttl: entry
+                            .x509_ttl
+                            .map_or(state.options.default_x509_ttl, Duration::from_secs),
+                    };
+                    state
+                        .ca
+                        .x509()
+                        .issue_from_csr(&p.csr, &params, now)
+                        .map_err(status)
+                });
+            let result = match outcome {
+                Ok(svid) => {
+                    tracing::info!(target: "sigil::audit", event = "new_x509_svid", decision = "allow", agent = %agent, entry = %p.entry_id, spiffe_id = %svid.spiffe_id());
+                    pn::X509svidResult {
+                        entry_id: p.entry_id.clone(),
+                        code: 0,
+                        message: String::new(),
+                        spiffe_id: svid.spiffe_id().to_string(),
+                        cert_chain: vec![svid.cert_der().to_vec()],
+                        expires_at: ts(svid.not_after()),
+                    }
+                }
+                Err(s) => {
+                    tracing::warn!(target: "sigil::audit", event = "new_x509_svid", decision = "deny", agent = %agent, entry = %p.entry_id, reason = s.message());
+                    pn::X509svidResult {
+                        entry_id: p.entry_id.clone(),
+                        code: s.code() as i32,
+                        message: s.message().to_string(),
+                        ..Default::default()
+                    }
+                }
+            };
+            results.push(result);
+        }
+        Ok(Response::new(pn::BatchNewX509svidResponse { results }))
+    }
+
+    async fn new_jwtsvid(
+        &self,
+        req: Request<pn::NewJwtsvidRequest>,
+    ) -> Result<Response<pn::NewJwtsvidResponse>, Status> {
+        let state = &self.state;
+        let agent = caller(state, &req)?;
+        let r = req.get_ref();
+        let decision = (|| {
+            if r.audience.is_empty() || r.audience.iter().any(String::is_empty) {
+                return Err(Status::invalid_argument(
+                    "audience: at least one non-empty audience is required",
+                ));
+            }
+            let entry = state
+                .registry
+                .authorize_agent_entry(&agent, &r.entry_id)
+                .map_err(status)?;
+            let ttl = entry
+                .jwt_ttl
+                .map_or(state.options.default_jwt_ttl, Duration::from_secs);
+            let now = state.clock.now();
+            let token = state
+                .ca
+                .jwt()
+                .mint(&entry.spiffe_id, &r.audience, ttl, now)
+                .map_err(status)?;
+            let exp = ts(now + ttl).min(ts(state.ca.jwt().not_after()));
+            Ok(pn::NewJwtsvidResponse {
+                spiffe_id: entry.spiffe_id.to_string(),
+                token,
+                expires_at: exp,
+            })
+        })();
+        match &decision {
+            Ok(resp) => {
+                tracing::info!(target: "sigil::audit", event = "new_jwt_svid", decision = "allow", agent = %agent, entry = %r.entry_id, spiffe_id = %resp.spiffe_id, audience = ?r.audience)
+            }
+            Err(s) => {
+                tracing::warn!(target: "sigil::audit", event = "new_jwt_svid", decision = "deny", agent = %agent, entry = %r.entry_id, reason = s.message())
+            }
+        }
+        decision.map(Response::new)
+    }
+
+    async fn fetch_bundle(
+        &self,
+        _req: Request<pn::FetchBundleRequest>,
+    ) -> Result<Response<pn::FetchBundleResponse>, Status> {
+        Ok(Response::new(pn::FetchBundleResponse {
+            bundle_jwks: self.state.ca.bundle().to_jwks().into_bytes(),
+        }))
+    }
+
+    type SyncEntriesStream = ReceiverStream<Result<pn::SyncEntriesResponse, Status>>;
+
+    async fn sync_entries(
+        &self,
+        req: Request<pn::SyncEntriesRequest>,
+    ) -> Result<Response<Self::SyncEntriesStream>, Status> {
+        let agent = caller(&self.state, &req)?;
+        let resume = req.get_ref().resume_from_revision;
+        let (tx, rx) = mpsc::channel(8);
+        let state = self.state.clone();
+        tracing::info!(target: "sigil::audit", event = "sync_entries", decision = "allow", agent = %agent, resume_from = resume);
+        tokio::spawn(async move {
+            if let Err(s) = sync(&state, &agent, resume, &tx).await {
+                tracing::info!(agent = %agent, reason = s.message(), "sync stream closed");
+                let _ = tx.send(Err(s)).await;
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+fn serial_hex(der: &[u8]) -> String {
+    x509_parser::parse_x509_certificate(der)
+        .map(|(_, c)| c.raw_serial_as_string())
+        .unwrap_or_default()
+}
+
+pub(super) async fn next_step(
+    inbound: &mut Streaming<pn::AttestAgentRequest>,
+) -> Result<pn::attest_agent_request::Step, Status> {
+    let msg = tokio::time::timeout(ATTEST_STEP_TIMEOUT, inbound.message())
+        .await
+        .map_err(|_| Status::deadline_exceeded("attestation timed out waiting for the agent"))??
+        .ok_or_else(|| Status::invalid_argument("attestation stream ended early"))?;
+    msg.step
+        .ok_or_else(|| Status::invalid_argument("attestation message has no step"))
+}
+
+async fn attest(
+    state: &ServerState,
+    inbound: &mut Streaming<pn::AttestAgentRequest>,
+    tx: &Sender<pn::AttestAgentResponse>,
+) -> Result<(pn::AgentSvid, &'static str), Status> {
+    use pn::attest_agent_request::Step;
+    let Step::Params(params) = next_step(inbound).await? else {
+        return Err(Status::invalid_argument(
+            "the first attestation message must carry params",
+        ));
+    };
+    // Check the CSR before consuming anything (a token is single-use).
+    let csr = verify_csr(&params.csr).map_err(status)?;
+    let (agent_id, attestor, selectors) = match params.attestor.as_str() {
+        "join_token" => {
+            let [token] = &params.payload[..] else {
+                return Err(Status::invalid_argument(
+                    "join_token: payload must hold exactly the token",
+                ));
+            };
+            let token = std::str::from_utf8(token)
+                .map_err(|_| Status::invalid_argument("join_token: token is not UTF-8"))?;
+            let id = state
+                .registry
+                .consume_token(token, state.clock.now())
+                .map_err(status)?;
+            (id, "join_token", Vec::new())
+        }
+        "x509pop" => {
+            let (id, selectors) =
+                super::x509pop::attest(state, &params.payload, inbound, tx).await?;
+            (id, "x509pop", selectors)
+        }
+        other => {
+            return Err(Status::invalid_argument(format!(
+                "unknown attestor {other:?} (expected join_token or x509pop)"
+            )));
+        }
+    };
+    let existing = state.registry.agent(&agent_id).map_err(status)?;
+    if existing.as_ref().is_some_and(|a| a.banned) {
+        return Err(Status::permission_denied(format!(
+            "agent {agent_id} is banned"
+        )));
+    }
+    let svid = state.issue_agent_svid(&csr, &agent_id)?;
+    let now = unix(state.clock.now());
+    state
+        .registry
+        .put_agent(&AgentRecord {
+            spiffe_id: agent_id.clone(),
+            attestor: attestor.to_string(),
+            selectors,
+            attested_at: existing.map_or(now, |a| a.attested_at),
+            svid_expires_at: unix(svid.not_after()),
+            svid_serial: serial_hex(svid.cert_der()),
+            banned: false,
+        })
+        .map_err(status)?;
+    Ok((
+        state.agent_svid(&agent_id, svid.cert_der(), svid.not_after()),
+        attestor,
+    ))
+}
+
+/// The sync stream: a paged snapshot (or the missed deltas), then a delta
+/// for every commit that touches this agent's entries or the bundle.
+///
+/// Which entries changed for this agent is read from the event log alone:
+/// every create, update, move and delete of an entry rewrites its parent
+/// index key `p/<parent>\0<id>`, so keys under this agent's prefix give the
+/// net effect, and no per-stream memory of what was sent is needed.
+async fn sync(
+    state: &ServerState,
+    agent: &SpiffeId,
+    resume: u64,
+    tx: &Sender<pn::SyncEntriesResponse>,
+) -> Result<(), Status> {
+    let mut revisions = state.registry.subscribe();
+    let mut shutdown = state.shutdown.clone();
+    let store = state.registry.store().clone();
+    let store_err = |e| status(crate::registry::RegistryError::from(e));
+    let prefix = crate::registry::parent_prefix(agent);
+    let current = store.revision().map_err(store_err)?;
+    let resumable = resume > 0
+        && resume <= current
+        && matches!(
+            store.events_since(resume, 0).map_err(store_err)?,
+            EventsSince::Events(_)
+        );
+    let mut last = if resumable {
+        resume
+    } else {
+        send_snapshot(state, agent, tx).await?
+    };
+    loop {
+        // Drain everything after `last`, then wait for the next commit.
+        loop {
+            state.check_agent(agent)?;
+            let events = match store.events_since(last, EVENT_BATCH).map_err(store_err)? {
+                EventsSince::Events(ev) if ev.is_empty() => break,
+                EventsSince::Events(ev) => ev,
+                EventsSince::Compacted { .. } => {
+                    last = send_snapshot(state, agent, tx).await?;
+                    continue;
+                }
+            };
+            // Net effect per entry ID, in commit order: present or gone.
+            let mut net: BTreeMap<String, bool> = BTreeMap::new();
+            let mut bundle_changed = false;
+            for change in events.iter().flat_map(|e| &e.changes) {
+                match change.table {
+                    Table::EntriesByParent => {
+                        if let Some(id) = change.key.strip_prefix(prefix.as_slice()) {
+                            net.insert(String::from_utf8_lossy(id).into_owned(), !change.deleted);
+                        }
+                    }
+                    Table::Bundle => bundle_changed = true,
+                    _ => {}
+                }
+            }
+            last = events.last().map_or(last, |e| e.revision);
+            let mut upserted = Vec::new();
+            let mut deleted = Vec::new();
+            for (id, present) in net {
+                // Read the current state: a later commit may have moved it on.
+                match state.registry.entry(&id).map_err(status)? {
+                    Some(e) if present && &e.parent_id == agent => {
+                        upserted.push(pn::Entry::from(&e))
+                    }
+                    _ => deleted.push(id),
+                }
+            }
+            if upserted.is_empty() && deleted.is_empty() && !bundle_changed {
+                continue;
+            }
+            let msg = pn::SyncEntriesResponse {
+                revision: last,
+                kind: Some(pn::sync_entries_response::Kind::Delta(pn::Delta {
+                    upserted,
+                    deleted,
+                })),
+                bundle_jwks: if bundle_changed {
+                    state.bundle_jwks()
+                } else {
+                    Vec::new()
+                },
+            };
+            if tx.send(Ok(msg)).await.is_err() {
+                return Ok(());
+            }
+        }
+        tokio::select! {
+            changed = revisions.changed() => if changed.is_err() { return Ok(()) },
+            _ = shutdown.changed() => return Err(Status::unavailable("server is shutting down")),
+            _ = tx.closed() => return Ok(()),
+        }
+    }
+}
+
+async fn send_snapshot(
+    state: &ServerState,
+    agent: &SpiffeId,
+    tx: &Sender<pn::SyncEntriesResponse>,
+) -> Result<u64, Status> {
+    // Entries changed while paging are re-sent as deltas from this revision.
+    let revision = state
+        .registry
+        .store()
+        .revision()
+        .map_err(|e| status(crate::registry::RegistryError::from(e)))?;
+    let mut after: Option<String> = None;
+    let mut first = true;
+    loop {
+        let page = state
+            .registry
+            .entries_by_parent(agent, after.as_deref(), SNAPSHOT_PAGE)
+            .map_err(status)?;
+        let last = page.len() < SNAPSHOT_PAGE;
+        after = page.last().map(|e| e.id.clone());
+        let msg = pn::SyncEntriesResponse {
+            revision,
+            kind: Some(pn::sync_entries_response::Kind::Snapshot(
+                pn::SnapshotPage {
+                    entries: page.iter().map(pn::Entry::from).collect(),
+                    last,
+                },
+            )),
+            bundle_jwks: if first {
+                state.bundle_jwks()
+            } else {
+                Vec::new()
+            },
+        };
+        first = false;
+        if tx.send(Ok(msg)).await.is_err() || last {
+            return Ok(revision);
+        }
+    }
+}
+
+/// Fingerprint used in x509pop agent IDs.
+pub fn cert_fingerprint(der: &[u8]) -> String {
+    sha256_hex(der)
+}
