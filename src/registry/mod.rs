@@ -204,33 +204,55 @@ impl Registry {
             })
     }
 
-    /// Creates an entry; returns it with its new ID and revision.
+    /// Creates an entry and returns it with its new ID.
     pub fn create_entry(
         &self,
         params: EntryParams,
         now: SystemTime,
     ) -> Result<Entry, RegistryError> {
-        let mut entry = params.validate(&self.trust_domain, &self.validation)?;
-        entry.id = random_token()?;
-        entry.created_at = unix(now);
-        self.write_new(entry)
+        let mut created = self.create_entries(vec![params], now)?;
+        created
+            .pop()
+            .ok_or_else(|| RegistryError::EntryNotFound("(just created)".into()))
     }
 
-    fn write_new(&self, entry: Entry) -> Result<Entry, RegistryError> {
-        let unique = unique_key(&entry);
-        let commit = Commit::new()
-            .require_absent(Table::EntriesByParent, unique.clone())
-            .put(Table::Entries, entry.id.as_bytes(), encode(&entry))
-            .put(
-                Table::EntriesByParent,
-                parent_key(&entry.parent_id, &entry.id),
-                Vec::new(),
-            )
-            .put(Table::EntriesByParent, unique, entry.id.as_bytes());
+    /// Creates several entries in one atomic commit: all of them, or none
+    /// when any is invalid or a duplicate.
+    pub fn create_entries(
+        &self,
+        params: Vec<EntryParams>,
+        now: SystemTime,
+    ) -> Result<Vec<Entry>, RegistryError> {
+        let mut commit = Commit::new();
+        let mut entries = Vec::with_capacity(params.len());
+        let mut uniques = std::collections::HashSet::new();
+        for p in params {
+            let mut entry = p.validate(&self.trust_domain, &self.validation)?;
+            entry.id = random_token()?;
+            entry.created_at = unix(now);
+            let unique = unique_key(&entry);
+            if !uniques.insert(unique.clone()) {
+                return Err(RegistryError::DuplicateEntry(entry.spiffe_id.to_string()));
+            }
+            commit = commit
+                .require_absent(Table::EntriesByParent, unique.clone())
+                .put(Table::Entries, entry.id.as_bytes(), encode(&entry))
+                .put(
+                    Table::EntriesByParent,
+                    parent_key(&entry.parent_id, &entry.id),
+                    Vec::new(),
+                )
+                .put(Table::EntriesByParent, unique, entry.id.as_bytes());
+            entries.push(entry);
+        }
         match self.commit(commit) {
-            Ok(_) => Ok(entry),
-            Err(StoreError::CheckFailed(_)) => {
-                Err(RegistryError::DuplicateEntry(entry.spiffe_id.to_string()))
+            Ok(_) => Ok(entries),
+            Err(StoreError::CheckFailed(CheckFailure::Exists { key, .. })) => {
+                let dup = entries
+                    .iter()
+                    .find(|e| String::from_utf8_lossy(&unique_key(e)) == key)
+                    .map_or_else(|| key.clone(), |e| e.spiffe_id.to_string());
+                Err(RegistryError::DuplicateEntry(dup))
             }
             Err(e) => Err(e.into()),
         }

@@ -256,3 +256,36 @@ fn agents_ban_evict_and_entry_authorization() {
         Err(AuthzError::NoSuchEntry(_))
     ));
 }
+
+#[test]
+fn batch_create_is_all_or_nothing() {
+    let r = registry();
+    r.create_entry(params("spiffe://example.org/taken", AGENT), now())
+        .unwrap();
+    let batch = vec![
+        params("spiffe://example.org/new1", AGENT),
+        params("spiffe://example.org/taken", AGENT),
+    ];
+    let err = r.create_entries(batch, now()).unwrap_err();
+    assert!(
+        err.to_string().contains("spiffe://example.org/taken"),
+        "{err}"
+    );
+    assert_eq!(
+        r.list_entries(None, None, None).unwrap().len(),
+        1,
+        "nothing from the batch landed"
+    );
+    let twice = vec![
+        params("spiffe://example.org/a", AGENT),
+        params("spiffe://example.org/a", AGENT),
+    ];
+    assert!(matches!(
+        r.create_entries(twice, now()),
+        Err(RegistryError::DuplicateEntry(_))
+    ));
+    let ok = (0..10)
+        .map(|i| params(&format!("spiffe://example.org/b{i}"), AGENT))
+        .collect();
+    assert_eq!(r.create_entries(ok, now()).unwrap().len(), 10);
+}

@@ -1,0 +1,327 @@
+//! Server load harness (DESIGN §7). Everything runs on one tokio thread, so
+//! rates are per core, with client costs included (conservative).
+//!
+//! 1. BatchNewX509SVID through the real gRPC server (mTLS) vs the in-process
+//!    CSR → SVID cost measured in the same run: ratio (target ≥ 0.80).
+//! 2. With 100,000 entries stored: entry created (admin API) → delta received
+//!    on a subscribed agent's SyncEntries stream, p50/p99 (target p99 ≤ 1 s).
+//! 3. Server cold start (open store, load CA, listen, answer health) with
+//!    100,000 and 500,000 entries.
+//!
+//! Run: `cargo bench --bench server` (`-- --quick` for smaller numbers).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stdout,
+    missing_docs
+)]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use sigil::agent::{AgentIdentity, Attestation, attest, connect};
+use sigil::config::LogFormat;
+use sigil::proto::admin as pa;
+use sigil::proto::node as pn;
+use sigil::registry::{EntryParams, EntryValidation, Registry};
+use sigil::server::{ServerConfig, ServerHandle, ServerOptions, start};
+use sigil::store::Kek;
+use sigil::{
+    KeyAlgorithm, PrivateKey, SledStore, SpiffeId, TrustDomain, X509Authority, X509SvidParams,
+};
+
+fn td() -> TrustDomain {
+    TrustDomain::new("example.org").unwrap()
+}
+
+fn config(dir: &Path) -> ServerConfig {
+    ServerConfig {
+        trust_domain: td(),
+        data_dir: dir.join("data"),
+        bind: "127.0.0.1:0".parse().unwrap(),
+        admin_socket: dir.join("admin.sock"),
+        kek_file: dir.join("kek"),
+        log_format: LogFormat::Text,
+        ca_ttl: Duration::from_secs(86_400),
+        key_algorithm: KeyAlgorithm::EcP256,
+        options: ServerOptions {
+            default_x509_ttl: Duration::from_secs(3600),
+            default_jwt_ttl: Duration::from_secs(300),
+            agent_ttl: Duration::from_secs(3600),
+            x509pop_roots: vec![],
+        },
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+/// Writes `n` entries straight into the store in large atomic batches,
+/// spread over 1,000 simulated agents; `extra` are parented to `agent`.
+fn bulk_load(dir: &Path, n: usize, agent: Option<&SpiffeId>, extra: usize) {
+    let kek = Kek::load_or_create(&dir.join("kek")).unwrap();
+    let store = Arc::new(SledStore::open(&dir.join("data"), kek).unwrap());
+    let registry = Registry::new(store, td(), EntryValidation::default());
+    let now = SystemTime::now();
+    let mut batch = Vec::new();
+    for i in 0..n + extra {
+        let parent = match agent {
+            Some(a) if i >= n => a.to_string(),
+            _ => format!(
+                "spiffe://example.org/sigil/agent/join_token/sim{}",
+                i % 1000
+            ),
+        };
+        batch.push(EntryParams {
+            spiffe_id: format!("spiffe://example.org/ns/bench/sa/w{i}"),
+            parent_id: parent,
+            selectors: vec![format!("unix:uid:{}", i % 60_000)],
+            ..EntryParams::default()
+        });
+        if batch.len() == 2000 {
+            registry
+                .create_entries(std::mem::take(&mut batch), now)
+                .unwrap();
+        }
+    }
+    if !batch.is_empty() {
+        registry.create_entries(batch, now).unwrap();
+    }
+}
+
+async fn join(server: &ServerHandle) -> AgentIdentity {
+    let mut admin = sigil::cli::connect_admin(server.admin_socket())
+        .await
+        .unwrap();
+    let token = admin
+        .generate_token(pa::GenerateTokenRequest { ttl_seconds: 600 })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let mut c = connect(&server.node_addr().to_string(), server.bundle_pem(), None)
+        .await
+        .unwrap();
+    attest(&mut c, &td(), &Attestation::JoinToken(token))
+        .await
+        .unwrap()
+}
+
+async fn signing_throughput(quick: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(config(dir.path())).await.unwrap();
+    let agent = join(&server).await;
+    let mut admin = sigil::cli::connect_admin(server.admin_socket())
+        .await
+        .unwrap();
+    let entry = admin
+        .create_entry(pa::EntryParams {
+            spiffe_id: "spiffe://example.org/ns/default/sa/api".into(),
+            parent_id: agent.spiffe_id.to_string(),
+            selectors: vec!["unix:uid:1000".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let csrs: Vec<Vec<u8>> = (0..64)
+        .map(|_| {
+            PrivateKey::generate(KeyAlgorithm::EcP256)
+                .unwrap()
+                .csr_der("spiffe://example.org/x")
+                .unwrap()
+        })
+        .collect();
+    let mut client = connect(
+        &server.node_addr().to_string(),
+        server.bundle_pem(),
+        Some(&agent),
+    )
+    .await
+    .unwrap();
+    let batch = 32;
+    let batches = if quick { 10 } else { 60 };
+    let request = pn::BatchNewX509svidRequest {
+        params: csrs[..batch]
+            .iter()
+            .map(|csr| pn::NewX509svidParams {
+                entry_id: entry.id.clone(),
+                csr: csr.clone(),
+            })
+            .collect(),
+    };
+    // In-process baseline: the same CSRs, an authority of the same kind.
+    let ca = X509Authority::self_signed(
+        &td(),
+        KeyAlgorithm::EcP256,
+        Duration::from_secs(86_400),
+        SystemTime::now(),
+    )
+    .unwrap();
+    let params = X509SvidParams {
+        spiffe_id: SpiffeId::new("spiffe://example.org/ns/default/sa/api").unwrap(),
+        dns_names: vec![],
+        ttl: Duration::from_secs(3600),
+    };
+    let mut grpc_rates = Vec::new();
+    let mut local_rates = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        for _ in 0..batches {
+            let r = client
+                .batch_new_x509svid(request.clone())
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(r.results.iter().all(|x| x.code == 0));
+        }
+        grpc_rates.push((batches * batch) as f64 / t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        for _ in 0..batches {
+            for csr in &csrs[..batch] {
+                std::hint::black_box(ca.issue_from_csr(csr, &params, SystemTime::now()).unwrap());
+            }
+        }
+        local_rates.push((batches * batch) as f64 / t.elapsed().as_secs_f64());
+    }
+    grpc_rates.sort_by(f64::total_cmp);
+    local_rates.sort_by(f64::total_cmp);
+    let (g, l) = (grpc_rates[2], local_rates[2]);
+    println!("BatchNewX509SVID via gRPC+mTLS (batches of {batch}): {g:>8.0} SVIDs/s");
+    println!("in-process issue_from_csr (same CSRs):             {l:>8.0} SVIDs/s");
+    println!("ratio gRPC / in-process: {:.3} (target >= 0.80)", g / l);
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+async fn propagation_latency(entries: usize, samples: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    // Start once to create the CA and attest an agent, then bulk-load.
+    let server = start(config(dir.path())).await.unwrap();
+    let agent = join(&server).await;
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+    bulk_load(dir.path(), entries, Some(&agent.spiffe_id), 100);
+
+    let server = start(config(dir.path())).await.unwrap();
+    let mut admin = sigil::cli::connect_admin(server.admin_socket())
+        .await
+        .unwrap();
+    let mut client = connect(
+        &server.node_addr().to_string(),
+        server.bundle_pem(),
+        Some(&agent),
+    )
+    .await
+    .unwrap();
+    let mut stream = client
+        .sync_entries(pn::SyncEntriesRequest {
+            resume_from_revision: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut snapshot = 0;
+    loop {
+        let m = stream.message().await.unwrap().unwrap();
+        let Some(pn::sync_entries_response::Kind::Snapshot(p)) = m.kind else {
+            panic!()
+        };
+        snapshot += p.entries.len();
+        if p.last {
+            break;
+        }
+    }
+    assert_eq!(snapshot, 100);
+    let mut lat = Vec::with_capacity(samples);
+    for i in 0..samples {
+        let t = Instant::now();
+        admin
+            .create_entry(pa::EntryParams {
+                spiffe_id: format!("spiffe://example.org/ns/new/sa/n{i}"),
+                parent_id: agent.spiffe_id.to_string(),
+                selectors: vec!["unix:uid:7".into()],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let m = stream.message().await.unwrap().unwrap();
+        assert!(matches!(
+            m.kind,
+            Some(pn::sync_entries_response::Kind::Delta(_))
+        ));
+        lat.push(t.elapsed());
+    }
+    lat.sort();
+    println!(
+        "entry created -> delta on agent stream, {entries} entries stored, {samples} samples: p50 {:?}  p99 {:?}  max {:?}",
+        percentile(&lat, 0.50),
+        percentile(&lat, 0.99),
+        lat[lat.len() - 1]
+    );
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+async fn cold_start(entries: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(config(dir.path())).await.unwrap();
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+    let t = Instant::now();
+    bulk_load(dir.path(), entries, None, 0);
+    let load = t.elapsed();
+    let size: u64 = walk_size(&dir.path().join("data"));
+    let t = Instant::now();
+    let server = start(config(dir.path())).await.unwrap();
+    let mut admin = sigil::cli::connect_admin(server.admin_socket())
+        .await
+        .unwrap();
+    admin.health(pa::HealthRequest {}).await.unwrap();
+    let ready = t.elapsed();
+    // First snapshot of one simulated agent's share (entries / 1000).
+    println!(
+        "cold start with {entries} entries: ready in {ready:?} (bulk load took {load:?}, store {} MiB)",
+        size / (1024 * 1024)
+    );
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+fn walk_size(p: &Path) -> u64 {
+    std::fs::read_dir(p)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| {
+                    let m = e.metadata().unwrap();
+                    if m.is_dir() {
+                        walk_size(&e.path())
+                    } else {
+                        m.len()
+                    }
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        signing_throughput(quick).await;
+        propagation_latency(
+            if quick { 10_000 } else { 100_000 },
+            if quick { 50 } else { 300 },
+        )
+        .await;
+        for n in if quick {
+            vec![10_000]
+        } else {
+            vec![100_000, 500_000]
+        } {
+            cold_start(n).await;
+        }
+    });
+}

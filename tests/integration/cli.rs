@@ -1,0 +1,252 @@
+//! The `sigil` binary as a user runs it: config errors, admin commands,
+//! exit codes and graceful shutdown on SIGTERM.
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn sigil() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_sigil"));
+    c.env_remove("SIGIL_ADMIN_SOCKET");
+    c
+}
+
+fn run(args: &[&str], socket: &Path) -> Output {
+    sigil()
+        .args(args)
+        .arg("--admin-socket")
+        .arg(socket)
+        .output()
+        .unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn wait_for_socket(path: &Path, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !path.exists() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("server exited early: {status}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "server did not create {}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn config_errors_name_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("server.toml");
+    std::fs::write(&cfg, "trust_domain = \"example.org\"\nca_ttl = \"3x\"\n").unwrap();
+    let o = sigil()
+        .args(["server", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("ca_ttl = \"3x\""), "{}", stderr(&o));
+
+    std::fs::write(&cfg, "trust_domain = \"example.org\"\nca_tll = \"3h\"\n").unwrap();
+    let o = sigil()
+        .args(["server", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("unknown key \"ca_tll\""),
+        "{}",
+        stderr(&o)
+    );
+
+    let o = sigil()
+        .args(["server", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--trust-domain"), "{}", stderr(&o));
+
+    let o = sigil()
+        .args(["server", "--trust-domain", "Bad Domain!"])
+        .output()
+        .unwrap();
+    assert!(
+        stderr(&o).contains("trust_domain = \"Bad Domain!\""),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn admin_commands_against_a_running_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("admin.sock");
+    let cfg = dir.path().join("server.toml");
+    // The file sets one TTL, a flag overrides another key.
+    std::fs::write(
+        &cfg,
+        format!(
+            "trust_domain = \"example.org\"\ndata_dir = \"{}\"\nbind = \"127.0.0.1:0\"\ndefault_jwt_ttl = \"2m\"\n",
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let o = run(&["healthcheck"], &socket);
+    assert!(!o.status.success(), "healthcheck must fail with no server");
+    assert!(
+        stderr(&o).contains("is `sigil server` running?"),
+        "{}",
+        stderr(&o)
+    );
+
+    let mut server = sigil()
+        .args(["server", "--config"])
+        .arg(&cfg)
+        .arg("--admin-socket")
+        .arg(&socket)
+        .args(["--log-format", "json"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_socket(&socket, &mut server);
+
+    assert!(run(&["healthcheck"], &socket).status.success());
+    let o = run(
+        &[
+            "entry",
+            "create",
+            "--spiffe-id",
+            "spiffe://example.org/web",
+            "--parent-id",
+            "spiffe://example.org/sigil/agent/join_token/x",
+            "--selector",
+            "unix:uid:1000",
+            "--selector",
+            "unix:gid:50",
+            "--x509-ttl",
+            "10m",
+            "--output",
+            "json",
+        ],
+        &socket,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let created: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(created[0]["x509_ttl_seconds"], 600);
+
+    let o = run(
+        &[
+            "entry",
+            "create",
+            "--spiffe-id",
+            "spiffe://example.org/web2",
+            "--parent-id",
+            "spiffe://example.org/sigil/agent/join_token/x",
+            "--selector",
+            "nocolon",
+        ],
+        &socket,
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("selectors[0]"), "{}", stderr(&o));
+    let o = run(
+        &[
+            "entry",
+            "create",
+            "--spiffe-id",
+            "spiffe://example.org/web2",
+            "--parent-id",
+            "spiffe://example.org/sigil/agent/join_token/x",
+            "--selector",
+            "unix:uid:1",
+            "--jwt-ttl",
+            "5q",
+        ],
+        &socket,
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("--jwt-ttl"), "{}", stderr(&o));
+
+    let o = run(&["entry", "show", "--output", "json"], &socket);
+    let all: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        all.as_array().unwrap().len(),
+        1,
+        "the refused entries changed nothing"
+    );
+
+    let o = run(
+        &["token", "generate", "--ttl", "1m", "--output", "json"],
+        &socket,
+    );
+    let t: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(t["token"].as_str().unwrap().len(), 32);
+
+    let o = run(&["bundle", "show", "--format", "jwks"], &socket);
+    let jwks: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(jwks["keys"].as_array().unwrap().len(), 2);
+
+    let o = run(
+        &[
+            "jwt",
+            "mint",
+            "--spiffe-id",
+            "spiffe://example.org/web",
+            "--audience",
+            "db",
+            "--output",
+            "json",
+        ],
+        &socket,
+    );
+    let minted: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let ttl = minted["expires_at"].as_i64().unwrap()
+        - std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+    assert!(
+        (100..=120).contains(&ttl),
+        "default_jwt_ttl from the config file: {ttl}"
+    );
+
+    // SIGTERM: the server drains and exits 0, removing its socket.
+    let pid = server.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = server.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "server did not stop after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    assert!(!socket.exists());
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut server.stderr.take().unwrap(), &mut log).unwrap();
+    // JSON audit lines for the admin changes.
+    assert!(
+        log.lines().any(
+            |l| l.contains("\"event\":\"create_entry\"") && l.contains("\"decision\":\"deny\"")
+        ),
+        "{log}"
+    );
+}
