@@ -6,6 +6,7 @@
 //! and never leave the service edges.
 
 pub mod agent;
+pub mod attest;
 pub mod ca;
 pub mod cli;
 pub mod config;
@@ -15,6 +16,7 @@ pub mod runtime;
 pub mod server;
 pub mod spiffe;
 pub mod store;
+pub mod workload_api;
 pub mod x509;
 
 pub mod proto {

@@ -1,6 +1,338 @@
-//! The agent: attests to the server and (with the agent issue) serves the
-//! Workload API. Today: the node API client.
+//! `sigil agent`: the composition root. Attests (or loads its persisted
+//! identity), keeps entries and SVIDs in sync with the server, and serves the
+//! SPIFFE Workload API on a Unix socket.
 
+mod manager;
 pub mod node_client;
+mod persist;
+mod state;
 
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::UnixListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::transport::Server;
+
+pub use manager::entry_from_proto;
 pub use node_client::{AgentIdentity, Attestation, NodeClientError, attest, connect, renew};
+pub use state::{AgentState, Backoff, CachedSvid, rotation_time};
+
+use crate::attest::UnixAttestor;
+use crate::config::{ConfigError, LogFormat, RawConfig};
+use crate::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
+use crate::spiffe::{SpiffeId, TrustDomain};
+use crate::workload_api::WorkloadApi;
+use crate::x509::{PrivateKey, certs_from_pem, svid_id};
+
+/// Default Workload API socket.
+pub const DEFAULT_SOCKET: &str = "/tmp/sigil-agent/public/api.sock";
+/// Config keys (and flags) of `sigil agent`.
+pub const AGENT_KEYS: &[&str] = &[
+    "server",
+    "trust_bundle",
+    "trust_domain",
+    "join_token",
+    "x509pop_cert",
+    "x509pop_key",
+    "socket",
+    "data_dir",
+    "log_format",
+    "unix_sha256",
+];
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Attestation or the server failed.
+    #[error(transparent)]
+    Node(#[from] NodeClientError),
+    /// The persisted identity is unreadable.
+    #[error("persisted agent identity in {dir}: {reason}")]
+    Persisted {
+        /// The data dir.
+        dir: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// Nothing to attest with.
+    #[error(
+        "no saved agent identity in {0} and no --join-token or --x509pop-cert/--x509pop-key given"
+    )]
+    NoAttestation(PathBuf),
+    /// The socket could not be bound.
+    #[error("cannot listen on {path}: {reason}")]
+    Socket {
+        /// Socket path.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Validated `sigil agent` configuration.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Server node API address (`host:port`).
+    pub server: String,
+    /// Bootstrap trust bundle, PEM.
+    pub trust_bundle_pem: String,
+    /// The trust domain (from the bundle's CA unless given).
+    pub trust_domain: TrustDomain,
+    /// How to attest when there is no saved identity.
+    pub attestation: Option<Attestation>,
+    /// Workload API socket.
+    pub socket: PathBuf,
+    /// Where the agent identity is kept.
+    pub data_dir: PathBuf,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Workload attestor settings.
+    pub unix: UnixAttestor,
+}
+
+impl AgentConfig {
+    /// Validates merged flags and file values; errors name the key.
+    pub fn from_raw(raw: &RawConfig) -> Result<Self, ConfigError> {
+        let server = raw.required("server")?;
+        let bundle_path = raw.required("trust_bundle")?;
+        let trust_bundle_pem =
+            std::fs::read_to_string(&bundle_path).map_err(|e| ConfigError::Invalid {
+                key: "trust_bundle",
+                value: bundle_path.clone(),
+                reason: format!("cannot read: {e}"),
+            })?;
+        let certs = certs_from_pem(&trust_bundle_pem).map_err(|e| ConfigError::Invalid {
+            key: "trust_bundle",
+            value: bundle_path.clone(),
+            reason: e.to_string(),
+        })?;
+        let trust_domain = match raw.get("trust_domain")? {
+            Some(_) => raw.trust_domain("trust_domain")?,
+            None => certs
+                .first()
+                .and_then(|c| svid_id(c).ok())
+                .map(|id| id.trust_domain())
+                .ok_or_else(|| ConfigError::Invalid {
+                    key: "trust_bundle",
+                    value: bundle_path.clone(),
+                    reason: "its CA names no trust domain (URI SAN); set trust_domain".into(),
+                })?,
+        };
+        let join_token = raw.get("join_token")?;
+        let pop_cert = raw.get("x509pop_cert")?;
+        let pop_key = raw.get("x509pop_key")?;
+        let attestation = match (join_token, pop_cert, pop_key) {
+            (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
+                return Err(ConfigError::Invalid {
+                    key: "join_token",
+                    value: "(set)".into(),
+                    reason: "give either join_token or x509pop_cert/x509pop_key, not both".into(),
+                });
+            }
+            (Some(t), None, None) => Some(Attestation::JoinToken(t)),
+            (None, Some(cert), Some(key)) => {
+                let chain = std::fs::read_to_string(&cert)
+                    .map_err(|e| e.to_string())
+                    .and_then(|t| certs_from_pem(&t).map_err(|e| e.to_string()))
+                    .map_err(|reason| ConfigError::Invalid {
+                        key: "x509pop_cert",
+                        value: cert.clone(),
+                        reason,
+                    })?;
+                let key_pem = std::fs::read_to_string(&key).map_err(|e| ConfigError::Invalid {
+                    key: "x509pop_key",
+                    value: key.clone(),
+                    reason: e.to_string(),
+                })?;
+                let key = PrivateKey::from_pem(&key_pem).map_err(|e| ConfigError::Invalid {
+                    key: "x509pop_key",
+                    value: key.clone(),
+                    reason: e.to_string(),
+                })?;
+                Some(Attestation::X509Pop { chain, key })
+            }
+            (None, Some(_), None) => {
+                return Err(ConfigError::Missing {
+                    key: "x509pop_key",
+                    flag: "x509pop-key".into(),
+                });
+            }
+            (None, None, Some(_)) => {
+                return Err(ConfigError::Missing {
+                    key: "x509pop_cert",
+                    flag: "x509pop-cert".into(),
+                });
+            }
+            (None, None, None) => None,
+        };
+        let sha256 = raw
+            .parsed("unix_sha256", Some("false"), |v| {
+                v.parse::<bool>()
+                    .map_err(|_| "expected true or false".to_string())
+            })?
+            .unwrap_or(false);
+        Ok(AgentConfig {
+            server,
+            trust_bundle_pem,
+            trust_domain,
+            attestation,
+            socket: PathBuf::from(raw.string_or("socket", DEFAULT_SOCKET)?),
+            data_dir: PathBuf::from(raw.string_or("data_dir", ".sigil/agent")?),
+            log_format: raw
+                .parsed("log_format", Some("text"), |v| v.parse())?
+                .unwrap_or(LogFormat::Text),
+            unix: UnixAttestor {
+                sha256,
+                ..UnixAttestor::default()
+            },
+        })
+    }
+}
+
+/// A running agent.
+pub struct AgentHandle {
+    spiffe_id: SpiffeId,
+    socket: PathBuf,
+    state: watch::Receiver<Arc<AgentState>>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl AgentHandle {
+    /// The agent's own SPIFFE ID.
+    pub fn spiffe_id(&self) -> &SpiffeId {
+        &self.spiffe_id
+    }
+    /// The Workload API socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+    /// A receiver of the published state (for `sigil dev` and tests).
+    pub fn state(&self) -> watch::Receiver<Arc<AgentState>> {
+        self.state.clone()
+    }
+
+    /// Stops serving and syncing.
+    pub async fn shutdown(self, grace: Duration) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let abort = t.abort_handle();
+            if tokio::time::timeout(grace, t).await.is_err() {
+                abort.abort();
+            }
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+fn bind_socket(path: &Path) -> Result<UnixListener, AgentError> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |reason: String| AgentError::Socket {
+        path: path.to_path_buf(),
+        reason,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(err(
+                "another agent is already listening on this socket".into()
+            ));
+        }
+        std::fs::remove_file(path).map_err(|e| err(format!("cannot remove stale socket: {e}")))?;
+    }
+    let listener = UnixListener::bind(path).map_err(|e| err(e.to_string()))?;
+    // World-connectable by design: the agent decides by peer credentials.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777))
+        .map_err(|e| err(e.to_string()))?;
+    Ok(listener)
+}
+
+/// Loads or obtains the agent identity, then starts syncing and serving.
+pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
+    let saved = persist::load(&config.data_dir, &config.trust_domain).map_err(|reason| {
+        AgentError::Persisted {
+            dir: config.data_dir.clone(),
+            reason,
+        }
+    })?;
+    let now = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    )
+    .unwrap_or(i64::MAX);
+    let identity = match saved {
+        Some(id) if id.expires_at > now || config.attestation.is_none() => {
+            tracing::info!(agent = %id.spiffe_id, "loaded the saved agent identity");
+            id
+        }
+        _ => {
+            let att = config
+                .attestation
+                .as_ref()
+                .ok_or_else(|| AgentError::NoAttestation(config.data_dir.clone()))?;
+            let mut c = connect(&config.server, &config.trust_bundle_pem, None).await?;
+            let id = attest(&mut c, &config.trust_domain, att).await?;
+            persist::save(&config.data_dir, &id);
+            tracing::info!(agent = %id.spiffe_id, "attested to the server");
+            id
+        }
+    };
+    let listener = bind_socket(&config.socket)?;
+    let (state_tx, state_rx) = watch::channel(Arc::new(AgentState::default()));
+    let (client_tx, client_rx) = watch::channel(None);
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let spiffe_id = identity.spiffe_id.clone();
+    let manager = manager::Manager {
+        server: config.server.clone(),
+        identity,
+        attestation: config.attestation.clone(),
+        data_dir: config.data_dir.clone(),
+        entries: BTreeMap::new(),
+        svids: HashMap::new(),
+        revision: 0,
+        state: state_tx,
+        client: client_tx,
+        shutdown: shutdown_rx.clone(),
+    };
+    let sync_task = tokio::spawn(manager.run());
+    let api = WorkloadApi::new(
+        state_rx.clone(),
+        client_rx,
+        config.unix.clone(),
+        shutdown_rx.clone(),
+    );
+    let mut shutdown = shutdown_rx;
+    let serve = Server::builder()
+        .add_service(SpiffeWorkloadApiServer::new(api))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+            while !*shutdown.borrow() {
+                if shutdown.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    let serve_task = tokio::spawn(async move {
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "workload API server failed");
+        }
+    });
+    tracing::info!(agent = %spiffe_id, socket = %config.socket.display(), server = %config.server, "sigil agent ready");
+    Ok(AgentHandle {
+        spiffe_id,
+        socket: config.socket,
+        state: state_rx,
+        shutdown: shutdown_tx,
+        tasks: vec![sync_task, serve_task],
+    })
+}

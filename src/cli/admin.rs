@@ -187,12 +187,12 @@ pub enum JwtCmd {
 pub struct Output;
 
 impl Output {
-    fn line(text: &str) -> anyhow::Result<()> {
+    pub(crate) fn line(text: &str) -> anyhow::Result<()> {
         let mut out = std::io::stdout().lock();
         writeln!(out, "{text}").context("cannot write to stdout")
     }
 
-    fn json(value: &Value) -> anyhow::Result<()> {
+    pub(crate) fn json(value: &Value) -> anyhow::Result<()> {
         Self::line(&serde_json::to_string_pretty(value)?)
     }
 }

@@ -2,16 +2,20 @@
 //! here and in `main.rs`.
 
 mod admin;
+mod dev;
+mod workload;
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::agent::{AGENT_KEYS, AgentConfig};
 use crate::config::{LogFormat, RawConfig};
 use crate::server::{SERVER_KEYS, ServerConfig};
 
 pub use admin::{Output, connect_admin};
+pub use workload::{connect as connect_workload, socket_path};
 
 /// Sigil: a SPIFFE certificate authority.
 #[derive(Debug, Parser)]
@@ -35,10 +39,20 @@ enum Command {
         #[command(subcommand)]
         cmd: admin::EntryCmd,
     },
-    /// Attested agents.
+    /// Run the agent (with --server ...), or manage agents (list, ban, evict).
+    #[command(args_conflicts_with_subcommands = true)]
     Agent {
         #[command(subcommand)]
-        cmd: admin::AgentCmd,
+        cmd: Option<admin::AgentCmd>,
+        #[command(flatten)]
+        run: AgentArgs,
+    },
+    /// A server and an agent in one process, registering the calling user.
+    Dev(dev::DevArgs),
+    /// A Workload API client (honours SPIFFE_ENDPOINT_SOCKET).
+    Workload {
+        #[command(subcommand)]
+        cmd: workload::WorkloadCmd,
     },
     /// The trust bundle.
     Bundle {
@@ -134,6 +148,70 @@ impl ServerArgs {
     }
 }
 
+/// `sigil agent` flags; each has a config-file key of the same name.
+#[derive(Debug, Args)]
+struct AgentArgs {
+    /// TOML config file (keys named like the flags, with `_`).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The server's node API, HOST:PORT.
+    #[arg(long)]
+    server: Option<String>,
+    /// PEM bundle to trust the server with on first contact.
+    #[arg(long)]
+    trust_bundle: Option<String>,
+    /// Trust domain [default: from the trust bundle's CA].
+    #[arg(long)]
+    trust_domain: Option<String>,
+    /// Attest with this single-use join token.
+    #[arg(long)]
+    join_token: Option<String>,
+    /// Attest with x509pop: the node certificate chain (PEM).
+    #[arg(long)]
+    x509pop_cert: Option<String>,
+    /// Attest with x509pop: the node certificate's key (PEM).
+    #[arg(long)]
+    x509pop_key: Option<String>,
+    /// Workload API socket [default: /tmp/sigil-agent/public/api.sock].
+    #[arg(long)]
+    socket: Option<String>,
+    /// Where the agent keeps its identity [default: .sigil/agent].
+    #[arg(long)]
+    data_dir: Option<String>,
+    /// Log format [default: text].
+    #[arg(long, value_parser = ["text", "json"])]
+    log_format: Option<String>,
+    /// Add unix:sha256 selectors (hashes the caller's executable).
+    #[arg(long)]
+    unix_sha256: Option<String>,
+}
+
+impl AgentArgs {
+    fn into_config(self) -> anyhow::Result<AgentConfig> {
+        let mut raw = RawConfig::load(self.config.as_deref(), AGENT_KEYS)?;
+        raw.flag("server", self.server);
+        raw.flag("trust_bundle", self.trust_bundle);
+        raw.flag("trust_domain", self.trust_domain);
+        raw.flag("join_token", self.join_token);
+        raw.flag("x509pop_cert", self.x509pop_cert);
+        raw.flag("x509pop_key", self.x509pop_key);
+        raw.flag("socket", self.socket);
+        raw.flag("data_dir", self.data_dir);
+        raw.flag("log_format", self.log_format);
+        raw.flag("unix_sha256", self.unix_sha256);
+        Ok(AgentConfig::from_raw(&raw)?)
+    }
+}
+
+async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
+    init_tracing(config.log_format);
+    let handle = crate::agent::start(config).await?;
+    shutdown_signal().await?;
+    tracing::info!("shutdown signal received; stopping");
+    handle.shutdown(DRAIN_LIMIT).await;
+    Ok(())
+}
+
 /// Output format of admin commands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
 pub enum OutputFormat {
@@ -144,7 +222,7 @@ pub enum OutputFormat {
     Json,
 }
 
-fn init_tracing(format: LogFormat) {
+pub(crate) fn init_tracing(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("SIGIL_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
@@ -157,7 +235,7 @@ fn init_tracing(format: LogFormat) {
     };
 }
 
-async fn shutdown_signal() -> anyhow::Result<()> {
+pub(crate) async fn shutdown_signal() -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
     tokio::select! {
@@ -168,7 +246,7 @@ async fn shutdown_signal() -> anyhow::Result<()> {
 }
 
 /// How long in-flight RPCs get to finish after SIGINT/SIGTERM.
-const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+pub(crate) const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 async fn run_server(config: ServerConfig) -> anyhow::Result<()> {
     init_tracing(config.log_format);
@@ -203,7 +281,13 @@ pub fn main() -> anyhow::Result<()> {
             cmd: TokenCmd::Generate { ttl, admin },
         } => runtime()?.block_on(admin::token_generate(&admin, &ttl)),
         Command::Entry { cmd } => runtime()?.block_on(admin::entry(cmd)),
-        Command::Agent { cmd } => runtime()?.block_on(admin::agent(cmd)),
+        Command::Agent { cmd: Some(cmd), .. } => runtime()?.block_on(admin::agent(cmd)),
+        Command::Agent { cmd: None, run } => {
+            let config = run.into_config()?;
+            runtime()?.block_on(run_agent(config))
+        }
+        Command::Dev(args) => runtime()?.block_on(dev::run(args)),
+        Command::Workload { cmd } => runtime()?.block_on(workload::run(cmd)),
         Command::Bundle { cmd } => runtime()?.block_on(admin::bundle(cmd)),
         Command::X509 { cmd } => runtime()?.block_on(admin::x509(cmd)),
         Command::Jwt { cmd } => runtime()?.block_on(admin::jwt(cmd)),

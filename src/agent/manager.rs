@@ -1,0 +1,357 @@
+//! The agent's control loop: hold a `SyncEntries` stream, sign SVIDs for new
+//! and changed entries in batches, rotate at half-life, renew the agent SVID,
+//! and keep serving what it has while the server is away.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::watch;
+use tonic::transport::Channel;
+
+use super::node_client::{self, AgentIdentity, Attestation, NodeClientError};
+use super::persist;
+use super::state::{AgentState, Backoff, CachedSvid, random_jitter, rotation_time};
+use crate::proto::node::{self as pn, node_client::NodeClient};
+use crate::registry::Entry;
+use crate::spiffe::{Selector, SpiffeId};
+use crate::x509::{Bundle, KeyAlgorithm, PrivateKey};
+
+/// CSRs per `BatchNewX509SVID` call.
+const SIGN_BATCH: usize = 100;
+/// How often rotation and expiry are checked.
+const TICK: Duration = Duration::from_millis(500);
+
+/// Converts a synced entry at the edge; a malformed one is skipped and logged.
+pub fn entry_from_proto(e: &pn::Entry) -> Result<Entry, String> {
+    let spiffe_id = SpiffeId::new(&e.spiffe_id).map_err(|x| x.to_string())?;
+    let parent_id = SpiffeId::new(&e.parent_id).map_err(|x| x.to_string())?;
+    let selectors = e
+        .selectors
+        .iter()
+        .map(|s| Selector::new(s).map_err(|x| x.to_string()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let ttl = |v: i64| u64::try_from(v).ok().filter(|v| *v > 0);
+    Ok(Entry {
+        id: e.id.clone(),
+        spiffe_id,
+        parent_id,
+        selectors,
+        x509_ttl: ttl(e.x509_ttl_seconds),
+        jwt_ttl: ttl(e.jwt_ttl_seconds),
+        dns_names: e.dns_names.clone(),
+        hint: e.hint.clone(),
+        admin: e.admin,
+        created_at: u64::try_from(e.created_at).unwrap_or(0),
+    })
+}
+
+fn validity(der: &[u8]) -> Option<(SystemTime, SystemTime)> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let at = |ts: i64| UNIX_EPOCH + Duration::from_secs(u64::try_from(ts).unwrap_or(0));
+    Some((
+        at(cert.validity().not_before.timestamp()),
+        at(cert.validity().not_after.timestamp()),
+    ))
+}
+
+/// Why a server session ended.
+#[derive(Debug)]
+enum SessionEnd {
+    /// Reconnect at once (e.g. the agent SVID was renewed).
+    Reconnect,
+    /// Shutting down.
+    Shutdown,
+}
+
+/// The control loop's state.
+pub struct Manager {
+    pub(super) server: String,
+    pub(super) identity: AgentIdentity,
+    pub(super) attestation: Option<Attestation>,
+    pub(super) data_dir: PathBuf,
+    pub(super) entries: BTreeMap<String, Entry>,
+    pub(super) svids: HashMap<String, Arc<CachedSvid>>,
+    pub(super) revision: u64,
+    pub(super) state: watch::Sender<Arc<AgentState>>,
+    pub(super) client: watch::Sender<Option<NodeClient<Channel>>>,
+    pub(super) shutdown: watch::Receiver<bool>,
+}
+
+impl Manager {
+    fn bundle(&self) -> &Bundle {
+        &self.identity.bundle
+    }
+
+    /// Runs until shutdown: sessions with the server, backing off between them.
+    pub async fn run(mut self) {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+        loop {
+            match self.session().await {
+                Ok(SessionEnd::Shutdown) => return,
+                Ok(SessionEnd::Reconnect) => {
+                    backoff.reset();
+                    continue;
+                }
+                Err(e) => tracing::warn!(error = %e, "server session ended; will retry"),
+            }
+            self.client.send_replace(None);
+            // Keep expiring what we hold while waiting to retry.
+            let until = tokio::time::Instant::now() + backoff.next_delay();
+            loop {
+                self.expire();
+                tokio::select! {
+                    _ = tokio::time::sleep_until(until.min(tokio::time::Instant::now() + TICK)) => {}
+                    _ = self.shutdown.changed() => return,
+                }
+                if tokio::time::Instant::now() >= until {
+                    break;
+                }
+            }
+        }
+    }
+
+    async fn session(&mut self) -> Result<SessionEnd, NodeClientError> {
+        if self.agent_svid_expired() {
+            self.reattest().await?;
+        }
+        let mut client =
+            node_client::connect(&self.server, &self.bundle().to_pem(), Some(&self.identity))
+                .await?;
+        let mut stream = client
+            .sync_entries(pn::SyncEntriesRequest {
+                resume_from_revision: self.revision,
+            })
+            .await?
+            .into_inner();
+        self.client.send_replace(Some(client.clone()));
+        tracing::info!(server = %self.server, agent = %self.identity.spiffe_id, resume_from = self.revision, "connected to server");
+        let mut pending: Option<BTreeMap<String, Entry>> = None;
+        let mut tick = tokio::time::interval(TICK);
+        let rotate_agent_at = self.agent_rotation_time();
+        loop {
+            tokio::select! {
+                msg = stream.message() => {
+                    let msg = msg?.ok_or_else(|| NodeClientError::Protocol("sync stream ended".into()))?;
+                    if self.apply(msg, &mut pending) {
+                        self.reconcile(&mut client).await;
+                    }
+                }
+                _ = tick.tick() => {
+                    if SystemTime::now() >= rotate_agent_at {
+                        self.identity = node_client::renew(&mut client, &self.identity).await?;
+                        persist::save(&self.data_dir, &self.identity);
+                        tracing::info!(agent = %self.identity.spiffe_id, expires_at = self.identity.expires_at, "agent SVID renewed");
+                        return Ok(SessionEnd::Reconnect);
+                    }
+                    self.reconcile(&mut client).await;
+                }
+                _ = self.shutdown.changed() => return Ok(SessionEnd::Shutdown),
+            }
+        }
+    }
+
+    fn agent_svid_expired(&self) -> bool {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.identity.expires_at <= i64::try_from(now).unwrap_or(i64::MAX)
+    }
+
+    fn agent_rotation_time(&self) -> SystemTime {
+        match self.identity.cert_chain.first().and_then(|c| validity(c)) {
+            Some((nb, na)) => rotation_time(nb, na, random_jitter()),
+            None => SystemTime::now(),
+        }
+    }
+
+    /// An expired agent SVID cannot be renewed over mTLS: attest again with
+    /// x509pop (a join token is single-use and cannot).
+    async fn reattest(&mut self) -> Result<(), NodeClientError> {
+        let Some(att @ Attestation::X509Pop { .. }) = &self.attestation else {
+            return Err(NodeClientError::Protocol(
+                "the agent SVID has expired and join tokens are single-use: start the agent with a new --join-token"
+                    .into(),
+            ));
+        };
+        let mut c = node_client::connect(&self.server, &self.bundle().to_pem(), None).await?;
+        let td = self.bundle().trust_domain().clone();
+        self.identity = node_client::attest(&mut c, &td, att).await?;
+        persist::save(&self.data_dir, &self.identity);
+        tracing::info!(agent = %self.identity.spiffe_id, "re-attested with x509pop");
+        Ok(())
+    }
+
+    /// Applies one sync message; true when a full view is ready to reconcile.
+    fn apply(
+        &mut self,
+        msg: pn::SyncEntriesResponse,
+        pending: &mut Option<BTreeMap<String, Entry>>,
+    ) -> bool {
+        if !msg.bundle_jwks.is_empty() {
+            let td = self.bundle().trust_domain().clone();
+            match String::from_utf8(msg.bundle_jwks)
+                .map_err(|e| e.to_string())
+                .and_then(|j| Bundle::from_jwks(td, &j).map_err(|e| e.to_string()))
+            {
+                Ok(b) if b != self.identity.bundle => {
+                    self.identity.bundle = b;
+                    persist::save(&self.data_dir, &self.identity);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "ignoring an unparsable bundle from the server")
+                }
+            }
+        }
+        let convert = |e: &pn::Entry| match entry_from_proto(e) {
+            Ok(entry) => Some(entry),
+            Err(err) => {
+                tracing::warn!(entry = %e.id, error = %err, "skipping malformed entry");
+                None
+            }
+        };
+        match msg.kind {
+            Some(pn::sync_entries_response::Kind::Snapshot(page)) => {
+                let acc = pending.get_or_insert_with(BTreeMap::new);
+                for e in page.entries.iter().filter_map(convert) {
+                    acc.insert(e.id.clone(), e);
+                }
+                if !page.last {
+                    return false;
+                }
+                self.entries = pending.take().unwrap_or_default();
+            }
+            Some(pn::sync_entries_response::Kind::Delta(d)) => {
+                for id in &d.deleted {
+                    self.entries.remove(id);
+                }
+                for e in d.upserted.iter().filter_map(convert) {
+                    self.entries.insert(e.id.clone(), e);
+                }
+            }
+            None => {}
+        }
+        self.revision = msg.revision;
+        true
+    }
+
+    /// Signs what is missing, changed or due for rotation; drops what is gone;
+    /// publishes the result.
+    async fn reconcile(&mut self, client: &mut NodeClient<Channel>) {
+        let now = SystemTime::now();
+        self.svids.retain(|id, _| self.entries.contains_key(id));
+        let due: Vec<Entry> = self
+            .entries
+            .values()
+            .filter(|e| match self.svids.get(&e.id) {
+                None => true,
+                Some(s) => !same_issuance(&s.entry, e) || now >= s.rotate_at,
+            })
+            .cloned()
+            .collect();
+        for chunk in due.chunks(SIGN_BATCH) {
+            if let Err(e) = self.sign(client, chunk).await {
+                tracing::warn!(error = %e, pending = due.len(), "signing SVIDs failed; will retry");
+                break;
+            }
+        }
+        self.publish();
+    }
+
+    async fn sign(
+        &mut self,
+        client: &mut NodeClient<Channel>,
+        entries: &[Entry],
+    ) -> Result<(), NodeClientError> {
+        let mut keys = HashMap::new();
+        let mut params = Vec::with_capacity(entries.len());
+        for e in entries {
+            let key = PrivateKey::generate(KeyAlgorithm::EcP256)?;
+            params.push(pn::NewX509svidParams {
+                entry_id: e.id.clone(),
+                csr: key.csr_der(e.spiffe_id.as_str())?,
+            });
+            keys.insert(e.id.clone(), key);
+        }
+        let results = client
+            .batch_new_x509svid(pn::BatchNewX509svidRequest { params })
+            .await?
+            .into_inner()
+            .results;
+        for r in results {
+            let (Some(entry), Some(key)) =
+                (self.entries.get(&r.entry_id), keys.remove(&r.entry_id))
+            else {
+                continue;
+            };
+            if r.code != 0 {
+                tracing::warn!(entry = %r.entry_id, code = r.code, reason = %r.message, "server refused to sign");
+                continue;
+            }
+            let Some((not_before, not_after)) = r.cert_chain.first().and_then(|c| validity(c))
+            else {
+                tracing::warn!(entry = %r.entry_id, "server returned an unparsable certificate");
+                continue;
+            };
+            let svid = CachedSvid {
+                entry: entry.clone(),
+                chain: r.cert_chain,
+                key,
+                not_before,
+                not_after,
+                rotate_at: rotation_time(not_before, not_after, random_jitter()),
+            };
+            self.svids.insert(r.entry_id.clone(), Arc::new(svid));
+        }
+        Ok(())
+    }
+
+    /// Drops SVIDs past their NotAfter (they are useless to workloads).
+    fn expire(&mut self) {
+        let now = SystemTime::now();
+        let before = self.svids.len();
+        self.svids.retain(|_, s| s.not_after > now);
+        if before != self.svids.len() {
+            self.publish();
+        }
+    }
+
+    fn publish(&self) {
+        let mut entries: Vec<Entry> = self.entries.values().cloned().collect();
+        entries.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        let svids = entries
+            .iter()
+            .filter_map(|e| self.svids.get(&e.id).cloned())
+            .collect();
+        let next = AgentState {
+            bundle: Some(self.identity.bundle.clone()),
+            entries,
+            svids,
+        };
+        self.state.send_if_modified(|cur| {
+            let changed = !same_state(cur, &next);
+            if changed {
+                *cur = Arc::new(next);
+            }
+            changed
+        });
+    }
+}
+
+/// Whether an SVID issued for `old` still fits `new` (same fields that go in the certificate).
+fn same_issuance(old: &Entry, new: &Entry) -> bool {
+    old.spiffe_id == new.spiffe_id
+        && old.dns_names == new.dns_names
+        && old.x509_ttl == new.x509_ttl
+        && old.selectors == new.selectors
+        && old.hint == new.hint
+}
+
+fn same_state(a: &AgentState, b: &AgentState) -> bool {
+    a.bundle == b.bundle
+        && a.entries == b.entries
+        && a.svids.len() == b.svids.len()
+        && a.svids.iter().zip(&b.svids).all(|(x, y)| Arc::ptr_eq(x, y))
+}

@@ -1,0 +1,153 @@
+//! What the agent serves to workloads, published through a `watch` channel
+//! on every change, and the pure rules for when credentials rotate.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use crate::registry::Entry;
+use crate::spiffe::{Selector, is_subset};
+use crate::x509::{Bundle, PrivateKey};
+
+/// An X509-SVID the agent holds for one entry. The key never leaves the agent
+/// except to the workload entitled to it.
+#[derive(Debug, Clone)]
+pub struct CachedSvid {
+    /// The entry it was issued for (as it was at issuance).
+    pub entry: Entry,
+    /// DER chain, leaf first.
+    pub chain: Vec<Vec<u8>>,
+    /// The private key.
+    pub key: PrivateKey,
+    /// Certificate NotBefore.
+    pub not_before: SystemTime,
+    /// Certificate NotAfter.
+    pub not_after: SystemTime,
+    /// When the agent replaces it.
+    pub rotate_at: SystemTime,
+}
+
+/// The agent's view, as workloads see it.
+#[derive(Debug, Clone, Default)]
+pub struct AgentState {
+    /// The trust bundle (absent until first synced).
+    pub bundle: Option<Bundle>,
+    /// Entries parented to this agent, oldest first.
+    pub entries: Vec<Entry>,
+    /// SVIDs by entry, in the same order as `entries`.
+    pub svids: Vec<Arc<CachedSvid>>,
+}
+
+impl AgentState {
+    /// Entries a workload with `selectors` is entitled to: every selector of
+    /// the entry must be among the workload's. Oldest first.
+    pub fn entries_for<'a>(&'a self, selectors: &'a [Selector]) -> impl Iterator<Item = &'a Entry> {
+        self.entries
+            .iter()
+            .filter(move |e| is_subset(&e.selectors, selectors))
+    }
+
+    /// The SVIDs for a workload: entitled entries only, the oldest entry first
+    /// (the default identity), and at most one SVID per non-empty hint.
+    pub fn svids_for(&self, selectors: &[Selector]) -> Vec<Arc<CachedSvid>> {
+        let mut hints = std::collections::HashSet::new();
+        self.svids
+            .iter()
+            .filter(|s| is_subset(&s.entry.selectors, selectors))
+            .filter(|s| s.entry.hint.is_empty() || hints.insert(s.entry.hint.clone()))
+            .cloned()
+            .collect()
+    }
+}
+
+/// When to rotate a credential valid from `not_before` to `not_after`: at
+/// half its lifetime, moved by `jitter` ∈ [-1, 1] times a tenth of it, so a
+/// fleet does not renew in lockstep.
+pub fn rotation_time(not_before: SystemTime, not_after: SystemTime, jitter: f64) -> SystemTime {
+    let lifetime = not_after.duration_since(not_before).unwrap_or_default();
+    let half = lifetime.as_secs_f64() / 2.0;
+    let spread = lifetime.as_secs_f64() / 10.0 * jitter.clamp(-1.0, 1.0);
+    not_before + Duration::from_secs_f64((half + spread).max(0.0))
+}
+
+/// A random jitter in [-1, 1].
+pub fn random_jitter() -> f64 {
+    let bytes = crate::registry::random_bytes(4).unwrap_or_else(|_| vec![0; 4]);
+    let v = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+    f64::from(v) / f64::from(u32::MAX) * 2.0 - 1.0
+}
+
+/// Capped exponential backoff with full jitter.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    base: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    /// A backoff from `base` doubling up to `max`.
+    pub fn new(base: Duration, max: Duration) -> Self {
+        Backoff {
+            base,
+            max,
+            attempt: 0,
+        }
+    }
+
+    /// Starts over after a success.
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
+    /// The next delay: uniform in [cap/2, cap] where cap doubles each time.
+    pub fn next_delay(&mut self) -> Duration {
+        let cap = self
+            .base
+            .saturating_mul(2u32.saturating_pow(self.attempt))
+            .min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        cap.mul_f64(0.75 + random_jitter() / 4.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::UNIX_EPOCH;
+
+    fn t(s: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(s)
+    }
+
+    #[test]
+    fn rotation_table() {
+        // (not_before, not_after, jitter) -> rotate at
+        let cases = [
+            (0, 3600, 0.0, 1800),
+            (0, 3600, 1.0, 2160),
+            (0, 3600, -1.0, 1440),
+            (0, 3600, 5.0, 2160),
+            (100, 160, 0.0, 130),
+            (100, 100, 0.0, 100),
+            (200, 100, 0.0, 200),
+        ];
+        for (nb, na, j, want) in cases {
+            assert_eq!(rotation_time(t(nb), t(na), j), t(want), "{nb} {na} {j}");
+        }
+    }
+
+    #[test]
+    fn jitter_in_range_and_backoff_capped() {
+        for _ in 0..100 {
+            let j = random_jitter();
+            assert!((-1.0..=1.0).contains(&j));
+        }
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let delays: Vec<Duration> = (0..10).map(|_| b.next_delay()).collect();
+        assert!(delays[0] <= Duration::from_millis(100) && delays[0] >= Duration::from_millis(50));
+        assert!(delays.iter().all(|d| *d <= Duration::from_secs(2)));
+        assert!(delays[9] >= Duration::from_secs(1));
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+}

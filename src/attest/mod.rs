@@ -1,0 +1,314 @@
+//! Workload attestation: who is calling, as selectors. The unix attestor
+//! turns a Unix socket peer's credentials into `unix:*` selectors by reading
+//! `/proc`, `/etc/passwd` and `/etc/group`.
+
+use std::path::PathBuf;
+
+use ring::digest::{Context, SHA256};
+
+use crate::spiffe::Selector;
+
+/// Why a caller could not be attested.
+#[derive(Debug, thiserror::Error)]
+pub enum AttestError {
+    /// The socket gave no peer PID (needed to inspect the process).
+    #[error("the caller's PID is unknown (peer credentials without a PID)")]
+    NoPid,
+    /// The process could not be inspected.
+    #[error("cannot inspect process {pid}: {reason}")]
+    Proc {
+        /// The PID.
+        pid: i32,
+        /// Why.
+        reason: String,
+    },
+    /// The PID now belongs to another process than the one that connected.
+    #[error("process {pid} changed during attestation (PID reused)")]
+    PidReused {
+        /// The PID.
+        pid: i32,
+    },
+    /// The executable is larger than the configured hashing limit.
+    #[error("executable {path} is {size} bytes, over the unix:sha256 limit of {limit}")]
+    TooLargeToHash {
+        /// The path.
+        path: String,
+        /// Its size.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+}
+
+/// A Unix peer's credentials, as the socket reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerCredentials {
+    /// Process ID, when the platform reports it.
+    pub pid: Option<i32>,
+    /// Effective user ID.
+    pub uid: u32,
+    /// Effective group ID.
+    pub gid: u32,
+}
+
+/// The unix workload attestor.
+#[derive(Debug, Clone)]
+pub struct UnixAttestor {
+    /// Emit `unix:sha256:<hex>` of the executable (reads the whole file).
+    pub sha256: bool,
+    /// Largest executable hashed, in bytes.
+    pub sha256_max_bytes: u64,
+    /// Root of the proc filesystem (tests may point elsewhere).
+    pub proc_root: PathBuf,
+}
+
+impl Default for UnixAttestor {
+    fn default() -> Self {
+        UnixAttestor {
+            sha256: false,
+            sha256_max_bytes: 128 * 1024 * 1024,
+            proc_root: PathBuf::from("/proc"),
+        }
+    }
+}
+
+fn selector(value: String) -> Option<Selector> {
+    Selector::from_parts("unix", &value).ok()
+}
+
+/// `name` of `id` in an `/etc/passwd`- or `/etc/group`-style file.
+fn name_of(file: &str, id: u32) -> Option<String> {
+    let text = std::fs::read_to_string(file).ok()?;
+    text.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let name = fields.next()?;
+        let _password = fields.next()?;
+        let value: u32 = fields.next()?.parse().ok()?;
+        (value == id).then(|| name.to_string())
+    })
+}
+
+impl UnixAttestor {
+    fn proc_file(&self, pid: i32, name: &str) -> PathBuf {
+        self.proc_root.join(pid.to_string()).join(name)
+    }
+
+    fn read(&self, pid: i32, name: &str) -> Result<String, AttestError> {
+        std::fs::read_to_string(self.proc_file(pid, name)).map_err(|e| AttestError::Proc {
+            pid,
+            reason: format!("{name}: {e}"),
+        })
+    }
+
+    /// The process start time (field 22 of `/proc/<pid>/stat`), which changes
+    /// when a PID is reused.
+    fn start_time(&self, pid: i32) -> Result<u64, AttestError> {
+        let stat = self.read(pid, "stat")?;
+        // The command name (field 2) is in parentheses and may hold spaces.
+        let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+        after
+            .split_whitespace()
+            .nth(19)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| AttestError::Proc {
+                pid,
+                reason: "unreadable stat".into(),
+            })
+    }
+
+    /// Effective UID and the supplementary groups from `/proc/<pid>/status`.
+    fn status(&self, pid: i32) -> Result<(u32, Vec<u32>), AttestError> {
+        let status = self.read(pid, "status")?;
+        let mut uid = None;
+        let mut groups = Vec::new();
+        for line in status.lines() {
+            if let Some(v) = line.strip_prefix("Uid:") {
+                uid = v.split_whitespace().nth(1).and_then(|u| u.parse().ok());
+            } else if let Some(v) = line.strip_prefix("Groups:") {
+                groups = v
+                    .split_whitespace()
+                    .filter_map(|g| g.parse().ok())
+                    .collect();
+            }
+        }
+        let uid = uid.ok_or_else(|| AttestError::Proc {
+            pid,
+            reason: "no Uid in status".into(),
+        })?;
+        Ok((uid, groups))
+    }
+
+    fn sha256(&self, pid: i32, path: &str) -> Result<String, AttestError> {
+        use std::io::Read;
+        let exe = self.proc_file(pid, "exe");
+        let mut f = std::fs::File::open(&exe).map_err(|e| AttestError::Proc {
+            pid,
+            reason: format!("exe: {e}"),
+        })?;
+        let size = f.metadata().map(|m| m.len()).unwrap_or(u64::MAX);
+        if size > self.sha256_max_bytes {
+            return Err(AttestError::TooLargeToHash {
+                path: path.to_string(),
+                size,
+                limit: self.sha256_max_bytes,
+            });
+        }
+        let mut ctx = Context::new(&SHA256);
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = f.read(&mut buf).map_err(|e| AttestError::Proc {
+                pid,
+                reason: format!("exe: {e}"),
+            })?;
+            if n == 0 {
+                break;
+            }
+            ctx.update(&buf[..n]);
+        }
+        Ok(ctx
+            .finish()
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect())
+    }
+
+    /// Attests the peer: `unix:uid`, `unix:gid`, `unix:user`, `unix:group`,
+    /// `unix:supplementary_gid`, `unix:path` and, if enabled, `unix:sha256`.
+    /// The process's start time and UID are checked before and after, so a
+    /// PID reused mid-attestation is refused.
+    pub fn attest(&self, peer: PeerCredentials) -> Result<Vec<Selector>, AttestError> {
+        let pid = peer.pid.ok_or(AttestError::NoPid)?;
+        let started = self.start_time(pid)?;
+        let (uid, groups) = self.status(pid)?;
+        if uid != peer.uid {
+            return Err(AttestError::PidReused { pid });
+        }
+        let path = std::fs::read_link(self.proc_file(pid, "exe"))
+            .map(|p| p.to_string_lossy().into_owned())
+            .map_err(|e| AttestError::Proc {
+                pid,
+                reason: format!("exe: {e}"),
+            })?;
+        let mut out: Vec<Selector> = Vec::new();
+        out.extend(selector(format!("uid:{}", peer.uid)));
+        out.extend(selector(format!("gid:{}", peer.gid)));
+        if let Some(user) = name_of("/etc/passwd", peer.uid) {
+            out.extend(selector(format!("user:{user}")));
+        }
+        if let Some(group) = name_of("/etc/group", peer.gid) {
+            out.extend(selector(format!("group:{group}")));
+        }
+        for g in groups {
+            out.extend(selector(format!("supplementary_gid:{g}")));
+        }
+        out.extend(selector(format!("path:{path}")));
+        if self.sha256 {
+            let digest = self.sha256(pid, &path)?;
+            out.extend(selector(format!("sha256:{digest}")));
+        }
+        // Same process at the end as at the start?
+        if self.start_time(pid)? != started || self.status(pid)?.0 != uid {
+            return Err(AttestError::PidReused { pid });
+        }
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+}
+
+/// The current user's name, from `/etc/passwd` (`uid<N>` if absent).
+pub fn user_name(uid: u32) -> String {
+    name_of("/etc/passwd", uid).unwrap_or_else(|| format!("uid{uid}"))
+}
+
+/// The calling process's effective UID, from `/proc/self/status`.
+pub fn current_uid() -> Option<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn me() -> PeerCredentials {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let field = |name: &str| -> u32 {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().nth(1))
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        PeerCredentials {
+            pid: Some(std::process::id() as i32),
+            uid: field("Uid:"),
+            gid: field("Gid:"),
+        }
+    }
+
+    #[test]
+    fn attests_this_process() {
+        let peer = me();
+        let sels = UnixAttestor {
+            sha256: true,
+            sha256_max_bytes: u64::MAX,
+            ..UnixAttestor::default()
+        }
+        .attest(peer)
+        .unwrap();
+        let has = |s: &str| sels.iter().any(|x| x.as_str() == s);
+        assert!(has(&format!("unix:uid:{}", peer.uid)), "{sels:?}");
+        assert!(has(&format!("unix:gid:{}", peer.gid)));
+        let exe = std::env::current_exe().unwrap();
+        assert!(has(&format!("unix:path:{}", exe.display())), "{sels:?}");
+        assert!(
+            sels.iter()
+                .any(|s| s.value().starts_with("sha256:") && s.value().len() == 7 + 64)
+        );
+    }
+
+    #[test]
+    fn refuses_wrong_uid_missing_pid_and_large_files() {
+        let mut peer = me();
+        peer.uid = peer.uid.wrapping_add(12345);
+        assert!(matches!(
+            UnixAttestor::default().attest(peer),
+            Err(AttestError::PidReused { .. })
+        ));
+        let mut peer = me();
+        peer.pid = None;
+        assert!(matches!(
+            UnixAttestor::default().attest(peer),
+            Err(AttestError::NoPid)
+        ));
+        let limited = UnixAttestor {
+            sha256: true,
+            sha256_max_bytes: 10,
+            ..UnixAttestor::default()
+        };
+        assert!(matches!(
+            limited.attest(me()),
+            Err(AttestError::TooLargeToHash { .. })
+        ));
+        let mut gone = me();
+        gone.pid = Some(i32::MAX - 1);
+        assert!(matches!(
+            UnixAttestor::default().attest(gone),
+            Err(AttestError::Proc { .. })
+        ));
+    }
+
+    #[test]
+    fn sha256_is_opt_in() {
+        let sels = UnixAttestor::default().attest(me()).unwrap();
+        assert!(!sels.iter().any(|s| s.value().starts_with("sha256:")));
+    }
+}

@@ -1,0 +1,158 @@
+//! `sigil dev`: a server and an agent in one process on an embedded store,
+//! with the calling user registered, for trying Sigil on one machine.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+
+use super::admin::Output;
+use crate::agent::{AgentConfig, Attestation, DEFAULT_SOCKET};
+use crate::attest::{UnixAttestor, current_uid, user_name};
+use crate::config::LogFormat;
+use crate::proto::admin as pa;
+use crate::server::{ServerConfig, ServerOptions};
+use crate::spiffe::TrustDomain;
+use crate::x509::KeyAlgorithm;
+
+/// `sigil dev` flags.
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// Where the embedded store and the agent identity live.
+    #[arg(long, default_value = ".sigil/dev")]
+    data_dir: PathBuf,
+    /// Workload API socket.
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Log format.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+/// Runs the server and agent until SIGINT/SIGTERM.
+pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+    let log_format: LogFormat = args.log_format.parse().map_err(anyhow::Error::msg)?;
+    super::init_tracing(log_format);
+    let td = TrustDomain::new("example.org")?;
+    let data_dir = std::path::absolute(&args.data_dir).context("bad --data-dir")?;
+    let server_config = ServerConfig {
+        trust_domain: td.clone(),
+        data_dir: data_dir.join("server"),
+        bind: "127.0.0.1:0".parse()?,
+        admin_socket: data_dir.join("admin.sock"),
+        kek_file: data_dir.join("server").join("kek"),
+        log_format,
+        ca_ttl: Duration::from_secs(24 * 3600),
+        key_algorithm: KeyAlgorithm::EcP256,
+        options: ServerOptions {
+            default_x509_ttl: Duration::from_secs(3600),
+            default_jwt_ttl: Duration::from_secs(300),
+            agent_ttl: Duration::from_secs(3600),
+            x509pop_roots: Vec::new(),
+        },
+    };
+    let server = crate::server::start(server_config).await?;
+    let mut admin = super::connect_admin(server.admin_socket()).await?;
+
+    let agent_dir = data_dir.join("agent");
+    let saved_agent = std::fs::read_to_string(agent_dir.join("agent-svid.pem"))
+        .ok()
+        .and_then(|pem| crate::x509::certs_from_pem(&pem).ok())
+        .and_then(|c| c.first().and_then(|l| crate::x509::svid_id(l).ok()));
+    let (agent_id, attestation) = match saved_agent {
+        Some(id) => (id, None),
+        None => {
+            let t = admin
+                .generate_token(pa::GenerateTokenRequest { ttl_seconds: 600 })
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                .into_inner();
+            (
+                crate::spiffe::SpiffeId::new(&t.agent_id)?,
+                Some(Attestation::JoinToken(t.token)),
+            )
+        }
+    };
+
+    let uid = current_uid().context("cannot read the current uid from /proc/self/status")?;
+    let name: String = user_name(uid)
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let workload_id = format!("spiffe://example.org/user/{name}");
+    let created = admin
+        .create_entry(pa::EntryParams {
+            spiffe_id: workload_id.clone(),
+            parent_id: agent_id.to_string(),
+            selectors: vec![format!("unix:uid:{uid}")],
+            ..Default::default()
+        })
+        .await;
+    match created {
+        Ok(_) => {}
+        Err(s) if s.code() == tonic::Code::AlreadyExists => {}
+        Err(s) => anyhow::bail!("cannot register {workload_id}: {}", s.message()),
+    }
+
+    let agent = crate::agent::start(AgentConfig {
+        server: server.node_addr().to_string(),
+        trust_bundle_pem: server.bundle_pem().to_string(),
+        trust_domain: td,
+        attestation,
+        socket: args.socket.clone(),
+        data_dir: agent_dir,
+        log_format,
+        unix: UnixAttestor::default(),
+    })
+    .await?;
+
+    // Wait until the user's SVID is ready, so the printed command works at once.
+    let mut state = agent.state();
+    let ready = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            if state
+                .borrow_and_update()
+                .svids
+                .iter()
+                .any(|s| s.entry.spiffe_id.as_str() == workload_id)
+            {
+                return;
+            }
+            if state.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    if ready.is_err() {
+        tracing::warn!(
+            "the SVID for {workload_id} is not ready yet; fetches may fail for a moment"
+        );
+    }
+    let socket = args.socket.display();
+    Output::line(&format!(
+        "\nSigil dev is running: server on {node}, agent on {socket}.\n\
+         Registered {workload_id} for unix:uid:{uid} ({name}).\n\n\
+         In another shell:\n\
+         \x20 export SPIFFE_ENDPOINT_SOCKET=unix://{socket}\n\
+         \x20 sigil workload fetch-x509 --out ./svid      # writes svid.pem, svid.key, bundle.pem\n\
+         \x20 sigil workload fetch-jwt --audience demo\n\n\
+         Admin commands: SIGIL_ADMIN_SOCKET={admin_sock} sigil entry show\n\
+         Stop with Ctrl-C.",
+        node = server.node_addr(),
+        admin_sock = server.admin_socket().display(),
+    ))?;
+
+    super::shutdown_signal().await?;
+    tracing::info!("shutting down");
+    agent.shutdown(super::DRAIN_LIMIT).await;
+    server.shutdown(super::DRAIN_LIMIT).await?;
+    Ok(())
+}

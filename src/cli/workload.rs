@@ -1,0 +1,276 @@
+//! `sigil workload ...`: a Workload API client that honours
+//! `SPIFFE_ENDPOINT_SOCKET`, for scripts and for checking an agent by hand.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use super::OutputFormat;
+use super::admin::Output;
+use crate::agent::DEFAULT_SOCKET;
+use crate::proto::workload::{self as pw, spiffe_workload_api_client::SpiffeWorkloadApiClient};
+use crate::workload_api::HEADER;
+use crate::x509::{PrivateKey, certs_to_pem};
+
+/// Where the Workload API is and how to print.
+#[derive(Debug, Args, Clone)]
+pub struct WorkloadArgs {
+    /// The socket, as a path or unix:///path [default: $SPIFFE_ENDPOINT_SOCKET, else /tmp/sigil-agent/public/api.sock].
+    #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET")]
+    socket: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    output: OutputFormat,
+}
+
+/// `sigil workload ...`
+#[derive(Debug, Subcommand)]
+pub enum WorkloadCmd {
+    /// Fetch this process's X509-SVIDs (and write them with --out).
+    FetchX509 {
+        /// Write svid.pem, svid.key (0600) and bundle.pem here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        args: WorkloadArgs,
+    },
+    /// Fetch a JWT-SVID.
+    FetchJwt {
+        /// Audience (repeatable).
+        #[arg(long = "audience", required = true)]
+        audience: Vec<String>,
+        /// Only this SPIFFE ID (default: every identity).
+        #[arg(long)]
+        spiffe_id: Option<String>,
+        #[command(flatten)]
+        args: WorkloadArgs,
+    },
+    /// Validate a JWT-SVID against the trust domain's JWT bundle.
+    ValidateJwt {
+        /// The audience the token must carry.
+        #[arg(long)]
+        audience: String,
+        /// The token.
+        token: String,
+        #[command(flatten)]
+        args: WorkloadArgs,
+    },
+    /// Print every X509-SVID update as it is pushed.
+    Watch(WorkloadArgs),
+}
+
+/// The socket path from a flag value or `SPIFFE_ENDPOINT_SOCKET` (`unix:///p`, `unix:/p` or a path).
+pub fn socket_path(value: Option<&str>) -> anyhow::Result<PathBuf> {
+    let v = value.unwrap_or(DEFAULT_SOCKET);
+    let path = v
+        .strip_prefix("unix://")
+        .or_else(|| v.strip_prefix("unix:"))
+        .unwrap_or(v);
+    if v.starts_with("tcp:") {
+        bail!("{v:?}: only unix sockets are supported");
+    }
+    if !path.starts_with('/') {
+        bail!(
+            "{v:?}: the socket must be an absolute path (e.g. unix:///tmp/sigil-agent/public/api.sock)"
+        );
+    }
+    Ok(PathBuf::from(path))
+}
+
+/// Connects to a Workload API socket.
+pub async fn connect(path: &Path) -> anyhow::Result<SpiffeWorkloadApiClient<Channel>> {
+    let p = path.to_path_buf();
+    let channel = Endpoint::try_from("http://workload.sigil")?
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let p = p.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(p).await?)) }
+        }))
+        .await
+        .with_context(|| {
+            format!(
+                "cannot connect to the Workload API at {} (is the agent running?)",
+                path.display()
+            )
+        })?;
+    Ok(SpiffeWorkloadApiClient::new(channel))
+}
+
+fn request<T>(msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut()
+        .insert(HEADER, tonic::metadata::MetadataValue::from_static("true"));
+    r
+}
+
+fn status(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{} ({:?})", s.message(), s.code())
+}
+
+fn split_certs(concat: &[u8]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut rest = concat;
+    while !rest.is_empty() {
+        match x509_parser::parse_x509_certificate(rest) {
+            Ok((tail, _)) => {
+                out.push(rest[..rest.len() - tail.len()].to_vec());
+                rest = tail;
+            }
+            Err(_) => break,
+        }
+    }
+    out
+}
+
+fn describe(svid: &pw::X509svid) -> serde_json::Value {
+    let expires = split_certs(&svid.x509_svid).first().and_then(|c| {
+        x509_parser::parse_x509_certificate(c)
+            .ok()
+            .map(|(_, x)| x.validity().not_after.timestamp())
+    });
+    json!({ "spiffe_id": svid.spiffe_id, "hint": svid.hint, "expires_at": expires })
+}
+
+fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(data)?;
+    Ok(())
+}
+
+/// Runs a `sigil workload` command.
+pub async fn run(cmd: WorkloadCmd) -> anyhow::Result<()> {
+    match cmd {
+        WorkloadCmd::FetchX509 { out, args } => {
+            let mut c = connect(&socket_path(args.socket.as_deref())?).await?;
+            let mut stream = c
+                .fetch_x509svid(request(pw::X509svidRequest {}))
+                .await
+                .map_err(status)?
+                .into_inner();
+            let resp = stream
+                .message()
+                .await
+                .map_err(status)?
+                .context("the agent sent no SVID")?;
+            let first = resp.svids.first().context("the agent sent no SVID")?;
+            if let Some(dir) = out {
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
+                std::fs::write(
+                    dir.join("svid.pem"),
+                    certs_to_pem(&split_certs(&first.x509_svid)),
+                )?;
+                let key = PrivateKey::from_pkcs8_der(&first.x509_svid_key)?;
+                write_private(&dir.join("svid.key"), key.to_pem().as_bytes())?;
+                std::fs::write(
+                    dir.join("bundle.pem"),
+                    certs_to_pem(&split_certs(&first.bundle)),
+                )?;
+            }
+            match args.output {
+                OutputFormat::Json => Output::json(&serde_json::Value::Array(
+                    resp.svids.iter().map(describe).collect(),
+                )),
+                OutputFormat::Text => {
+                    let lines: Vec<String> = resp
+                        .svids
+                        .iter()
+                        .map(|s| {
+                            format!(
+                                "SPIFFE ID: {}  expires_at: {}",
+                                s.spiffe_id,
+                                describe(s)["expires_at"]
+                            )
+                        })
+                        .collect();
+                    Output::line(&lines.join("\n"))
+                }
+            }
+        }
+        WorkloadCmd::FetchJwt {
+            audience,
+            spiffe_id,
+            args,
+        } => {
+            let mut c = connect(&socket_path(args.socket.as_deref())?).await?;
+            let r = c
+                .fetch_jwtsvid(request(pw::JwtsvidRequest {
+                    audience,
+                    spiffe_id: spiffe_id.unwrap_or_default(),
+                }))
+                .await
+                .map_err(status)?
+                .into_inner();
+            match args.output {
+                OutputFormat::Json => Output::json(&serde_json::Value::Array(
+                    r.svids.iter().map(|s| json!({ "spiffe_id": s.spiffe_id, "token": s.svid, "hint": s.hint })).collect(),
+                )),
+                OutputFormat::Text => {
+                    let lines: Vec<String> = r.svids.iter().map(|s| s.svid.clone()).collect();
+                    Output::line(&lines.join("\n"))
+                }
+            }
+        }
+        WorkloadCmd::ValidateJwt {
+            audience,
+            token,
+            args,
+        } => {
+            let mut c = connect(&socket_path(args.socket.as_deref())?).await?;
+            let r = c
+                .validate_jwtsvid(request(pw::ValidateJwtsvidRequest {
+                    audience,
+                    svid: token,
+                }))
+                .await
+                .map_err(status)?
+                .into_inner();
+            match args.output {
+                OutputFormat::Json => {
+                    Output::json(&json!({ "valid": true, "spiffe_id": r.spiffe_id }))
+                }
+                OutputFormat::Text => Output::line(&format!("Valid JWT-SVID for {}", r.spiffe_id)),
+            }
+        }
+        WorkloadCmd::Watch(args) => {
+            let mut c = connect(&socket_path(args.socket.as_deref())?).await?;
+            let mut stream = c
+                .fetch_x509svid(request(pw::X509svidRequest {}))
+                .await
+                .map_err(status)?
+                .into_inner();
+            while let Some(resp) = stream.message().await.map_err(status)? {
+                let svids: Vec<serde_json::Value> = resp.svids.iter().map(describe).collect();
+                match args.output {
+                    OutputFormat::Json => Output::line(&serde_json::to_string(&svids)?)?,
+                    OutputFormat::Text => {
+                        let ids: Vec<String> = svids
+                            .iter()
+                            .map(|s| {
+                                format!(
+                                    "{} (expires_at {})",
+                                    s["spiffe_id"].as_str().unwrap_or_default(),
+                                    s["expires_at"]
+                                )
+                            })
+                            .collect();
+                        Output::line(&format!("update: {}", ids.join(", ")))?;
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+}

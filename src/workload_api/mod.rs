@@ -1,0 +1,424 @@
+//! The SPIFFE Workload API on the agent's Unix socket. Every call is
+//! attested from the socket's peer credentials; a workload only ever sees
+//! SVIDs whose entry selectors are a subset of its own.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prost_types::{ListValue, Struct, Value as PValue, value::Kind};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::transport::server::UdsConnectInfo;
+use tonic::{Request, Response, Status};
+
+use crate::agent::AgentState;
+use crate::attest::{PeerCredentials, UnixAttestor};
+use crate::proto::node::{self as pn, node_client::NodeClient};
+use crate::proto::workload::{self as pw, spiffe_workload_api_server::SpiffeWorkloadApi};
+use crate::spiffe::{Selector, SpiffeId};
+use crate::x509::Bundle;
+
+/// The metadata every Workload API request must carry.
+pub const HEADER: &str = "workload.spiffe.io";
+
+type Stream<T> = ReceiverStream<Result<T, Status>>;
+
+#[derive(Debug, Clone)]
+struct CachedJwt {
+    token: String,
+    issued: SystemTime,
+    expires: SystemTime,
+}
+
+/// The Workload API service.
+pub struct WorkloadApi {
+    state: watch::Receiver<Arc<AgentState>>,
+    client: watch::Receiver<Option<NodeClient<Channel>>>,
+    attestor: UnixAttestor,
+    jwts: Mutex<HashMap<(String, Vec<String>), CachedJwt>>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl WorkloadApi {
+    /// A service reading the agent's published state.
+    pub fn new(
+        state: watch::Receiver<Arc<AgentState>>,
+        client: watch::Receiver<Option<NodeClient<Channel>>>,
+        attestor: UnixAttestor,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        WorkloadApi {
+            state,
+            client,
+            attestor,
+            jwts: Mutex::new(HashMap::new()),
+            shutdown,
+        }
+    }
+
+    /// Checks the security header, then attests the caller.
+    fn caller<T>(&self, req: &Request<T>, rpc: &str) -> Result<Vec<Selector>, Status> {
+        let ok = req
+            .metadata()
+            .get(HEADER)
+            .is_some_and(|v| v.to_str().is_ok_and(|v| v == "true"));
+        if !ok {
+            return Err(Status::invalid_argument(
+                "security header missing from request",
+            ));
+        }
+        let peer = req
+            .extensions()
+            .get::<UdsConnectInfo>()
+            .and_then(|i| i.peer_cred)
+            .ok_or_else(|| {
+                Status::unavailable("workload attestation failed: no peer credentials")
+            })?;
+        let creds = PeerCredentials {
+            pid: peer.pid(),
+            uid: peer.uid(),
+            gid: peer.gid(),
+        };
+        match self.attestor.attest(creds) {
+            Ok(selectors) => {
+                tracing::debug!(rpc, pid = ?creds.pid, uid = creds.uid, "workload attested");
+                Ok(selectors)
+            }
+            Err(e) => {
+                tracing::warn!(target: "sigil::audit", event = "workload_attestation", rpc, decision = "deny", pid = ?creds.pid, uid = creds.uid, reason = %e);
+                Err(Status::unavailable("workload attestation failed"))
+            }
+        }
+    }
+
+    fn no_identity(rpc: &str, selectors: &[Selector]) -> Status {
+        tracing::info!(target: "sigil::audit", event = rpc, decision = "deny", reason = "no identity issued", selectors = ?selectors.iter().map(Selector::as_str).collect::<Vec<_>>());
+        Status::permission_denied("no identity issued")
+    }
+
+    /// Spawns a stream that sends `build(state)` at once and then whenever it
+    /// changes; ends with PermissionDenied if the caller loses every identity.
+    fn stream<T, F>(
+        &self,
+        rpc: &'static str,
+        selectors: Vec<Selector>,
+        build: F,
+    ) -> Result<Stream<T>, Status>
+    where
+        T: Clone + PartialEq + Send + 'static,
+        F: Fn(&AgentState, &[Selector]) -> Option<T> + Send + 'static,
+    {
+        let mut rx = self.state.clone();
+        let first = build(&rx.borrow_and_update(), &selectors)
+            .ok_or_else(|| Self::no_identity(rpc, &selectors))?;
+        tracing::info!(target: "sigil::audit", event = rpc, decision = "allow", selectors = ?selectors.iter().map(Selector::as_str).collect::<Vec<_>>());
+        let (tx, out) = mpsc::channel(4);
+        let mut shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            let mut last = first.clone();
+            if tx.send(Ok(first)).await.is_err() {
+                return;
+            }
+            loop {
+                tokio::select! {
+                    changed = rx.changed() => if changed.is_err() { return },
+                    _ = tx.closed() => return,
+                    _ = shutdown.changed() => return,
+                }
+                let next = build(&rx.borrow_and_update(), &selectors);
+                match next {
+                    Some(msg) if msg != last => {
+                        last = msg.clone();
+                        if tx.send(Ok(msg)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Some(_) => {}
+                    None => {
+                        let _ = tx.send(Err(Self::no_identity(rpc, &selectors))).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(ReceiverStream::new(out))
+    }
+
+    async fn jwt_for(
+        &self,
+        entry_id: &str,
+        id: &SpiffeId,
+        audience: &[String],
+    ) -> Result<String, Status> {
+        let mut aud = audience.to_vec();
+        aud.sort();
+        let key = (id.to_string(), aud);
+        let now = SystemTime::now();
+        let cached = self.lock_jwts().get(&key).cloned();
+        if let Some(c) = &cached {
+            let half = c.issued + c.expires.duration_since(c.issued).unwrap_or_default() / 2;
+            if now < half {
+                return Ok(c.token.clone());
+            }
+        }
+        let client = self.client.borrow().clone();
+        let Some(mut client) = client else {
+            // Server unreachable: an unexpired cached token is still good.
+            return match cached {
+                Some(c) if now < c.expires => Ok(c.token),
+                _ => Err(Status::unavailable(
+                    "the server is unreachable and no JWT-SVID is cached",
+                )),
+            };
+        };
+        let resp = client
+            .new_jwtsvid(pn::NewJwtsvidRequest {
+                entry_id: entry_id.to_string(),
+                audience: audience.to_vec(),
+            })
+            .await;
+        match resp {
+            Ok(r) => {
+                let r = r.into_inner();
+                let expires =
+                    UNIX_EPOCH + Duration::from_secs(u64::try_from(r.expires_at).unwrap_or(0));
+                self.lock_jwts().insert(
+                    key,
+                    CachedJwt {
+                        token: r.token.clone(),
+                        issued: now,
+                        expires,
+                    },
+                );
+                Ok(r.token)
+            }
+            Err(s) => match cached {
+                Some(c) if now < c.expires => Ok(c.token),
+                _ => Err(Status::unavailable(format!(
+                    "cannot obtain a JWT-SVID: {}",
+                    s.message()
+                ))),
+            },
+        }
+    }
+
+    fn lock_jwts(&self) -> std::sync::MutexGuard<'_, HashMap<(String, Vec<String>), CachedJwt>> {
+        self.jwts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn x509_svids(state: &AgentState, selectors: &[Selector]) -> Option<pw::X509svidResponse> {
+    let svids = state.svids_for(selectors);
+    if svids.is_empty() {
+        return None;
+    }
+    let bundle = state
+        .bundle
+        .as_ref()
+        .map(Bundle::x509_der_concat)
+        .unwrap_or_default();
+    Some(pw::X509svidResponse {
+        svids: svids
+            .iter()
+            .map(|s| pw::X509svid {
+                spiffe_id: s.entry.spiffe_id.to_string(),
+                x509_svid: s.chain.concat(),
+                x509_svid_key: s.key.pkcs8_der().to_vec(),
+                bundle: bundle.clone(),
+                hint: s.entry.hint.clone(),
+            })
+            .collect(),
+        crl: Vec::new(),
+        federated_bundles: HashMap::new(),
+    })
+}
+
+fn x509_bundles(state: &AgentState, selectors: &[Selector]) -> Option<pw::X509BundlesResponse> {
+    state.entries_for(selectors).next()?;
+    let b = state.bundle.as_ref()?;
+    Some(pw::X509BundlesResponse {
+        crl: Vec::new(),
+        bundles: [(b.trust_domain().id().to_string(), b.x509_der_concat())].into(),
+    })
+}
+
+fn jwt_bundles(state: &AgentState, selectors: &[Selector]) -> Option<pw::JwtBundlesResponse> {
+    state.entries_for(selectors).next()?;
+    let b = state.bundle.as_ref()?;
+    let mut jwt_only = Bundle::new(b.trust_domain().clone());
+    for (kid, key) in b.jwt_authorities() {
+        jwt_only.add_jwt_authority(kid.clone(), key.clone());
+    }
+    jwt_only.set_sequence(b.sequence());
+    Some(pw::JwtBundlesResponse {
+        bundles: [(
+            b.trust_domain().id().to_string(),
+            jwt_only.to_jwks().into_bytes(),
+        )]
+        .into(),
+    })
+}
+
+fn to_prost(v: &serde_json::Value) -> PValue {
+    use serde_json::Value as J;
+    let kind = match v {
+        J::Null => Kind::NullValue(0),
+        J::Bool(b) => Kind::BoolValue(*b),
+        J::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        J::String(s) => Kind::StringValue(s.clone()),
+        J::Array(a) => Kind::ListValue(ListValue {
+            values: a.iter().map(to_prost).collect(),
+        }),
+        J::Object(o) => Kind::StructValue(Struct {
+            fields: o.iter().map(|(k, v)| (k.clone(), to_prost(v))).collect(),
+        }),
+    };
+    PValue { kind: Some(kind) }
+}
+
+#[tonic::async_trait]
+impl SpiffeWorkloadApi for WorkloadApi {
+    type FetchX509SVIDStream = Stream<pw::X509svidResponse>;
+
+    async fn fetch_x509svid(
+        &self,
+        req: Request<pw::X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        let selectors = self.caller(&req, "fetch_x509_svid")?;
+        Ok(Response::new(self.stream(
+            "fetch_x509_svid",
+            selectors,
+            x509_svids,
+        )?))
+    }
+
+    type FetchX509BundlesStream = Stream<pw::X509BundlesResponse>;
+
+    async fn fetch_x509_bundles(
+        &self,
+        req: Request<pw::X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        let selectors = self.caller(&req, "fetch_x509_bundles")?;
+        Ok(Response::new(self.stream(
+            "fetch_x509_bundles",
+            selectors,
+            x509_bundles,
+        )?))
+    }
+
+    async fn fetch_jwtsvid(
+        &self,
+        req: Request<pw::JwtsvidRequest>,
+    ) -> Result<Response<pw::JwtsvidResponse>, Status> {
+        let selectors = self.caller(&req, "fetch_jwt_svid")?;
+        let r = req.get_ref();
+        if r.audience.is_empty() || r.audience.iter().any(String::is_empty) {
+            return Err(Status::invalid_argument("audience must be specified"));
+        }
+        let wanted = if r.spiffe_id.is_empty() {
+            None
+        } else {
+            Some(
+                SpiffeId::new(&r.spiffe_id)
+                    .map_err(|e| Status::invalid_argument(format!("spiffe_id: {e}")))?,
+            )
+        };
+        let state = self.state.borrow().clone();
+        let mut seen = std::collections::HashSet::new();
+        let entries: Vec<_> = state
+            .entries_for(&selectors)
+            .filter(|e| wanted.as_ref().is_none_or(|w| &e.spiffe_id == w))
+            .filter(|e| seen.insert(e.spiffe_id.clone()))
+            .cloned()
+            .collect();
+        if entries.is_empty() {
+            return Err(Self::no_identity("fetch_jwt_svid", &selectors));
+        }
+        let mut svids = Vec::with_capacity(entries.len());
+        for e in entries {
+            let token = self.jwt_for(&e.id, &e.spiffe_id, &r.audience).await?;
+            tracing::info!(target: "sigil::audit", event = "fetch_jwt_svid", decision = "allow", spiffe_id = %e.spiffe_id, audience = ?r.audience);
+            svids.push(pw::Jwtsvid {
+                spiffe_id: e.spiffe_id.to_string(),
+                svid: token,
+                hint: e.hint.clone(),
+            });
+        }
+        Ok(Response::new(pw::JwtsvidResponse { svids }))
+    }
+
+    type FetchJWTBundlesStream = Stream<pw::JwtBundlesResponse>;
+
+    async fn fetch_jwt_bundles(
+        &self,
+        req: Request<pw::JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        let selectors = self.caller(&req, "fetch_jwt_bundles")?;
+        Ok(Response::new(self.stream(
+            "fetch_jwt_bundles",
+            selectors,
+            jwt_bundles,
+        )?))
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        req: Request<pw::ValidateJwtsvidRequest>,
+    ) -> Result<Response<pw::ValidateJwtsvidResponse>, Status> {
+        self.caller(&req, "validate_jwt_svid")?;
+        let r = req.get_ref();
+        if r.audience.is_empty() {
+            return Err(Status::invalid_argument("audience must be specified"));
+        }
+        if r.svid.is_empty() {
+            return Err(Status::invalid_argument("svid must be specified"));
+        }
+        let state = self.state.borrow().clone();
+        let bundle = state
+            .bundle
+            .as_ref()
+            .ok_or_else(|| Status::unavailable("no bundle yet"))?;
+        let v = crate::jwt::validate(
+            &r.svid,
+            bundle.trust_domain(),
+            bundle.jwt_authorities(),
+            &r.audience,
+            SystemTime::now(),
+        )
+        .map_err(|e| {
+            tracing::info!(target: "sigil::audit", event = "validate_jwt_svid", decision = "deny", reason = %e);
+            Status::invalid_argument(e.to_string())
+        })?;
+        tracing::info!(target: "sigil::audit", event = "validate_jwt_svid", decision = "allow", spiffe_id = %v.spiffe_id);
+        Ok(Response::new(pw::ValidateJwtsvidResponse {
+            spiffe_id: v.spiffe_id.to_string(),
+            claims: Some(Struct {
+                fields: v
+                    .claims
+                    .iter()
+                    .map(|(k, v)| (k.clone(), to_prost(v)))
+                    .collect(),
+            }),
+        }))
+    }
+
+    type FetchWITSVIDStream = Stream<pw::WitsvidResponse>;
+
+    async fn fetch_witsvid(
+        &self,
+        _req: Request<pw::WitsvidRequest>,
+    ) -> Result<Response<Self::FetchWITSVIDStream>, Status> {
+        Err(Status::unimplemented("WIT-SVIDs are not supported"))
+    }
+
+    type FetchWITBundlesStream = Stream<pw::WitBundlesResponse>;
+
+    async fn fetch_wit_bundles(
+        &self,
+        _req: Request<pw::WitBundlesRequest>,
+    ) -> Result<Response<Self::FetchWITBundlesStream>, Status> {
+        Err(Status::unimplemented("WIT bundles are not supported"))
+    }
+}
