@@ -161,7 +161,9 @@ impl Manager {
 
     fn agent_rotation_time(&self) -> SystemTime {
         match self.identity.cert_chain.first().and_then(|c| validity(c)) {
-            Some((nb, na)) => rotation_time(nb, na, random_jitter()),
+            Some((nb, na)) => {
+                rotation_time((nb + crate::ca::BACKDATE).min(na), na, random_jitter())
+            }
             None => SystemTime::now(),
         }
     }
@@ -280,6 +282,7 @@ impl Manager {
             .await?
             .into_inner()
             .results;
+        let received = SystemTime::now();
         for r in results {
             let (Some(entry), Some(key)) =
                 (self.entries.get(&r.entry_id), keys.remove(&r.entry_id))
@@ -301,7 +304,9 @@ impl Manager {
                 key,
                 not_before,
                 not_after,
-                rotate_at: rotation_time(not_before, not_after, random_jitter()),
+                // From receipt, not NotBefore: NotBefore is backdated for clock
+                // skew, and half of a short lifetime measured from it is already past.
+                rotate_at: rotation_time(received.max(not_before), not_after, random_jitter()),
             };
             self.svids.insert(r.entry_id.clone(), Arc::new(svid));
         }

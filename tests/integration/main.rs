@@ -1,6 +1,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 //! Integration tests: one binary, real files and processes in temp dirs.
 
+mod agent;
 mod cli;
 mod openssl_verify;
 mod server;

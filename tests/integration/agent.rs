@@ -1,0 +1,363 @@
+//! A real server and a real agent on temp sockets, with the `spiffe` crate
+//! (an independent Workload API client) and raw gRPC calls as workloads.
+//! The test process itself is the workload: entries select its uid.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use sigil::agent::{AgentConfig, AgentHandle, Attestation};
+use sigil::attest::UnixAttestor;
+use sigil::config::LogFormat;
+use sigil::proto::admin as pa;
+use sigil::proto::workload as pw;
+use sigil::server::{ServerHandle, start};
+use tonic::Code;
+
+use crate::server::{admin, server_config, td};
+
+fn my_uid() -> u32 {
+    sigil::attest::current_uid().unwrap()
+}
+
+async fn start_agent(server: &ServerHandle, dir: &Path) -> AgentHandle {
+    let token = admin(server)
+        .await
+        .generate_token(pa::GenerateTokenRequest { ttl_seconds: 600 })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    sigil::agent::start(AgentConfig {
+        server: server.node_addr().to_string(),
+        trust_bundle_pem: server.bundle_pem().to_string(),
+        trust_domain: td(),
+        attestation: Some(Attestation::JoinToken(token)),
+        socket: dir.join("api.sock"),
+        data_dir: dir.join("agent"),
+        log_format: LogFormat::Text,
+        unix: UnixAttestor::default(),
+    })
+    .await
+    .unwrap()
+}
+
+async fn register(
+    server: &ServerHandle,
+    id: &str,
+    parent: &str,
+    selector: String,
+    ttl: i64,
+) -> pa::EntryParams {
+    let p = pa::EntryParams {
+        spiffe_id: id.into(),
+        parent_id: parent.into(),
+        selectors: vec![selector],
+        x509_ttl_seconds: ttl,
+        ..Default::default()
+    };
+    admin(server).await.create_entry(p.clone()).await.unwrap();
+    p
+}
+
+/// Waits until the agent holds SVIDs for `n` entries.
+async fn wait_for_svids(agent: &AgentHandle, n: usize) {
+    let mut rx = agent.state();
+    tokio::time::timeout(Duration::from_secs(15), async {
+        while rx.borrow_and_update().svids.len() < n {
+            rx.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("the agent never got its SVIDs");
+}
+
+async fn raw_client(
+    sock: &Path,
+) -> pw::spiffe_workload_api_client::SpiffeWorkloadApiClient<tonic::transport::Channel> {
+    sigil::cli::connect_workload(sock).await.unwrap()
+}
+
+fn with_header<T>(msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().unwrap());
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spiffe_crate_fetches_svid_bundle_and_jwt() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(server_config(&dir.path().join("s"), vec![]))
+        .await
+        .unwrap();
+    let agent = start_agent(&server, dir.path()).await;
+    let parent = agent.spiffe_id().to_string();
+    register(
+        &server,
+        "spiffe://example.org/web",
+        &parent,
+        format!("unix:uid:{}", my_uid()),
+        0,
+    )
+    .await;
+    wait_for_svids(&agent, 1).await;
+
+    let endpoint = format!("unix://{}", agent.socket().display());
+    let client = spiffe::WorkloadApiClient::connect_to(&endpoint)
+        .await
+        .unwrap();
+    let svid = client.fetch_x509_svid().await.unwrap();
+    assert_eq!(svid.spiffe_id().to_string(), "spiffe://example.org/web");
+    let bundles = client.fetch_x509_bundles().await.unwrap();
+    let spiffe_td = spiffe::TrustDomain::new("example.org").unwrap();
+    let bundle = bundles.get(&spiffe_td).expect("bundle for example.org");
+    assert_eq!(bundle.authorities().len(), 1);
+
+    // The SVID chains to the bundle (checked with x509-parser, not our code).
+    let leaf_der = svid.cert_chain()[0].as_bytes();
+    let ca_der = bundle.authorities()[0].as_bytes();
+    let (_, leaf) = x509_parser::parse_x509_certificate(leaf_der).unwrap();
+    let (_, ca) = x509_parser::parse_x509_certificate(ca_der).unwrap();
+    leaf.verify_signature(Some(ca.public_key())).unwrap();
+
+    let token = client.fetch_jwt_token(["backend"], None).await.unwrap();
+    let validated = client.validate_jwt_token("backend", &token).await.unwrap();
+    assert_eq!(
+        validated.spiffe_id().to_string(),
+        "spiffe://example.org/web"
+    );
+    assert!(client.validate_jwt_token("other", &token).await.is_err());
+    // The same audience is served from the agent's cache.
+    assert_eq!(
+        client.fetch_jwt_token(["backend"], None).await.unwrap(),
+        token
+    );
+
+    agent.shutdown(Duration::from_secs(2)).await;
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_identity_and_wit_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(server_config(&dir.path().join("s"), vec![]))
+        .await
+        .unwrap();
+    let agent = start_agent(&server, dir.path()).await;
+    let parent = agent.spiffe_id().to_string();
+    // Only an entry this process does not match.
+    register(
+        &server,
+        "spiffe://example.org/not-me",
+        &parent,
+        "unix:uid:4242424".into(),
+        0,
+    )
+    .await;
+    wait_for_svids(&agent, 1).await;
+    let mut c = raw_client(agent.socket()).await;
+
+    let s = c
+        .fetch_x509svid(tonic::Request::new(pw::X509svidRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    let s = c
+        .fetch_x509svid(with_header(pw::X509svidRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    let s = c
+        .fetch_jwtsvid(with_header(pw::JwtsvidRequest {
+            audience: vec!["a".into()],
+            spiffe_id: String::new(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied);
+    let s = c
+        .fetch_witsvid(with_header(pw::WitsvidRequest::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::Unimplemented);
+
+    agent.shutdown(Duration::from_secs(2)).await;
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_push_new_entries_and_rotations_but_never_foreign_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(server_config(&dir.path().join("s"), vec![]))
+        .await
+        .unwrap();
+    let agent = start_agent(&server, dir.path()).await;
+    let parent = agent.spiffe_id().to_string();
+    let me = format!("unix:uid:{}", my_uid());
+    register(
+        &server,
+        "spiffe://example.org/first",
+        &parent,
+        me.clone(),
+        0,
+    )
+    .await;
+    wait_for_svids(&agent, 1).await;
+    let mut c = raw_client(agent.socket()).await;
+    let mut stream = c
+        .fetch_x509svid(with_header(pw::X509svidRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert_eq!(first.svids.len(), 1);
+    assert!(first.federated_bundles.is_empty());
+
+    // An entry for this uid parented to another agent is never served.
+    register(
+        &server,
+        "spiffe://example.org/foreign",
+        "spiffe://example.org/sigil/agent/join_token/other",
+        me.clone(),
+        0,
+    )
+    .await;
+    // A new entry of ours reaches the open stream within 1 s.
+    let t = Instant::now();
+    register(
+        &server,
+        "spiffe://example.org/second",
+        &parent,
+        me.clone(),
+        4,
+    )
+    .await;
+    let next = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        t.elapsed()
+    );
+    let ids: Vec<&str> = next.svids.iter().map(|s| s.spiffe_id.as_str()).collect();
+    assert_eq!(
+        ids,
+        ["spiffe://example.org/first", "spiffe://example.org/second"],
+        "default SVID first"
+    );
+    let second_cert = next.svids[1].x509_svid.clone();
+
+    // The 4 s SVID rotates at about half-life and the new one is pushed.
+    let rotated = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let m = stream.message().await.unwrap().unwrap();
+            assert!(
+                m.svids
+                    .iter()
+                    .all(|s| s.spiffe_id != "spiffe://example.org/foreign")
+            );
+            if let Some(s) = m
+                .svids
+                .iter()
+                .find(|s| s.spiffe_id == "spiffe://example.org/second")
+            {
+                if s.x509_svid != second_cert {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    assert!(rotated.is_ok(), "no rotation arrived on the open stream");
+
+    agent.shutdown(Duration::from_secs(2)).await;
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_serves_while_the_server_is_down_and_converges_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let sdir = dir.path().join("s");
+    let server = start(server_config(&sdir, vec![])).await.unwrap();
+    let addr = server.node_addr();
+    let agent = start_agent(&server, dir.path()).await;
+    let parent = agent.spiffe_id().to_string();
+    let me = format!("unix:uid:{}", my_uid());
+    register(&server, "spiffe://example.org/one", &parent, me.clone(), 0).await;
+    wait_for_svids(&agent, 1).await;
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+
+    // Server gone: fetches still succeed from the cache.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let endpoint = format!("unix://{}", agent.socket().display());
+    let client = spiffe::WorkloadApiClient::connect_to(&endpoint)
+        .await
+        .unwrap();
+    assert_eq!(
+        client
+            .fetch_x509_svid()
+            .await
+            .unwrap()
+            .spiffe_id()
+            .to_string(),
+        "spiffe://example.org/one"
+    );
+
+    // Back on the same address and store: a new entry still arrives.
+    let mut cfg = server_config(&sdir, vec![]);
+    cfg.bind = addr;
+    let server = start(cfg).await.unwrap();
+    register(&server, "spiffe://example.org/two", &parent, me, 0).await;
+    wait_for_svids(&agent, 2).await;
+    let all = client.fetch_all_x509_svids().await.unwrap();
+    assert_eq!(all.len(), 2);
+
+    agent.shutdown(Duration::from_secs(2)).await;
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_restart_reuses_its_saved_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(server_config(&dir.path().join("s"), vec![]))
+        .await
+        .unwrap();
+    let agent = start_agent(&server, dir.path()).await;
+    let id = agent.spiffe_id().clone();
+    agent.shutdown(Duration::from_secs(2)).await;
+    let key = dir.path().join("agent/agent-svid.key");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    // No token this time: the saved SVID is used.
+    let again = sigil::agent::start(AgentConfig {
+        server: server.node_addr().to_string(),
+        trust_bundle_pem: server.bundle_pem().to_string(),
+        trust_domain: td(),
+        attestation: None,
+        socket: dir.path().join("api.sock"),
+        data_dir: dir.path().join("agent"),
+        log_format: LogFormat::Text,
+        unix: UnixAttestor::default(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(again.spiffe_id(), &id);
+    register(
+        &server,
+        "spiffe://example.org/after-restart",
+        id.as_str(),
+        format!("unix:uid:{}", my_uid()),
+        0,
+    )
+    .await;
+    wait_for_svids(&again, 1).await;
+    again.shutdown(Duration::from_secs(2)).await;
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
