@@ -13,7 +13,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }
+    let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
+        .file_descriptor_set_path(out_dir.join("sigil_descriptor.bin"))
         .build_client(true)
         .build_server(true)
         .compile_with_config(config, &protos.map(Into::into), &["proto".into(), include])?;

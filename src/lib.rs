@@ -43,6 +43,8 @@ pub mod proto {
             }
         }
     }
+    /// Encoded descriptors of every compiled proto, for gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("sigil_descriptor");
     pub use sigil::admin::v1 as admin;
     pub use sigil::node::v1 as node;
 }

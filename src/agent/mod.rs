@@ -312,8 +312,21 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         config.unix.clone(),
         shutdown_rx.clone(),
     );
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<SpiffeWorkloadApiServer<WorkloadApi>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| AgentError::Socket {
+            path: config.socket.clone(),
+            reason: format!("reflection service: {e}"),
+        })?;
     let mut shutdown = shutdown_rx;
     let serve = Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
         .add_service(SpiffeWorkloadApiServer::new(api))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
             while !*shutdown.borrow() {

@@ -137,14 +137,17 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         );
     }
     let socket = args.socket.display();
+    let sigil = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "sigil".into());
     Output::line(&format!(
         "\nSigil dev is running: server on {node}, agent on {socket}.\n\
          Registered {workload_id} for unix:uid:{uid} ({name}).\n\n\
          In another shell:\n\
          \x20 export SPIFFE_ENDPOINT_SOCKET=unix://{socket}\n\
-         \x20 sigil workload fetch-x509 --out ./svid      # writes svid.pem, svid.key, bundle.pem\n\
-         \x20 sigil workload fetch-jwt --audience demo\n\n\
-         Admin commands: SIGIL_ADMIN_SOCKET={admin_sock} sigil entry show\n\
+         \x20 {sigil} workload fetch-x509 --out ./svid   # writes svid.pem, svid.key, bundle.pem\n\
+         \x20 {sigil} workload fetch-jwt --audience demo\n\n\
+         Admin commands: SIGIL_ADMIN_SOCKET={admin_sock} {sigil} entry show\n\
          Stop with Ctrl-C.",
         node = server.node_addr(),
         admin_sock = server.admin_socket().display(),

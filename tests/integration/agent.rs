@@ -77,6 +77,22 @@ async fn raw_client(
     sigil::cli::connect_workload(sock).await.unwrap()
 }
 
+async fn unix_channel(sock: &Path) -> tonic::transport::Channel {
+    let p = sock.to_path_buf();
+    tonic::transport::Endpoint::try_from("http://x")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_| {
+            let p = p.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(p).await?,
+                ))
+            }
+        }))
+        .await
+        .unwrap()
+}
+
 fn with_header<T>(msg: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
     r.metadata_mut()
@@ -180,6 +196,44 @@ async fn header_identity_and_wit_rules() {
         .await
         .unwrap_err();
     assert_eq!(s.code(), Code::Unimplemented);
+
+    // gRPC health and reflection answer on the same socket.
+    let ch = unix_channel(agent.socket()).await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(ch.clone());
+    let h = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "SpiffeWorkloadAPI".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        h.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    use tonic_reflection::pb::v1 as refl;
+    let mut r = refl::server_reflection_client::ServerReflectionClient::new(ch);
+    let req = refl::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            refl::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
+    };
+    let mut resp = r
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let msg = resp.message().await.unwrap().unwrap();
+    let Some(refl::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        msg.message_response
+    else {
+        panic!("{msg:?}")
+    };
+    assert!(
+        list.service.iter().any(|s| s.name == "SpiffeWorkloadAPI"),
+        "{list:?}"
+    );
 
     agent.shutdown(Duration::from_secs(2)).await;
     server.shutdown(Duration::from_secs(5)).await.unwrap();
