@@ -43,7 +43,7 @@ pub fn entry_from_proto(e: &pn::Entry) -> Result<Entry, String> {
         dns_names: e.dns_names.clone(),
         hint: e.hint.clone(),
         admin: e.admin,
-        created_at: u64::try_from(e.created_at).unwrap_or(0),
+        created_at_micros: u64::try_from(e.created_at_micros).unwrap_or(0),
     })
 }
 
@@ -325,7 +325,7 @@ impl Manager {
 
     fn publish(&self) {
         let mut entries: Vec<Entry> = self.entries.values().cloned().collect();
-        entries.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        entries.sort_by(|a, b| (a.created_at_micros, &a.id).cmp(&(b.created_at_micros, &b.id)));
         let svids = entries
             .iter()
             .filter_map(|e| self.svids.get(&e.id).cloned())

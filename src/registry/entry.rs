@@ -34,8 +34,9 @@ pub struct Entry {
     pub hint: String,
     /// May use the admin API (reserved for future use by workloads).
     pub admin: bool,
-    /// Creation time, seconds since the epoch.
-    pub created_at: u64,
+    /// Creation time, microseconds since the epoch; orders a workload's
+    /// SVIDs (the oldest entry gives the default SVID).
+    pub created_at_micros: u64,
 }
 
 /// Unvalidated entry fields, as they arrive from the CLI or admin API.
@@ -233,7 +234,7 @@ impl EntryParams {
             dns_names: self.dns_names.clone(),
             hint: self.hint.clone(),
             admin: self.admin,
-            created_at: 0,
+            created_at_micros: 0,
         })
     }
 }

@@ -226,10 +226,14 @@ impl Registry {
         let mut commit = Commit::new();
         let mut entries = Vec::with_capacity(params.len());
         let mut uniques = std::collections::HashSet::new();
-        for p in params {
+        let micros = now
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+        for (i, p) in params.into_iter().enumerate() {
             let mut entry = p.validate(&self.trust_domain, &self.validation)?;
             entry.id = random_token()?;
-            entry.created_at = unix(now);
+            // The batch position keeps entries of one batch in their given order.
+            entry.created_at_micros = micros.saturating_add(i as u64);
             let unique = unique_key(&entry);
             if !uniques.insert(unique.clone()) {
                 return Err(RegistryError::DuplicateEntry(entry.spiffe_id.to_string()));
@@ -270,7 +274,7 @@ impl Registry {
                 .ok_or_else(|| RegistryError::EntryNotFound(id.to_string()))?;
             let mut entry = validated.clone();
             entry.id = old.id.clone();
-            entry.created_at = old.created_at;
+            entry.created_at_micros = old.created_at_micros;
             let old_unique = unique_key(&old);
             let new_unique = unique_key(&entry);
             let mut commit = Commit::new()

@@ -92,7 +92,7 @@ impl From<&Entry> for pn::Entry {
             hint: e.hint.clone(),
             admin: e.admin,
             revision: 0,
-            created_at: i64::try_from(e.created_at).unwrap_or(i64::MAX),
+            created_at_micros: i64::try_from(e.created_at_micros).unwrap_or(i64::MAX),
         }
     }
 }
