@@ -20,6 +20,8 @@ use crate::x509::{Bundle, KeyAlgorithm, PrivateKey};
 
 /// CSRs per `BatchNewX509SVID` call.
 const SIGN_BATCH: usize = 100;
+/// Most sync messages applied before one reconcile.
+const COALESCE: usize = 1000;
 /// How often rotation and expiry are checked.
 const TICK: Duration = Duration::from_millis(500);
 
@@ -133,8 +135,17 @@ impl Manager {
         loop {
             tokio::select! {
                 msg = stream.message() => {
-                    let msg = msg?.ok_or_else(|| NodeClientError::Protocol("sync stream ended".into()))?;
-                    if self.apply(msg, &mut pending) {
+                    let ended = || NodeClientError::Protocol("sync stream ended".into());
+                    let mut ready = self.apply(msg?.ok_or_else(ended)?, &mut pending);
+                    // Coalesce a burst of deltas into one reconcile: reconciling
+                    // after each of n one-entry deltas would cost O(n²).
+                    for _ in 0..COALESCE {
+                        match tokio::time::timeout(Duration::ZERO, stream.message()).await {
+                            Ok(msg) => ready = self.apply(msg?.ok_or_else(ended)?, &mut pending),
+                            Err(_) => break,
+                        }
+                    }
+                    if ready {
                         self.reconcile(&mut client).await;
                     }
                 }
@@ -258,6 +269,14 @@ impl Manager {
                 tracing::warn!(error = %e, pending = due.len(), "signing SVIDs failed; will retry");
                 break;
             }
+        }
+        if !due.is_empty() {
+            tracing::info!(
+                due = due.len(),
+                holding = self.svids.len(),
+                entries = self.entries.len(),
+                "SVID cache updated"
+            );
         }
         self.publish();
     }

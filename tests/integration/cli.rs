@@ -250,3 +250,128 @@ fn admin_commands_against_a_running_server() {
         "{log}"
     );
 }
+
+#[test]
+fn dev_then_workload_fetch_as_the_readme_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let mut dev = sigil()
+        .args(["dev", "--data-dir"])
+        .arg(dir.path().join("dev"))
+        .arg("--socket")
+        .arg(&sock)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // dev prints its instructions once the caller's SVID is ready.
+    let mut out = std::io::BufReader::new(dev.stdout.take().unwrap());
+    let mut printed = String::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !printed.contains("Stop with Ctrl-C") {
+        assert!(Instant::now() < deadline, "sigil dev printed: {printed}");
+        let mut line = String::new();
+        if std::io::BufRead::read_line(&mut out, &mut line).unwrap() == 0 {
+            panic!("sigil dev exited: {printed}");
+        }
+        printed.push_str(&line);
+    }
+    let export = format!("unix://{}", sock.display());
+    assert!(
+        printed.contains(&format!("export SPIFFE_ENDPOINT_SOCKET={export}")),
+        "{printed}"
+    );
+
+    let svid_dir = dir.path().join("svid");
+    let o = sigil()
+        .args(["workload", "fetch-x509", "--out"])
+        .arg(&svid_dir)
+        .env("SPIFFE_ENDPOINT_SOCKET", &export)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let uid = sigil::attest::current_uid().unwrap();
+    let name = sigil::attest::user_name(uid);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains(&format!("spiffe://example.org/user/{name}")),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(svid_dir.join("svid.key"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    // An independent parser: the written SVID chains to the written bundle.
+    let svid =
+        sigil::x509::certs_from_pem(&std::fs::read_to_string(svid_dir.join("svid.pem")).unwrap())
+            .unwrap();
+    let bundle =
+        sigil::x509::certs_from_pem(&std::fs::read_to_string(svid_dir.join("bundle.pem")).unwrap())
+            .unwrap();
+    let (_, leaf) = x509_parser::parse_x509_certificate(&svid[0]).unwrap();
+    let (_, ca) = x509_parser::parse_x509_certificate(&bundle[0]).unwrap();
+    leaf.verify_signature(Some(ca.public_key())).unwrap();
+    let key =
+        sigil::PrivateKey::from_pem(&std::fs::read_to_string(svid_dir.join("svid.key")).unwrap())
+            .unwrap();
+    assert_eq!(
+        leaf.public_key().subject_public_key.data.as_ref(),
+        key.public_key_point().unwrap().as_slice()
+    );
+
+    let o = sigil()
+        .args(["workload", "fetch-jwt", "--audience", "demo", "--socket"])
+        .arg(&export)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let token = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let o = sigil()
+        .args([
+            "workload",
+            "validate-jwt",
+            "--audience",
+            "demo",
+            &token,
+            "--socket",
+        ])
+        .arg(&export)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = sigil()
+        .args([
+            "workload",
+            "validate-jwt",
+            "--audience",
+            "nope",
+            &token,
+            "--socket",
+        ])
+        .arg(&export)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("audience"), "{}", stderr(&o));
+
+    let pid = dev.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while dev.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "sigil dev did not stop on SIGINT"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!sock.exists(), "the workload socket is removed on shutdown");
+}

@@ -1,0 +1,261 @@
+//! Agent load harness (DESIGN §7). The server runs in this process; the
+//! agent runs as a separate `sigil agent` process so its memory is its own;
+//! this process is the workload (entries select its uid).
+//!
+//! 1. First FetchX509SVID response from a warm cache: a burst of 1,000
+//!    concurrent streams, then 200 new fetches while those 1,000 stay open.
+//! 2. Rotation push: the entry changes, the agent re-signs, and every one of
+//!    the 1,000 open streams receives the new SVID: p50/p99/max.
+//! 3. Agent RSS holding 1 SVID, then 10,000 SVIDs.
+//!
+//! Run: `cargo bench --bench agent` (`-- --quick`: 200 streams, 2,000 SVIDs).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stdout,
+    missing_docs
+)]
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sigil::config::LogFormat;
+use sigil::proto::admin as pa;
+use sigil::proto::workload as pw;
+use sigil::server::{ServerConfig, ServerOptions, start};
+use sigil::{KeyAlgorithm, TrustDomain};
+use tokio::io::AsyncBufReadExt;
+
+fn config(dir: &Path) -> ServerConfig {
+    ServerConfig {
+        trust_domain: TrustDomain::new("example.org").unwrap(),
+        data_dir: dir.join("data"),
+        bind: "127.0.0.1:0".parse().unwrap(),
+        admin_socket: dir.join("admin.sock"),
+        kek_file: dir.join("kek"),
+        log_format: LogFormat::Text,
+        ca_ttl: Duration::from_secs(86_400),
+        key_algorithm: KeyAlgorithm::EcP256,
+        options: ServerOptions {
+            default_x509_ttl: Duration::from_secs(3600),
+            default_jwt_ttl: Duration::from_secs(300),
+            agent_ttl: Duration::from_secs(3600),
+            x509pop_roots: vec![],
+        },
+    }
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn summary(mut v: Vec<Duration>) -> String {
+    v.sort();
+    format!(
+        "p50 {:?}  p99 {:?}  max {:?}",
+        pct(&v, 0.5),
+        pct(&v, 0.99),
+        v[v.len() - 1]
+    )
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+fn req() -> tonic::Request<pw::X509svidRequest> {
+    let mut r = tonic::Request::new(pw::X509svidRequest {});
+    r.metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().unwrap());
+    r
+}
+
+/// Waits for the agent's log to report it holds at least `n` SVIDs.
+async fn wait_holding(lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>, n: usize) {
+    tokio::time::timeout(Duration::from_secs(300), async {
+        while let Some(line) = lines.recv().await {
+            if let Some(h) = line.split("holding=").nth(1) {
+                let held: usize = h.split_whitespace().next().unwrap().parse().unwrap();
+                if held >= n {
+                    return;
+                }
+            }
+        }
+        panic!("agent exited");
+    })
+    .await
+    .expect("agent never reached the SVID count");
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (streams, cached) = if quick { (200, 2_000) } else { (1_000, 10_000) };
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(config(dir.path())).await.unwrap();
+    let mut admin = sigil::cli::connect_admin(server.admin_socket())
+        .await
+        .unwrap();
+    let token = admin
+        .generate_token(pa::GenerateTokenRequest { ttl_seconds: 600 })
+        .await
+        .unwrap()
+        .into_inner();
+    std::fs::write(dir.path().join("bundle.pem"), server.bundle_pem()).unwrap();
+    let sock = dir.path().join("api.sock");
+    let mut agent: Child = Command::new(env!("CARGO_BIN_EXE_sigil"))
+        .args([
+            "agent",
+            "--server",
+            &server.node_addr().to_string(),
+            "--join-token",
+            &token.token,
+        ])
+        .arg("--trust-bundle")
+        .arg(dir.path().join("bundle.pem"))
+        .arg("--socket")
+        .arg(&sock)
+        .arg("--data-dir")
+        .arg(dir.path().join("agent"))
+        .env("SIGIL_LOG", "info,sigil::audit=warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (line_tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+    let stderr = tokio::process::ChildStderr::from_std(agent.stderr.take().unwrap()).unwrap();
+    tokio::spawn(async move {
+        let mut r = tokio::io::BufReader::new(stderr).lines();
+        while let Ok(Some(l)) = r.next_line().await {
+            let _ = line_tx.send(l);
+        }
+    });
+    let uid = sigil::attest::current_uid().unwrap();
+    let entry = admin
+        .create_entry(pa::EntryParams {
+            spiffe_id: "spiffe://example.org/bench".into(),
+            parent_id: token.agent_id.clone(),
+            selectors: vec![format!("unix:uid:{uid}")],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    wait_holding(&mut lines, 1).await;
+    let rss_one = rss_kib(agent.id());
+
+    // 1. A burst of concurrent streams over 100 connections.
+    let mut channels = Vec::new();
+    for _ in 0..100 {
+        channels.push(sigil::cli::connect_workload(&sock).await.unwrap());
+    }
+    let (first_tx, mut first_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (push_tx, mut push_rx) = tokio::sync::mpsc::unbounded_channel();
+    let burst_start = Instant::now();
+    for i in 0..streams {
+        let mut c = channels[i % channels.len()].clone();
+        let first_tx = first_tx.clone();
+        let push_tx = push_tx.clone();
+        tokio::spawn(async move {
+            let t = Instant::now();
+            let mut s = c.fetch_x509svid(req()).await.unwrap().into_inner();
+            s.message().await.unwrap().unwrap();
+            first_tx.send(t.elapsed()).unwrap();
+            // Then wait for the pushed rotation.
+            s.message().await.unwrap().unwrap();
+            push_tx.send(Instant::now()).unwrap();
+        });
+    }
+    let mut burst = Vec::new();
+    for _ in 0..streams {
+        burst.push(first_rx.recv().await.unwrap());
+    }
+    let burst_total = burst_start.elapsed();
+    println!(
+        "first FetchX509SVID response, burst of {streams} concurrent streams (all opened at once, {burst_total:?} in total): {}",
+        summary(burst)
+    );
+
+    let mut warm = Vec::new();
+    let mut c = channels[0].clone();
+    for _ in 0..200 {
+        let t = Instant::now();
+        let mut s = c.fetch_x509svid(req()).await.unwrap().into_inner();
+        s.message().await.unwrap().unwrap();
+        warm.push(t.elapsed());
+    }
+    println!(
+        "first FetchX509SVID response with {streams} streams open, 200 new fetches one at a time: {}",
+        summary(warm)
+    );
+
+    // 2. Rotation: change the entry's TTL; the agent re-signs and pushes.
+    let t = Instant::now();
+    admin
+        .update_entry(pa::UpdateEntryRequest {
+            id: entry.id.clone(),
+            params: Some(pa::EntryParams {
+                spiffe_id: entry.spiffe_id.clone(),
+                parent_id: entry.parent_id.clone(),
+                selectors: entry.selectors.clone(),
+                x509_ttl_seconds: 1800,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let mut pushed = Vec::new();
+    for _ in 0..streams {
+        pushed.push(push_rx.recv().await.unwrap().duration_since(t));
+    }
+    println!(
+        "rotation pushed to {streams} open streams (entry update -> new SVID on each stream): {}",
+        summary(pushed)
+    );
+
+    // 3. Memory with many cached SVIDs (entries the workload does not match).
+    let mut batch = Vec::new();
+    for i in 0..cached {
+        let mut a = admin.clone();
+        let parent = token.agent_id.clone();
+        batch.push(tokio::spawn(async move {
+            a.create_entry(pa::EntryParams {
+                spiffe_id: format!("spiffe://example.org/ns/bench/sa/w{i}"),
+                parent_id: parent,
+                selectors: vec![format!("unix:uid:{}", 100_000 + i)],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        }));
+        if batch.len() == 16 {
+            for b in batch.drain(..) {
+                b.await.unwrap();
+            }
+        }
+    }
+    for b in batch {
+        b.await.unwrap();
+    }
+    let t = Instant::now();
+    wait_holding(&mut lines, cached + 1).await;
+    let signed_in = t.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_many = rss_kib(agent.id());
+    println!(
+        "agent RSS: {} MiB holding 1 SVID, {} MiB holding {} SVIDs (last SVIDs signed {signed_in:?} after the last entry was created)",
+        rss_one / 1024,
+        rss_many / 1024,
+        cached + 1
+    );
+    let _ = agent.kill();
+    let _ = agent.wait();
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
