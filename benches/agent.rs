@@ -20,30 +20,14 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use sigil::config::LogFormat;
+use sigil::TrustDomain;
 use sigil::proto::admin as pa;
 use sigil::proto::workload as pw;
-use sigil::server::{ServerConfig, ServerOptions, start};
-use sigil::{KeyAlgorithm, TrustDomain};
+use sigil::server::{ServerConfig, start};
 use tokio::io::AsyncBufReadExt;
 
 fn config(dir: &Path) -> ServerConfig {
-    ServerConfig {
-        trust_domain: TrustDomain::new("example.org").unwrap(),
-        data_dir: dir.join("data"),
-        bind: "127.0.0.1:0".parse().unwrap(),
-        admin_socket: dir.join("admin.sock"),
-        kek_file: dir.join("kek"),
-        log_format: LogFormat::Text,
-        ca_ttl: Duration::from_secs(86_400),
-        key_algorithm: KeyAlgorithm::EcP256,
-        options: ServerOptions {
-            default_x509_ttl: Duration::from_secs(3600),
-            default_jwt_ttl: Duration::from_secs(300),
-            agent_ttl: Duration::from_secs(3600),
-            x509pop_roots: vec![],
-        },
-    }
+    ServerConfig::local(TrustDomain::new("example.org").unwrap(), dir)
 }
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {

@@ -21,11 +21,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use sigil::agent::{AgentIdentity, Attestation, attest, connect};
-use sigil::config::LogFormat;
 use sigil::proto::admin as pa;
 use sigil::proto::node as pn;
 use sigil::registry::{EntryParams, EntryValidation, Registry};
-use sigil::server::{ServerConfig, ServerHandle, ServerOptions, start};
+use sigil::server::{ServerConfig, ServerHandle, start};
 use sigil::store::Kek;
 use sigil::{
     KeyAlgorithm, PrivateKey, SledStore, SpiffeId, TrustDomain, X509Authority, X509SvidParams,
@@ -36,22 +35,7 @@ fn td() -> TrustDomain {
 }
 
 fn config(dir: &Path) -> ServerConfig {
-    ServerConfig {
-        trust_domain: td(),
-        data_dir: dir.join("data"),
-        bind: "127.0.0.1:0".parse().unwrap(),
-        admin_socket: dir.join("admin.sock"),
-        kek_file: dir.join("kek"),
-        log_format: LogFormat::Text,
-        ca_ttl: Duration::from_secs(86_400),
-        key_algorithm: KeyAlgorithm::EcP256,
-        options: ServerOptions {
-            default_x509_ttl: Duration::from_secs(3600),
-            default_jwt_ttl: Duration::from_secs(300),
-            agent_ttl: Duration::from_secs(3600),
-            x509pop_roots: vec![],
-        },
-    }
+    ServerConfig::local(TrustDomain::new("example.org").unwrap(), dir)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {

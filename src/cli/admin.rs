@@ -5,10 +5,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
-use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
-use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 use super::OutputFormat;
 use crate::config::parse_duration;
@@ -210,12 +208,7 @@ pub async fn connect_admin(path: &Path) -> anyhow::Result<AdminClient<Channel>> 
             path.display()
         );
     }
-    let connect_path = path.clone();
-    let channel = Endpoint::try_from("http://admin.sigil")?
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = connect_path.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
-        }))
+    let channel = super::unix_channel(&path)
         .await
         .with_context(|| format!("cannot connect to the admin socket {}", path.display()))?;
     Ok(AdminClient::new(channel))
@@ -468,19 +461,6 @@ pub async fn bundle(cmd: BundleCmd) -> anyhow::Result<()> {
     }
 }
 
-fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    f.write_all(data)?;
-    Ok(())
-}
-
 /// `sigil x509 mint`.
 pub async fn x509(cmd: X509Cmd) -> anyhow::Result<()> {
     let X509Cmd::Mint {
@@ -504,7 +484,7 @@ pub async fn x509(cmd: X509Cmd) -> anyhow::Result<()> {
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
         std::fs::write(dir.join("svid.pem"), &cert_pem)?;
-        write_private(&dir.join("svid.key"), key_pem.as_bytes())?;
+        super::write_private(&dir.join("svid.key"), key_pem.as_bytes())?;
         std::fs::write(dir.join("bundle.pem"), bundle.to_pem())?;
         return match admin.output {
             OutputFormat::Json => Output::json(&json!({

@@ -12,9 +12,8 @@ use crate::agent::{AgentConfig, Attestation, DEFAULT_SOCKET};
 use crate::attest::{UnixAttestor, current_uid, user_name};
 use crate::config::LogFormat;
 use crate::proto::admin as pa;
-use crate::server::{ServerConfig, ServerOptions};
+use crate::server::ServerConfig;
 use crate::spiffe::TrustDomain;
-use crate::x509::KeyAlgorithm;
 
 /// `sigil dev` flags.
 #[derive(Debug, Args)]
@@ -36,22 +35,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     super::init_tracing(log_format);
     let td = TrustDomain::new("example.org")?;
     let data_dir = std::path::absolute(&args.data_dir).context("bad --data-dir")?;
-    let server_config = ServerConfig {
-        trust_domain: td.clone(),
-        data_dir: data_dir.join("server"),
-        bind: "127.0.0.1:0".parse()?,
-        admin_socket: data_dir.join("admin.sock"),
-        kek_file: data_dir.join("server").join("kek"),
-        log_format,
-        ca_ttl: Duration::from_secs(24 * 3600),
-        key_algorithm: KeyAlgorithm::EcP256,
-        options: ServerOptions {
-            default_x509_ttl: Duration::from_secs(3600),
-            default_jwt_ttl: Duration::from_secs(300),
-            agent_ttl: Duration::from_secs(3600),
-            x509pop_roots: Vec::new(),
-        },
-    };
+    let mut server_config = ServerConfig::local(td.clone(), &data_dir.join("server"));
+    server_config.log_format = log_format;
     let server = crate::server::start(server_config).await?;
     let mut admin = super::connect_admin(server.admin_socket()).await?;
 

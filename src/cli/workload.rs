@@ -1,15 +1,12 @@
 //! `sigil workload ...`: a Workload API client that honours
 //! `SPIFFE_ENDPOINT_SOCKET`, for scripts and for checking an agent by hand.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
-use hyper_util::rt::TokioIo;
 use serde_json::json;
-use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 use super::OutputFormat;
 use super::admin::Output;
@@ -85,19 +82,12 @@ pub fn socket_path(value: Option<&str>) -> anyhow::Result<PathBuf> {
 
 /// Connects to a Workload API socket.
 pub async fn connect(path: &Path) -> anyhow::Result<SpiffeWorkloadApiClient<Channel>> {
-    let p = path.to_path_buf();
-    let channel = Endpoint::try_from("http://workload.sigil")?
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let p = p.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(p).await?)) }
-        }))
-        .await
-        .with_context(|| {
-            format!(
-                "cannot connect to the Workload API at {} (is the agent running?)",
-                path.display()
-            )
-        })?;
+    let channel = super::unix_channel(path).await.with_context(|| {
+        format!(
+            "cannot connect to the Workload API at {} (is the agent running?)",
+            path.display()
+        )
+    })?;
     Ok(SpiffeWorkloadApiClient::new(channel))
 }
 
@@ -136,19 +126,6 @@ fn describe(svid: &pw::X509svid) -> serde_json::Value {
     json!({ "spiffe_id": svid.spiffe_id, "hint": svid.hint, "expires_at": expires })
 }
 
-fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    f.write_all(data)?;
-    Ok(())
-}
-
 /// Runs a `sigil workload` command.
 pub async fn run(cmd: WorkloadCmd) -> anyhow::Result<()> {
     match cmd {
@@ -173,7 +150,7 @@ pub async fn run(cmd: WorkloadCmd) -> anyhow::Result<()> {
                     certs_to_pem(&split_certs(&first.x509_svid)),
                 )?;
                 let key = PrivateKey::from_pkcs8_der(&first.x509_svid_key)?;
-                write_private(&dir.join("svid.key"), key.to_pem().as_bytes())?;
+                super::write_private(&dir.join("svid.key"), key.to_pem().as_bytes())?;
                 std::fs::write(
                     dir.join("bundle.pem"),
                     certs_to_pem(&split_certs(&first.bundle)),

@@ -118,6 +118,28 @@ pub struct ServerConfig {
 }
 
 impl ServerConfig {
+    /// A server with every file under `dir` (store, KEK, admin socket), the
+    /// node API on an ephemeral loopback port and default lifetimes: what
+    /// `sigil dev` runs.
+    pub fn local(trust_domain: TrustDomain, dir: &Path) -> Self {
+        ServerConfig {
+            trust_domain,
+            data_dir: dir.join("data"),
+            bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin_socket: dir.join("admin.sock"),
+            kek_file: dir.join("kek"),
+            log_format: LogFormat::Text,
+            ca_ttl: Duration::from_secs(24 * 3600),
+            key_algorithm: KeyAlgorithm::EcP256,
+            options: ServerOptions {
+                default_x509_ttl: Duration::from_secs(3600),
+                default_jwt_ttl: Duration::from_secs(300),
+                agent_ttl: Duration::from_secs(3600),
+                x509pop_roots: Vec::new(),
+            },
+        }
+    }
+
     /// Validates merged flags and file values; errors name the key.
     pub fn from_raw(raw: &RawConfig) -> Result<Self, ConfigError> {
         let trust_domain = raw.trust_domain("trust_domain")?;

@@ -77,22 +77,6 @@ async fn raw_client(
     sigil::cli::connect_workload(sock).await.unwrap()
 }
 
-async fn unix_channel(sock: &Path) -> tonic::transport::Channel {
-    let p = sock.to_path_buf();
-    tonic::transport::Endpoint::try_from("http://x")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_| {
-            let p = p.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(p).await?,
-                ))
-            }
-        }))
-        .await
-        .unwrap()
-}
-
 fn with_header<T>(msg: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
     r.metadata_mut()
@@ -198,7 +182,7 @@ async fn header_identity_and_wit_rules() {
     assert_eq!(s.code(), Code::Unimplemented);
 
     // gRPC health and reflection answer on the same socket.
-    let ch = unix_channel(agent.socket()).await;
+    let ch = sigil::cli::unix_channel(agent.socket()).await.unwrap();
     let mut health = tonic_health::pb::health_client::HealthClient::new(ch.clone());
     let h = health
         .check(tonic_health::pb::HealthCheckRequest {

@@ -5,10 +5,9 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use sigil::agent::{AgentIdentity, Attestation, attest, connect, renew};
-use sigil::config::LogFormat;
 use sigil::proto::admin as pa;
 use sigil::proto::node as pn;
-use sigil::server::{ServerConfig, ServerHandle, ServerOptions, start};
+use sigil::server::{ServerConfig, ServerHandle, start};
 use sigil::{KeyAlgorithm, PrivateKey, SpiffeId, TrustDomain, X509Authority, X509SvidParams};
 use tonic::Code;
 
@@ -17,22 +16,9 @@ pub fn td() -> TrustDomain {
 }
 
 pub fn server_config(dir: &Path, x509pop_roots: Vec<Vec<u8>>) -> ServerConfig {
-    ServerConfig {
-        trust_domain: td(),
-        data_dir: dir.join("data"),
-        bind: "127.0.0.1:0".parse().unwrap(),
-        admin_socket: dir.join("admin.sock"),
-        kek_file: dir.join("kek"),
-        log_format: LogFormat::Text,
-        ca_ttl: Duration::from_secs(86_400),
-        key_algorithm: KeyAlgorithm::EcP256,
-        options: ServerOptions {
-            default_x509_ttl: Duration::from_secs(3600),
-            default_jwt_ttl: Duration::from_secs(300),
-            agent_ttl: Duration::from_secs(3600),
-            x509pop_roots,
-        },
-    }
+    let mut c = ServerConfig::local(td(), dir);
+    c.options.x509pop_roots = x509pop_roots;
+    c
 }
 
 pub async fn admin(
