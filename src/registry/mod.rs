@@ -265,20 +265,18 @@ impl Registry {
     /// Replaces an entry's fields (the ID stays).
     pub fn update_entry(&self, id: &str, params: EntryParams) -> Result<Entry, RegistryError> {
         let validated = params.validate(&self.trust_domain, &self.validation)?;
-        // The parent index key depends on the old entry: commit only if nothing
-        // changed since we read it, retrying a few times under contention.
+        // The index keys depend on the old entry: commit only if the entry
+        // still holds what we read (compare-and-swap on its value), retrying
+        // if a concurrent update got there first.
         for _ in 0..8 {
-            let revision = self.store.revision()?;
-            let old = self
-                .entry(id)?
-                .ok_or_else(|| RegistryError::EntryNotFound(id.to_string()))?;
+            let (old, old_bytes) = self.entry_with_bytes(id)?;
             let mut entry = validated.clone();
             entry.id = old.id.clone();
             entry.created_at_micros = old.created_at_micros;
             let old_unique = unique_key(&old);
             let new_unique = unique_key(&entry);
             let mut commit = Commit::new()
-                .at_revision(revision)
+                .require_equals(Table::Entries, id.as_bytes(), old_bytes)
                 .delete(Table::EntriesByParent, parent_key(&old.parent_id, id))
                 .put(Table::Entries, id.as_bytes(), encode(&entry))
                 .put(
@@ -297,30 +295,41 @@ impl Registry {
                 Err(StoreError::CheckFailed(CheckFailure::Exists { .. })) => {
                     return Err(RegistryError::DuplicateEntry(entry.spiffe_id.to_string()));
                 }
-                Err(StoreError::CheckFailed(CheckFailure::Revision { .. })) => continue,
+                Err(StoreError::CheckFailed(CheckFailure::Changed { .. })) => continue,
                 Err(e) => return Err(e.into()),
             }
         }
         Err(RegistryError::Store(StoreError::Backend(
-            "entry update kept conflicting with concurrent writes; retry".into(),
+            "entry update kept conflicting with concurrent updates of the same entry; retry".into(),
         )))
+    }
+
+    fn entry_with_bytes(&self, id: &str) -> Result<(Entry, Vec<u8>), RegistryError> {
+        let bytes = self
+            .store
+            .get(Table::Entries, id.as_bytes())?
+            .ok_or_else(|| RegistryError::EntryNotFound(id.to_string()))?;
+        Ok((decode(&format!("entry {id}"), &bytes)?, bytes))
     }
 
     /// Deletes an entry.
     pub fn delete_entry(&self, id: &str) -> Result<Entry, RegistryError> {
-        let old = self
-            .entry(id)?
-            .ok_or_else(|| RegistryError::EntryNotFound(id.to_string()))?;
-        let commit = Commit::new()
-            .require_exists(Table::Entries, id.as_bytes())
-            .delete(Table::Entries, id.as_bytes())
-            .delete(Table::EntriesByParent, parent_key(&old.parent_id, id))
-            .delete(Table::EntriesByParent, unique_key(&old));
-        match self.commit(commit) {
-            Ok(_) => Ok(old),
-            Err(StoreError::CheckFailed(_)) => Err(RegistryError::EntryNotFound(id.to_string())),
-            Err(e) => Err(e.into()),
+        for _ in 0..8 {
+            let (old, old_bytes) = self.entry_with_bytes(id)?;
+            let commit = Commit::new()
+                .require_equals(Table::Entries, id.as_bytes(), old_bytes)
+                .delete(Table::Entries, id.as_bytes())
+                .delete(Table::EntriesByParent, parent_key(&old.parent_id, id))
+                .delete(Table::EntriesByParent, unique_key(&old));
+            match self.commit(commit) {
+                Ok(_) => return Ok(old),
+                Err(StoreError::CheckFailed(_)) => continue,
+                Err(e) => return Err(e.into()),
+            }
         }
+        Err(RegistryError::Store(StoreError::Backend(
+            "entry delete kept conflicting with concurrent updates of the same entry; retry".into(),
+        )))
     }
 
     /// One entry by ID.

@@ -289,3 +289,41 @@ fn batch_create_is_all_or_nothing() {
         .collect();
     assert_eq!(r.create_entries(ok, now()).unwrap().len(), 10);
 }
+
+#[test]
+fn updates_succeed_while_other_writes_move_the_revision() {
+    let r = registry();
+    let e = r
+        .create_entry(params("spiffe://example.org/web", AGENT), now())
+        .unwrap();
+    let churn = {
+        let r = r.clone();
+        std::thread::spawn(move || {
+            for i in 0..400 {
+                let agent = AgentRecord {
+                    spiffe_id: SpiffeId::new(&format!("{OTHER}{i}")).unwrap(),
+                    attestor: "join_token".into(),
+                    selectors: vec![],
+                    attested_at: 0,
+                    svid_expires_at: 0,
+                    svid_serial: String::new(),
+                    banned: false,
+                };
+                r.put_agent(&agent).unwrap();
+            }
+        })
+    };
+    for i in 0..100 {
+        let mut p = params("spiffe://example.org/web", AGENT);
+        p.hint = format!("h{i}");
+        r.update_entry(&e.id, p).unwrap();
+    }
+    churn.join().unwrap();
+    assert_eq!(r.entry(&e.id).unwrap().unwrap().hint, "h99");
+    let agent = SpiffeId::new(AGENT).unwrap();
+    assert_eq!(
+        r.entries_by_parent(&agent, None, 10).unwrap().len(),
+        1,
+        "index intact"
+    );
+}

@@ -46,7 +46,7 @@ impl Store for MemoryStore {
     fn commit(&self, commit: Commit) -> Result<u64, StoreError> {
         let mut inner = self.lock();
         let checked = evaluate_checks(commit.checks(), inner.revision, |table, key| {
-            Ok::<_, StoreError>(inner.tables[table.index()].contains_key(key))
+            Ok::<_, StoreError>(inner.tables[table.index()].get(key).cloned())
         })?;
         checked.map_err(StoreError::CheckFailed)?;
         if commit.writes().is_empty() {

@@ -114,6 +114,14 @@ pub enum CheckFailure {
         /// Key (lossy UTF-8).
         key: String,
     },
+    /// The key no longer holds the value the caller read.
+    #[error("{table:?} key {key:?} changed since it was read")]
+    Changed {
+        /// Table.
+        table: Table,
+        /// Key (lossy UTF-8).
+        key: String,
+    },
     /// The store moved past the expected revision.
     #[error("revision is {actual}, expected {expected}")]
     Revision {
@@ -183,6 +191,8 @@ pub enum Check {
     Exists(Table, Vec<u8>),
     /// The key must not exist.
     Absent(Table, Vec<u8>),
+    /// The key must hold exactly this value (compare-and-swap on one key).
+    Equals(Table, Vec<u8>, Vec<u8>),
     /// The global revision must still be this.
     Revision(u64),
 }
@@ -236,6 +246,17 @@ impl Commit {
     /// Requires `key` to be absent.
     pub fn require_absent(mut self, table: Table, key: impl Into<Vec<u8>>) -> Self {
         self.checks.push(Check::Absent(table, key.into()));
+        self
+    }
+    /// Requires `key` to still hold `value`.
+    pub fn require_equals(
+        mut self,
+        table: Table,
+        key: impl Into<Vec<u8>>,
+        value: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.checks
+            .push(Check::Equals(table, key.into(), value.into()));
         self
     }
     /// Requires the store to still be at `revision`.
@@ -497,29 +518,36 @@ mod tests;
 fn evaluate_checks<E>(
     checks: &[Check],
     revision: u64,
-    mut exists: impl FnMut(Table, &[u8]) -> Result<bool, E>,
+    mut get: impl FnMut(Table, &[u8]) -> Result<Option<Vec<u8>>, E>,
 ) -> Result<Result<(), CheckFailure>, E> {
     for check in checks {
-        match check {
-            Check::Revision(expected) if *expected != revision => {
-                return Ok(Err(CheckFailure::Revision {
-                    expected: *expected,
-                    actual: revision,
-                }));
-            }
-            Check::Exists(table, key) if !exists(*table, key)? => {
-                return Ok(Err(CheckFailure::Missing {
+        let failure = match check {
+            Check::Revision(expected) if *expected != revision => Some(CheckFailure::Revision {
+                expected: *expected,
+                actual: revision,
+            }),
+            Check::Exists(table, key) if get(*table, key)?.is_none() => {
+                Some(CheckFailure::Missing {
                     table: *table,
                     key: check_failure_key(key),
-                }));
+                })
             }
-            Check::Absent(table, key) if exists(*table, key)? => {
-                return Ok(Err(CheckFailure::Exists {
+            Check::Absent(table, key) if get(*table, key)?.is_some() => {
+                Some(CheckFailure::Exists {
                     table: *table,
                     key: check_failure_key(key),
-                }));
+                })
             }
-            _ => {}
+            Check::Equals(table, key, value) if get(*table, key)?.as_ref() != Some(value) => {
+                Some(CheckFailure::Changed {
+                    table: *table,
+                    key: check_failure_key(key),
+                })
+            }
+            _ => None,
+        };
+        if let Some(f) = failure {
+            return Ok(Err(f));
         }
     }
     Ok(Ok(()))

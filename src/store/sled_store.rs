@@ -113,7 +113,7 @@ impl Store for SledStore {
             let revision = u64_of(t[META].get(META_REVISION)?);
             let checked = evaluate_checks(commit.checks(), revision, |table, key| {
                 Ok::<_, ConflictableTransactionError<StoreError>>(
-                    t[FIRST_TABLE + table.index()].get(key)?.is_some(),
+                    t[FIRST_TABLE + table.index()].get(key)?.map(|v| v.to_vec()),
                 )
             })?;
             if let Err(failure) = checked {

@@ -69,6 +69,34 @@ fn suite(store: &dyn Store) {
         .unwrap();
     assert_eq!(r2, 2);
 
+    // Compare-and-swap on one key's value.
+    let err = store
+        .commit(
+            Commit::new()
+                .require_equals(Table::Entries, "a", "stale")
+                .put(Table::Entries, "a", "9"),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::CheckFailed(CheckFailure::Changed { .. })),
+        "{err}"
+    );
+    assert_eq!(
+        store.get(Table::Entries, b"a").unwrap(),
+        Some(b"1".to_vec())
+    );
+    let err = store
+        .commit(
+            Commit::new()
+                .require_equals(Table::Entries, "missing", "x")
+                .put(Table::Entries, "m", "1"),
+        )
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        StoreError::CheckFailed(CheckFailure::Changed { .. })
+    ));
+
     // Consume-once: exactly one of two identical consuming commits wins.
     store
         .commit(Commit::new().put(Table::JoinTokens, "tok", "v"))
