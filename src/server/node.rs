@@ -41,7 +41,8 @@ impl NodeService {
 
 /// The agent behind an mTLS request: its SVID verified by TLS, its record
 /// present and not banned.
-fn caller<T>(state: &ServerState, req: &Request<T>) -> Result<SpiffeId, Status> {
+/// The agent behind an mTLS request and its SVID's expiry (seconds since the epoch).
+fn caller<T>(state: &ServerState, req: &Request<T>) -> Result<(SpiffeId, i64), Status> {
     let certs = req.peer_certs().ok_or_else(|| {
         Status::unauthenticated("this RPC requires the agent SVID as TLS client certificate")
     })?;
@@ -50,8 +51,19 @@ fn caller<T>(state: &ServerState, req: &Request<T>) -> Result<SpiffeId, Status> 
         .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
     let id =
         svid_id(leaf).map_err(|e| Status::unauthenticated(format!("client certificate: {e}")))?;
+    // TLS checks validity only at the handshake; a long-lived connection must
+    // not outlive the SVID it was opened with.
+    let not_after = x509_parser::parse_x509_certificate(leaf)
+        .map(|(_, c)| c.validity().not_after.timestamp())
+        .map_err(|e| Status::unauthenticated(format!("client certificate: {e}")))?;
+    let now = i64::try_from(unix(state.clock.now())).unwrap_or(i64::MAX);
+    if not_after <= now {
+        return Err(Status::unauthenticated(format!(
+            "the agent SVID of {id} expired at {not_after}; renew or attest again"
+        )));
+    }
     state.check_agent(&id)?;
-    Ok(id)
+    Ok((id, not_after))
 }
 
 #[tonic::async_trait]
@@ -93,7 +105,7 @@ impl Node for NodeService {
     ) -> Result<Response<pn::RenewAgentResponse>, Status> {
         let state = &self.state;
         let id = match caller(state, &req) {
-            Ok(id) => id,
+            Ok((id, _)) => id,
             Err(s) => {
                 tracing::warn!(target: "sigil::audit", event = "renew_agent", decision = "deny", reason = s.message());
                 return Err(s);
@@ -120,7 +132,7 @@ impl Node for NodeService {
         req: Request<pn::BatchNewX509svidRequest>,
     ) -> Result<Response<pn::BatchNewX509svidResponse>, Status> {
         let state = &self.state;
-        let agent = caller(state, &req)?;
+        let (agent, _) = caller(state, &req)?;
         let now = state.clock.now();
         let mut results = Vec::with_capacity(req.get_ref().params.len());
         for p in &req.get_ref().params {
@@ -174,7 +186,7 @@ impl Node for NodeService {
         req: Request<pn::NewJwtsvidRequest>,
     ) -> Result<Response<pn::NewJwtsvidResponse>, Status> {
         let state = &self.state;
-        let agent = caller(state, &req)?;
+        let (agent, _) = caller(state, &req)?;
         let r = req.get_ref();
         let decision = (|| {
             if r.audience.is_empty() || r.audience.iter().any(String::is_empty) {
@@ -228,13 +240,13 @@ impl Node for NodeService {
         &self,
         req: Request<pn::SyncEntriesRequest>,
     ) -> Result<Response<Self::SyncEntriesStream>, Status> {
-        let agent = caller(&self.state, &req)?;
+        let (agent, expires) = caller(&self.state, &req)?;
         let resume = req.get_ref().resume_from_revision;
         let (tx, rx) = mpsc::channel(8);
         let state = self.state.clone();
         tracing::info!(target: "sigil::audit", event = "sync_entries", decision = "allow", agent = %agent, resume_from = resume);
         tokio::spawn(async move {
-            if let Err(s) = sync(&state, &agent, resume, &tx).await {
+            if let Err(s) = sync(&state, &agent, resume, expires, &tx).await {
                 tracing::info!(agent = %agent, reason = s.message(), "sync stream closed");
                 let _ = tx.send(Err(s)).await;
             }
@@ -336,8 +348,15 @@ async fn sync(
     state: &ServerState,
     agent: &SpiffeId,
     resume: u64,
+    expires: i64,
     tx: &Sender<pn::SyncEntriesResponse>,
 ) -> Result<(), Status> {
+    // The stream ends when the SVID it was opened with expires; the agent
+    // reconnects with its renewed one.
+    let left = u64::try_from(expires)
+        .unwrap_or(0)
+        .saturating_sub(unix(state.clock.now()));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(left);
     let mut revisions = state.registry.subscribe();
     let mut shutdown = state.shutdown.clone();
     let store = state.registry.store().clone();
@@ -415,6 +434,9 @@ async fn sync(
         tokio::select! {
             changed = revisions.changed() => if changed.is_err() { return Ok(()) },
             _ = shutdown.changed() => return Err(Status::unavailable("server is shutting down")),
+            _ = tokio::time::sleep_until(deadline) => {
+                return Err(Status::unauthenticated("the agent SVID this stream was opened with has expired"));
+            }
             _ = tx.closed() => return Ok(()),
         }
     }

@@ -399,3 +399,84 @@ async fn agent_restart_reuses_its_saved_identity() {
     again.shutdown(Duration::from_secs(2)).await;
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_renews_its_svid_and_reattests_with_x509pop_after_expiry() {
+    use sigil::{KeyAlgorithm, PrivateKey, SpiffeId, TrustDomain, X509Authority, X509SvidParams};
+    use std::time::SystemTime;
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = TrustDomain::new("nodes.example").unwrap();
+    let node_ca = X509Authority::self_signed(
+        &nodes,
+        KeyAlgorithm::EcP256,
+        Duration::from_secs(3600),
+        SystemTime::now(),
+    )
+    .unwrap();
+    let node_key = PrivateKey::generate(KeyAlgorithm::EcP256).unwrap();
+    let node_cert = node_ca
+        .issue_for_private_key(
+            &node_key,
+            &X509SvidParams {
+                spiffe_id: SpiffeId::new("spiffe://nodes.example/n1").unwrap(),
+                dns_names: vec![],
+                ttl: Duration::from_secs(3600),
+            },
+            SystemTime::now(),
+        )
+        .unwrap()
+        .cert_der()
+        .to_vec();
+    let mut cfg = server_config(&dir.path().join("s"), vec![node_ca.cert_der().to_vec()]);
+    // Agent SVIDs live 3 s: the agent must renew them to keep working.
+    cfg.options.agent_ttl = Duration::from_secs(3);
+    let server = start(cfg).await.unwrap();
+    let agent_config = || AgentConfig {
+        server: server.node_addr().to_string(),
+        trust_bundle_pem: server.bundle_pem().to_string(),
+        trust_domain: td(),
+        attestation: Some(Attestation::X509Pop {
+            chain: vec![node_cert.clone()],
+            key: node_key.clone(),
+        }),
+        socket: dir.path().join("api.sock"),
+        data_dir: dir.path().join("agent"),
+        log_format: LogFormat::Text,
+        unix: UnixAttestor::default(),
+    };
+    let me = format!("unix:uid:{}", my_uid());
+
+    // Renewal: a join-token agent cannot attest again, so past its first
+    // SVID's expiry only a renewed SVID can still get entries signed.
+    let joined = start_agent(&server, &dir.path().join("j")).await;
+    let jid = joined.spiffe_id().to_string();
+    register(&server, "spiffe://example.org/j1", &jid, me.clone(), 0).await;
+    wait_for_svids(&joined, 1).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    register(&server, "spiffe://example.org/j2", &jid, me.clone(), 0).await;
+    wait_for_svids(&joined, 2).await;
+    joined.shutdown(Duration::from_secs(2)).await;
+
+    let agent = sigil::agent::start(agent_config()).await.unwrap();
+    let id = agent.spiffe_id().to_string();
+    assert!(
+        id.starts_with("spiffe://example.org/sigil/agent/x509pop/"),
+        "{id}"
+    );
+    register(&server, "spiffe://example.org/a", &id, me.clone(), 0).await;
+    register(&server, "spiffe://example.org/b", &id, me.clone(), 0).await;
+    wait_for_svids(&agent, 2).await;
+    agent.shutdown(Duration::from_secs(2)).await;
+
+    // Stopped long enough for the saved SVID to expire: restart re-attests.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let again = sigil::agent::start(agent_config()).await.unwrap();
+    assert_eq!(
+        again.spiffe_id().to_string(),
+        id,
+        "same node, same agent ID"
+    );
+    wait_for_svids(&again, 2).await;
+    again.shutdown(Duration::from_secs(2)).await;
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
