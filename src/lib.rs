@@ -11,6 +11,7 @@ pub mod ca;
 pub mod cli;
 pub mod config;
 pub mod jwt;
+pub mod policy;
 pub mod registry;
 pub mod runtime;
 pub mod server;

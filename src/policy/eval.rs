@@ -1,0 +1,399 @@
+//! Evaluating AuthorizationPolicies against a request, Istio's order:
+//! any matching DENY → deny; no ALLOW policy applies → allow; a matching
+//! ALLOW → allow; otherwise deny. AUDIT marks without deciding. Every
+//! decision says which policy and rule decided, and a default deny says why
+//! each candidate ALLOW rule failed.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use super::model::{
+    Action, AuthorizationPolicy, Cidr, Condition, ConditionKey, Field, Matcher, Operation,
+    PolicySet, Rule, Source,
+};
+
+/// The authenticated end user, from a validated JWT.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RequestAuth {
+    /// `iss/sub`.
+    pub principal: String,
+    /// `aud`.
+    pub audiences: Vec<String>,
+    /// `azp`.
+    pub presenter: Option<String>,
+    /// All claims.
+    pub claims: serde_json::Map<String, serde_json::Value>,
+}
+
+/// What is known about a request, in domain terms.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Request {
+    /// The peer's SPIFFE ID (`spiffe://td/ns/x/sa/y`), if mTLS.
+    pub source_principal: Option<String>,
+    /// The peer's address.
+    pub source_ip: Option<IpAddr>,
+    /// The destination workload's SPIFFE ID.
+    pub destination_principal: Option<String>,
+    /// The destination workload's labels.
+    pub destination_labels: BTreeMap<String, String>,
+    /// The destination port.
+    pub destination_port: Option<u16>,
+    /// HTTP method.
+    pub method: String,
+    /// HTTP path (without the query).
+    pub path: String,
+    /// HTTP host / authority.
+    pub host: String,
+    /// Headers, names lowercased.
+    pub headers: BTreeMap<String, String>,
+    /// TLS SNI.
+    pub sni: Option<String>,
+    /// The validated end-user JWT, if any.
+    pub auth: Option<RequestAuth>,
+}
+
+/// `/ns/<ns>/sa/<sa>` → `<ns>`.
+pub fn namespace_of(spiffe_id: &str) -> Option<&str> {
+    let path = spiffe_id.strip_prefix("spiffe://")?.split_once('/')?.1;
+    let mut parts = path.split('/');
+    match (parts.next(), parts.next()) {
+        (Some("ns"), Some(ns)) if !ns.is_empty() => Some(ns),
+        _ => None,
+    }
+}
+
+/// The outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// Allowed?
+    pub allow: bool,
+    /// 200 or 403.
+    pub status: u16,
+    /// The deciding policy (`ns/name`), if one decided.
+    pub policy: Option<String>,
+    /// The deciding rule's index.
+    pub rule: Option<usize>,
+    /// Why, step by step.
+    pub explanation: Vec<String>,
+    /// Matched by an AUDIT policy.
+    pub audit: bool,
+}
+
+fn field_matches<T>(
+    name: &str,
+    field: &Field<T>,
+    value: Option<&str>,
+    check: impl Fn(&T, &str) -> bool,
+) -> Result<(), String> {
+    if !field.values.is_empty() {
+        match value {
+            Some(v) if field.values.iter().any(|m| check(m, v)) => {}
+            Some(v) => return Err(format!("{name}: {v:?} matches none of the values")),
+            None => return Err(format!("{name}: the request has none")),
+        }
+    }
+    if let Some(v) = value {
+        if field.not_values.iter().any(|m| check(m, v)) {
+            return Err(format!("{name}: {v:?} is excluded"));
+        }
+    }
+    Ok(())
+}
+
+fn m(case_insensitive: bool) -> impl Fn(&Matcher, &str) -> bool {
+    move |m, v| m.matches(v, case_insensitive)
+}
+
+fn source_matches(s: &Source, r: &Request) -> Result<(), String> {
+    let principal = r
+        .source_principal
+        .as_deref()
+        .map(|p| p.strip_prefix("spiffe://").unwrap_or(p));
+    field_matches("principals", &s.principals, principal, m(false))?;
+    let req_principal = r.auth.as_ref().map(|a| a.principal.as_str());
+    field_matches(
+        "requestPrincipals",
+        &s.request_principals,
+        req_principal,
+        m(false),
+    )?;
+    let ns = r.source_principal.as_deref().and_then(namespace_of);
+    field_matches("namespaces", &s.namespaces, ns, m(false))?;
+    let ip = r.source_ip.map(|i| i.to_string());
+    field_matches("ipBlocks", &s.ip_blocks, ip.as_deref(), |c: &Cidr, v| {
+        v.parse().is_ok_and(|ip| c.contains(ip))
+    })
+}
+
+fn operation_matches(o: &Operation, r: &Request) -> Result<(), String> {
+    let host = (!r.host.is_empty()).then_some(r.host.as_str());
+    field_matches("hosts", &o.hosts, host, m(true))?;
+    let port = r.destination_port.map(|p| p.to_string());
+    field_matches("ports", &o.ports, port.as_deref(), |p: &u16, v| {
+        v == p.to_string()
+    })?;
+    let method = (!r.method.is_empty()).then_some(r.method.as_str());
+    field_matches("methods", &o.methods, method, m(false))?;
+    let path = (!r.path.is_empty()).then_some(r.path.as_str());
+    field_matches("paths", &o.paths, path, m(false))
+}
+
+fn claim<'a>(
+    claims: &'a serde_json::Map<String, serde_json::Value>,
+    path: &[String],
+) -> Vec<String> {
+    let mut cur: Option<&'a serde_json::Value> = None;
+    for (i, k) in path.iter().enumerate() {
+        cur = if i == 0 {
+            claims.get(k)
+        } else {
+            cur.and_then(|v| v.get(k))
+        };
+    }
+    match cur {
+        Some(serde_json::Value::String(s)) => vec![s.clone()],
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn condition_matches(c: &Condition, r: &Request) -> Result<(), String> {
+    let auth = r.auth.as_ref();
+    let values: Vec<String> = match &c.key {
+        ConditionKey::Header(h) => r.headers.get(h).cloned().into_iter().collect(),
+        ConditionKey::SourceIp => r.source_ip.map(|i| i.to_string()).into_iter().collect(),
+        ConditionKey::SourceNamespace => r
+            .source_principal
+            .as_deref()
+            .and_then(namespace_of)
+            .map(str::to_string)
+            .into_iter()
+            .collect(),
+        ConditionKey::SourcePrincipal => r
+            .source_principal
+            .as_deref()
+            .map(|p| p.strip_prefix("spiffe://").unwrap_or(p).to_string())
+            .into_iter()
+            .collect(),
+        ConditionKey::AuthPrincipal => auth.map(|a| a.principal.clone()).into_iter().collect(),
+        ConditionKey::AuthAudiences => auth.map(|a| a.audiences.clone()).unwrap_or_default(),
+        ConditionKey::AuthPresenter => auth.and_then(|a| a.presenter.clone()).into_iter().collect(),
+        ConditionKey::AuthClaim(path) => auth.map(|a| claim(&a.claims, path)).unwrap_or_default(),
+        ConditionKey::DestinationPort => r
+            .destination_port
+            .map(|p| p.to_string())
+            .into_iter()
+            .collect(),
+        ConditionKey::ConnectionSni => r.sni.clone().into_iter().collect(),
+    };
+    let name = format!("when {}", c.key_text);
+    let is_ip = c.key == ConditionKey::SourceIp;
+    let check = |m: &Matcher, v: &str| {
+        if is_ip {
+            // Values were validated as CIDRs at load time.
+            let text = match m {
+                Matcher::Exact(e) => e.as_str(),
+                _ => return false,
+            };
+            Cidr::parse(text).is_ok_and(|c| v.parse().is_ok_and(|ip| c.contains(ip)))
+        } else {
+            m.matches(v, false)
+        }
+    };
+    if !c.field.values.is_empty()
+        && !values
+            .iter()
+            .any(|v| c.field.values.iter().any(|m| check(m, v)))
+    {
+        return Err(match values.is_empty() {
+            true => format!("{name}: the request has none"),
+            false => format!("{name}: {values:?} matches none of the values"),
+        });
+    }
+    if values
+        .iter()
+        .any(|v| c.field.not_values.iter().any(|m| check(m, v)))
+    {
+        return Err(format!("{name}: {values:?} is excluded"));
+    }
+    Ok(())
+}
+
+/// Whether a rule matches; on failure, the first reason.
+pub fn rule_matches(rule: &Rule, r: &Request) -> Result<(), String> {
+    if !rule.from.is_empty() {
+        let reasons: Vec<String> = rule
+            .from
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| source_matches(s, r).err().map(|e| format!("from[{i}] {e}")))
+            .collect();
+        if reasons.len() == rule.from.len() {
+            return Err(reasons.join("; "));
+        }
+    }
+    if !rule.to.is_empty() {
+        let reasons: Vec<String> = rule
+            .to
+            .iter()
+            .enumerate()
+            .filter_map(|(i, o)| {
+                operation_matches(o, r)
+                    .err()
+                    .map(|e| format!("to[{i}] {e}"))
+            })
+            .collect();
+        if reasons.len() == rule.to.len() {
+            return Err(reasons.join("; "));
+        }
+    }
+    for c in &rule.when {
+        condition_matches(c, r)?;
+    }
+    Ok(())
+}
+
+/// The evaluator: a policy set and the mesh-wide root namespace.
+#[derive(Debug, Clone)]
+pub struct Evaluator {
+    set: PolicySet,
+    root_namespace: String,
+}
+
+impl Evaluator {
+    /// An evaluator over `set`; policies in `root_namespace` apply mesh-wide.
+    pub fn new(set: PolicySet, root_namespace: impl Into<String>) -> Self {
+        Evaluator {
+            set,
+            root_namespace: root_namespace.into(),
+        }
+    }
+
+    fn applies(&self, p: &AuthorizationPolicy, r: &Request) -> bool {
+        if p.namespace == self.root_namespace {
+            return p
+                .selector
+                .as_ref()
+                .is_none_or(|labels| labels_match(labels, r));
+        }
+        let dest_ns = r.destination_principal.as_deref().and_then(namespace_of);
+        dest_ns == Some(p.namespace.as_str())
+            && p.selector
+                .as_ref()
+                .is_none_or(|labels| labels_match(labels, r))
+    }
+
+    /// Decides a request and explains the decision.
+    pub fn evaluate(&self, r: &Request) -> Decision {
+        let mut explanation = Vec::new();
+        let mut audit = false;
+        let first_match = |p: &AuthorizationPolicy| {
+            p.rules
+                .iter()
+                .position(|rule| rule_matches(rule, r).is_ok())
+        };
+        let applicable: Vec<&AuthorizationPolicy> = self
+            .set
+            .authorization
+            .iter()
+            .filter(|p| self.applies(p, r))
+            .collect();
+
+        for p in applicable.iter().filter(|p| p.action == Action::Audit) {
+            if let Some(i) = first_match(p) {
+                audit = true;
+                explanation.push(format!(
+                    "AUDIT {} rule {i} matched (request marked for audit)",
+                    p.id()
+                ));
+            }
+        }
+        for p in applicable.iter().filter(|p| p.action == Action::Deny) {
+            if let Some(i) = first_match(p) {
+                if p.dry_run {
+                    explanation.push(format!(
+                        "dry-run DENY {} rule {i} would deny (not enforced)",
+                        p.id()
+                    ));
+                    continue;
+                }
+                explanation.push(format!("DENY {} rule {i} matched", p.id()));
+                return Decision {
+                    allow: false,
+                    status: 403,
+                    policy: Some(p.id()),
+                    rule: Some(i),
+                    explanation,
+                    audit,
+                };
+            }
+        }
+        let allows: Vec<&&AuthorizationPolicy> = applicable
+            .iter()
+            .filter(|p| p.action == Action::Allow && !p.dry_run)
+            .collect();
+        for p in applicable
+            .iter()
+            .filter(|p| p.action == Action::Allow && p.dry_run)
+        {
+            let would = if first_match(p).is_some() {
+                "would allow"
+            } else {
+                "would not match"
+            };
+            explanation.push(format!("dry-run ALLOW {} {would} (not enforced)", p.id()));
+        }
+        if allows.is_empty() {
+            explanation
+                .push("no ALLOW policy applies to the destination: allowed by default".into());
+            return Decision {
+                allow: true,
+                status: 200,
+                policy: None,
+                rule: None,
+                explanation,
+                audit,
+            };
+        }
+        for p in &allows {
+            if let Some(i) = first_match(p) {
+                explanation.push(format!("ALLOW {} rule {i} matched", p.id()));
+                return Decision {
+                    allow: true,
+                    status: 200,
+                    policy: Some(p.id()),
+                    rule: Some(i),
+                    explanation,
+                    audit,
+                };
+            }
+        }
+        explanation.push("ALLOW policies apply but none matched: denied by default".into());
+        for p in &allows {
+            if p.rules.is_empty() {
+                explanation.push(format!("{}: has no rules (allows nothing)", p.id()));
+            }
+            for (i, rule) in p.rules.iter().enumerate() {
+                if let Err(why) = rule_matches(rule, r) {
+                    explanation.push(format!("{} rule {i}: {why}", p.id()));
+                }
+            }
+        }
+        Decision {
+            allow: false,
+            status: 403,
+            policy: None,
+            rule: None,
+            explanation,
+            audit,
+        }
+    }
+}
+
+fn labels_match(want: &BTreeMap<String, String>, r: &Request) -> bool {
+    want.iter()
+        .all(|(k, v)| r.destination_labels.get(k) == Some(v))
+}

@@ -1,0 +1,693 @@
+//! Istio-style AuthorizationPolicy documents: strict parsing from YAML into
+//! validated types. Unknown fields, unknown condition keys and bad values are
+//! errors naming the file, the document and the field path.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Why a policy file was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}: document {document}: {path}: {reason}")]
+pub struct PolicyError {
+    /// The file.
+    pub file: PathBuf,
+    /// Zero-based document index in the file.
+    pub document: usize,
+    /// The field path, e.g. `spec.rules[0].from[0].source.ipBlocks[1]`.
+    pub path: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+/// What an AuthorizationPolicy does when one of its rules matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Allow (the default).
+    Allow,
+    /// Deny.
+    Deny,
+    /// Mark the request for audit; never changes the decision.
+    Audit,
+}
+
+/// A string matcher: exact, `prefix*`, `*suffix`, or `*` (any non-empty value).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Matcher {
+    /// Equal.
+    Exact(String),
+    /// Starts with.
+    Prefix(String),
+    /// Ends with.
+    Suffix(String),
+    /// Present (any value).
+    Presence,
+}
+
+impl Matcher {
+    /// Parses Istio's match syntax.
+    pub fn parse(s: &str) -> Self {
+        if s == "*" {
+            Matcher::Presence
+        } else if let Some(p) = s.strip_suffix('*') {
+            Matcher::Prefix(p.to_string())
+        } else if let Some(p) = s.strip_prefix('*') {
+            Matcher::Suffix(p.to_string())
+        } else {
+            Matcher::Exact(s.to_string())
+        }
+    }
+
+    /// True when `value` matches (`case_insensitive` for hosts).
+    pub fn matches(&self, value: &str, case_insensitive: bool) -> bool {
+        let (v, norm);
+        if case_insensitive {
+            norm = value.to_ascii_lowercase();
+            v = norm.as_str();
+        } else {
+            v = value;
+        }
+        let fold = |s: &str| {
+            if case_insensitive {
+                s.to_ascii_lowercase()
+            } else {
+                s.to_string()
+            }
+        };
+        match self {
+            Matcher::Exact(e) => v == fold(e),
+            Matcher::Prefix(p) => v.starts_with(&fold(p)),
+            Matcher::Suffix(s) => v.ends_with(&fold(s)),
+            Matcher::Presence => !v.is_empty(),
+        }
+    }
+}
+
+/// An IPv4 or IPv6 CIDR block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Parses `10.0.0.0/8`, `::1/128` or a bare address (a single host).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (ip, prefix) = match s.split_once('/') {
+            Some((ip, p)) => (ip, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = ip
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IP address or CIDR"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{s:?}: prefix length must be 0..={max}"))?,
+            None => max,
+        };
+        Ok(Cidr { addr, prefix })
+    }
+
+    /// True when `ip` is inside the block.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        fn bits(a: IpAddr) -> u128 {
+            match a {
+                IpAddr::V4(v) => u128::from(u32::from(v)),
+                IpAddr::V6(v) => u128::from(v),
+            }
+        }
+        if self.addr.is_ipv4() != ip.is_ipv4() {
+            return false;
+        }
+        let width = if ip.is_ipv4() { 32 } else { 128 };
+        if self.prefix == 0 {
+            return true;
+        }
+        let shift = width - u32::from(self.prefix);
+        bits(self.addr) >> shift == bits(ip) >> shift
+    }
+}
+
+/// A field of a source or operation: values that must match (any of them)
+/// and values that must not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Field<T> {
+    /// The positive form (`principals`); empty when absent.
+    pub values: Vec<T>,
+    /// The negative form (`notPrincipals`).
+    pub not_values: Vec<T>,
+}
+
+impl<T> Default for Field<T> {
+    fn default() -> Self {
+        Field {
+            values: Vec::new(),
+            not_values: Vec::new(),
+        }
+    }
+}
+
+impl<T> Field<T> {
+    fn is_set(&self) -> bool {
+        !self.values.is_empty() || !self.not_values.is_empty()
+    }
+}
+
+/// `rules[].from[].source`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Source {
+    /// Peer principals (SPIFFE IDs without `spiffe://`).
+    pub principals: Field<Matcher>,
+    /// Request principals (`iss/sub`).
+    pub request_principals: Field<Matcher>,
+    /// Peer namespaces.
+    pub namespaces: Field<Matcher>,
+    /// Peer IP blocks.
+    pub ip_blocks: Field<Cidr>,
+}
+
+/// `rules[].to[].operation`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Operation {
+    /// Hosts (case-insensitive).
+    pub hosts: Field<Matcher>,
+    /// Destination ports.
+    pub ports: Field<u16>,
+    /// HTTP methods.
+    pub methods: Field<Matcher>,
+    /// HTTP paths.
+    pub paths: Field<Matcher>,
+}
+
+/// The keys a `when` condition may use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConditionKey {
+    /// `request.headers[name]` (name lowercased).
+    Header(String),
+    /// `source.ip`.
+    SourceIp,
+    /// `source.namespace`.
+    SourceNamespace,
+    /// `source.principal`.
+    SourcePrincipal,
+    /// `request.auth.principal`.
+    AuthPrincipal,
+    /// `request.auth.audiences`.
+    AuthAudiences,
+    /// `request.auth.presenter`.
+    AuthPresenter,
+    /// `request.auth.claims[a][b]...` (nested).
+    AuthClaim(Vec<String>),
+    /// `destination.port`.
+    DestinationPort,
+    /// `connection.sni`.
+    ConnectionSni,
+}
+
+impl ConditionKey {
+    /// Parses a condition key, or explains which keys exist.
+    pub fn parse(key: &str) -> Result<Self, String> {
+        let bracketed = |rest: &str| -> Option<Vec<String>> {
+            let mut out = Vec::new();
+            let mut rest = rest;
+            while !rest.is_empty() {
+                let inner = rest.strip_prefix('[')?;
+                let end = inner.find(']')?;
+                let name = &inner[..end];
+                if name.is_empty() {
+                    return None;
+                }
+                out.push(name.to_string());
+                rest = &inner[end + 1..];
+            }
+            (!out.is_empty()).then_some(out)
+        };
+        Ok(match key {
+            "source.ip" => ConditionKey::SourceIp,
+            "source.namespace" => ConditionKey::SourceNamespace,
+            "source.principal" => ConditionKey::SourcePrincipal,
+            "request.auth.principal" => ConditionKey::AuthPrincipal,
+            "request.auth.audiences" => ConditionKey::AuthAudiences,
+            "request.auth.presenter" => ConditionKey::AuthPresenter,
+            "destination.port" => ConditionKey::DestinationPort,
+            "connection.sni" => ConditionKey::ConnectionSni,
+            k if k.starts_with("request.headers[") => {
+                match bracketed(&k["request.headers".len()..]) {
+                    Some(v) if v.len() == 1 => ConditionKey::Header(v[0].to_ascii_lowercase()),
+                    _ => return Err(format!("{k:?}: expected request.headers[NAME]")),
+                }
+            }
+            k if k.starts_with("request.auth.claims[") => {
+                match bracketed(&k["request.auth.claims".len()..]) {
+                    Some(v) => ConditionKey::AuthClaim(v),
+                    None => {
+                        return Err(format!(
+                            "{k:?}: expected request.auth.claims[NAME] (nested: [a][b])"
+                        ));
+                    }
+                }
+            }
+            other => {
+                return Err(format!(
+                    "unknown condition key {other:?} (supported: request.headers[..], source.ip, source.namespace, \
+                     source.principal, request.auth.principal, request.auth.audiences, request.auth.presenter, \
+                     request.auth.claims[..], destination.port, connection.sni)"
+                ));
+            }
+        })
+    }
+}
+
+/// `rules[].when[]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Condition {
+    /// The attribute.
+    pub key: ConditionKey,
+    /// The key as written (for explanations).
+    pub key_text: String,
+    /// Values (any must match) and not-values (none may match).
+    pub field: Field<Matcher>,
+}
+
+/// One rule: any `from`, any `to`, all `when`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rule {
+    /// Sources (empty: any source).
+    pub from: Vec<Source>,
+    /// Operations (empty: any operation).
+    pub to: Vec<Operation>,
+    /// Conditions (all must hold).
+    pub when: Vec<Condition>,
+}
+
+/// A validated AuthorizationPolicy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthorizationPolicy {
+    /// `metadata.name`.
+    pub name: String,
+    /// `metadata.namespace`.
+    pub namespace: String,
+    /// `spec.selector.matchLabels` (None: every workload in the namespace).
+    pub selector: Option<BTreeMap<String, String>>,
+    /// `spec.action`.
+    pub action: Action,
+    /// `spec.rules` (empty: matches nothing).
+    pub rules: Vec<Rule>,
+    /// `istio.io/dry-run: "true"`: evaluated and logged, never enforced.
+    pub dry_run: bool,
+}
+
+impl AuthorizationPolicy {
+    /// `namespace/name`.
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+// ---- wire form (serde), converted with full field paths ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawDoc {
+    api_version: String,
+    kind: String,
+    metadata: RawMeta,
+    #[serde(default)]
+    spec: Option<serde_norway::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMeta {
+    name: String,
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+    #[serde(default)]
+    #[expect(
+        dead_code,
+        reason = "valid Kubernetes metadata that authorization does not use"
+    )]
+    labels: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawAuthzSpec {
+    #[serde(default)]
+    selector: Option<RawSelector>,
+    #[serde(default)]
+    action: Option<String>,
+    #[serde(default)]
+    rules: Option<Vec<RawRule>>,
+    #[serde(default)]
+    provider: Option<serde_norway::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawSelector {
+    #[serde(default)]
+    match_labels: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    #[serde(default)]
+    from: Vec<RawFrom>,
+    #[serde(default)]
+    to: Vec<RawTo>,
+    #[serde(default)]
+    when: Vec<RawCondition>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFrom {
+    source: RawSource,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTo {
+    operation: RawOperation,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawSource {
+    #[serde(default)]
+    principals: Vec<String>,
+    #[serde(default)]
+    not_principals: Vec<String>,
+    #[serde(default)]
+    request_principals: Vec<String>,
+    #[serde(default)]
+    not_request_principals: Vec<String>,
+    #[serde(default)]
+    namespaces: Vec<String>,
+    #[serde(default)]
+    not_namespaces: Vec<String>,
+    #[serde(default)]
+    ip_blocks: Vec<String>,
+    #[serde(default)]
+    not_ip_blocks: Vec<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawOperation {
+    #[serde(default)]
+    hosts: Vec<String>,
+    #[serde(default)]
+    not_hosts: Vec<String>,
+    #[serde(default)]
+    ports: Vec<String>,
+    #[serde(default)]
+    not_ports: Vec<String>,
+    #[serde(default)]
+    methods: Vec<String>,
+    #[serde(default)]
+    not_methods: Vec<String>,
+    #[serde(default)]
+    paths: Vec<String>,
+    #[serde(default)]
+    not_paths: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawCondition {
+    key: String,
+    #[serde(default)]
+    values: Vec<String>,
+    #[serde(default)]
+    not_values: Vec<String>,
+}
+
+/// A loaded set of policies, with the documents of kinds handled elsewhere.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PolicySet {
+    /// Every AuthorizationPolicy, in file order.
+    pub authorization: Vec<AuthorizationPolicy>,
+}
+
+struct Ctx<'a> {
+    file: &'a Path,
+    document: usize,
+}
+
+impl Ctx<'_> {
+    fn err(&self, path: impl Into<String>, reason: impl Into<String>) -> PolicyError {
+        PolicyError {
+            file: self.file.to_path_buf(),
+            document: self.document,
+            path: path.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+fn matchers(v: &[String]) -> Vec<Matcher> {
+    v.iter().map(|s| Matcher::parse(s)).collect()
+}
+
+fn cidrs(ctx: &Ctx<'_>, path: &str, v: &[String]) -> Result<Vec<Cidr>, PolicyError> {
+    v.iter()
+        .enumerate()
+        .map(|(i, s)| Cidr::parse(s).map_err(|e| ctx.err(format!("{path}[{i}]"), e)))
+        .collect()
+}
+
+fn ports(ctx: &Ctx<'_>, path: &str, v: &[String]) -> Result<Vec<u16>, PolicyError> {
+    v.iter()
+        .enumerate()
+        .map(|(i, s)| {
+            s.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| {
+                ctx.err(
+                    format!("{path}[{i}]"),
+                    format!("{s:?} is not a port (1..=65535)"),
+                )
+            })
+        })
+        .collect()
+}
+
+fn convert_rule(ctx: &Ctx<'_>, r: &RawRule, at: &str) -> Result<Rule, PolicyError> {
+    let mut rule = Rule::default();
+    for (i, f) in r.from.iter().enumerate() {
+        let s = &f.source;
+        let p = format!("{at}.from[{i}].source");
+        let source = Source {
+            principals: Field {
+                values: matchers(&s.principals),
+                not_values: matchers(&s.not_principals),
+            },
+            request_principals: Field {
+                values: matchers(&s.request_principals),
+                not_values: matchers(&s.not_request_principals),
+            },
+            namespaces: Field {
+                values: matchers(&s.namespaces),
+                not_values: matchers(&s.not_namespaces),
+            },
+            ip_blocks: Field {
+                values: cidrs(ctx, &format!("{p}.ipBlocks"), &s.ip_blocks)?,
+                not_values: cidrs(ctx, &format!("{p}.notIpBlocks"), &s.not_ip_blocks)?,
+            },
+        };
+        if !(source.principals.is_set()
+            || source.request_principals.is_set()
+            || source.namespaces.is_set()
+            || source.ip_blocks.is_set())
+        {
+            return Err(ctx.err(p, "a source must set at least one field"));
+        }
+        rule.from.push(source);
+    }
+    for (i, t) in r.to.iter().enumerate() {
+        let o = &t.operation;
+        let p = format!("{at}.to[{i}].operation");
+        let op = Operation {
+            hosts: Field {
+                values: matchers(&o.hosts),
+                not_values: matchers(&o.not_hosts),
+            },
+            ports: Field {
+                values: ports(ctx, &format!("{p}.ports"), &o.ports)?,
+                not_values: ports(ctx, &format!("{p}.notPorts"), &o.not_ports)?,
+            },
+            methods: Field {
+                values: matchers(&o.methods),
+                not_values: matchers(&o.not_methods),
+            },
+            paths: Field {
+                values: matchers(&o.paths),
+                not_values: matchers(&o.not_paths),
+            },
+        };
+        if !(op.hosts.is_set() || op.ports.is_set() || op.methods.is_set() || op.paths.is_set()) {
+            return Err(ctx.err(p, "an operation must set at least one field"));
+        }
+        rule.to.push(op);
+    }
+    for (i, c) in r.when.iter().enumerate() {
+        let p = format!("{at}.when[{i}]");
+        let key = ConditionKey::parse(&c.key).map_err(|e| ctx.err(format!("{p}.key"), e))?;
+        if c.values.is_empty() && c.not_values.is_empty() {
+            return Err(ctx.err(p, "a condition needs values or notValues"));
+        }
+        if key == ConditionKey::SourceIp {
+            cidrs(ctx, &format!("{p}.values"), &c.values)?;
+            cidrs(ctx, &format!("{p}.notValues"), &c.not_values)?;
+        }
+        rule.when.push(Condition {
+            key,
+            key_text: c.key.clone(),
+            field: Field {
+                values: matchers(&c.values),
+                not_values: matchers(&c.not_values),
+            },
+        });
+    }
+    Ok(rule)
+}
+
+fn authorization(
+    ctx: &Ctx<'_>,
+    meta: &RawMeta,
+    spec: Option<serde_norway::Value>,
+) -> Result<AuthorizationPolicy, PolicyError> {
+    let spec: RawAuthzSpec = match spec {
+        None => RawAuthzSpec::default(),
+        Some(v) => serde_path_to_error::deserialize(v).map_err(|e| {
+            let path = e.path().to_string();
+            ctx.err(format!("spec.{path}"), e.into_inner().to_string())
+        })?,
+    };
+    let action = match spec.action.as_deref() {
+        None | Some("ALLOW") => Action::Allow,
+        Some("DENY") => Action::Deny,
+        Some("AUDIT") => Action::Audit,
+        Some("CUSTOM") => {
+            return Err(ctx.err(
+                "spec.action",
+                "CUSTOM (external authorizers) is not supported by Sigil",
+            ));
+        }
+        Some(other) => {
+            return Err(ctx.err(
+                "spec.action",
+                format!("unknown action {other:?} (ALLOW, DENY or AUDIT)"),
+            ));
+        }
+    };
+    if spec.provider.is_some() {
+        return Err(ctx.err(
+            "spec.provider",
+            "providers (CUSTOM action) are not supported by Sigil",
+        ));
+    }
+    let rules = spec
+        .rules
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+        .map(|(i, r)| convert_rule(ctx, r, &format!("spec.rules[{i}]")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let dry_run = match meta.annotations.get("istio.io/dry-run").map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            return Err(ctx.err(
+                "metadata.annotations[istio.io/dry-run]",
+                format!("{other:?} must be \"true\" or \"false\""),
+            ));
+        }
+    };
+    Ok(AuthorizationPolicy {
+        name: meta.name.clone(),
+        namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        selector: spec.selector.map(|s| s.match_labels),
+        action,
+        rules,
+        dry_run,
+    })
+}
+
+/// Parses every document of one YAML file into `set`.
+pub fn parse_file(file: &Path, text: &str, set: &mut PolicySet) -> Result<(), PolicyError> {
+    for (document, de) in serde_norway::Deserializer::from_str(text).enumerate() {
+        let ctx = Ctx { file, document };
+        let value = serde_norway::Value::deserialize(de)
+            .map_err(|e| ctx.err("", format!("not YAML: {e}")))?;
+        if value.is_null() {
+            continue; // an empty document (e.g. a trailing `---`)
+        }
+        let doc: RawDoc = serde_path_to_error::deserialize(value)
+            .map_err(|e| ctx.err(e.path().to_string(), e.into_inner().to_string()))?;
+        if !matches!(
+            doc.api_version.as_str(),
+            "security.istio.io/v1" | "security.istio.io/v1beta1"
+        ) {
+            return Err(ctx.err(
+                "apiVersion",
+                format!(
+                    "{:?} is not security.istio.io/v1 or v1beta1",
+                    doc.api_version
+                ),
+            ));
+        }
+        match doc.kind.as_str() {
+            "AuthorizationPolicy" => {
+                set.authorization
+                    .push(authorization(&ctx, &doc.metadata, doc.spec)?)
+            }
+            "PeerAuthentication" | "RequestAuthentication" => {
+                return Err(ctx.err("kind", format!("{} is not supported yet", doc.kind)));
+            }
+            other => {
+                return Err(ctx.err(
+                    "kind",
+                    format!("unknown kind {other:?} (AuthorizationPolicy, PeerAuthentication, RequestAuthentication)"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Loads every `*.yaml`/`*.yml` file of a directory, in name order.
+pub fn load_dir(dir: &Path) -> Result<PolicySet, PolicyError> {
+    let io = |reason: String| PolicyError {
+        file: dir.to_path_buf(),
+        document: 0,
+        path: String::new(),
+        reason,
+    };
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| io(format!("cannot read directory: {e}")))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+        .collect();
+    files.sort();
+    let mut set = PolicySet::default();
+    for f in files {
+        let text = std::fs::read_to_string(&f).map_err(|e| PolicyError {
+            file: f.clone(),
+            document: 0,
+            path: String::new(),
+            reason: format!("cannot read: {e}"),
+        })?;
+        parse_file(&f, &text, &mut set)?;
+    }
+    Ok(set)
+}

@@ -1,0 +1,283 @@
+//! Table tests written from Istio's documented AuthorizationPolicy behaviour.
+
+use std::path::Path;
+
+use super::*;
+
+fn set(yaml: &str) -> PolicySet {
+    let mut s = PolicySet::default();
+    parse_file(Path::new("test.yaml"), yaml, &mut s).unwrap();
+    s
+}
+
+fn err(yaml: &str) -> PolicyError {
+    let mut s = PolicySet::default();
+    parse_file(Path::new("bad.yaml"), yaml, &mut s).unwrap_err()
+}
+
+fn req(src: &str, method: &str, path: &str) -> Request {
+    Request {
+        source_principal: (!src.is_empty()).then(|| src.to_string()),
+        source_ip: Some("10.1.2.3".parse().unwrap()),
+        destination_principal: Some("spiffe://cluster.local/ns/foo/sa/httpbin".into()),
+        destination_labels: [("app".to_string(), "httpbin".to_string())].into(),
+        destination_port: Some(8080),
+        method: method.into(),
+        path: path.into(),
+        host: "httpbin.foo.svc".into(),
+        ..Request::default()
+    }
+}
+
+const SLEEP: &str = "spiffe://cluster.local/ns/foo/sa/sleep";
+const OTHER: &str = "spiffe://cluster.local/ns/bar/sa/other";
+
+fn decide(yaml: &str, r: &Request) -> Decision {
+    Evaluator::new(set(yaml), "istio-system").evaluate(r)
+}
+
+const HEAD: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: p\n  namespace: foo\n";
+
+fn policy(spec: &str) -> String {
+    format!("{HEAD}spec:\n{spec}")
+}
+
+#[test]
+fn no_policy_allows_and_allow_nothing_denies() {
+    assert!(decide("", &req(SLEEP, "GET", "/")).allow);
+    let d = decide(&format!("{HEAD}spec: {{}}\n"), &req(SLEEP, "GET", "/"));
+    assert!(!d.allow, "spec: {{}} with ALLOW allows nothing");
+    assert!(
+        d.explanation.iter().any(|e| e.contains("has no rules")),
+        "{:?}",
+        d.explanation
+    );
+    let d = decide(&policy("  rules:\n  - {}\n"), &req("", "DELETE", "/x"));
+    assert!(d.allow, "rules: [{{}}] allows all");
+    assert_eq!((d.policy.as_deref(), d.rule), (Some("foo/p"), Some(0)));
+}
+
+#[test]
+fn deny_takes_precedence_over_allow() {
+    let yaml = format!(
+        "{}---\n{}",
+        policy("  rules:\n  - {}\n"),
+        policy(
+            "  action: DENY\n  rules:\n  - to:\n    - operation:\n        methods: [\"DELETE\"]\n"
+        )
+        .replace("name: p", "name: d")
+    );
+    assert!(decide(&yaml, &req(SLEEP, "GET", "/")).allow);
+    let d = decide(&yaml, &req(SLEEP, "DELETE", "/"));
+    assert!(!d.allow);
+    assert_eq!(d.status, 403);
+    assert_eq!(d.policy.as_deref(), Some("foo/d"));
+}
+
+#[test]
+fn sources_operations_and_not_forms() {
+    let yaml = policy(
+        "  rules:\n  - from:\n    - source:\n        principals: [\"cluster.local/ns/foo/sa/sleep\"]\n    to:\n    - operation:\n        methods: [\"GET\"]\n        notPaths: [\"/admin*\"]\n",
+    );
+    assert!(decide(&yaml, &req(SLEEP, "GET", "/data")).allow);
+    let d = decide(&yaml, &req(SLEEP, "GET", "/admin/x"));
+    assert!(!d.allow);
+    assert!(
+        d.explanation
+            .iter()
+            .any(|e| e.contains("paths") && e.contains("excluded")),
+        "{:?}",
+        d.explanation
+    );
+    let d = decide(&yaml, &req(OTHER, "GET", "/data"));
+    assert!(!d.allow);
+    assert!(
+        d.explanation.iter().any(|e| e.contains("principals")),
+        "{:?}",
+        d.explanation
+    );
+    assert!(
+        !decide(&yaml, &req(SLEEP, "POST", "/data")).allow,
+        "fields in one operation are ANDed"
+    );
+    assert!(
+        !decide(&yaml, &req("", "GET", "/data")).allow,
+        "no peer principal"
+    );
+
+    let ns = policy("  rules:\n  - from:\n    - source:\n        notNamespaces: [\"bar\"]\n");
+    assert!(decide(&ns, &req(SLEEP, "GET", "/")).allow);
+    assert!(!decide(&ns, &req(OTHER, "GET", "/")).allow);
+    // DENY with notPrincipals: ["*"] denies requests without mTLS.
+    let no_mtls = policy(
+        "  action: DENY\n  rules:\n  - from:\n    - source:\n        notPrincipals: [\"*\"]\n",
+    );
+    assert!(!decide(&no_mtls, &req("", "GET", "/")).allow);
+    assert!(decide(&no_mtls, &req(SLEEP, "GET", "/")).allow);
+}
+
+#[test]
+fn path_wildcards_hosts_ports_and_ip_blocks() {
+    for (pattern, path, want) in [
+        ("/api/*", "/api/v1", true),
+        ("/api/*", "/apix", false),
+        ("*.png", "/img/a.png", true),
+        ("*", "/anything", true),
+        ("/exact", "/exact", true),
+        ("/exact", "/exact/", false),
+    ] {
+        let yaml = policy(&format!(
+            "  rules:\n  - to:\n    - operation:\n        paths: [\"{pattern}\"]\n"
+        ));
+        assert_eq!(
+            decide(&yaml, &req(SLEEP, "GET", path)).allow,
+            want,
+            "{pattern} vs {path}"
+        );
+    }
+    let hosts = policy(
+        "  rules:\n  - to:\n    - operation:\n        hosts: [\"HTTPBIN.foo.svc\"]\n        ports: [\"8080\"]\n",
+    );
+    assert!(
+        decide(&hosts, &req(SLEEP, "GET", "/")).allow,
+        "hosts are case-insensitive"
+    );
+    let mut r = req(SLEEP, "GET", "/");
+    r.destination_port = Some(9090);
+    assert!(!decide(&hosts, &r).allow);
+    let ips = policy(
+        "  rules:\n  - from:\n    - source:\n        ipBlocks: [\"10.0.0.0/8\"]\n        notIpBlocks: [\"10.1.2.0/24\"]\n",
+    );
+    assert!(!decide(&ips, &req(SLEEP, "GET", "/")).allow);
+    let mut r = req(SLEEP, "GET", "/");
+    r.source_ip = Some("10.9.9.9".parse().unwrap());
+    assert!(decide(&ips, &r).allow);
+}
+
+#[test]
+fn conditions_headers_and_nested_claims() {
+    let yaml = policy(
+        "  rules:\n  - when:\n    - key: request.headers[X-Env]\n      values: [\"prod\"]\n    - key: request.auth.claims[realm][roles]\n      values: [\"admin\"]\n",
+    );
+    let mut r = req(SLEEP, "GET", "/");
+    r.headers.insert("x-env".into(), "prod".into());
+    assert!(
+        !decide(&yaml, &r).allow,
+        "no JWT: the claim condition fails"
+    );
+    let claims = serde_json::json!({"realm": {"roles": ["user", "admin"]}});
+    r.auth = Some(RequestAuth {
+        principal: "https://issuer/alice".into(),
+        claims: claims.as_object().unwrap().clone(),
+        ..RequestAuth::default()
+    });
+    let d = decide(&yaml, &r);
+    assert!(d.allow, "{:?}", d.explanation);
+    r.headers.insert("x-env".into(), "dev".into());
+    assert!(!decide(&yaml, &r).allow);
+    let rp = policy(
+        "  rules:\n  - from:\n    - source:\n        requestPrincipals: [\"https://issuer/*\"]\n",
+    );
+    let mut with_jwt = req(SLEEP, "GET", "/");
+    with_jwt.auth = r.auth.clone();
+    assert!(decide(&rp, &with_jwt).allow);
+    assert!(!decide(&rp, &req(SLEEP, "GET", "/")).allow);
+}
+
+#[test]
+fn scope_root_namespace_other_namespace_and_selector() {
+    let root = policy("  action: DENY\n  rules:\n  - {}\n")
+        .replace("namespace: foo", "namespace: istio-system");
+    assert!(
+        !decide(&root, &req(SLEEP, "GET", "/")).allow,
+        "root namespace applies mesh-wide"
+    );
+    let other =
+        policy("  action: DENY\n  rules:\n  - {}\n").replace("namespace: foo", "namespace: bar");
+    assert!(
+        decide(&other, &req(SLEEP, "GET", "/")).allow,
+        "another namespace's policy does not apply"
+    );
+    let sel = policy(
+        "  selector:\n    matchLabels:\n      app: other\n  action: DENY\n  rules:\n  - {}\n",
+    );
+    assert!(
+        decide(&sel, &req(SLEEP, "GET", "/")).allow,
+        "selector does not match the destination"
+    );
+    let sel = sel.replace("app: other", "app: httpbin");
+    assert!(!decide(&sel, &req(SLEEP, "GET", "/")).allow);
+}
+
+#[test]
+fn audit_and_dry_run_never_change_the_decision() {
+    let audit = policy("  action: AUDIT\n  rules:\n  - {}\n");
+    let d = decide(&audit, &req(SLEEP, "GET", "/"));
+    assert!(d.allow && d.audit);
+    let dry = policy("  action: DENY\n  rules:\n  - {}\n").replace(
+        "  namespace: foo\n",
+        "  namespace: foo\n  annotations:\n    istio.io/dry-run: \"true\"\n",
+    );
+    let d = decide(&dry, &req(SLEEP, "GET", "/"));
+    assert!(d.allow);
+    assert!(
+        d.explanation.iter().any(|e| e.contains("dry-run")),
+        "{:?}",
+        d.explanation
+    );
+}
+
+#[test]
+fn bad_documents_name_file_document_and_field() {
+    let e = err(&format!(
+        "{}---\n{}",
+        policy("  rules:\n  - {}\n"),
+        policy("  rules:\n  - from:\n    - source:\n        principalz: [\"x\"]\n")
+    ));
+    assert_eq!(e.document, 1);
+    assert!(e.path.contains("rules[0].from[0].source"), "{e}");
+    assert!(e.reason.contains("principalz"), "{e}");
+    assert!(e.to_string().starts_with("bad.yaml: document 1:"), "{e}");
+
+    let e = err(&policy("  action: CUSTOM\n"));
+    assert_eq!(e.path, "spec.action");
+    assert!(e.reason.contains("CUSTOM"));
+    let e = err(&policy(
+        "  rules:\n  - when:\n    - key: request.bogus\n      values: [\"x\"]\n",
+    ));
+    assert_eq!(e.path, "spec.rules[0].when[0].key");
+    let e = err(&policy(
+        "  rules:\n  - from:\n    - source:\n        ipBlocks: [\"10.0.0.0/33\"]\n",
+    ));
+    assert_eq!(e.path, "spec.rules[0].from[0].source.ipBlocks[0]");
+    let e = err(&policy(
+        "  rules:\n  - to:\n    - operation:\n        ports: [\"http\"]\n",
+    ));
+    assert_eq!(e.path, "spec.rules[0].to[0].operation.ports[0]");
+    let e = err(&HEAD.replace("security.istio.io/v1", "networking.istio.io/v1"));
+    assert_eq!(e.path, "apiVersion");
+    let e = err(&format!("{HEAD}spec:\n  rules: []\nextra: 1\n"));
+    assert!(e.reason.contains("extra"), "{e}");
+}
+
+#[test]
+fn load_dir_reads_yaml_files_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("b.yaml"),
+        policy("  rules:\n  - {}\n").replace("name: p", "name: b"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("a.yml"),
+        policy("  rules:\n  - {}\n").replace("name: p", "name: a"),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("notes.txt"), "ignored").unwrap();
+    let s = load_dir(dir.path()).unwrap();
+    let names: Vec<&str> = s.authorization.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["a", "b"]);
+    std::fs::write(dir.path().join("c.yaml"), "kind: [").unwrap();
+    let e = load_dir(dir.path()).unwrap_err();
+    assert!(e.file.ends_with("c.yaml"), "{e}");
+}
