@@ -3,6 +3,7 @@
 
 mod admin;
 mod dev;
+mod policy;
 mod workload;
 
 use std::path::PathBuf;
@@ -49,6 +50,11 @@ enum Command {
     },
     /// A server and an agent in one process, registering the calling user.
     Dev(dev::DevArgs),
+    /// Istio-style authorization policies.
+    Policy {
+        #[command(subcommand)]
+        cmd: policy::PolicyCmd,
+    },
     /// A Workload API client (honours SPIFFE_ENDPOINT_SOCKET).
     Workload {
         #[command(subcommand)]
@@ -320,6 +326,7 @@ pub fn main() -> anyhow::Result<()> {
         }
         Command::Dev(args) => runtime()?.block_on(dev::run(args)),
         Command::Workload { cmd } => runtime()?.block_on(workload::run(cmd)),
+        Command::Policy { cmd } => policy::run(cmd),
         Command::Bundle { cmd } => runtime()?.block_on(admin::bundle(cmd)),
         Command::X509 { cmd } => runtime()?.block_on(admin::x509(cmd)),
         Command::Jwt { cmd } => runtime()?.block_on(admin::jwt(cmd)),

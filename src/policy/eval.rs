@@ -4,7 +4,7 @@
 //! decision says which policy and rule decided, and a default deny says why
 //! each candidate ALLOW rule failed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 use super::model::{
@@ -256,34 +256,53 @@ pub fn rule_matches(rule: &Rule, r: &Request) -> Result<(), String> {
     Ok(())
 }
 
-/// The evaluator: a policy set and the mesh-wide root namespace.
+/// The evaluator: a policy set indexed by namespace, and the mesh-wide root namespace.
 #[derive(Debug, Clone)]
 pub struct Evaluator {
     set: PolicySet,
     root_namespace: String,
+    by_namespace: HashMap<String, Vec<usize>>,
 }
 
 impl Evaluator {
     /// An evaluator over `set`; policies in `root_namespace` apply mesh-wide.
     pub fn new(set: PolicySet, root_namespace: impl Into<String>) -> Self {
+        let mut by_namespace: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, p) in set.authorization.iter().enumerate() {
+            by_namespace.entry(p.namespace.clone()).or_default().push(i);
+        }
         Evaluator {
             set,
             root_namespace: root_namespace.into(),
+            by_namespace,
         }
     }
 
-    fn applies(&self, p: &AuthorizationPolicy, r: &Request) -> bool {
-        if p.namespace == self.root_namespace {
-            return p
-                .selector
-                .as_ref()
-                .is_none_or(|labels| labels_match(labels, r));
-        }
+    /// Policies that apply to the request's destination, in file order:
+    /// the root namespace's and the destination namespace's, selector permitting.
+    fn applicable(&self, r: &Request) -> Vec<&AuthorizationPolicy> {
         let dest_ns = r.destination_principal.as_deref().and_then(namespace_of);
-        dest_ns == Some(p.namespace.as_str())
-            && p.selector
-                .as_ref()
-                .is_none_or(|labels| labels_match(labels, r))
+        let mut idx: Vec<usize> = self
+            .by_namespace
+            .get(&self.root_namespace)
+            .into_iter()
+            .chain(
+                dest_ns
+                    .filter(|ns| *ns != self.root_namespace)
+                    .and_then(|ns| self.by_namespace.get(ns)),
+            )
+            .flatten()
+            .copied()
+            .collect();
+        idx.sort_unstable();
+        idx.into_iter()
+            .map(|i| &self.set.authorization[i])
+            .filter(|p| {
+                p.selector
+                    .as_ref()
+                    .is_none_or(|labels| labels_match(labels, r))
+            })
+            .collect()
     }
 
     /// Decides a request and explains the decision.
@@ -295,12 +314,7 @@ impl Evaluator {
                 .iter()
                 .position(|rule| rule_matches(rule, r).is_ok())
         };
-        let applicable: Vec<&AuthorizationPolicy> = self
-            .set
-            .authorization
-            .iter()
-            .filter(|p| self.applies(p, r))
-            .collect();
+        let applicable = self.applicable(r);
 
         for p in applicable.iter().filter(|p| p.action == Action::Audit) {
             if let Some(i) = first_match(p) {

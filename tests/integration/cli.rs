@@ -375,3 +375,71 @@ fn dev_then_workload_fetch_as_the_readme_says() {
     }
     assert!(!sock.exists(), "the workload socket is removed on shutdown");
 }
+
+#[test]
+fn policy_check_explains_and_names_bad_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("p.yaml"),
+        "apiVersion: security.istio.io/v1beta1\nkind: AuthorizationPolicy\nmetadata:\n  name: get-only\n  namespace: foo\nspec:\n  rules:\n  - to:\n    - operation:\n        methods: [\"GET\"]\n",
+    )
+    .unwrap();
+    let check = |method: &str| {
+        let o = sigil()
+            .args(["policy", "check", "--policy-dir"])
+            .arg(dir.path())
+            .args([
+                "--principal",
+                "spiffe://cluster.local/ns/foo/sa/sleep",
+                "--destination",
+                "spiffe://cluster.local/ns/foo/sa/httpbin",
+                "--method",
+                method,
+                "--path",
+                "/",
+                "--output",
+                "json",
+            ])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
+    };
+    let allow = check("GET");
+    assert_eq!(allow["decision"], "allow");
+    assert_eq!(allow["status"], 200);
+    assert_eq!(allow["policy"], "foo/get-only");
+    assert_eq!(allow["rule"], 0);
+    let deny = check("POST");
+    assert_eq!(deny["decision"], "deny");
+    assert_eq!(deny["status"], 403);
+    assert!(
+        deny["explanation"].to_string().contains("methods"),
+        "{deny}"
+    );
+
+    std::fs::write(
+        dir.path().join("q.yaml"),
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: bad\nspec:\n  rules:\n  - to:\n    - operation:\n        method: [\"GET\"]\n",
+    )
+    .unwrap();
+    let o = sigil()
+        .args(["policy", "check", "--policy-dir"])
+        .arg(dir.path())
+        .args([
+            "--destination",
+            "spiffe://x/ns/foo/sa/y",
+            "--method",
+            "GET",
+            "--path",
+            "/",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.contains("q.yaml") && e.contains("document 0") && e.contains("rules[0].to[0].operation"),
+        "{e}"
+    );
+}

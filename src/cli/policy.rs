@@ -1,0 +1,140 @@
+//! `sigil policy check`: evaluates one request offline against a policy
+//! directory and prints the decision with its explanation.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use serde_json::json;
+
+use super::OutputFormat;
+use super::admin::Output;
+use crate::policy::{Evaluator, Request, load_dir};
+use crate::spiffe::SpiffeId;
+
+/// `sigil policy ...`
+#[derive(Debug, Subcommand)]
+pub enum PolicyCmd {
+    /// Decide one request offline and explain the decision.
+    Check(CheckArgs),
+}
+
+/// `sigil policy check` flags.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Directory of policy YAML files.
+    #[arg(long)]
+    policy_dir: PathBuf,
+    /// The caller's SPIFFE ID (omit for a plaintext caller).
+    #[arg(long)]
+    principal: Option<String>,
+    /// The destination workload's SPIFFE ID (its namespace comes from /ns/<ns>/).
+    #[arg(long)]
+    destination: String,
+    /// A destination label, k=v (repeatable).
+    #[arg(long = "label")]
+    labels: Vec<String>,
+    /// HTTP method.
+    #[arg(long)]
+    method: String,
+    /// HTTP path.
+    #[arg(long)]
+    path: String,
+    /// HTTP host.
+    #[arg(long, default_value = "")]
+    host: String,
+    /// Destination port.
+    #[arg(long)]
+    port: Option<u16>,
+    /// The caller's IP address.
+    #[arg(long)]
+    source_ip: Option<std::net::IpAddr>,
+    /// A request header, k=v (repeatable).
+    #[arg(long = "header")]
+    headers: Vec<String>,
+    /// The mesh-wide root namespace.
+    #[arg(long, default_value = "istio-system")]
+    root_namespace: String,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    output: OutputFormat,
+}
+
+fn pairs(
+    flag: &str,
+    items: &[String],
+    lowercase_keys: bool,
+) -> anyhow::Result<BTreeMap<String, String>> {
+    items
+        .iter()
+        .map(|kv| {
+            let (k, v) = kv
+                .split_once('=')
+                .with_context(|| format!("--{flag} {kv:?}: expected KEY=VALUE"))?;
+            if k.is_empty() {
+                bail!("--{flag} {kv:?}: empty key");
+            }
+            let k = if lowercase_keys {
+                k.to_ascii_lowercase()
+            } else {
+                k.to_string()
+            };
+            Ok((k, v.to_string()))
+        })
+        .collect()
+}
+
+/// Runs `sigil policy ...`.
+pub fn run(cmd: PolicyCmd) -> anyhow::Result<()> {
+    let PolicyCmd::Check(a) = cmd;
+    let set = load_dir(&a.policy_dir)?;
+    let principal = a
+        .principal
+        .as_deref()
+        .map(|p| {
+            SpiffeId::new(p)
+                .map(|id| id.to_string())
+                .with_context(|| format!("--principal {p:?}"))
+        })
+        .transpose()?;
+    let destination = SpiffeId::new(&a.destination)
+        .with_context(|| format!("--destination {:?}", a.destination))?;
+    let request = Request {
+        source_principal: principal,
+        source_ip: a.source_ip,
+        destination_principal: Some(destination.to_string()),
+        destination_labels: pairs("label", &a.labels, false)?,
+        destination_port: a.port,
+        method: a.method,
+        path: a.path.split('?').next().unwrap_or_default().to_string(),
+        host: a.host,
+        headers: pairs("header", &a.headers, true)?,
+        sni: None,
+        auth: None,
+    };
+    let d = Evaluator::new(set, a.root_namespace).evaluate(&request);
+    match a.output {
+        OutputFormat::Json => Output::json(&json!({
+            "decision": if d.allow { "allow" } else { "deny" },
+            "status": d.status,
+            "policy": d.policy,
+            "rule": d.rule,
+            "audit": d.audit,
+            "explanation": d.explanation,
+        })),
+        OutputFormat::Text => {
+            let head = match (&d.policy, d.rule) {
+                (Some(p), Some(r)) => format!(
+                    "{} ({}) by {p} rule {r}",
+                    if d.allow { "ALLOW" } else { "DENY" },
+                    d.status
+                ),
+                _ => format!("{} ({})", if d.allow { "ALLOW" } else { "DENY" }, d.status),
+            };
+            let mut lines = vec![head];
+            lines.extend(d.explanation.iter().map(|e| format!("  - {e}")));
+            Output::line(&lines.join("\n"))
+        }
+    }
+}
