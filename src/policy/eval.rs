@@ -8,8 +8,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 use super::model::{
-    Action, AuthorizationPolicy, Cidr, Condition, ConditionKey, Field, Matcher, Operation,
-    PolicySet, Rule, Source,
+    Action, AuthorizationPolicy, Cidr, Condition, ConditionKey, Field, Matcher, MtlsMode,
+    Operation, PolicySet, Rule, Source,
 };
 
 /// The authenticated end user, from a validated JWT.
@@ -305,10 +305,56 @@ impl Evaluator {
             .collect()
     }
 
+    /// The effective mTLS mode for the request's destination and port:
+    /// workload policy (port level first) over namespace over mesh; UNSET
+    /// inherits; PERMISSIVE when nothing is set. Returns the deciding policy.
+    pub fn mtls_mode(&self, r: &Request) -> (MtlsMode, Option<String>) {
+        let dest_ns = r.destination_principal.as_deref().and_then(namespace_of);
+        let root = self.root_namespace.as_str();
+        let peer = &self.set.peer;
+        let mesh = peer
+            .iter()
+            .find(|p| p.namespace == root && p.selector.is_none());
+        let namespace = peer.iter().find(|p| {
+            Some(p.namespace.as_str()) == dest_ns && p.namespace != root && p.selector.is_none()
+        });
+        let workload = peer.iter().find(|p| {
+            (Some(p.namespace.as_str()) == dest_ns || p.namespace == root)
+                && p.selector.as_ref().is_some_and(|l| labels_match(l, r))
+        });
+        let mut mode = (MtlsMode::Permissive, None);
+        for level in [mesh, namespace, workload].into_iter().flatten() {
+            let m = r
+                .destination_port
+                .and_then(|port| level.port_modes.get(&port).copied())
+                .filter(|m| *m != MtlsMode::Unset)
+                .unwrap_or(level.mode);
+            if m != MtlsMode::Unset {
+                mode = (m, Some(level.id()));
+            }
+        }
+        mode
+    }
+
     /// Decides a request and explains the decision.
     pub fn evaluate(&self, r: &Request) -> Decision {
         let mut explanation = Vec::new();
         let mut audit = false;
+        let (mode, by) = self.mtls_mode(r);
+        if mode == MtlsMode::Strict && r.source_principal.is_none() {
+            let by = by.unwrap_or_default();
+            explanation.push(format!(
+                "PeerAuthentication {by}: STRICT mTLS and the request has no peer identity"
+            ));
+            return Decision {
+                allow: false,
+                status: 403,
+                policy: Some(by),
+                rule: None,
+                explanation,
+                audit,
+            };
+        }
         let first_match = |p: &AuthorizationPolicy| {
             p.rules
                 .iter()

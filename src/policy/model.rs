@@ -433,11 +433,116 @@ struct RawCondition {
     not_values: Vec<String>,
 }
 
-/// A loaded set of policies, with the documents of kinds handled elsewhere.
+/// A PeerAuthentication mTLS mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MtlsMode {
+    /// Inherit from the enclosing level (workload → namespace → mesh).
+    Unset,
+    /// Plaintext only.
+    Disable,
+    /// mTLS or plaintext (the default when nothing is set).
+    Permissive,
+    /// mTLS only: a request without a peer identity is denied.
+    Strict,
+}
+
+/// A validated PeerAuthentication.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerAuthentication {
+    /// `metadata.name`.
+    pub name: String,
+    /// `metadata.namespace`.
+    pub namespace: String,
+    /// `spec.selector.matchLabels` (None: namespace-wide, or mesh-wide in the root namespace).
+    pub selector: Option<BTreeMap<String, String>>,
+    /// `spec.mtls.mode`.
+    pub mode: MtlsMode,
+    /// `spec.portLevelMtls`.
+    pub port_modes: BTreeMap<u16, MtlsMode>,
+}
+
+impl PeerAuthentication {
+    /// `namespace/name`.
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A loaded set of policies.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PolicySet {
     /// Every AuthorizationPolicy, in file order.
     pub authorization: Vec<AuthorizationPolicy>,
+    /// Every PeerAuthentication, in file order.
+    pub peer: Vec<PeerAuthentication>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawPeerSpec {
+    #[serde(default)]
+    selector: Option<RawSelector>,
+    #[serde(default)]
+    mtls: Option<RawMtls>,
+    #[serde(default)]
+    port_level_mtls: BTreeMap<String, RawMtls>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMtls {
+    #[serde(default)]
+    mode: Option<String>,
+}
+
+fn mtls_mode(ctx: &Ctx<'_>, path: &str, m: Option<&RawMtls>) -> Result<MtlsMode, PolicyError> {
+    match m.and_then(|m| m.mode.as_deref()) {
+        None | Some("UNSET") => Ok(MtlsMode::Unset),
+        Some("DISABLE") => Ok(MtlsMode::Disable),
+        Some("PERMISSIVE") => Ok(MtlsMode::Permissive),
+        Some("STRICT") => Ok(MtlsMode::Strict),
+        Some(other) => Err(ctx.err(
+            path,
+            format!("unknown mode {other:?} (UNSET, DISABLE, PERMISSIVE or STRICT)"),
+        )),
+    }
+}
+
+fn peer_authentication(
+    ctx: &Ctx<'_>,
+    meta: &RawMeta,
+    spec: Option<serde_norway::Value>,
+) -> Result<PeerAuthentication, PolicyError> {
+    let spec: RawPeerSpec = match spec {
+        None => RawPeerSpec::default(),
+        Some(v) => serde_path_to_error::deserialize(v).map_err(|e| {
+            let path = e.path().to_string();
+            ctx.err(format!("spec.{path}"), e.into_inner().to_string())
+        })?,
+    };
+    let mode = mtls_mode(ctx, "spec.mtls.mode", spec.mtls.as_ref())?;
+    if !spec.port_level_mtls.is_empty() && spec.selector.is_none() {
+        return Err(ctx.err(
+            "spec.portLevelMtls",
+            "portLevelMtls needs a workload selector",
+        ));
+    }
+    let mut port_modes = BTreeMap::new();
+    for (port, m) in &spec.port_level_mtls {
+        let path = format!("spec.portLevelMtls[{port}]");
+        let p =
+            port.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| {
+                ctx.err(path.clone(), format!("{port:?} is not a port (1..=65535)"))
+            })?;
+        port_modes.insert(p, mtls_mode(ctx, &format!("{path}.mode"), Some(m))?);
+    }
+    Ok(PeerAuthentication {
+        name: meta.name.clone(),
+        namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        selector: spec.selector.map(|s| s.match_labels),
+        mode,
+        port_modes,
+    })
 }
 
 struct Ctx<'a> {
@@ -651,7 +756,11 @@ pub fn parse_file(file: &Path, text: &str, set: &mut PolicySet) -> Result<(), Po
                 set.authorization
                     .push(authorization(&ctx, &doc.metadata, doc.spec)?)
             }
-            "PeerAuthentication" | "RequestAuthentication" => {
+            "PeerAuthentication" => {
+                set.peer
+                    .push(peer_authentication(&ctx, &doc.metadata, doc.spec)?)
+            }
+            "RequestAuthentication" => {
                 return Err(ctx.err("kind", format!("{} is not supported yet", doc.kind)));
             }
             other => {

@@ -281,3 +281,85 @@ fn load_dir_reads_yaml_files_in_order() {
     let e = load_dir(dir.path()).unwrap_err();
     assert!(e.file.ends_with("c.yaml"), "{e}");
 }
+
+fn peer(name: &str, ns: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n{spec}---\n"
+    )
+}
+
+#[test]
+fn peer_authentication_precedence_and_port_levels() {
+    let plaintext = req("", "GET", "/");
+    let mtls = req(SLEEP, "GET", "/");
+    // Nothing set: PERMISSIVE.
+    assert!(decide("", &plaintext).allow);
+    // Mesh STRICT denies plaintext, allows mTLS.
+    let mesh = peer("default", "istio-system", "  mtls:\n    mode: STRICT\n");
+    let d = decide(&mesh, &plaintext);
+    assert!(!d.allow);
+    assert_eq!(d.policy.as_deref(), Some("istio-system/default"));
+    assert!(d.explanation[0].contains("STRICT"), "{:?}", d.explanation);
+    assert!(decide(&mesh, &mtls).allow);
+    // The namespace overrides the mesh; UNSET inherits.
+    let ns_permissive = format!(
+        "{mesh}{}",
+        peer("ns", "foo", "  mtls:\n    mode: PERMISSIVE\n")
+    );
+    assert!(decide(&ns_permissive, &plaintext).allow);
+    let ns_unset = format!("{mesh}{}", peer("ns", "foo", "  mtls:\n    mode: UNSET\n"));
+    assert!(!decide(&ns_unset, &plaintext).allow);
+    // Another namespace's policy does not apply.
+    let other_ns = format!(
+        "{mesh}{}",
+        peer("ns", "bar", "  mtls:\n    mode: DISABLE\n")
+    );
+    assert!(!decide(&other_ns, &plaintext).allow);
+    // The workload overrides the namespace; its port level overrides it.
+    let wl = format!(
+        "{ns_permissive}{}",
+        peer(
+            "wl",
+            "foo",
+            "  selector:\n    matchLabels:\n      app: httpbin\n  mtls:\n    mode: STRICT\n  portLevelMtls:\n    \"9090\":\n      mode: DISABLE\n",
+        )
+    );
+    let d = decide(&wl, &plaintext);
+    assert!(!d.allow);
+    assert_eq!(d.policy.as_deref(), Some("foo/wl"));
+    let mut on_9090 = plaintext.clone();
+    on_9090.destination_port = Some(9090);
+    assert!(decide(&wl, &on_9090).allow, "port-level DISABLE on 9090");
+    let mut other_app = plaintext.clone();
+    other_app
+        .destination_labels
+        .insert("app".into(), "other".into());
+    assert!(
+        decide(&wl, &other_app).allow,
+        "the selector does not match: namespace PERMISSIVE"
+    );
+}
+
+#[test]
+fn peer_authentication_errors() {
+    let e = err(&peer("p", "foo", "  mtls:\n    mode: MUTUAL\n"));
+    assert_eq!(e.path, "spec.mtls.mode");
+    let e = err(&peer(
+        "p",
+        "foo",
+        "  portLevelMtls:\n    \"80\":\n      mode: STRICT\n",
+    ));
+    assert_eq!(e.path, "spec.portLevelMtls");
+    let e = err(&peer(
+        "p",
+        "foo",
+        "  selector:\n    matchLabels:\n      a: b\n  portLevelMtls:\n    \"http\":\n      mode: STRICT\n",
+    ));
+    assert_eq!(e.path, "spec.portLevelMtls[http]");
+    let e = err(&peer(
+        "p",
+        "foo",
+        "  mtls:\n    mode: STRICT\n    extra: 1\n",
+    ));
+    assert!(e.path.starts_with("spec.mtls"), "{e}");
+}
