@@ -38,7 +38,7 @@ pub struct CheckArgs {
     /// HTTP method.
     #[arg(long)]
     method: String,
-    /// HTTP path.
+    /// HTTP path, with its query string if any.
     #[arg(long)]
     path: String,
     /// HTTP host.
@@ -53,6 +53,9 @@ pub struct CheckArgs {
     /// A request header, k=v (repeatable).
     #[arg(long = "header")]
     headers: Vec<String>,
+    /// A JWT, sent as `Authorization: Bearer <token>`.
+    #[arg(long)]
+    jwt: Option<String>,
     /// The mesh-wide root namespace.
     #[arg(long, default_value = "istio-system")]
     root_namespace: String,
@@ -100,6 +103,22 @@ pub fn run(cmd: PolicyCmd) -> anyhow::Result<()> {
         .transpose()?;
     let destination = SpiffeId::new(&a.destination)
         .with_context(|| format!("--destination {:?}", a.destination))?;
+    let (path, query) = match a.path.split_once('?') {
+        Some((p, q)) => (p.to_string(), q),
+        None => (a.path.clone(), ""),
+    };
+    let query = query
+        .split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None => (kv.to_string(), String::new()),
+        })
+        .collect();
+    let mut headers = pairs("header", &a.headers, true)?;
+    if let Some(token) = a.jwt {
+        headers.insert("authorization".into(), format!("Bearer {token}"));
+    }
     let request = Request {
         source_principal: principal,
         source_ip: a.source_ip,
@@ -107,9 +126,10 @@ pub fn run(cmd: PolicyCmd) -> anyhow::Result<()> {
         destination_labels: pairs("label", &a.labels, false)?,
         destination_port: a.port,
         method: a.method,
-        path: a.path.split('?').next().unwrap_or_default().to_string(),
+        path,
         host: a.host,
-        headers: pairs("header", &a.headers, true)?,
+        headers,
+        query,
         sni: None,
         auth: None,
     };

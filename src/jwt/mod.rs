@@ -237,6 +237,11 @@ impl JwtSigner {
             "exp": iat + ttl.as_secs().max(1),
             "iat": iat,
         });
+        self.sign_claims(&claims)
+    }
+
+    /// Signs arbitrary claims with this key (header `alg`, `kid`, `typ`).
+    pub fn sign_claims(&self, claims: &Value) -> Result<String, JwtError> {
         let header = serde_json::json!({
             "alg": self.algorithm.name(),
             "kid": self.kid,
@@ -289,7 +294,7 @@ fn decode_object(part: &str, name: &'static str) -> Result<Map<String, Value>, J
 pub struct UnverifiedJwt<'a> {
     /// The algorithm, already checked against the allow-list.
     pub algorithm: Algorithm,
-    /// The key ID.
+    /// The key ID (empty for a third-party token without one).
     pub kid: String,
     /// The claims (not yet trustworthy).
     pub claims: Map<String, Value>,
@@ -300,13 +305,29 @@ pub struct UnverifiedJwt<'a> {
 impl<'a> UnverifiedJwt<'a> {
     /// Splits and decodes a compact JWS, enforcing the header rules.
     pub fn parse(token: &'a str) -> Result<Self, JwtError> {
+        Self::parse_with(token, true)
+    }
+
+    /// Parses a third-party JWT (e.g. for RequestAuthentication): other
+    /// headers and a missing `kid` are accepted, `crit` is not, and the
+    /// algorithm allow-list still applies.
+    pub fn parse_third_party(token: &'a str) -> Result<Self, JwtError> {
+        Self::parse_with(token, false)
+    }
+
+    fn parse_with(token: &'a str, svid: bool) -> Result<Self, JwtError> {
         let parts: Vec<&str> = token.split('.').collect();
         let [header_b64, claims_b64, sig_b64] = parts[..] else {
             return Err(JwtError::NotCompact(parts.len()));
         };
         let header = decode_object(header_b64, "header")?;
         for name in header.keys() {
-            if !matches!(name.as_str(), "alg" | "kid" | "typ") {
+            let allowed = if svid {
+                matches!(name.as_str(), "alg" | "kid" | "typ")
+            } else {
+                name != "crit"
+            };
+            if !allowed {
                 return Err(JwtError::UnexpectedHeader(name.clone()));
             }
         }
@@ -314,13 +335,16 @@ impl<'a> UnverifiedJwt<'a> {
             Some(Value::String(a)) => Algorithm::parse(a)?,
             _ => return Err(JwtError::DisallowedAlgorithm(String::new())),
         };
-        match header.get("typ") {
-            None => {}
-            Some(Value::String(t)) if t == "JWT" || t == "JOSE" => {}
-            Some(other) => return Err(JwtError::BadType(other.to_string())),
+        if svid {
+            match header.get("typ") {
+                None => {}
+                Some(Value::String(t)) if t == "JWT" || t == "JOSE" => {}
+                Some(other) => return Err(JwtError::BadType(other.to_string())),
+            }
         }
         let kid = match header.get("kid") {
             Some(Value::String(k)) if !k.is_empty() => k.clone(),
+            _ if !svid => String::new(),
             _ => return Err(JwtError::MissingKid),
         };
         let claims = decode_object(claims_b64, "claims")?;

@@ -6,11 +6,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::time::SystemTime;
 
 use super::model::{
-    Action, AuthorizationPolicy, Cidr, Condition, ConditionKey, Field, Matcher, MtlsMode,
-    Operation, PolicySet, Rule, Source,
+    Action, AuthorizationPolicy, Cidr, Condition, ConditionKey, Field, JwksSource, JwtRule,
+    Matcher, MtlsMode, Operation, PolicySet, RequestAuthentication, Rule, Source,
 };
+use crate::jwt::{JwtPublicKey, UnverifiedJwt};
+use crate::x509::Bundle;
 
 /// The authenticated end user, from a validated JWT.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -46,6 +49,8 @@ pub struct Request {
     pub host: String,
     /// Headers, names lowercased.
     pub headers: BTreeMap<String, String>,
+    /// Query parameters.
+    pub query: BTreeMap<String, String>,
     /// TLS SNI.
     pub sni: Option<String>,
     /// The validated end-user JWT, if any.
@@ -262,6 +267,7 @@ pub struct Evaluator {
     set: PolicySet,
     root_namespace: String,
     by_namespace: HashMap<String, Vec<usize>>,
+    trust_bundle: Option<Bundle>,
 }
 
 impl Evaluator {
@@ -275,7 +281,126 @@ impl Evaluator {
             set,
             root_namespace: root_namespace.into(),
             by_namespace,
+            trust_bundle: None,
         }
+    }
+
+    /// Uses `bundle`'s JWT authorities for jwtRules that name no JWKS.
+    pub fn with_trust_bundle(mut self, bundle: Bundle) -> Self {
+        self.trust_bundle = Some(bundle);
+        self
+    }
+
+    fn in_scope(
+        &self,
+        namespace: &str,
+        selector: Option<&BTreeMap<String, String>>,
+        r: &Request,
+    ) -> bool {
+        let dest_ns = r.destination_principal.as_deref().and_then(namespace_of);
+        (namespace == self.root_namespace || Some(namespace) == dest_ns)
+            && selector.is_none_or(|labels| labels_match(labels, r))
+    }
+
+    /// Validates the request's JWT against the applicable RequestAuthentications.
+    /// `Ok(None)`: no token (or no RequestAuthentication applies). `Err`: the
+    /// deciding policy and why the token is invalid.
+    pub fn authenticate(
+        &self,
+        r: &Request,
+        now: SystemTime,
+    ) -> Result<Option<RequestAuth>, (String, String)> {
+        let policies: Vec<&RequestAuthentication> = self
+            .set
+            .request
+            .iter()
+            .filter(|p| self.in_scope(&p.namespace, p.selector.as_ref(), r))
+            .collect();
+        let rules: Vec<(&RequestAuthentication, &JwtRule)> = policies
+            .iter()
+            .flat_map(|p| p.rules.iter().map(move |rule| (*p, rule)))
+            .collect();
+        let token = rules.iter().find_map(|(_, rule)| {
+            let (headers, params) = rule.locations();
+            headers
+                .iter()
+                .find_map(|(name, prefix)| {
+                    r.headers
+                        .get(name)
+                        .and_then(|v| v.strip_prefix(prefix.as_str()))
+                })
+                .or_else(|| {
+                    params
+                        .iter()
+                        .find_map(|p| r.query.get(p).map(String::as_str))
+                })
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+        });
+        let Some(token) = token else {
+            return Ok(None);
+        };
+        let first = policies.first().map(|p| p.id()).unwrap_or_default();
+        let jwt =
+            UnverifiedJwt::parse_third_party(token).map_err(|e| (first.clone(), e.to_string()))?;
+        let iss = jwt
+            .claims
+            .get("iss")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_string();
+        let Some((policy, rule)) = rules.iter().find(|(_, rule)| rule.issuer == iss) else {
+            return Err((
+                first,
+                format!("issuer {iss:?} is not accepted by any jwtRule"),
+            ));
+        };
+        let fail = |why: String| (policy.id(), why);
+        let keys: Vec<(Option<String>, JwtPublicKey)> = match &rule.jwks {
+            JwksSource::Keys(k) => k.clone(),
+            JwksSource::TrustDomainBundle => self
+                .trust_bundle
+                .as_ref()
+                .ok_or_else(|| fail("the rule names no JWKS and no trust bundle is loaded".into()))?
+                .jwt_authorities()
+                .iter()
+                .map(|(kid, key)| (Some(kid.clone()), key.clone()))
+                .collect(),
+        };
+        let candidates: Vec<&JwtPublicKey> = keys
+            .iter()
+            .filter(|(kid, _)| jwt.kid.is_empty() || kid.as_deref() == Some(jwt.kid.as_str()))
+            .map(|(_, k)| k)
+            .collect();
+        if candidates.is_empty() {
+            return Err(fail(format!("no key with kid {:?} in the JWKS", jwt.kid)));
+        }
+        if !candidates.iter().any(|k| jwt.verify_signature(k).is_ok()) {
+            return Err(fail("signature does not verify with the JWKS".into()));
+        }
+        crate::jwt::check_time(&jwt.claims, now).map_err(|e| fail(e.to_string()))?;
+        let audiences = crate::jwt::audiences(&jwt.claims).unwrap_or_default();
+        if !rule.audiences.is_empty() && !audiences.iter().any(|a| rule.audiences.contains(a)) {
+            return Err(fail(format!(
+                "audiences {audiences:?} include none of {:?}",
+                rule.audiences
+            )));
+        }
+        let sub = jwt
+            .claims
+            .get("sub")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default();
+        Ok(Some(RequestAuth {
+            principal: format!("{iss}/{sub}"),
+            audiences,
+            presenter: jwt
+                .claims
+                .get("azp")
+                .and_then(|v| v.as_str())
+                .map(str::to_string),
+            claims: jwt.claims.clone(),
+        }))
     }
 
     /// Policies that apply to the request's destination, in file order:
@@ -336,8 +461,35 @@ impl Evaluator {
         mode
     }
 
-    /// Decides a request and explains the decision.
+    /// Decides a request now and explains the decision.
     pub fn evaluate(&self, r: &Request) -> Decision {
+        self.evaluate_at(r, SystemTime::now())
+    }
+
+    /// Decides a request at `now`: PeerAuthentication, then
+    /// RequestAuthentication (an invalid JWT is a 401), then authorization.
+    pub fn evaluate_at(&self, r: &Request, now: SystemTime) -> Decision {
+        match self.authenticate(r, now) {
+            Ok(Some(auth)) => {
+                let mut with_auth = r.clone();
+                with_auth.auth = Some(auth);
+                self.decide(&with_auth)
+            }
+            Ok(None) => self.decide(r),
+            Err((policy, why)) => Decision {
+                allow: false,
+                status: 401,
+                explanation: vec![format!(
+                    "RequestAuthentication {policy}: invalid JWT: {why}"
+                )],
+                policy: Some(policy),
+                rule: None,
+                audit: false,
+            },
+        }
+    }
+
+    fn decide(&self, r: &Request) -> Decision {
         let mut explanation = Vec::new();
         let mut audit = false;
         let (mode, by) = self.mtls_mode(r);

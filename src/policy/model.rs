@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::jwt::{JwkParams, JwtPublicKey};
+
 /// Why a policy file was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{file}: document {document}: {path}: {reason}")]
@@ -468,6 +470,65 @@ impl PeerAuthentication {
     }
 }
 
+/// Where a JWT rule's verification keys come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JwksSource {
+    /// Keys from `jwks` or a `jwksUri` file, each with its `kid` if any.
+    Keys(Vec<(Option<String>, JwtPublicKey)>),
+    /// Neither given: the trust domain's own JWT bundle.
+    TrustDomainBundle,
+}
+
+/// One `jwtRules[]` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwtRule {
+    /// `iss` the token must carry.
+    pub issuer: String,
+    /// Accepted audiences (empty: not checked).
+    pub audiences: Vec<String>,
+    /// Verification keys.
+    pub jwks: JwksSource,
+    /// Headers to read the token from: (lowercased name, prefix to strip).
+    pub from_headers: Vec<(String, String)>,
+    /// Query parameters to read the token from.
+    pub from_params: Vec<String>,
+}
+
+impl JwtRule {
+    /// Where to look for a token: the rule's own locations, or
+    /// `Authorization: Bearer` and `access_token` by default.
+    pub fn locations(&self) -> (Vec<(String, String)>, Vec<String>) {
+        if self.from_headers.is_empty() && self.from_params.is_empty() {
+            (
+                vec![("authorization".into(), "Bearer ".into())],
+                vec!["access_token".into()],
+            )
+        } else {
+            (self.from_headers.clone(), self.from_params.clone())
+        }
+    }
+}
+
+/// A validated RequestAuthentication.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestAuthentication {
+    /// `metadata.name`.
+    pub name: String,
+    /// `metadata.namespace`.
+    pub namespace: String,
+    /// `spec.selector.matchLabels`.
+    pub selector: Option<BTreeMap<String, String>>,
+    /// `spec.jwtRules`.
+    pub rules: Vec<JwtRule>,
+}
+
+impl RequestAuthentication {
+    /// `namespace/name`.
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
 /// A loaded set of policies.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PolicySet {
@@ -475,6 +536,132 @@ pub struct PolicySet {
     pub authorization: Vec<AuthorizationPolicy>,
     /// Every PeerAuthentication, in file order.
     pub peer: Vec<PeerAuthentication>,
+    /// Every RequestAuthentication, in file order.
+    pub request: Vec<RequestAuthentication>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawRequestSpec {
+    #[serde(default)]
+    selector: Option<RawSelector>,
+    #[serde(default)]
+    jwt_rules: Vec<RawJwtRule>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawJwtRule {
+    issuer: String,
+    #[serde(default)]
+    audiences: Vec<String>,
+    #[serde(default)]
+    jwks: Option<String>,
+    #[serde(default)]
+    jwks_uri: Option<String>,
+    #[serde(default)]
+    from_headers: Vec<RawFromHeader>,
+    #[serde(default)]
+    from_params: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFromHeader {
+    name: String,
+    #[serde(default)]
+    prefix: String,
+}
+
+/// Parses a standard JWKS document into keys with their `kid`s.
+pub fn parse_jwks(text: &str) -> Result<Vec<(Option<String>, JwtPublicKey)>, String> {
+    let doc: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+    let keys = doc
+        .get("keys")
+        .and_then(|k| k.as_array())
+        .ok_or("a JWKS needs a \"keys\" array")?;
+    keys.iter()
+        .enumerate()
+        .map(|(i, k)| {
+            let field = |name: &str| k.get(name).and_then(|v| v.as_str()).map(str::to_string);
+            let params = JwkParams {
+                kty: field("kty").unwrap_or_default(),
+                crv: field("crv"),
+                x: field("x"),
+                y: field("y"),
+                n: field("n"),
+                e: field("e"),
+            };
+            let key = JwtPublicKey::from_jwk(&params).map_err(|e| format!("keys[{i}]: {e}"))?;
+            Ok((field("kid"), key))
+        })
+        .collect()
+}
+
+fn request_authentication(
+    ctx: &Ctx<'_>,
+    meta: &RawMeta,
+    spec: Option<serde_norway::Value>,
+) -> Result<RequestAuthentication, PolicyError> {
+    let spec: RawRequestSpec = match spec {
+        None => RawRequestSpec::default(),
+        Some(v) => serde_path_to_error::deserialize(v).map_err(|e| {
+            let path = e.path().to_string();
+            ctx.err(format!("spec.{path}"), e.into_inner().to_string())
+        })?,
+    };
+    let mut rules = Vec::new();
+    for (i, r) in spec.jwt_rules.iter().enumerate() {
+        let at = format!("spec.jwtRules[{i}]");
+        if r.issuer.is_empty() {
+            return Err(ctx.err(format!("{at}.issuer"), "must not be empty"));
+        }
+        let jwks = match (&r.jwks, &r.jwks_uri) {
+            (Some(_), Some(_)) => {
+                return Err(ctx.err(&at, "set jwks or jwksUri, not both"));
+            }
+            (Some(text), None) => {
+                JwksSource::Keys(parse_jwks(text).map_err(|e| ctx.err(format!("{at}.jwks"), e))?)
+            }
+            (None, Some(uri)) => {
+                if uri.starts_with("https://") || uri.starts_with("http://") {
+                    return Err(ctx.err(
+                        format!("{at}.jwksUri"),
+                        "fetching JWKS over HTTP(S) is not supported yet; use jwks or a file path",
+                    ));
+                }
+                let path = ctx.file.parent().unwrap_or(Path::new(".")).join(uri);
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    ctx.err(
+                        format!("{at}.jwksUri"),
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                JwksSource::Keys(
+                    parse_jwks(&text).map_err(|e| ctx.err(format!("{at}.jwksUri"), e))?,
+                )
+            }
+            (None, None) => JwksSource::TrustDomainBundle,
+        };
+        rules.push(JwtRule {
+            issuer: r.issuer.clone(),
+            audiences: r.audiences.clone(),
+            jwks,
+            from_headers: r
+                .from_headers
+                .iter()
+                .map(|h| (h.name.to_ascii_lowercase(), h.prefix.clone()))
+                .collect(),
+            from_params: r.from_params.clone(),
+        });
+    }
+    Ok(RequestAuthentication {
+        name: meta.name.clone(),
+        namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        selector: spec.selector.map(|s| s.match_labels),
+        rules,
+    })
 }
 
 #[derive(Deserialize, Default)]
@@ -761,7 +948,8 @@ pub fn parse_file(file: &Path, text: &str, set: &mut PolicySet) -> Result<(), Po
                     .push(peer_authentication(&ctx, &doc.metadata, doc.spec)?)
             }
             "RequestAuthentication" => {
-                return Err(ctx.err("kind", format!("{} is not supported yet", doc.kind)));
+                set.request
+                    .push(request_authentication(&ctx, &doc.metadata, doc.spec)?)
             }
             other => {
                 return Err(ctx.err(

@@ -363,3 +363,183 @@ fn peer_authentication_errors() {
     ));
     assert!(e.path.starts_with("spec.mtls"), "{e}");
 }
+
+mod jwt_rules {
+    use super::*;
+    use crate::jwt::{EcCurve, JwtPublicKey, JwtSigner};
+    use crate::x509::{KeyAlgorithm, PrivateKey};
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    const ISS: &str = "https://issuer.example";
+
+    struct Keys {
+        signer: JwtSigner,
+        jwks: String,
+    }
+
+    fn keys(kid: &str) -> Keys {
+        let key = PrivateKey::generate(KeyAlgorithm::EcP256).unwrap();
+        let public = JwtPublicKey::ec(EcCurve::P256, key.public_key_point().unwrap()).unwrap();
+        let p = public.to_jwk();
+        let jwks = serde_json::json!({"keys": [{
+            "kty": p.kty, "crv": p.crv, "x": p.x, "y": p.y, "kid": kid, "use": "sig", "alg": "ES256"
+        }]})
+        .to_string();
+        Keys {
+            signer: JwtSigner::new(kid.into(), &key).unwrap(),
+            jwks,
+        }
+    }
+
+    fn now() -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    }
+
+    fn token(k: &Keys, iss: &str, aud: &str, exp: u64) -> String {
+        k.signer
+            .sign_claims(&serde_json::json!({"iss": iss, "sub": "alice", "aud": aud, "exp": exp, "iat": now()}))
+            .unwrap()
+    }
+
+    fn request_auth(jwks: &str, extra: &str) -> String {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata:\n  name: jwt\n  namespace: foo\nspec:\n  jwtRules:\n  - issuer: \"{ISS}\"\n    audiences: [\"api\"]\n    jwks: '{jwks}'\n{extra}---\n"
+        )
+    }
+
+    fn with_bearer(t: &str) -> Request {
+        let mut r = req(SLEEP, "GET", "/");
+        r.headers
+            .insert("authorization".into(), format!("Bearer {t}"));
+        r
+    }
+
+    #[test]
+    fn valid_token_sets_the_request_principal() {
+        let k = keys("k1");
+        let require = policy(
+            "  rules:\n  - from:\n    - source:\n        requestPrincipals: [\"https://issuer.example/alice\"]\n",
+        );
+        let yaml = format!("{}{require}", request_auth(&k.jwks, ""));
+        let d = decide(&yaml, &with_bearer(&token(&k, ISS, "api", now() + 60)));
+        assert!(d.allow, "{:?}", d.explanation);
+        // No token: passes authentication, but the policy requires a principal.
+        let d = decide(&yaml, &req(SLEEP, "GET", "/"));
+        assert!(!d.allow);
+        assert_eq!(d.status, 403);
+        // A missing token with no policy requiring one is fine.
+        assert!(decide(&request_auth(&k.jwks, ""), &req(SLEEP, "GET", "/")).allow);
+    }
+
+    #[test]
+    fn invalid_tokens_are_401() {
+        let k = keys("k1");
+        let yaml = request_auth(&k.jwks, "");
+        let good = token(&k, ISS, "api", now() + 60);
+        let cases: Vec<(String, &str)> = vec![
+            (token(&k, ISS, "api", now() - 5), "expired"),
+            (token(&k, ISS, "other", now() + 60), "audiences"),
+            (
+                token(&k, "https://evil.example", "api", now() + 60),
+                "issuer",
+            ),
+            (token(&keys("k2"), ISS, "api", now() + 60), "kid"),
+            (token(&keys("k1"), ISS, "api", now() + 60), "signature"),
+            (
+                {
+                    let parts: Vec<&str> = good.split('.').collect();
+                    let header = URL_SAFE_NO_PAD.encode(r#"{"alg":"none","kid":"k1"}"#);
+                    format!("{header}.{}.", parts[1])
+                },
+                "not allowed",
+            ),
+            (
+                {
+                    let parts: Vec<&str> = good.split('.').collect();
+                    let claims = URL_SAFE_NO_PAD.encode(
+                        serde_json::json!({"iss": ISS, "sub": "admin", "aud": "api", "exp": now() + 60}).to_string(),
+                    );
+                    format!("{}.{claims}.{}", parts[0], parts[2])
+                },
+                "signature",
+            ),
+        ];
+        for (t, why) in cases {
+            let d = decide(&yaml, &with_bearer(&t));
+            assert!(!d.allow, "{why}");
+            assert_eq!(d.status, 401, "{why}");
+            assert_eq!(d.policy.as_deref(), Some("foo/jwt"));
+            assert!(d.explanation[0].contains(why), "{why}: {:?}", d.explanation);
+        }
+        assert!(decide(&yaml, &with_bearer(&good)).allow);
+    }
+
+    #[test]
+    fn token_locations_and_key_sources() {
+        let k = keys("k1");
+        let t = token(&k, ISS, "api", now() + 60);
+        let yaml = request_auth(
+            &k.jwks,
+            "    fromHeaders:\n    - name: X-Jwt\n      prefix: \"Token \"\n    fromParams: [\"jwt\"]\n",
+        );
+        let mut r = req(SLEEP, "GET", "/");
+        r.headers.insert(
+            "x-jwt".into(),
+            format!("Token {}", token(&k, ISS, "other", now() + 60)),
+        );
+        assert_eq!(decide(&yaml, &r).status, 401, "the custom header is read");
+        let mut r = req(SLEEP, "GET", "/");
+        r.query
+            .insert("jwt".into(), token(&k, ISS, "other", now() + 60));
+        assert_eq!(decide(&yaml, &r).status, 401, "the custom param is read");
+        // Defaults: Authorization: Bearer and access_token.
+        let plain = request_auth(&k.jwks, "");
+        let mut r = req(SLEEP, "GET", "/");
+        r.query
+            .insert("access_token".into(), token(&k, ISS, "other", now() + 60));
+        assert_eq!(decide(&plain, &r).status, 401);
+
+        // jwksUri: a file next to the policy; HTTPS is refused clearly.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("keys.json"), &k.jwks).unwrap();
+        let file_yaml = format!(
+            "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata:\n  name: jwt\n  namespace: foo\nspec:\n  jwtRules:\n  - issuer: \"{ISS}\"\n    jwksUri: keys.json\n"
+        );
+        std::fs::write(dir.path().join("ra.yaml"), &file_yaml).unwrap();
+        let set = load_dir(dir.path()).unwrap();
+        assert!(
+            Evaluator::new(set, "istio-system")
+                .evaluate(&with_bearer(&t))
+                .allow
+        );
+        let e = err(&file_yaml.replace("keys.json", "https://idp.example/jwks"));
+        assert_eq!(e.path, "spec.jwtRules[0].jwksUri");
+
+        // No JWKS named: the trust domain's JWT bundle.
+        let td_yaml = file_yaml.replace("    jwksUri: keys.json\n", "");
+        let mut bundle =
+            crate::x509::Bundle::new(crate::spiffe::TrustDomain::new("cluster.local").unwrap());
+        let key = PrivateKey::generate(KeyAlgorithm::EcP256).unwrap();
+        bundle.add_jwt_authority(
+            "td".into(),
+            JwtPublicKey::ec(EcCurve::P256, key.public_key_point().unwrap()).unwrap(),
+        );
+        let td_signer = Keys {
+            signer: JwtSigner::new("td".into(), &key).unwrap(),
+            jwks: String::new(),
+        };
+        let td_token = token(&td_signer, ISS, "api", now() + 60);
+        let without =
+            Evaluator::new(set(&td_yaml), "istio-system").evaluate(&with_bearer(&td_token));
+        assert_eq!(without.status, 401, "{:?}", without.explanation);
+        let with = Evaluator::new(set(&td_yaml), "istio-system")
+            .with_trust_bundle(bundle)
+            .evaluate(&with_bearer(&td_token));
+        assert!(with.allow, "{:?}", with.explanation);
+    }
+}
