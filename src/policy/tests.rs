@@ -511,9 +511,9 @@ mod jwt_rules {
             "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata:\n  name: jwt\n  namespace: foo\nspec:\n  jwtRules:\n  - issuer: \"{ISS}\"\n    jwksUri: keys.json\n"
         );
         std::fs::write(dir.path().join("ra.yaml"), &file_yaml).unwrap();
-        let set = load_dir(dir.path()).unwrap();
+        let loaded = load_dir(dir.path()).unwrap();
         assert!(
-            Evaluator::new(set, "istio-system")
+            Evaluator::new(loaded, "istio-system")
                 .evaluate(&with_bearer(&t))
                 .allow
         );
