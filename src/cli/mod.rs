@@ -133,6 +133,15 @@ struct ServerArgs {
     /// Key algorithm of new authorities: ec-p256 or ec-p384 [default: ec-p256].
     #[arg(long)]
     key_algorithm: Option<String>,
+    /// Serve Envoy ext_authz v3 here (e.g. 127.0.0.1:9191); needs --policy-dir.
+    #[arg(long)]
+    ext_authz_bind: Option<String>,
+    /// Directory of Istio-style policy YAML, reloaded on change.
+    #[arg(long)]
+    policy_dir: Option<String>,
+    /// The policies' mesh-wide root namespace [default: istio-system].
+    #[arg(long)]
+    policy_root_namespace: Option<String>,
 }
 
 impl ServerArgs {
@@ -150,6 +159,9 @@ impl ServerArgs {
         raw.flag("agent_ttl", self.agent_ttl);
         raw.flag("x509pop_ca", self.x509pop_ca);
         raw.flag("key_algorithm", self.key_algorithm);
+        raw.flag("ext_authz_bind", self.ext_authz_bind);
+        raw.flag("policy_dir", self.policy_dir);
+        raw.flag("policy_root_namespace", self.policy_root_namespace);
         Ok(ServerConfig::from_raw(&raw)?)
     }
 }

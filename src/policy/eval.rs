@@ -82,6 +82,8 @@ pub struct Decision {
     pub explanation: Vec<String>,
     /// Matched by an AUDIT policy.
     pub audit: bool,
+    /// The authenticated end user (`iss/sub`), when a valid JWT was presented.
+    pub request_principal: Option<String>,
 }
 
 fn field_matches<T>(
@@ -471,9 +473,12 @@ impl Evaluator {
     pub fn evaluate_at(&self, r: &Request, now: SystemTime) -> Decision {
         match self.authenticate(r, now) {
             Ok(Some(auth)) => {
+                let principal = auth.principal.clone();
                 let mut with_auth = r.clone();
                 with_auth.auth = Some(auth);
-                self.decide(&with_auth)
+                let mut d = self.decide(&with_auth);
+                d.request_principal = Some(principal);
+                d
             }
             Ok(None) => self.decide(r),
             Err((policy, why)) => Decision {
@@ -485,6 +490,7 @@ impl Evaluator {
                 policy: Some(policy),
                 rule: None,
                 audit: false,
+                request_principal: None,
             },
         }
     }
@@ -505,6 +511,7 @@ impl Evaluator {
                 rule: None,
                 explanation,
                 audit,
+                request_principal: None,
             };
         }
         let first_match = |p: &AuthorizationPolicy| {
@@ -540,6 +547,7 @@ impl Evaluator {
                     rule: Some(i),
                     explanation,
                     audit,
+                    request_principal: None,
                 };
             }
         }
@@ -568,6 +576,7 @@ impl Evaluator {
                 rule: None,
                 explanation,
                 audit,
+                request_principal: None,
             };
         }
         for p in &allows {
@@ -580,6 +589,7 @@ impl Evaluator {
                     rule: Some(i),
                     explanation,
                     audit,
+                    request_principal: None,
                 };
             }
         }
@@ -601,6 +611,7 @@ impl Evaluator {
             rule: None,
             explanation,
             audit,
+            request_principal: None,
         }
     }
 }

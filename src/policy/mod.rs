@@ -8,6 +8,7 @@
 
 mod eval;
 mod model;
+mod service;
 
 pub use eval::{Decision, Evaluator, Request, RequestAuth, namespace_of, rule_matches};
 pub use model::{
@@ -15,6 +16,8 @@ pub use model::{
     Matcher, MtlsMode, Operation, PeerAuthentication, PolicyError, PolicySet,
     RequestAuthentication, Rule, Source, load_dir, parse_file, parse_jwks,
 };
+
+pub use service::{ExtAuthz, request_from_check, response_for, watch_policies};
 
 #[cfg(test)]
 mod tests;

@@ -51,6 +51,9 @@ pub const SERVER_KEYS: &[&str] = &[
     "agent_ttl",
     "x509pop_ca",
     "key_algorithm",
+    "ext_authz_bind",
+    "policy_dir",
+    "policy_root_namespace",
 ];
 
 /// Why the server could not start or stopped with an error.
@@ -76,6 +79,9 @@ pub enum ServerError {
         /// Why.
         reason: String,
     },
+    /// The policy directory is invalid.
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyError),
     /// The gRPC transport failed.
     #[error("transport error: {0}")]
     Transport(String),
@@ -115,6 +121,12 @@ pub struct ServerConfig {
     pub key_algorithm: KeyAlgorithm,
     /// Service tunables.
     pub options: ServerOptions,
+    /// Where to serve Envoy ext_authz (with `policy_dir`).
+    pub ext_authz_bind: Option<SocketAddr>,
+    /// Policy YAML directory (hot-reloaded).
+    pub policy_dir: Option<PathBuf>,
+    /// The policies' mesh-wide root namespace.
+    pub policy_root_namespace: String,
 }
 
 impl ServerConfig {
@@ -137,6 +149,9 @@ impl ServerConfig {
                 agent_ttl: Duration::from_secs(3600),
                 x509pop_roots: Vec::new(),
             },
+            ext_authz_bind: None,
+            policy_dir: None,
+            policy_root_namespace: "istio-system".into(),
         }
     }
 
@@ -155,7 +170,21 @@ impl ServerConfig {
             })?
             .unwrap_or_default();
         let ca_ttl = raw.duration("ca_ttl", "24h")?;
+        let ext_authz_bind = raw.parsed("ext_authz_bind", None, |v| {
+            v.parse::<SocketAddr>()
+                .map_err(|e| format!("{e} (expected IP:PORT, e.g. 127.0.0.1:9191)"))
+        })?;
+        let policy_dir = raw.get("policy_dir")?.map(PathBuf::from);
+        if ext_authz_bind.is_some() && policy_dir.is_none() {
+            return Err(ConfigError::Missing {
+                key: "policy_dir",
+                flag: "policy-dir (required with --ext-authz-bind)".into(),
+            });
+        }
         Ok(ServerConfig {
+            ext_authz_bind,
+            policy_dir,
+            policy_root_namespace: raw.string_or("policy_root_namespace", "istio-system")?,
             bind: raw.socket_addr("bind", DEFAULT_BIND)?,
             admin_socket: PathBuf::from(raw.string_or("admin_socket", DEFAULT_ADMIN_SOCKET)?),
             log_format: raw
@@ -234,6 +263,7 @@ impl ServerState {
 /// A running server.
 pub struct ServerHandle {
     node_addr: SocketAddr,
+    ext_authz_addr: Option<SocketAddr>,
     admin_socket: PathBuf,
     bundle_pem: String,
     trust_domain: TrustDomain,
@@ -245,6 +275,10 @@ impl ServerHandle {
     /// The node API's bound address (useful with port 0).
     pub fn node_addr(&self) -> SocketAddr {
         self.node_addr
+    }
+    /// The ext_authz address, when served.
+    pub fn ext_authz_addr(&self) -> Option<SocketAddr> {
+        self.ext_authz_addr
     }
     /// The admin socket path.
     pub fn admin_socket(&self) -> &Path {
@@ -392,6 +426,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     let admin_listener = bind_admin_socket(&config.admin_socket)?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let bundle_for_policies = ca.bundle().clone();
     let state = Arc::new(ServerState {
         registry,
         ca,
@@ -412,11 +447,47 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         .add_service(AdminServer::new(AdminService::new(state)))
         .serve_with_incoming_shutdown(
             UnixListenerStream::new(admin_listener),
-            wait_for(shutdown_rx),
+            wait_for(shutdown_rx.clone()),
         );
+    let mut ext_authz_addr = None;
+    let ext_authz_server = match (&config.ext_authz_bind, &config.policy_dir) {
+        (Some(bind), Some(dir)) => {
+            let evaluator = crate::policy::watch_policies(
+                dir.clone(),
+                config.policy_root_namespace.clone(),
+                Some(bundle_for_policies),
+                shutdown_rx.clone(),
+            )?;
+            let listener = TcpListener::bind(bind)
+                .await
+                .map_err(|e| ServerError::Bind {
+                    addr: bind.to_string(),
+                    reason: e.to_string(),
+                })?;
+            ext_authz_addr = listener.local_addr().ok();
+            Some(
+                Server::builder()
+                    .add_service(envoy_types::ext_authz::v3::pb::AuthorizationServer::new(
+                        crate::policy::ExtAuthz::new(evaluator),
+                    ))
+                    .serve_with_incoming_shutdown(
+                        TcpIncoming::from(listener).with_nodelay(Some(true)),
+                        wait_for(shutdown_rx.clone()),
+                    ),
+            )
+        }
+        _ => None,
+    };
     let task = tokio::spawn(async move {
-        let (node, admin) = tokio::join!(node_server, admin_server);
+        let ext_authz = async {
+            match ext_authz_server {
+                Some(s) => s.await,
+                None => Ok(()),
+            }
+        };
+        let (node, admin, authz) = tokio::join!(node_server, admin_server, ext_authz);
         node.and(admin)
+            .and(authz)
             .map_err(|e| ServerError::Transport(e.to_string()))
     });
     tracing::info!(
@@ -428,6 +499,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     );
     Ok(ServerHandle {
         node_addr,
+        ext_authz_addr,
         admin_socket: config.admin_socket,
         bundle_pem,
         trust_domain: config.trust_domain,

@@ -3,6 +3,7 @@
 
 mod agent;
 mod cli;
+mod ext_authz;
 mod openssl_verify;
 mod server;
 mod store_crash;

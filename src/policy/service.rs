@@ -1,0 +1,251 @@
+//! The Envoy ext_authz v3 `Check` service, and hot reload of the policy
+//! directory. CheckRequests are converted to domain requests at this edge.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use envoy_types::ext_authz::v3::pb::{
+    Address, Authorization, CheckRequest, CheckResponse, DeniedHttpResponse, HeaderValue,
+    HeaderValueOption, HttpResponse, HttpStatus, OkHttpResponse,
+};
+use envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier;
+use envoy_types::pb::google::rpc;
+use tokio::sync::watch;
+use tonic::{Request as GrpcRequest, Response, Status};
+
+use super::{Decision, Evaluator, PolicySet, Request, load_dir};
+use crate::x509::Bundle;
+
+/// How often the policy directory is checked for changes.
+const RELOAD_EVERY: Duration = Duration::from_millis(300);
+
+/// Converts an Envoy CheckRequest into a domain request.
+pub fn request_from_check(c: &CheckRequest) -> Request {
+    let attrs = c.attributes.clone().unwrap_or_default();
+    let source = attrs.source.unwrap_or_default();
+    let destination = attrs.destination.unwrap_or_default();
+    let socket = |a: Option<envoy_types::pb::envoy::config::core::v3::Address>| match a
+        .and_then(|a| a.address)
+    {
+        Some(Address::SocketAddress(s)) => Some(s),
+        _ => None,
+    };
+    let src_socket = socket(source.address);
+    let dst_socket = socket(destination.address);
+    let http = attrs.request.and_then(|r| r.http).unwrap_or_default();
+    let (path, query) = match http.path.split_once('?') {
+        Some((p, q)) => (p.to_string(), q.to_string()),
+        None => (http.path.clone(), String::new()),
+    };
+    let query: BTreeMap<String, String> = query
+        .split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None => (kv.to_string(), String::new()),
+        })
+        .collect();
+    let principal = |p: String| {
+        (!p.is_empty()).then(|| {
+            if p.contains("://") {
+                p
+            } else {
+                format!("spiffe://{p}")
+            }
+        })
+    };
+    Request {
+        source_principal: principal(source.principal),
+        source_ip: src_socket.as_ref().and_then(|s| s.address.parse().ok()),
+        destination_principal: principal(destination.principal),
+        destination_labels: destination.labels.into_iter().collect(),
+        destination_port: dst_socket.and_then(|s| match s.port_specifier {
+            Some(PortSpecifier::PortValue(p)) => u16::try_from(p).ok(),
+            _ => None,
+        }),
+        method: http.method,
+        path,
+        host: http.host,
+        headers: http
+            .headers
+            .into_iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v))
+            .collect(),
+        query,
+        sni: attrs.tls_session.map(|t| t.sni).filter(|s| !s.is_empty()),
+        auth: None,
+    }
+}
+
+fn header(key: &str, value: &str) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: key.into(),
+            value: value.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Builds the CheckResponse for a decision.
+pub fn response_for(d: &Decision, peer: Option<&str>) -> CheckResponse {
+    let decided_by = match (&d.policy, d.rule) {
+        (Some(p), Some(r)) => format!("{p} rule {r}"),
+        (Some(p), None) => p.clone(),
+        (None, _) => "default".to_string(),
+    };
+    if d.allow {
+        let mut headers = Vec::new();
+        if let Some(p) = peer {
+            headers.push(header("x-sigil-principal", p));
+        }
+        if let Some(p) = &d.request_principal {
+            headers.push(header("x-sigil-request-principal", p));
+        }
+        return CheckResponse {
+            status: Some(rpc::Status {
+                code: tonic::Code::Ok as i32,
+                ..Default::default()
+            }),
+            http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
+                headers,
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+    }
+    let (code, http) = if d.status == 401 {
+        (tonic::Code::Unauthenticated, 401)
+    } else {
+        (tonic::Code::PermissionDenied, 403)
+    };
+    let body = serde_json::json!({
+        "decision": "deny",
+        "status": d.status,
+        "policy": d.policy,
+        "rule": d.rule,
+        "explanation": d.explanation,
+    })
+    .to_string();
+    CheckResponse {
+        status: Some(rpc::Status {
+            code: code as i32,
+            message: format!("denied by {decided_by}"),
+            details: Vec::new(),
+        }),
+        http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
+            status: Some(HttpStatus { code: http }),
+            headers: vec![
+                header("x-sigil-policy", &decided_by),
+                header("content-type", "application/json"),
+            ],
+            body,
+        })),
+        ..Default::default()
+    }
+}
+
+/// The ext_authz service over a hot-reloaded evaluator.
+pub struct ExtAuthz {
+    evaluator: watch::Receiver<Arc<Evaluator>>,
+}
+
+impl ExtAuthz {
+    /// A service reading the current evaluator.
+    pub fn new(evaluator: watch::Receiver<Arc<Evaluator>>) -> Self {
+        ExtAuthz { evaluator }
+    }
+}
+
+#[tonic::async_trait]
+impl Authorization for ExtAuthz {
+    async fn check(
+        &self,
+        req: GrpcRequest<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
+        let r = request_from_check(req.get_ref());
+        let evaluator = self.evaluator.borrow().clone();
+        let d = evaluator.evaluate(&r);
+        tracing::info!(
+            target: "sigil::audit",
+            event = "authorize",
+            decision = if d.allow { "allow" } else { "deny" },
+            status = d.status,
+            principal = r.source_principal.as_deref().unwrap_or(""),
+            request_principal = d.request_principal.as_deref().unwrap_or(""),
+            destination = r.destination_principal.as_deref().unwrap_or(""),
+            method = %r.method,
+            path = %r.path,
+            policy = d.policy.as_deref().unwrap_or(""),
+            rule = ?d.rule,
+            audit = d.audit,
+            explanation = ?d.explanation,
+        );
+        Ok(Response::new(response_for(
+            &d,
+            r.source_principal.as_deref(),
+        )))
+    }
+}
+
+fn fingerprint(dir: &Path) -> Vec<(PathBuf, SystemTime, u64)> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let m = e.metadata().ok()?;
+            Some((e.path(), m.modified().ok()?, m.len()))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Loads `dir` (failing on a bad policy) and keeps the returned evaluator
+/// current: changes apply within a second; a bad file keeps the last good
+/// set and logs the error. Stops when `shutdown` turns true.
+pub fn watch_policies(
+    dir: PathBuf,
+    root_namespace: String,
+    bundle: Option<Bundle>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<watch::Receiver<Arc<Evaluator>>, super::PolicyError> {
+    let build = move |set: PolicySet| {
+        let e = Evaluator::new(set, root_namespace.clone());
+        Arc::new(match &bundle {
+            Some(b) => e.with_trust_bundle(b.clone()),
+            None => e,
+        })
+    };
+    let initial = load_dir(&dir)?;
+    tracing::info!(dir = %dir.display(), policies = initial.authorization.len(), "policies loaded");
+    let (tx, rx) = watch::channel(build(initial));
+    tokio::spawn(async move {
+        let mut seen = fingerprint(&dir);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(RELOAD_EVERY) => {}
+                _ = shutdown.changed() => return,
+            }
+            let now = fingerprint(&dir);
+            if now == seen {
+                continue;
+            }
+            seen = now;
+            match load_dir(&dir) {
+                Ok(set) => {
+                    tracing::info!(dir = %dir.display(), policies = set.authorization.len(), "policies reloaded");
+                    tx.send_replace(build(set));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "policy reload failed; keeping the last good policies")
+                }
+            }
+        }
+    });
+    Ok(rx)
+}
