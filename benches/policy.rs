@@ -54,6 +54,99 @@ fn request(ns: usize, p: usize, allowed: bool) -> Request {
     r
 }
 
+/// The same decisions through the real ext_authz gRPC service on loopback:
+/// one current-thread runtime (client and server on one core), 32 in flight.
+fn grpc(eval: Evaluator, requests: &[(Request, bool)]) {
+    use envoy_types::pb::envoy::config::core::v3::{
+        Address, SocketAddress, address, socket_address,
+    };
+    use envoy_types::pb::envoy::service::auth::v3::attribute_context::{
+        HttpRequest, Peer, Request as AttrRequest,
+    };
+    use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+    use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
+    let checks: Vec<CheckRequest> = requests
+        .iter()
+        .map(|(r, _)| CheckRequest {
+            attributes: Some(AttributeContext {
+                source: Some(Peer {
+                    principal: r.source_principal.clone().unwrap_or_default(),
+                    ..Default::default()
+                }),
+                destination: Some(Peer {
+                    principal: r.destination_principal.clone().unwrap_or_default(),
+                    labels: r.destination_labels.clone().into_iter().collect(),
+                    address: Some(Address {
+                        address: Some(address::Address::SocketAddress(SocketAddress {
+                            address: "10.0.0.1".into(),
+                            port_specifier: Some(socket_address::PortSpecifier::PortValue(8080)),
+                            ..Default::default()
+                        })),
+                    }),
+                    ..Default::default()
+                }),
+                request: Some(AttrRequest {
+                    http: Some(HttpRequest {
+                        method: r.method.clone(),
+                        path: r.path.clone(),
+                        host: r.host.clone(),
+                        headers: r.headers.clone().into_iter().collect(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        })
+        .collect();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let (_tx, rx) = tokio::sync::watch::channel(std::sync::Arc::new(eval));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(envoy_types::ext_authz::v3::pb::AuthorizationServer::new(sigil::policy::ExtAuthz::new(rx)))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))),
+        );
+        let client = AuthorizationClient::connect(format!("http://{addr}")).await.unwrap();
+        let n = 40_000;
+        let in_flight = 32;
+        let checks = std::sync::Arc::new(checks);
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for w in 0..in_flight {
+            let mut c = client.clone();
+            let checks = checks.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut lat = Vec::new();
+                for i in (w..n).step_by(in_flight) {
+                    let t = Instant::now();
+                    c.check(checks[i % checks.len()].clone()).await.unwrap();
+                    lat.push(t.elapsed());
+                }
+                lat
+            }));
+        }
+        let mut lat = Vec::new();
+        for t in tasks {
+            lat.extend(t.await.unwrap());
+        }
+        let total = start.elapsed();
+        lat.sort();
+        let pct = |p: f64| lat[((lat.len() - 1) as f64 * p) as usize];
+        println!(
+            "ext_authz Check over gRPC (loopback, client and server on one core, {in_flight} in flight): {:.0}/s; p50 {:?} p99 {:?}",
+            n as f64 / total.as_secs_f64(),
+            pct(0.5),
+            pct(0.99)
+        );
+    });
+}
+
 fn main() {
     let mut set = PolicySet::default();
     parse_file(Path::new("bench.yaml"), &yaml(), &mut set).unwrap();
@@ -87,4 +180,5 @@ fn main() {
         pct(0.99),
         lat.last().copied().unwrap_or(Duration::ZERO)
     );
+    grpc(eval, &requests);
 }
