@@ -10,7 +10,7 @@ use serde_json::json;
 
 use super::OutputFormat;
 use super::admin::Output;
-use crate::policy::{Evaluator, Request, load_dir};
+use crate::policy::{Evaluator, Request, load_dir, split_path_query};
 use crate::spiffe::SpiffeId;
 
 /// `sigil policy ...`
@@ -103,18 +103,7 @@ pub fn run(cmd: PolicyCmd) -> anyhow::Result<()> {
         .transpose()?;
     let destination = SpiffeId::new(&a.destination)
         .with_context(|| format!("--destination {:?}", a.destination))?;
-    let (path, query) = match a.path.split_once('?') {
-        Some((p, q)) => (p.to_string(), q),
-        None => (a.path.clone(), ""),
-    };
-    let query = query
-        .split('&')
-        .filter(|kv| !kv.is_empty())
-        .map(|kv| match kv.split_once('=') {
-            Some((k, v)) => (k.to_string(), v.to_string()),
-            None => (kv.to_string(), String::new()),
-        })
-        .collect();
+    let (path, query) = split_path_query(&a.path);
     let mut headers = pairs("header", &a.headers, true)?;
     if let Some(token) = a.jwt {
         headers.insert("authorization".into(), format!("Bearer {token}"));

@@ -57,6 +57,20 @@ pub struct Request {
     pub auth: Option<RequestAuth>,
 }
 
+/// Splits `/p?a=1&b` into the path and its query parameters.
+pub fn split_path_query(full: &str) -> (String, BTreeMap<String, String>) {
+    let (path, query) = full.split_once('?').unwrap_or((full, ""));
+    let params = query
+        .split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None => (kv.to_string(), String::new()),
+        })
+        .collect();
+    (path.to_string(), params)
+}
+
 /// `/ns/<ns>/sa/<sa>` → `<ns>`.
 pub fn namespace_of(spiffe_id: &str) -> Option<&str> {
     let path = spiffe_id.strip_prefix("spiffe://")?.split_once('/')?.1;

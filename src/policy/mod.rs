@@ -10,7 +10,9 @@ mod eval;
 mod model;
 mod service;
 
-pub use eval::{Decision, Evaluator, Request, RequestAuth, namespace_of, rule_matches};
+pub use eval::{
+    Decision, Evaluator, Request, RequestAuth, namespace_of, rule_matches, split_path_query,
+};
 pub use model::{
     Action, AuthorizationPolicy, Cidr, Condition, ConditionKey, Field, JwksSource, JwtRule,
     Matcher, MtlsMode, Operation, PeerAuthentication, PolicyError, PolicySet,

@@ -1,7 +1,6 @@
 //! The Envoy ext_authz v3 `Check` service, and hot reload of the policy
 //! directory. CheckRequests are converted to domain requests at this edge.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -15,7 +14,7 @@ use envoy_types::pb::google::rpc;
 use tokio::sync::watch;
 use tonic::{Request as GrpcRequest, Response, Status};
 
-use super::{Decision, Evaluator, PolicySet, Request, load_dir};
+use super::{Decision, Evaluator, PolicySet, Request, load_dir, split_path_query};
 use crate::x509::Bundle;
 
 /// How often the policy directory is checked for changes.
@@ -35,18 +34,7 @@ pub fn request_from_check(c: &CheckRequest) -> Request {
     let src_socket = socket(source.address);
     let dst_socket = socket(destination.address);
     let http = attrs.request.and_then(|r| r.http).unwrap_or_default();
-    let (path, query) = match http.path.split_once('?') {
-        Some((p, q)) => (p.to_string(), q.to_string()),
-        None => (http.path.clone(), String::new()),
-    };
-    let query: BTreeMap<String, String> = query
-        .split('&')
-        .filter(|kv| !kv.is_empty())
-        .map(|kv| match kv.split_once('=') {
-            Some((k, v)) => (k.to_string(), v.to_string()),
-            None => (kv.to_string(), String::new()),
-        })
-        .collect();
+    let (path, query) = split_path_query(&http.path);
     let principal = |p: String| {
         (!p.is_empty()).then(|| {
             if p.contains("://") {

@@ -10,7 +10,7 @@ use super::convert::{status, ts};
 use crate::ca::X509SvidParams;
 use crate::proto::admin::{self as pa, admin_server::Admin};
 use crate::proto::node as pn;
-use crate::registry::{EntryParams, SERVER_DNS_NAME};
+use crate::registry::{AgentRecord, EntryParams, Registry, RegistryError, SERVER_DNS_NAME};
 use crate::spiffe::{Selector, SpiffeId};
 use crate::x509::{KeyAlgorithm, PrivateKey};
 
@@ -23,6 +23,22 @@ impl AdminService {
     /// A service over the shared server state.
     pub fn new(state: Arc<ServerState>) -> Self {
         AdminService { state }
+    }
+
+    /// Ban or evict: parse the ID, act, audit.
+    fn agent_action(
+        &self,
+        event: &str,
+        req: Request<pa::AgentIdRequest>,
+        act: impl Fn(&Registry, &SpiffeId) -> Result<AgentRecord, RegistryError>,
+    ) -> Result<Response<pa::Agent>, Status> {
+        let raw = req.into_inner().spiffe_id;
+        let result = parse_id("spiffe_id", &raw).and_then(|id| {
+            act(&self.state.registry, &id)
+                .map(|a| pa::Agent::from(&a))
+                .map_err(status)
+        });
+        audited(event, &raw, result)
     }
 }
 
@@ -182,30 +198,14 @@ impl Admin for AdminService {
         &self,
         req: Request<pa::AgentIdRequest>,
     ) -> Result<Response<pa::Agent>, Status> {
-        let raw = req.into_inner().spiffe_id;
-        let result = parse_id("spiffe_id", &raw).and_then(|id| {
-            self.state
-                .registry
-                .ban_agent(&id)
-                .map(|a| pa::Agent::from(&a))
-                .map_err(status)
-        });
-        audited("ban_agent", &raw, result)
+        self.agent_action("ban_agent", req, Registry::ban_agent)
     }
 
     async fn evict_agent(
         &self,
         req: Request<pa::AgentIdRequest>,
     ) -> Result<Response<pa::Agent>, Status> {
-        let raw = req.into_inner().spiffe_id;
-        let result = parse_id("spiffe_id", &raw).and_then(|id| {
-            self.state
-                .registry
-                .evict_agent(&id)
-                .map(|a| pa::Agent::from(&a))
-                .map_err(status)
-        });
-        audited("evict_agent", &raw, result)
+        self.agent_action("evict_agent", req, Registry::evict_agent)
     }
 
     async fn get_bundle(
