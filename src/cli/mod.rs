@@ -142,6 +142,9 @@ struct ServerArgs {
     /// The policies' mesh-wide root namespace [default: istio-system].
     #[arg(long)]
     policy_root_namespace: Option<String>,
+    /// PEM CA certificates to trust for jwksUri HTTPS servers, beside the system's.
+    #[arg(long)]
+    jwks_ca_file: Option<String>,
 }
 
 impl ServerArgs {
@@ -162,6 +165,7 @@ impl ServerArgs {
         raw.flag("ext_authz_bind", self.ext_authz_bind);
         raw.flag("policy_dir", self.policy_dir);
         raw.flag("policy_root_namespace", self.policy_root_namespace);
+        raw.flag("jwks_ca_file", self.jwks_ca_file);
         Ok(ServerConfig::from_raw(&raw)?)
     }
 }
@@ -338,7 +342,7 @@ pub fn main() -> anyhow::Result<()> {
         }
         Command::Dev(args) => runtime()?.block_on(dev::run(args)),
         Command::Workload { cmd } => runtime()?.block_on(workload::run(cmd)),
-        Command::Policy { cmd } => policy::run(cmd),
+        Command::Policy { cmd } => runtime()?.block_on(policy::run(cmd)),
         Command::Bundle { cmd } => runtime()?.block_on(admin::bundle(cmd)),
         Command::X509 { cmd } => runtime()?.block_on(admin::x509(cmd)),
         Command::Jwt { cmd } => runtime()?.block_on(admin::jwt(cmd)),

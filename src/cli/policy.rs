@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
@@ -10,7 +11,7 @@ use serde_json::json;
 
 use super::OutputFormat;
 use super::admin::Output;
-use crate::policy::{Evaluator, Request, load_dir, split_path_query};
+use crate::policy::{Evaluator, RemoteJwks, Request, load_ca_file, load_dir, split_path_query};
 use crate::spiffe::SpiffeId;
 
 /// `sigil policy ...`
@@ -56,6 +57,9 @@ pub struct CheckArgs {
     /// A JWT, sent as `Authorization: Bearer <token>`.
     #[arg(long)]
     jwt: Option<String>,
+    /// PEM CA certificates to trust for jwksUri HTTPS servers, beside the system's.
+    #[arg(long)]
+    jwks_ca_file: Option<PathBuf>,
     /// The mesh-wide root namespace.
     #[arg(long, default_value = "istio-system")]
     root_namespace: String,
@@ -89,9 +93,18 @@ fn pairs(
 }
 
 /// Runs `sigil policy ...`.
-pub fn run(cmd: PolicyCmd) -> anyhow::Result<()> {
+pub async fn run(cmd: PolicyCmd) -> anyhow::Result<()> {
     let PolicyCmd::Check(a) = cmd;
     let set = load_dir(&a.policy_dir)?;
+    let roots = match &a.jwks_ca_file {
+        Some(path) => load_ca_file(path)
+            .map_err(|e| anyhow::anyhow!("--jwks-ca-file {}: {e}", path.display()))?,
+        None => Vec::new(),
+    };
+    // jwksUri keys are fetched once, here; a failure shows in the decision.
+    let jwks = Arc::new(RemoteJwks::new(&roots).map_err(|e| anyhow::anyhow!(e))?);
+    jwks.track(&set.remote_jwks_urls());
+    jwks.refresh_due().await;
     let principal = a
         .principal
         .as_deref()
@@ -122,7 +135,9 @@ pub fn run(cmd: PolicyCmd) -> anyhow::Result<()> {
         sni: None,
         auth: None,
     };
-    let d = Evaluator::new(set, a.root_namespace).evaluate(&request);
+    let d = Evaluator::new(set, a.root_namespace)
+        .with_remote_jwks(jwks)
+        .evaluate(&request);
     match a.output {
         OutputFormat::Json => Output::json(&json!({
             "decision": if d.allow { "allow" } else { "deny" },

@@ -6,8 +6,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::SystemTime;
 
+use super::jwks::{JwksKeys, RemoteJwks};
 use super::model::{
     Action, AuthorizationPolicy, Cidr, Condition, ConditionKey, Field, JwksSource, JwtRule,
     Matcher, MtlsMode, Operation, PolicySet, RequestAuthentication, Rule, Source,
@@ -284,6 +286,7 @@ pub struct Evaluator {
     root_namespace: String,
     by_namespace: HashMap<String, Vec<usize>>,
     trust_bundle: Option<Bundle>,
+    remote_jwks: Option<Arc<RemoteJwks>>,
 }
 
 impl Evaluator {
@@ -298,12 +301,20 @@ impl Evaluator {
             root_namespace: root_namespace.into(),
             by_namespace,
             trust_bundle: None,
+            remote_jwks: None,
         }
     }
 
     /// Uses `bundle`'s JWT authorities for jwtRules that name no JWKS.
     pub fn with_trust_bundle(mut self, bundle: Bundle) -> Self {
         self.trust_bundle = Some(bundle);
+        self
+    }
+
+    /// Reads `jwksUri: https://` keys from `cache` (without it such rules
+    /// reject every token).
+    pub fn with_remote_jwks(mut self, cache: Arc<RemoteJwks>) -> Self {
+        self.remote_jwks = Some(cache);
         self
     }
 
@@ -372,16 +383,32 @@ impl Evaluator {
             ));
         };
         let fail = |why: String| (policy.id(), why);
-        let keys: Vec<(Option<String>, JwtPublicKey)> = match &rule.jwks {
-            JwksSource::Keys(k) => k.clone(),
-            JwksSource::TrustDomainBundle => self
-                .trust_bundle
-                .as_ref()
-                .ok_or_else(|| fail("the rule names no JWKS and no trust bundle is loaded".into()))?
-                .jwt_authorities()
-                .iter()
-                .map(|(kid, key)| (Some(kid.clone()), key.clone()))
-                .collect(),
+        let fetched: JwksKeys;
+        let bundled: Vec<(Option<String>, JwtPublicKey)>;
+        let keys: &[(Option<String>, JwtPublicKey)] = match &rule.jwks {
+            JwksSource::Keys(k) => k,
+            JwksSource::Remote(url) => {
+                let cache = self.remote_jwks.as_ref().ok_or_else(|| {
+                    fail(format!(
+                        "the JWKS at {url} is not fetched by this evaluator"
+                    ))
+                })?;
+                fetched = cache.keys(url).map_err(fail)?;
+                &fetched
+            }
+            JwksSource::TrustDomainBundle => {
+                bundled = self
+                    .trust_bundle
+                    .as_ref()
+                    .ok_or_else(|| {
+                        fail("the rule names no JWKS and no trust bundle is loaded".into())
+                    })?
+                    .jwt_authorities()
+                    .iter()
+                    .map(|(kid, key)| (Some(kid.clone()), key.clone()))
+                    .collect();
+                &bundled
+            }
         };
         let candidates: Vec<&JwtPublicKey> = keys
             .iter()
@@ -389,6 +416,13 @@ impl Evaluator {
             .map(|(_, k)| k)
             .collect();
         if candidates.is_empty() {
+            if let (JwksSource::Remote(url), Some(cache)) = (&rule.jwks, &self.remote_jwks) {
+                cache.kid_missing(url);
+                return Err(fail(format!(
+                    "no key with kid {:?} in the JWKS from {url} (a refetch was requested)",
+                    jwt.kid
+                )));
+            }
             return Err(fail(format!("no key with kid {:?} in the JWKS", jwt.kid)));
         }
         if !candidates.iter().any(|k| jwt.verify_signature(k).is_ok()) {

@@ -1,12 +1,12 @@
 //! Istio-style authorization: AuthorizationPolicy documents loaded strictly
 //! from YAML and evaluated with an explanation of every decision.
 //!
-//! Status: AuthorizationPolicy, PeerAuthentication and RequestAuthentication
-//! (inline or file JWKS, or the trust domain's bundle), the evaluator and
-//! `sigil policy check`. Still to come (issue 5): the Envoy ext_authz
-//! service, jwksUri over HTTPS, hot reload, and the gRPC benchmark.
+//! `model` parses AuthorizationPolicy, PeerAuthentication and
+//! RequestAuthentication; `eval` decides; `jwks` keeps `jwksUri: https://`
+//! keys fresh; `service` is the Envoy ext_authz edge and hot reload.
 
 mod eval;
+mod jwks;
 mod model;
 mod service;
 
@@ -19,6 +19,7 @@ pub use model::{
     RequestAuthentication, Rule, Source, load_dir, parse_file, parse_jwks,
 };
 
+pub use jwks::{JwksKeys, RemoteJwks, check_url, load_ca_file};
 pub use service::{ExtAuthz, request_from_check, response_for, watch_policies};
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! validated types. Unknown fields, unknown condition keys and bad values are
 //! errors naming the file, the document and the field path.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
@@ -475,6 +475,8 @@ impl PeerAuthentication {
 pub enum JwksSource {
     /// Keys from `jwks` or a `jwksUri` file, each with its `kid` if any.
     Keys(Vec<(Option<String>, JwtPublicKey)>),
+    /// `jwksUri: https://...`: fetched, cached and refreshed (see [`super::RemoteJwks`]).
+    Remote(String),
     /// Neither given: the trust domain's own JWT bundle.
     TrustDomainBundle,
 }
@@ -540,6 +542,20 @@ pub struct PolicySet {
     pub request: Vec<RequestAuthentication>,
 }
 
+impl PolicySet {
+    /// Every `jwksUri` URL to fetch.
+    pub fn remote_jwks_urls(&self) -> BTreeSet<String> {
+        self.request
+            .iter()
+            .flat_map(|p| &p.rules)
+            .filter_map(|r| match &r.jwks {
+                JwksSource::Remote(url) => Some(url.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawRequestSpec {
@@ -599,6 +615,20 @@ pub fn parse_jwks(text: &str) -> Result<Vec<(Option<String>, JwtPublicKey)>, Str
         .collect()
 }
 
+fn rule(r: &RawJwtRule, jwks: JwksSource) -> JwtRule {
+    JwtRule {
+        issuer: r.issuer.clone(),
+        audiences: r.audiences.clone(),
+        jwks,
+        from_headers: r
+            .from_headers
+            .iter()
+            .map(|h| (h.name.to_ascii_lowercase(), h.prefix.clone()))
+            .collect(),
+        from_params: r.from_params.clone(),
+    }
+}
+
 fn request_authentication(
     ctx: &Ctx<'_>,
     meta: &RawMeta,
@@ -625,11 +655,11 @@ fn request_authentication(
                 JwksSource::Keys(parse_jwks(text).map_err(|e| ctx.err(format!("{at}.jwks"), e))?)
             }
             (None, Some(uri)) => {
-                if uri.starts_with("https://") || uri.starts_with("http://") {
-                    return Err(ctx.err(
-                        format!("{at}.jwksUri"),
-                        "fetching JWKS over HTTP(S) is not supported yet; use jwks or a file path",
-                    ));
+                if uri.contains("://") {
+                    super::jwks::check_url(uri)
+                        .map_err(|e| ctx.err(format!("{at}.jwksUri"), format!("{uri}: {e}")))?;
+                    rules.push(rule(r, JwksSource::Remote(uri.clone())));
+                    continue;
                 }
                 let path = ctx.file.parent().unwrap_or(Path::new(".")).join(uri);
                 let text = std::fs::read_to_string(&path).map_err(|e| {
@@ -644,17 +674,7 @@ fn request_authentication(
             }
             (None, None) => JwksSource::TrustDomainBundle,
         };
-        rules.push(JwtRule {
-            issuer: r.issuer.clone(),
-            audiences: r.audiences.clone(),
-            jwks,
-            from_headers: r
-                .from_headers
-                .iter()
-                .map(|h| (h.name.to_ascii_lowercase(), h.prefix.clone()))
-                .collect(),
-            from_params: r.from_params.clone(),
-        });
+        rules.push(rule(r, jwks));
     }
     Ok(RequestAuthentication {
         name: meta.name.clone(),

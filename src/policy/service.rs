@@ -14,11 +14,15 @@ use envoy_types::pb::google::rpc;
 use tokio::sync::watch;
 use tonic::{Request as GrpcRequest, Response, Status};
 
-use super::{Decision, Evaluator, PolicySet, Request, load_dir, split_path_query};
+use super::{Decision, Evaluator, PolicySet, RemoteJwks, Request, load_dir, split_path_query};
 use crate::x509::Bundle;
 
 /// How often the policy directory is checked for changes.
 const RELOAD_EVERY: Duration = Duration::from_millis(300);
+/// How long startup waits for the first fetch of each `jwksUri`.
+const FIRST_FETCH_WAIT: Duration = Duration::from_secs(6);
+/// How long a reload waits for a newly named `jwksUri` (keeps reloads under 1 s).
+const RELOAD_FETCH_WAIT: Duration = Duration::from_millis(600);
 
 /// Converts an Envoy CheckRequest into a domain request.
 pub fn request_from_check(c: &CheckRequest) -> Request {
@@ -195,15 +199,19 @@ fn fingerprint(dir: &Path) -> Vec<(PathBuf, SystemTime, u64)> {
 
 /// Loads `dir` (failing on a bad policy) and keeps the returned evaluator
 /// current: changes apply within a second; a bad file keeps the last good
-/// set and logs the error. Stops when `shutdown` turns true.
-pub fn watch_policies(
+/// set and logs the error. `jwksUri` keys come from `jwks`, which this keeps
+/// fresh; a newly named URL is given a moment to be fetched before the
+/// policies that name it take effect. Stops when `shutdown` turns true.
+pub async fn watch_policies(
     dir: PathBuf,
     root_namespace: String,
     bundle: Option<Bundle>,
+    jwks: Arc<RemoteJwks>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<watch::Receiver<Arc<Evaluator>>, super::PolicyError> {
+    let cache = jwks.clone();
     let build = move |set: PolicySet| {
-        let e = Evaluator::new(set, root_namespace.clone());
+        let e = Evaluator::new(set, root_namespace.clone()).with_remote_jwks(cache.clone());
         Arc::new(match &bundle {
             Some(b) => e.with_trust_bundle(b.clone()),
             None => e,
@@ -211,6 +219,9 @@ pub fn watch_policies(
     };
     let initial = load_dir(&dir)?;
     tracing::info!(dir = %dir.display(), policies = initial.authorization.len(), "policies loaded");
+    tokio::spawn(jwks.clone().run(shutdown.clone()));
+    let added = jwks.track(&initial.remote_jwks_urls());
+    jwks.settled(&added, FIRST_FETCH_WAIT).await;
     let (tx, rx) = watch::channel(build(initial));
     tokio::spawn(async move {
         let mut seen = fingerprint(&dir);
@@ -226,6 +237,8 @@ pub fn watch_policies(
             seen = now;
             match load_dir(&dir) {
                 Ok(set) => {
+                    let added = jwks.track(&set.remote_jwks_urls());
+                    jwks.settled(&added, RELOAD_FETCH_WAIT).await;
                     tracing::info!(dir = %dir.display(), policies = set.authorization.len(), "policies reloaded");
                     tx.send_replace(build(set));
                 }

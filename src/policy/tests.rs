@@ -504,7 +504,7 @@ mod jwt_rules {
             .insert("access_token".into(), token(&k, ISS, "other", now() + 60));
         assert_eq!(decide(&plain, &r).status, 401);
 
-        // jwksUri: a file next to the policy; HTTPS is refused clearly.
+        // jwksUri: a file next to the policy.
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("keys.json"), &k.jwks).unwrap();
         let file_yaml = format!(
@@ -517,8 +517,27 @@ mod jwt_rules {
                 .evaluate(&with_bearer(&t))
                 .allow
         );
-        let e = err(&file_yaml.replace("keys.json", "https://idp.example/jwks"));
-        assert_eq!(e.path, "spec.jwtRules[0].jwksUri");
+        // jwksUri over HTTPS is fetched by a cache; plain HTTP is refused.
+        let remote = set(&file_yaml.replace("keys.json", "https://idp.example/jwks"));
+        assert_eq!(
+            remote.request[0].rules[0].jwks,
+            JwksSource::Remote("https://idp.example/jwks".into())
+        );
+        assert_eq!(
+            remote.remote_jwks_urls().into_iter().collect::<Vec<_>>(),
+            vec!["https://idp.example/jwks".to_string()]
+        );
+        let d = Evaluator::new(remote, "istio-system").evaluate(&with_bearer(&t));
+        assert_eq!(d.status, 401, "no cache, no keys: {:?}", d.explanation);
+        for bad in [
+            "http://idp.example/jwks",
+            "ftp://idp.example/jwks",
+            "https:///jwks",
+        ] {
+            let e = err(&file_yaml.replace("keys.json", bad));
+            assert_eq!(e.path, "spec.jwtRules[0].jwksUri", "{bad}");
+            assert!(e.to_string().contains(bad), "{e}");
+        }
 
         // No JWKS named: the trust domain's JWT bundle.
         let td_yaml = file_yaml.replace("    jwksUri: keys.json\n", "");

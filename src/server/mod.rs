@@ -54,6 +54,7 @@ pub const SERVER_KEYS: &[&str] = &[
     "ext_authz_bind",
     "policy_dir",
     "policy_root_namespace",
+    "jwks_ca_file",
 ];
 
 /// Why the server could not start or stopped with an error.
@@ -79,6 +80,9 @@ pub enum ServerError {
         /// Why.
         reason: String,
     },
+    /// Remote JWKS fetching could not be set up.
+    #[error("cannot set up jwksUri fetching: {0}")]
+    Jwks(String),
     /// The policy directory is invalid.
     #[error(transparent)]
     Policy(#[from] crate::policy::PolicyError),
@@ -127,6 +131,8 @@ pub struct ServerConfig {
     pub policy_dir: Option<PathBuf>,
     /// The policies' mesh-wide root namespace.
     pub policy_root_namespace: String,
+    /// Extra CA certificates (DER) for `jwksUri` servers, beside the system's.
+    pub jwks_roots: Vec<Vec<u8>>,
 }
 
 impl ServerConfig {
@@ -152,6 +158,7 @@ impl ServerConfig {
             ext_authz_bind: None,
             policy_dir: None,
             policy_root_namespace: "istio-system".into(),
+            jwks_roots: Vec::new(),
         }
     }
 
@@ -185,6 +192,11 @@ impl ServerConfig {
             ext_authz_bind,
             policy_dir,
             policy_root_namespace: raw.string_or("policy_root_namespace", "istio-system")?,
+            jwks_roots: raw
+                .parsed("jwks_ca_file", None, |path| {
+                    crate::policy::load_ca_file(Path::new(path))
+                })?
+                .unwrap_or_default(),
             bind: raw.socket_addr("bind", DEFAULT_BIND)?,
             admin_socket: PathBuf::from(raw.string_or("admin_socket", DEFAULT_ADMIN_SOCKET)?),
             log_format: raw
@@ -452,12 +464,16 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     let mut ext_authz_addr = None;
     let ext_authz_server = match (&config.ext_authz_bind, &config.policy_dir) {
         (Some(bind), Some(dir)) => {
+            let jwks =
+                crate::policy::RemoteJwks::new(&config.jwks_roots).map_err(ServerError::Jwks)?;
             let evaluator = crate::policy::watch_policies(
                 dir.clone(),
                 config.policy_root_namespace.clone(),
                 Some(bundle_for_policies),
+                Arc::new(jwks),
                 shutdown_rx.clone(),
-            )?;
+            )
+            .await?;
             let listener = TcpListener::bind(bind)
                 .await
                 .map_err(|e| ServerError::Bind {

@@ -15,7 +15,7 @@ use crate::server::server_config;
 
 const ALLOW_GET: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: get-only\n  namespace: foo\nspec:\n  rules:\n  - from:\n    - source:\n        principals: [\"example.org/ns/foo/sa/sleep\"]\n    to:\n    - operation:\n        methods: [\"GET\"]\n";
 
-fn check(method: &str, principal: &str, headers: &[(&str, &str)]) -> CheckRequest {
+pub(crate) fn check(method: &str, principal: &str, headers: &[(&str, &str)]) -> CheckRequest {
     CheckRequest {
         attributes: Some(AttributeContext {
             source: Some(Peer {
@@ -58,7 +58,7 @@ fn check(method: &str, principal: &str, headers: &[(&str, &str)]) -> CheckReques
     }
 }
 
-fn header<'a>(r: &'a CheckResponse, name: &str) -> Option<&'a str> {
+pub(crate) fn header<'a>(r: &'a CheckResponse, name: &str) -> Option<&'a str> {
     let headers = match r.http_response.as_ref()? {
         HttpResponse::OkResponse(ok) => &ok.headers,
         HttpResponse::DeniedResponse(d) => &d.headers,
@@ -71,7 +71,7 @@ fn header<'a>(r: &'a CheckResponse, name: &str) -> Option<&'a str> {
         .map(|h| h.value.as_str())
 }
 
-fn code(r: &CheckResponse) -> i32 {
+pub(crate) fn code(r: &CheckResponse) -> i32 {
     r.status.as_ref().map_or(-1, |s| s.code)
 }
 
