@@ -341,6 +341,35 @@ async fn server_ext_authz_and_policy_check_use_an_https_jwks_uri() {
         tonic::Code::Unauthenticated as i32
     );
     assert_eq!(idp.hits(), 1);
+
+    // Hot reload naming a new jwksUri: fetched before the new set applies.
+    let c_key = idp_key("c");
+    idp.answer(200, &c_key.jwks);
+    write_policies(&policies, &format!("{}?v=2", idp.url));
+    let bearer = format!("Bearer {}", token(&c_key));
+    let mut req = crate::ext_authz::check("GET", "", &[("authorization", &bearer)]);
+    req.attributes
+        .as_mut()
+        .unwrap()
+        .destination
+        .as_mut()
+        .unwrap()
+        .principal = "spiffe://example.org/ns/foo/sa/api".into();
+    let t = Instant::now();
+    loop {
+        let r = c.check(req.clone()).await.unwrap().into_inner();
+        if crate::ext_authz::code(&r) == 0 {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(2), "not reloaded: {r:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(idp.hits(), 2, "only the new URL was fetched");
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 
     // The CLI fetches the same JWKS once, trusting --jwks-ca-file.
@@ -356,7 +385,7 @@ async fn server_ext_authz_and_policy_check_use_an_https_jwks_uri() {
                 "--path",
                 "/",
                 "--jwt",
-                &token(&a),
+                &token(&c_key),
                 "--output",
                 "json",
             ])
