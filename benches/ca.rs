@@ -123,7 +123,7 @@ fn main() {
     keys.insert(jwt_auth.kid().to_string(), jwt_auth.public_key().clone());
     let aud = vec!["backend".to_string()];
     let token = jwt_auth
-        .mint(&id, &aud, Duration::from_secs(300), now)
+        .mint(&id, &aud, Duration::from_secs(300), now, None)
         .unwrap();
     let mut mint_rates = Vec::new();
     let mut validate_rates = Vec::new();
@@ -131,7 +131,7 @@ fn main() {
         mint_rates.push(rate(per_round * 2, |_| {
             black_box(
                 jwt_auth
-                    .mint(&id, &aud, Duration::from_secs(300), now)
+                    .mint(&id, &aud, Duration::from_secs(300), now, None)
                     .unwrap(),
             );
         }));

@@ -8,6 +8,7 @@ mod persist;
 mod state;
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,10 +25,11 @@ pub use state::{AgentState, Backoff, CachedSvid, rotation_time};
 
 use crate::attest::UnixAttestor;
 use crate::config::{ConfigError, LogFormat, RawConfig};
+use crate::policy::{PolicyConfig, serve_ext_authz};
 use crate::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 use crate::spiffe::{SpiffeId, TrustDomain};
 use crate::workload_api::WorkloadApi;
-use crate::x509::{PrivateKey, certs_from_pem, svid_id};
+use crate::x509::{Bundle, PrivateKey, certs_from_pem, svid_id};
 
 /// Default Workload API socket.
 pub const DEFAULT_SOCKET: &str = "/tmp/sigil-agent/public/api.sock";
@@ -43,6 +45,10 @@ pub const AGENT_KEYS: &[&str] = &[
     "data_dir",
     "log_format",
     "unix_sha256",
+    "ext_authz_bind",
+    "policy_dir",
+    "policy_root_namespace",
+    "jwks_ca_file",
 ];
 
 /// Why the agent could not start.
@@ -54,6 +60,9 @@ pub enum AgentError {
     /// Attestation or the server failed.
     #[error(transparent)]
     Node(#[from] NodeClientError),
+    /// The ext_authz endpoint could not start.
+    #[error(transparent)]
+    ExtAuthz(#[from] crate::policy::ServeError),
     /// The persisted identity is unreadable.
     #[error("persisted agent identity in {dir}: {reason}")]
     Persisted {
@@ -96,6 +105,8 @@ pub struct AgentConfig {
     pub log_format: LogFormat,
     /// Workload attestor settings.
     pub unix: UnixAttestor,
+    /// Envoy ext_authz beside the workloads, when served.
+    pub policy: Option<PolicyConfig>,
 }
 
 impl AgentConfig {
@@ -193,6 +204,7 @@ impl AgentConfig {
                 sha256,
                 ..UnixAttestor::default()
             },
+            policy: PolicyConfig::from_raw(raw)?,
         })
     }
 }
@@ -201,6 +213,7 @@ impl AgentConfig {
 pub struct AgentHandle {
     spiffe_id: SpiffeId,
     socket: PathBuf,
+    ext_authz_addr: Option<SocketAddr>,
     state: watch::Receiver<Arc<AgentState>>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -210,6 +223,10 @@ impl AgentHandle {
     /// The agent's own SPIFFE ID.
     pub fn spiffe_id(&self) -> &SpiffeId {
         &self.spiffe_id
+    }
+    /// The ext_authz address, when served.
+    pub fn ext_authz_addr(&self) -> Option<SocketAddr> {
+        self.ext_authz_addr
     }
     /// The Workload API socket.
     pub fn socket(&self) -> &Path {
@@ -255,6 +272,30 @@ fn bind_socket(path: &Path) -> Result<UnixListener, AgentError> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777))
         .map_err(|e| err(e.to_string()))?;
     Ok(listener)
+}
+
+/// The trust bundle as it syncs, for policies whose JWT rules name no JWKS.
+fn bundle_updates(
+    mut states: watch::Receiver<Arc<AgentState>>,
+    mut shutdown: watch::Receiver<bool>,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> watch::Receiver<Option<Bundle>> {
+    let (tx, rx) = watch::channel(states.borrow_and_update().bundle.clone());
+    tasks.push(tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                changed = states.changed() => if changed.is_err() { return },
+                _ = shutdown.changed() => return,
+            }
+            let bundle = states.borrow_and_update().bundle.clone();
+            tx.send_if_modified(|current| {
+                let changed = *current != bundle;
+                *current = bundle;
+                changed
+            });
+        }
+    }));
+    rx
 }
 
 /// Loads or obtains the agent identity, then starts syncing and serving.
@@ -323,7 +364,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
             path: config.socket.clone(),
             reason: format!("reflection service: {e}"),
         })?;
-    let mut shutdown = shutdown_rx;
+    let mut shutdown = shutdown_rx.clone();
     let serve = Server::builder()
         .add_service(health_service)
         .add_service(reflection)
@@ -340,12 +381,29 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
             tracing::error!(error = %e, "workload API server failed");
         }
     });
+    let mut tasks = vec![sync_task, serve_task];
+    let mut ext_authz_addr = None;
+    if let Some(policy) = &config.policy {
+        let (addr, ext_authz) = serve_ext_authz(
+            policy,
+            bundle_updates(state_rx.clone(), shutdown_rx.clone(), &mut tasks),
+            shutdown_rx.clone(),
+        )
+        .await?;
+        ext_authz_addr = Some(addr);
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = ext_authz.await {
+                tracing::error!(error = %e, "ext_authz server failed");
+            }
+        }));
+    }
     tracing::info!(agent = %spiffe_id, socket = %config.socket.display(), server = %config.server, "sigil agent ready");
     Ok(AgentHandle {
         spiffe_id,
         socket: config.socket,
+        ext_authz_addr,
         state: state_rx,
         shutdown: shutdown_tx,
-        tasks: vec![sync_task, serve_task],
+        tasks,
     })
 }

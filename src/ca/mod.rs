@@ -485,6 +485,7 @@ impl JwtAuthority {
         audience: &[String],
         ttl: Duration,
         now: SystemTime,
+        issuer: Option<&str>,
     ) -> Result<String, CaError> {
         if ttl.is_zero() {
             return Err(CaError::ZeroTtl);
@@ -499,7 +500,7 @@ impl JwtAuthority {
         let remaining = self.not_after.duration_since(now).unwrap_or_default();
         Ok(self
             .signer
-            .mint(subject, audience, ttl.min(remaining), now)?)
+            .mint(subject, audience, ttl.min(remaining), now, issuer)?)
     }
 }
 

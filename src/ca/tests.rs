@@ -303,7 +303,7 @@ fn jwt_authority_mints_validatable_tokens_capped_at_expiry() {
     keys.insert(auth.kid().to_string(), auth.public_key().clone());
     let id = SpiffeId::new("spiffe://example.org/web").unwrap();
     let token = auth
-        .mint(&id, &["aud".into()], Duration::from_secs(3600), now())
+        .mint(&id, &["aud".into()], Duration::from_secs(3600), now(), None)
         .unwrap();
     let v = crate::jwt::validate(&token, &td(), &keys, "aud", now()).unwrap();
     assert_eq!(v.spiffe_id, id);
@@ -316,7 +316,8 @@ fn jwt_authority_mints_validatable_tokens_capped_at_expiry() {
             &id,
             &["a".into()],
             Duration::from_secs(1),
-            now() + Duration::from_secs(601)
+            now() + Duration::from_secs(601),
+            None
         ),
         Err(CaError::AuthorityExpired { .. })
     ));

@@ -95,6 +95,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         data_dir: agent_dir,
         log_format,
         unix: UnixAttestor::default(),
+        policy: None,
     })
     .await?;
 

@@ -127,12 +127,22 @@ struct ServerArgs {
     /// Agent SVID TTL [default: 1h].
     #[arg(long)]
     agent_ttl: Option<String>,
+    /// `iss` claim of minted JWT-SVIDs (e.g. for RequestAuthentication) [default: none].
+    #[arg(long)]
+    jwt_issuer: Option<String>,
     /// PEM CA bundle that x509pop agent certificates must chain to.
     #[arg(long)]
     x509pop_ca: Option<String>,
     /// Key algorithm of new authorities: ec-p256 or ec-p384 [default: ec-p256].
     #[arg(long)]
     key_algorithm: Option<String>,
+    #[command(flatten)]
+    policy: PolicyArgs,
+}
+
+/// The ext_authz flags of `sigil server` and `sigil agent`.
+#[derive(Debug, Args)]
+struct PolicyArgs {
     /// Serve Envoy ext_authz v3 here (e.g. 127.0.0.1:9191); needs --policy-dir.
     #[arg(long)]
     ext_authz_bind: Option<String>,
@@ -145,6 +155,15 @@ struct ServerArgs {
     /// PEM CA certificates to trust for jwksUri HTTPS servers, beside the system's.
     #[arg(long)]
     jwks_ca_file: Option<String>,
+}
+
+impl PolicyArgs {
+    fn apply(self, raw: &mut RawConfig) {
+        raw.flag("ext_authz_bind", self.ext_authz_bind);
+        raw.flag("policy_dir", self.policy_dir);
+        raw.flag("policy_root_namespace", self.policy_root_namespace);
+        raw.flag("jwks_ca_file", self.jwks_ca_file);
+    }
 }
 
 impl ServerArgs {
@@ -161,11 +180,9 @@ impl ServerArgs {
         raw.flag("default_jwt_ttl", self.default_jwt_ttl);
         raw.flag("agent_ttl", self.agent_ttl);
         raw.flag("x509pop_ca", self.x509pop_ca);
+        raw.flag("jwt_issuer", self.jwt_issuer);
         raw.flag("key_algorithm", self.key_algorithm);
-        raw.flag("ext_authz_bind", self.ext_authz_bind);
-        raw.flag("policy_dir", self.policy_dir);
-        raw.flag("policy_root_namespace", self.policy_root_namespace);
-        raw.flag("jwks_ca_file", self.jwks_ca_file);
+        self.policy.apply(&mut raw);
         Ok(ServerConfig::from_raw(&raw)?)
     }
 }
@@ -206,6 +223,8 @@ struct AgentArgs {
     /// Add unix:sha256 selectors (hashes the caller's executable).
     #[arg(long)]
     unix_sha256: Option<String>,
+    #[command(flatten)]
+    policy: PolicyArgs,
 }
 
 impl AgentArgs {
@@ -221,6 +240,7 @@ impl AgentArgs {
         raw.flag("data_dir", self.data_dir);
         raw.flag("log_format", self.log_format);
         raw.flag("unix_sha256", self.unix_sha256);
+        self.policy.apply(&mut raw);
         Ok(AgentConfig::from_raw(&raw)?)
     }
 }

@@ -219,24 +219,29 @@ impl JwtSigner {
         &self.kid
     }
 
-    /// Mints a JWT-SVID for `subject` with `aud`, `exp` = now + ttl, `iat` = now.
+    /// Mints a JWT-SVID for `subject` with `aud`, `exp` = now + ttl, `iat` =
+    /// now, and `iss` when `issuer` is given.
     pub fn mint(
         &self,
         subject: &SpiffeId,
         audience: &[String],
         ttl: Duration,
         now: SystemTime,
+        issuer: Option<&str>,
     ) -> Result<String, JwtError> {
         if audience.is_empty() || audience.iter().any(String::is_empty) {
             return Err(JwtError::NoAudience);
         }
         let iat = unix_seconds(now);
-        let claims = serde_json::json!({
+        let mut claims = serde_json::json!({
             "sub": subject.as_str(),
             "aud": audience,
             "exp": iat + ttl.as_secs().max(1),
             "iat": iat,
         });
+        if let Some(iss) = issuer {
+            claims["iss"] = iss.into();
+        }
         self.sign_claims(&claims)
     }
 

@@ -46,7 +46,7 @@ fn mint_then_validate() {
     let (_, signer, keys) = setup();
     let aud = vec!["a".to_string(), "b".to_string()];
     let token = signer
-        .mint(&id(), &aud, Duration::from_secs(300), now())
+        .mint(&id(), &aud, Duration::from_secs(300), now(), None)
         .unwrap();
     let v = validate(&token, &td(), &keys, "b", now()).unwrap();
     assert_eq!(v.spiffe_id, id());
@@ -70,7 +70,7 @@ fn es384_authority() {
         JwtPublicKey::ec(EcCurve::P384, key.public_key_point().unwrap()).unwrap(),
     );
     let token = signer
-        .mint(&id(), &["a".into()], Duration::from_secs(60), now())
+        .mint(&id(), &["a".into()], Duration::from_secs(60), now(), None)
         .unwrap();
     assert!(validate(&token, &td(), &keys, "a", now()).is_ok());
 }
@@ -79,7 +79,7 @@ fn es384_authority() {
 fn mint_needs_an_audience() {
     let (_, signer, _) = setup();
     assert_eq!(
-        signer.mint(&id(), &[], Duration::from_secs(60), now()),
+        signer.mint(&id(), &[], Duration::from_secs(60), now(), None),
         Err(JwtError::NoAudience)
     );
 }
@@ -88,7 +88,7 @@ fn mint_needs_an_audience() {
 fn refuses_expired_and_not_yet_valid() {
     let (_, signer, keys) = setup();
     let token = signer
-        .mint(&id(), &["a".into()], Duration::from_secs(60), now())
+        .mint(&id(), &["a".into()], Duration::from_secs(60), now(), None)
         .unwrap();
     let later = now() + Duration::from_secs(61);
     assert!(matches!(
@@ -109,7 +109,7 @@ fn refuses_expired_and_not_yet_valid() {
 fn refuses_wrong_or_missing_audience() {
     let (key, signer, keys) = setup();
     let token = signer
-        .mint(&id(), &["a".into()], Duration::from_secs(60), now())
+        .mint(&id(), &["a".into()], Duration::from_secs(60), now(), None)
         .unwrap();
     assert!(matches!(
         validate(&token, &td(), &keys, "other", now()),
@@ -224,7 +224,7 @@ fn refuses_unknown_kid_missing_kid_and_extra_headers() {
 fn refuses_tampering_and_other_signers() {
     let (_, signer, keys) = setup();
     let token = signer
-        .mint(&id(), &["a".into()], Duration::from_secs(60), now())
+        .mint(&id(), &["a".into()], Duration::from_secs(60), now(), None)
         .unwrap();
     // Swap in different claims under the original signature.
     let parts: Vec<&str> = token.split('.').collect();

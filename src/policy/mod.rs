@@ -3,11 +3,13 @@
 //!
 //! `model` parses AuthorizationPolicy, PeerAuthentication and
 //! RequestAuthentication; `eval` decides; `jwks` keeps `jwksUri: https://`
-//! keys fresh; `service` is the Envoy ext_authz edge and hot reload.
+//! keys fresh; `service` is the Envoy ext_authz edge and hot reload;
+//! `serve` runs it in the server or the agent.
 
 mod eval;
 mod jwks;
 mod model;
+mod serve;
 mod service;
 
 pub use eval::{
@@ -20,6 +22,7 @@ pub use model::{
 };
 
 pub use jwks::{JwksKeys, RemoteJwks, check_url, load_ca_file};
+pub use serve::{POLICY_KEYS, PolicyConfig, ServeError, ServeFuture, serve_ext_authz};
 pub use service::{ExtAuthz, request_from_check, response_for, watch_policies};
 
 #[cfg(test)]

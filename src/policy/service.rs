@@ -201,33 +201,42 @@ fn fingerprint(dir: &Path) -> Vec<(PathBuf, SystemTime, u64)> {
 /// current: changes apply within a second; a bad file keeps the last good
 /// set and logs the error. `jwksUri` keys come from `jwks`, which this keeps
 /// fresh; a newly named URL is given a moment to be fetched before the
-/// policies that name it take effect. Stops when `shutdown` turns true.
+/// policies that name it take effect. JWT rules naming no JWKS use the
+/// latest `bundle`. Stops when `shutdown` turns true.
 pub async fn watch_policies(
     dir: PathBuf,
     root_namespace: String,
-    bundle: Option<Bundle>,
+    mut bundle: watch::Receiver<Option<Bundle>>,
     jwks: Arc<RemoteJwks>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<watch::Receiver<Arc<Evaluator>>, super::PolicyError> {
     let cache = jwks.clone();
-    let build = move |set: PolicySet| {
-        let e = Evaluator::new(set, root_namespace.clone()).with_remote_jwks(cache.clone());
-        Arc::new(match &bundle {
-            Some(b) => e.with_trust_bundle(b.clone()),
+    let build = move |set: &PolicySet, bundle: Option<Bundle>| {
+        let e = Evaluator::new(set.clone(), root_namespace.clone()).with_remote_jwks(cache.clone());
+        Arc::new(match bundle {
+            Some(b) => e.with_trust_bundle(b),
             None => e,
         })
     };
-    let initial = load_dir(&dir)?;
-    tracing::info!(dir = %dir.display(), policies = initial.authorization.len(), "policies loaded");
+    let mut current = load_dir(&dir)?;
+    tracing::info!(dir = %dir.display(), policies = current.authorization.len(), "policies loaded");
     tokio::spawn(jwks.clone().run(shutdown.clone()));
-    let added = jwks.track(&initial.remote_jwks_urls());
+    let added = jwks.track(&current.remote_jwks_urls());
     jwks.settled(&added, FIRST_FETCH_WAIT).await;
-    let (tx, rx) = watch::channel(build(initial));
+    let (tx, rx) = watch::channel(build(&current, bundle.borrow_and_update().clone()));
     tokio::spawn(async move {
         let mut seen = fingerprint(&dir);
+        let mut bundle_open = true;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(RELOAD_EVERY) => {}
+                changed = bundle.changed(), if bundle_open => {
+                    bundle_open = changed.is_ok();
+                    if bundle_open {
+                        tx.send_replace(build(&current, bundle.borrow_and_update().clone()));
+                    }
+                    continue;
+                }
                 _ = shutdown.changed() => return,
             }
             let now = fingerprint(&dir);
@@ -240,7 +249,8 @@ pub async fn watch_policies(
                     let added = jwks.track(&set.remote_jwks_urls());
                     jwks.settled(&added, RELOAD_FETCH_WAIT).await;
                     tracing::info!(dir = %dir.display(), policies = set.authorization.len(), "policies reloaded");
-                    tx.send_replace(build(set));
+                    current = set;
+                    tx.send_replace(build(&current, bundle.borrow().clone()));
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "policy reload failed; keeping the last good policies")

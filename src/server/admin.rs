@@ -280,7 +280,13 @@ impl Admin for AdminService {
                 .state
                 .ca
                 .jwt()
-                .mint(&spiffe_id, &r.audience, ttl, now)
+                .mint(
+                    &spiffe_id,
+                    &r.audience,
+                    ttl,
+                    now,
+                    self.state.options.jwt_issuer.as_deref(),
+                )
                 .map_err(status)?;
             Ok(pa::MintJwtsvidResponse {
                 token,

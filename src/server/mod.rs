@@ -25,6 +25,7 @@ pub use node::{NodeService, SNAPSHOT_PAGE};
 
 use crate::ca::{CaOptions, CaSet, CaSetError, IssuedX509, VerifiedCsr, X509SvidParams};
 use crate::config::{ConfigError, LogFormat, RawConfig};
+use crate::policy::PolicyConfig;
 use crate::proto::admin::admin_server::AdminServer;
 use crate::proto::node::{self as pn, node_server::NodeServer};
 use crate::registry::{EntryValidation, Registry, SERVER_DNS_NAME};
@@ -48,6 +49,7 @@ pub const SERVER_KEYS: &[&str] = &[
     "ca_ttl",
     "default_x509_ttl",
     "default_jwt_ttl",
+    "jwt_issuer",
     "agent_ttl",
     "x509pop_ca",
     "key_algorithm",
@@ -80,12 +82,9 @@ pub enum ServerError {
         /// Why.
         reason: String,
     },
-    /// Remote JWKS fetching could not be set up.
-    #[error("cannot set up jwksUri fetching: {0}")]
-    Jwks(String),
-    /// The policy directory is invalid.
+    /// The ext_authz endpoint could not start.
     #[error(transparent)]
-    Policy(#[from] crate::policy::PolicyError),
+    ExtAuthz(#[from] crate::policy::ServeError),
     /// The gRPC transport failed.
     #[error("transport error: {0}")]
     Transport(String),
@@ -102,6 +101,8 @@ pub struct ServerOptions {
     pub agent_ttl: Duration,
     /// x509pop trust anchors, DER (empty: x509pop disabled).
     pub x509pop_roots: Vec<Vec<u8>>,
+    /// `iss` of minted JWT-SVIDs (none by default, as in SPIRE).
+    pub jwt_issuer: Option<String>,
 }
 
 /// Validated `sigil server` configuration.
@@ -125,14 +126,8 @@ pub struct ServerConfig {
     pub key_algorithm: KeyAlgorithm,
     /// Service tunables.
     pub options: ServerOptions,
-    /// Where to serve Envoy ext_authz (with `policy_dir`).
-    pub ext_authz_bind: Option<SocketAddr>,
-    /// Policy YAML directory (hot-reloaded).
-    pub policy_dir: Option<PathBuf>,
-    /// The policies' mesh-wide root namespace.
-    pub policy_root_namespace: String,
-    /// Extra CA certificates (DER) for `jwksUri` servers, beside the system's.
-    pub jwks_roots: Vec<Vec<u8>>,
+    /// Envoy ext_authz, when served.
+    pub policy: Option<PolicyConfig>,
 }
 
 impl ServerConfig {
@@ -154,11 +149,9 @@ impl ServerConfig {
                 default_jwt_ttl: Duration::from_secs(300),
                 agent_ttl: Duration::from_secs(3600),
                 x509pop_roots: Vec::new(),
+                jwt_issuer: None,
             },
-            ext_authz_bind: None,
-            policy_dir: None,
-            policy_root_namespace: "istio-system".into(),
-            jwks_roots: Vec::new(),
+            policy: None,
         }
     }
 
@@ -177,26 +170,8 @@ impl ServerConfig {
             })?
             .unwrap_or_default();
         let ca_ttl = raw.duration("ca_ttl", "24h")?;
-        let ext_authz_bind = raw.parsed("ext_authz_bind", None, |v| {
-            v.parse::<SocketAddr>()
-                .map_err(|e| format!("{e} (expected IP:PORT, e.g. 127.0.0.1:9191)"))
-        })?;
-        let policy_dir = raw.get("policy_dir")?.map(PathBuf::from);
-        if ext_authz_bind.is_some() && policy_dir.is_none() {
-            return Err(ConfigError::Missing {
-                key: "policy_dir",
-                flag: "policy-dir (required with --ext-authz-bind)".into(),
-            });
-        }
         Ok(ServerConfig {
-            ext_authz_bind,
-            policy_dir,
-            policy_root_namespace: raw.string_or("policy_root_namespace", "istio-system")?,
-            jwks_roots: raw
-                .parsed("jwks_ca_file", None, |path| {
-                    crate::policy::load_ca_file(Path::new(path))
-                })?
-                .unwrap_or_default(),
+            policy: PolicyConfig::from_raw(raw)?,
             bind: raw.socket_addr("bind", DEFAULT_BIND)?,
             admin_socket: PathBuf::from(raw.string_or("admin_socket", DEFAULT_ADMIN_SOCKET)?),
             log_format: raw
@@ -210,6 +185,13 @@ impl ServerConfig {
                 default_jwt_ttl: raw.duration("default_jwt_ttl", "5m")?,
                 agent_ttl: raw.duration("agent_ttl", "1h")?,
                 x509pop_roots,
+                jwt_issuer: raw.parsed("jwt_issuer", None, |v| {
+                    if v.trim().is_empty() {
+                        Err("must not be empty".to_string())
+                    } else {
+                        Ok(v.to_string())
+                    }
+                })?,
             },
             trust_domain,
             data_dir,
@@ -461,38 +443,14 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
             UnixListenerStream::new(admin_listener),
             wait_for(shutdown_rx.clone()),
         );
-    let mut ext_authz_addr = None;
-    let ext_authz_server = match (&config.ext_authz_bind, &config.policy_dir) {
-        (Some(bind), Some(dir)) => {
-            let jwks =
-                crate::policy::RemoteJwks::new(&config.jwks_roots).map_err(ServerError::Jwks)?;
-            let evaluator = crate::policy::watch_policies(
-                dir.clone(),
-                config.policy_root_namespace.clone(),
-                Some(bundle_for_policies),
-                Arc::new(jwks),
-                shutdown_rx.clone(),
-            )
-            .await?;
-            let listener = TcpListener::bind(bind)
-                .await
-                .map_err(|e| ServerError::Bind {
-                    addr: bind.to_string(),
-                    reason: e.to_string(),
-                })?;
-            ext_authz_addr = listener.local_addr().ok();
-            Some(
-                Server::builder()
-                    .add_service(envoy_types::ext_authz::v3::pb::AuthorizationServer::new(
-                        crate::policy::ExtAuthz::new(evaluator),
-                    ))
-                    .serve_with_incoming_shutdown(
-                        TcpIncoming::from(listener).with_nodelay(Some(true)),
-                        wait_for(shutdown_rx.clone()),
-                    ),
-            )
+    let (ext_authz_addr, ext_authz_server) = match &config.policy {
+        Some(policy) => {
+            let bundle = watch::channel(Some(bundle_for_policies)).1;
+            let (addr, serving) =
+                crate::policy::serve_ext_authz(policy, bundle, shutdown_rx.clone()).await?;
+            (Some(addr), Some(serving))
         }
-        _ => None,
+        None => (None, None),
     };
     let task = tokio::spawn(async move {
         let ext_authz = async {

@@ -205,7 +205,13 @@ impl Node for NodeService {
             let token = state
                 .ca
                 .jwt()
-                .mint(&entry.spiffe_id, &r.audience, ttl, now)
+                .mint(
+                    &entry.spiffe_id,
+                    &r.audience,
+                    ttl,
+                    now,
+                    state.options.jwt_issuer.as_deref(),
+                )
                 .map_err(status)?;
             let exp = ts(now + ttl).min(ts(state.ca.jwt().not_after()));
             Ok(pn::NewJwtsvidResponse {

@@ -20,6 +20,15 @@ fn my_uid() -> u32 {
 }
 
 async fn start_agent(server: &ServerHandle, dir: &Path) -> AgentHandle {
+    start_agent_with(server, dir, None).await
+}
+
+/// An agent attested with a fresh join token, optionally serving ext_authz.
+pub(crate) async fn start_agent_with(
+    server: &ServerHandle,
+    dir: &Path,
+    policy: Option<sigil::policy::PolicyConfig>,
+) -> AgentHandle {
     let token = admin(server)
         .await
         .generate_token(pa::GenerateTokenRequest { ttl_seconds: 600 })
@@ -36,6 +45,7 @@ async fn start_agent(server: &ServerHandle, dir: &Path) -> AgentHandle {
         data_dir: dir.join("agent"),
         log_format: LogFormat::Text,
         unix: UnixAttestor::default(),
+        policy,
     })
     .await
     .unwrap()
@@ -383,6 +393,7 @@ async fn agent_restart_reuses_its_saved_identity() {
         data_dir: dir.path().join("agent"),
         log_format: LogFormat::Text,
         unix: UnixAttestor::default(),
+        policy: None,
     })
     .await
     .unwrap();
@@ -443,6 +454,7 @@ async fn agent_renews_its_svid_and_reattests_with_x509pop_after_expiry() {
         data_dir: dir.path().join("agent"),
         log_format: LogFormat::Text,
         unix: UnixAttestor::default(),
+        policy: None,
     };
     let me = format!("unix:uid:{}", my_uid());
 

@@ -82,6 +82,63 @@ fn config_errors_name_the_key() {
         "{}",
         stderr(&o)
     );
+    // ext_authz keys go together, for the server and the agent alike.
+    let o = sigil()
+        .args([
+            "server",
+            "--trust-domain",
+            "example.org",
+            "--policy-dir",
+            "/tmp",
+        ])
+        .output()
+        .unwrap();
+    assert!(stderr(&o).contains("--ext-authz-bind"), "{}", stderr(&o));
+    let o = sigil()
+        .args([
+            "server",
+            "--trust-domain",
+            "example.org",
+            "--jwt-issuer",
+            " ",
+        ])
+        .output()
+        .unwrap();
+    assert!(stderr(&o).contains("jwt_issuer"), "{}", stderr(&o));
+    let bundle = dir.path().join("bundle.pem");
+    let ca = rcgen::generate_simple_self_signed(vec!["x".to_string()]).unwrap();
+    std::fs::write(&bundle, ca.cert.pem()).unwrap();
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "").unwrap();
+    let agent = |extra: &[&std::ffi::OsStr]| {
+        sigil()
+            .args([
+                "agent",
+                "--server",
+                "127.0.0.1:1",
+                "--trust-domain",
+                "example.org",
+            ])
+            .arg("--trust-bundle")
+            .arg(&bundle)
+            .args(["--ext-authz-bind", "127.0.0.1:0"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let o = agent(&[]);
+    assert!(stderr(&o).contains("--policy-dir"), "{}", stderr(&o));
+    let o = agent(&[
+        "--policy-dir".as_ref(),
+        "/tmp".as_ref(),
+        "--jwks-ca-file".as_ref(),
+        empty.as_os_str(),
+    ]);
+    assert!(
+        stderr(&o).contains("jwks_ca_file") && stderr(&o).contains("no certificate found"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]

@@ -9,6 +9,7 @@ use envoy_types::pb::envoy::service::auth::v3::attribute_context::{
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, CheckResponse};
+use sigil::policy::PolicyConfig;
 use sigil::server::start;
 
 use crate::server::server_config;
@@ -82,8 +83,10 @@ async fn check_allows_denies_explains_and_reloads() {
     std::fs::create_dir_all(&policies).unwrap();
     std::fs::write(policies.join("allow.yaml"), ALLOW_GET).unwrap();
     let mut cfg = server_config(&dir.path().join("s"), vec![]);
-    cfg.ext_authz_bind = Some("127.0.0.1:0".parse().unwrap());
-    cfg.policy_dir = Some(policies.clone());
+    cfg.policy = Some(PolicyConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        policies.clone(),
+    ));
     let server = start(cfg).await.unwrap();
     let addr = format!("http://{}", server.ext_authz_addr().unwrap());
     let mut c = AuthorizationClient::connect(addr).await.unwrap();
@@ -188,8 +191,80 @@ async fn server_refuses_to_start_with_a_bad_policy() {
     )
     .unwrap();
     let mut cfg = server_config(&dir.path().join("s"), vec![]);
-    cfg.ext_authz_bind = Some("127.0.0.1:0".parse().unwrap());
-    cfg.policy_dir = Some(policies);
+    cfg.policy = Some(PolicyConfig::new("127.0.0.1:0".parse().unwrap(), policies));
     let err = start(cfg).await.err().expect("must not start");
     assert!(err.to_string().contains("bad.yaml"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_serves_ext_authz_and_trusts_the_trust_domain_jwt_bundle() {
+    const ISSUER: &str = "https://sigil.example.org";
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::write(
+        policies.join("jwt.yaml"),
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata:\n  name: sigil-jwt\n  namespace: foo\nspec:\n  jwtRules:\n  - issuer: {ISSUER}\n    audiences: [\"httpbin\"]\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: need-jwt\n  namespace: foo\nspec:\n  rules:\n  - from:\n    - source:\n        requestPrincipals: [\"{ISSUER}/spiffe://example.org/ns/foo/*\"]\n"
+        ),
+    )
+    .unwrap();
+    let mut cfg = server_config(&dir.path().join("s"), vec![]);
+    cfg.options.jwt_issuer = Some(ISSUER.into());
+    let server = start(cfg).await.unwrap();
+    let agent = crate::agent::start_agent_with(
+        &server,
+        dir.path(),
+        Some(PolicyConfig::new("127.0.0.1:0".parse().unwrap(), policies)),
+    )
+    .await;
+    let mint = |audience: &str| {
+        let audience = vec![audience.to_string()];
+        let server = &server;
+        async move {
+            let request = sigil::proto::admin::MintJwtsvidRequest {
+                spiffe_id: "spiffe://example.org/ns/foo/sa/sleep".into(),
+                audience,
+                ttl_seconds: 300,
+            };
+            let mut admin = crate::server::admin(server).await;
+            let minted = admin.mint_jwtsvid(request).await.unwrap();
+            minted.into_inner().token
+        }
+    };
+    let token = mint("httpbin").await;
+    let mut c = AuthorizationClient::connect(format!("http://{}", agent.ext_authz_addr().unwrap()))
+        .await
+        .unwrap();
+    let bearer = format!("Bearer {token}");
+    let with_jwt = check("GET", "", &[("authorization", &bearer)]);
+    // The bundle reaches the agent with its first sync.
+    let t = Instant::now();
+    let ok = loop {
+        let r = c.check(with_jwt.clone()).await.unwrap().into_inner();
+        if code(&r) == 0 {
+            break r;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "never allowed: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        header(&ok, "x-sigil-request-principal"),
+        Some("https://sigil.example.org/spiffe://example.org/ns/foo/sa/sleep")
+    );
+    let none = c.check(check("GET", "", &[])).await.unwrap().into_inner();
+    assert_eq!(code(&none), tonic::Code::PermissionDenied as i32);
+    let wrong_aud = mint("other").await;
+    let bearer = format!("Bearer {wrong_aud}");
+    let r = c
+        .check(check("GET", "", &[("authorization", &bearer)]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(code(&r), tonic::Code::Unauthenticated as i32);
+    agent.shutdown(Duration::from_secs(2)).await;
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
 }

@@ -307,9 +307,10 @@ async fn server_ext_authz_and_policy_check_use_an_https_jwks_uri() {
     std::fs::write(&ca_file, &idp.ca_pem).unwrap();
 
     let mut cfg = crate::server::server_config(&dir.path().join("s"), vec![]);
-    cfg.ext_authz_bind = Some("127.0.0.1:0".parse().unwrap());
-    cfg.policy_dir = Some(policies.clone());
-    cfg.jwks_roots = sigil::policy::load_ca_file(&ca_file).unwrap();
+    cfg.policy = Some(sigil::policy::PolicyConfig {
+        jwks_roots: sigil::policy::load_ca_file(&ca_file).unwrap(),
+        ..sigil::policy::PolicyConfig::new("127.0.0.1:0".parse().unwrap(), policies.clone())
+    });
     let server = sigil::server::start(cfg).await.unwrap();
     let mut c =
         AuthorizationClient::connect(format!("http://{}", server.ext_authz_addr().unwrap()))
