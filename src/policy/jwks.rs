@@ -86,6 +86,9 @@ pub struct RemoteJwks {
     refresh_every: Duration,
     early_gap: Duration,
     slots: Mutex<HashMap<String, Slot>>,
+    /// Keys of URLs dropped by the last reload, still readable by a check
+    /// that began on the previous evaluator; never refreshed.
+    retired: Mutex<HashMap<String, JwksKeys>>,
     wake: Notify,
 }
 
@@ -125,6 +128,7 @@ impl RemoteJwks {
             refresh_every: Duration::from_secs(20 * 60),
             early_gap: Duration::from_secs(30),
             slots: Mutex::new(HashMap::new()),
+            retired: Mutex::new(HashMap::new()),
             wake: Notify::new(),
         })
     }
@@ -147,6 +151,7 @@ impl RemoteJwks {
             Some(Slot {
                 keys: Some(keys), ..
             }) => Ok(keys.clone()),
+            None if let Some(keys) = self.retired().get(url) => Ok(keys.clone()),
             Some(Slot { error: Some(e), .. }) => {
                 Err(format!("the JWKS from {url} could not be fetched: {e}"))
             }
@@ -171,22 +176,23 @@ impl RemoteJwks {
         }
     }
 
-    /// Makes the cache hold exactly `urls`: new ones are due now, dropped ones
-    /// are forgotten. Returns the new ones.
+    /// Adds `urls` not yet held, due now, and returns them. (Call
+    /// [`Self::forget_others`] once no evaluator reads the old ones.)
     pub fn track(&self, urls: &BTreeSet<String>) -> Vec<String> {
         let now = Instant::now();
         let mut slots = self.slots();
-        slots.retain(|url, _| urls.contains(url));
         let added: Vec<String> = urls
             .iter()
             .filter(|u| !slots.contains_key(*u))
             .cloned()
             .collect();
+        let retired = self.retired();
         for url in &added {
             slots.insert(
                 url.clone(),
                 Slot {
-                    keys: None,
+                    // A URL named again keeps its last keys while refetched.
+                    keys: retired.get(url).cloned(),
                     error: None,
                     last_attempt: None,
                     due: now,
@@ -194,11 +200,33 @@ impl RemoteJwks {
                 },
             );
         }
+        drop(retired);
         drop(slots);
         if !added.is_empty() {
             self.wake.notify_one();
         }
         added
+    }
+
+    /// Stops refreshing every URL not in `urls`. Their keys stay readable
+    /// until the next call, for checks still running on the old evaluator.
+    pub fn forget_others(&self, urls: &BTreeSet<String>) {
+        let mut slots = self.slots();
+        let dropped: Vec<String> = slots
+            .keys()
+            .filter(|u| !urls.contains(*u))
+            .cloned()
+            .collect();
+        let retired = dropped
+            .into_iter()
+            .filter_map(|u| slots.remove(&u).and_then(|s| s.keys).map(|k| (u, k)))
+            .collect();
+        drop(slots);
+        *self.retired() = retired;
+    }
+
+    fn retired(&self) -> MutexGuard<'_, HashMap<String, JwksKeys>> {
+        self.retired.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Fetches every URL that is due, concurrently, and records the results.

@@ -246,11 +246,15 @@ pub async fn watch_policies(
             seen = now;
             match load_dir(&dir) {
                 Ok(set) => {
-                    let added = jwks.track(&set.remote_jwks_urls());
+                    // Fetch new URLs first; drop old ones only once the old
+                    // evaluator, which may still read them, is replaced.
+                    let urls = set.remote_jwks_urls();
+                    let added = jwks.track(&urls);
                     jwks.settled(&added, RELOAD_FETCH_WAIT).await;
                     tracing::info!(dir = %dir.display(), policies = set.authorization.len(), "policies reloaded");
                     current = set;
                     tx.send_replace(build(&current, bundle.borrow().clone()));
+                    jwks.forget_others(&urls);
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "policy reload failed; keeping the last good policies")

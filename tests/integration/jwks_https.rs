@@ -241,6 +241,13 @@ async fn remote_jwks_is_cached_refetched_on_rotation_and_kept_through_failures()
         before,
         "an early refetch within 30 s of the last fetch"
     );
+
+    // A reload that drops the URL: its keys stay readable for checks still
+    // running on the old evaluator, until the next reload.
+    limited.forget_others(&Default::default());
+    assert!(limited.keys(&idp.url).is_ok());
+    limited.forget_others(&Default::default());
+    assert!(limited.keys(&idp.url).is_err());
     stop_tx.send_replace(true);
 }
 
