@@ -417,9 +417,13 @@ impl Evaluator {
             .collect();
         if candidates.is_empty() {
             if let (JwksSource::Remote(url), Some(cache)) = (&rule.jwks, &self.remote_jwks) {
-                cache.kid_missing(url);
+                let refetch = if cache.kid_missing(url) {
+                    " (a refetch was requested)"
+                } else {
+                    ""
+                };
                 return Err(fail(format!(
-                    "no key with kid {:?} in the JWKS from {url} (a refetch was requested)",
+                    "no key with kid {:?} in the JWKS from {url}{refetch}",
                     jwt.kid
                 )));
             }

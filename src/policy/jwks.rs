@@ -160,8 +160,9 @@ impl RemoteJwks {
     }
 
     /// A token named a `kid` that `url`'s cached keys lack: refetch early,
-    /// unless the last attempt was less than `early_gap` ago.
-    pub fn kid_missing(&self, url: &str) {
+    /// unless the last attempt was less than `early_gap` ago. True when a
+    /// refetch is now due.
+    pub fn kid_missing(&self, url: &str) -> bool {
         let now = Instant::now();
         let mut slots = self.slots();
         if let Some(slot) = slots.get_mut(url)
@@ -173,7 +174,9 @@ impl RemoteJwks {
             slot.due = now;
             drop(slots);
             self.wake.notify_one();
+            return true;
         }
+        false
     }
 
     /// Adds `urls` not yet held, due now, and returns them. (Call
