@@ -143,10 +143,10 @@ struct ServerArgs {
 /// The ext_authz flags of `sigil server` and `sigil agent`.
 #[derive(Debug, Args)]
 struct PolicyArgs {
-    /// Serve Envoy ext_authz v3 here (e.g. 127.0.0.1:9191); needs --policy-dir.
+    /// Serve Envoy ext_authz v3 here [default with --policy-dir: 127.0.0.1:9191].
     #[arg(long)]
     ext_authz_bind: Option<String>,
-    /// Directory of Istio-style policy YAML, reloaded on change.
+    /// Directory of Istio-style policy YAML, reloaded on change; turns ext_authz on.
     #[arg(long)]
     policy_dir: Option<String>,
     /// The policies' mesh-wide root namespace [default: istio-system].

@@ -22,7 +22,9 @@ pub use model::{
 };
 
 pub use jwks::{JwksKeys, RemoteJwks, check_url, load_ca_file};
-pub use serve::{POLICY_KEYS, PolicyConfig, ServeError, ServeFuture, serve_ext_authz};
+pub use serve::{
+    DEFAULT_EXT_AUTHZ_BIND, POLICY_KEYS, PolicyConfig, ServeError, ServeFuture, serve_ext_authz,
+};
 pub use service::{ExtAuthz, request_from_check, response_for, watch_policies};
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! its workloads. Both read the same config keys and run the same listener.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -24,6 +24,10 @@ pub const POLICY_KEYS: [&str; 4] = [
     "policy_root_namespace",
     "jwks_ca_file",
 ];
+
+/// Where ext_authz listens when only `policy_dir` is given (DESIGN §6).
+pub const DEFAULT_EXT_AUTHZ_BIND: SocketAddr =
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9191);
 
 /// Where and what to serve.
 #[derive(Debug, Clone)]
@@ -50,35 +54,31 @@ impl PolicyConfig {
     }
 
     /// Reads the [`POLICY_KEYS`]: `None` when ext_authz is not configured.
-    /// `ext_authz_bind` and `policy_dir` go together; the others need them.
+    /// `policy_dir` turns it on (on `ext_authz_bind`, default
+    /// [`DEFAULT_EXT_AUTHZ_BIND`]); the other keys need it.
     pub fn from_raw(raw: &RawConfig) -> Result<Option<Self>, ConfigError> {
         let bind = raw.parsed("ext_authz_bind", None, |v| {
             v.parse::<SocketAddr>()
                 .map_err(|e| format!("{e} (expected IP:PORT, e.g. 127.0.0.1:9191)"))
         })?;
-        let dir = raw.get("policy_dir")?.map(PathBuf::from);
         let root_namespace = raw.get("policy_root_namespace")?;
         let jwks_roots = raw.parsed("jwks_ca_file", None, |path| load_ca_file(Path::new(path)))?;
-        let (bind, dir) = match (bind, dir) {
-            (Some(bind), Some(dir)) => (bind, dir),
-            (Some(_), None) => {
-                return Err(ConfigError::Missing {
+        let Some(dir) = raw.get("policy_dir")?.map(PathBuf::from) else {
+            let given = [
+                ("ext_authz_bind", bind.is_some()),
+                ("policy_root_namespace", root_namespace.is_some()),
+                ("jwks_ca_file", jwks_roots.is_some()),
+            ];
+            return match given.iter().find(|(_, set)| *set) {
+                Some((key, _)) => Err(ConfigError::Missing {
                     key: "policy_dir",
-                    flag: "policy-dir (required with --ext-authz-bind)".into(),
-                });
-            }
-            (None, dir) => {
-                if dir.is_some() || root_namespace.is_some() || jwks_roots.is_some() {
-                    return Err(ConfigError::Missing {
-                        key: "ext_authz_bind",
-                        flag: "ext-authz-bind (policies are served only with it)".into(),
-                    });
-                }
-                return Ok(None);
-            }
+                    flag: format!("policy-dir (required with {key})"),
+                }),
+                None => Ok(None),
+            };
         };
         Ok(Some(PolicyConfig {
-            ext_authz_bind: bind,
+            ext_authz_bind: bind.unwrap_or(DEFAULT_EXT_AUTHZ_BIND),
             policy_dir: dir,
             root_namespace: root_namespace.unwrap_or_else(|| "istio-system".into()),
             jwks_roots: jwks_roots.unwrap_or_default(),
@@ -144,4 +144,33 @@ pub async fn serve_ext_authz(
         );
     tracing::info!(%addr, dir = %config.policy_dir.display(), "ext_authz ready");
     Ok((addr, Box::pin(serving)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(pairs: &[(&'static str, &str)]) -> Result<Option<PolicyConfig>, ConfigError> {
+        let mut raw = RawConfig::default();
+        for (k, v) in pairs {
+            raw.flag(k, Some(v.to_string()));
+        }
+        PolicyConfig::from_raw(&raw)
+    }
+
+    #[test]
+    fn policy_dir_turns_ext_authz_on_at_the_design_default() {
+        assert!(config(&[]).unwrap().is_none());
+        let c = config(&[("policy_dir", "/p")]).unwrap().unwrap();
+        assert_eq!(c.ext_authz_bind.to_string(), "127.0.0.1:9191");
+        assert_eq!(c.root_namespace, "istio-system");
+        let c = config(&[("policy_dir", "/p"), ("ext_authz_bind", "127.0.0.1:0")])
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.ext_authz_bind.port(), 0);
+        let e = config(&[("ext_authz_bind", "127.0.0.1:0")]).unwrap_err();
+        assert!(e.to_string().contains("policy-dir"), "{e}");
+        let e = config(&[("policy_dir", "/p"), ("ext_authz_bind", "nope")]).unwrap_err();
+        assert!(e.to_string().contains("ext_authz_bind"), "{e}");
+    }
 }

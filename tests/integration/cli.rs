@@ -88,12 +88,16 @@ fn config_errors_name_the_key() {
             "server",
             "--trust-domain",
             "example.org",
-            "--policy-dir",
-            "/tmp",
+            "--policy-root-namespace",
+            "x",
         ])
         .output()
         .unwrap();
-    assert!(stderr(&o).contains("--ext-authz-bind"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("--policy-dir (required with policy_root_namespace)"),
+        "{}",
+        stderr(&o)
+    );
     let o = sigil()
         .args([
             "server",
