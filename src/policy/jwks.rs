@@ -41,6 +41,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// a host. Plain HTTP is refused: keys fetched without TLS could be swapped
 /// in transit, and with them every token's authenticity.
 pub fn check_url(uri: &str) -> Result<(), String> {
+    https_url(uri).map(|_| ())
+}
+
+fn https_url(uri: &str) -> Result<Uri, String> {
     let parsed: Uri = uri.parse().map_err(|e| format!("not a URL: {e}"))?;
     match parsed.scheme_str() {
         Some("https") => {}
@@ -54,7 +58,7 @@ pub fn check_url(uri: &str) -> Result<(), String> {
     if parsed.host().is_none_or(str::is_empty) {
         return Err("the URL has no host".into());
     }
-    Ok(())
+    Ok(parsed)
 }
 
 /// Reads a PEM file of CA certificates to trust for `jwksUri` servers, in
@@ -348,8 +352,7 @@ async fn fetch(
 
 /// One HTTPS GET; the body of a 200 answer.
 async fn get(tls: Arc<ClientConfig>, url: &str) -> Result<Vec<u8>, String> {
-    check_url(url)?;
-    let uri: Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
+    let uri = https_url(url)?;
     let authority = uri.authority().ok_or("the URL has no host")?.clone();
     let host = authority
         .host()

@@ -615,20 +615,6 @@ pub fn parse_jwks(text: &str) -> Result<Vec<(Option<String>, JwtPublicKey)>, Str
         .collect()
 }
 
-fn rule(r: &RawJwtRule, jwks: JwksSource) -> JwtRule {
-    JwtRule {
-        issuer: r.issuer.clone(),
-        audiences: r.audiences.clone(),
-        jwks,
-        from_headers: r
-            .from_headers
-            .iter()
-            .map(|h| (h.name.to_ascii_lowercase(), h.prefix.clone()))
-            .collect(),
-        from_params: r.from_params.clone(),
-    }
-}
-
 fn request_authentication(
     ctx: &Ctx<'_>,
     meta: &RawMeta,
@@ -654,13 +640,12 @@ fn request_authentication(
             (Some(text), None) => {
                 JwksSource::Keys(parse_jwks(text).map_err(|e| ctx.err(format!("{at}.jwks"), e))?)
             }
+            (None, Some(uri)) if uri.contains("://") => {
+                super::jwks::check_url(uri)
+                    .map_err(|e| ctx.err(format!("{at}.jwksUri"), format!("{uri}: {e}")))?;
+                JwksSource::Remote(uri.clone())
+            }
             (None, Some(uri)) => {
-                if uri.contains("://") {
-                    super::jwks::check_url(uri)
-                        .map_err(|e| ctx.err(format!("{at}.jwksUri"), format!("{uri}: {e}")))?;
-                    rules.push(rule(r, JwksSource::Remote(uri.clone())));
-                    continue;
-                }
                 let path = ctx.file.parent().unwrap_or(Path::new(".")).join(uri);
                 let text = std::fs::read_to_string(&path).map_err(|e| {
                     ctx.err(
@@ -674,7 +659,17 @@ fn request_authentication(
             }
             (None, None) => JwksSource::TrustDomainBundle,
         };
-        rules.push(rule(r, jwks));
+        rules.push(JwtRule {
+            issuer: r.issuer.clone(),
+            audiences: r.audiences.clone(),
+            jwks,
+            from_headers: r
+                .from_headers
+                .iter()
+                .map(|h| (h.name.to_ascii_lowercase(), h.prefix.clone()))
+                .collect(),
+            from_params: r.from_params.clone(),
+        });
     }
     Ok(RequestAuthentication {
         name: meta.name.clone(),

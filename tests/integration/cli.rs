@@ -83,32 +83,20 @@ fn config_errors_name_the_key() {
         stderr(&o)
     );
     // ext_authz keys go together, for the server and the agent alike.
-    let o = sigil()
-        .args([
-            "server",
-            "--trust-domain",
-            "example.org",
+    for (flag, value, want) in [
+        (
             "--policy-root-namespace",
             "x",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        stderr(&o).contains("--policy-dir (required with policy_root_namespace)"),
-        "{}",
-        stderr(&o)
-    );
-    let o = sigil()
-        .args([
-            "server",
-            "--trust-domain",
-            "example.org",
-            "--jwt-issuer",
-            " ",
-        ])
-        .output()
-        .unwrap();
-    assert!(stderr(&o).contains("jwt_issuer"), "{}", stderr(&o));
+            "--policy-dir (required with policy_root_namespace)",
+        ),
+        ("--jwt-issuer", " ", "jwt_issuer"),
+    ] {
+        let o = sigil()
+            .args(["server", "--trust-domain", "example.org", flag, value])
+            .output()
+            .unwrap();
+        assert!(stderr(&o).contains(want), "{flag}: {}", stderr(&o));
+    }
     let bundle = dir.path().join("bundle.pem");
     let ca = rcgen::generate_simple_self_signed(vec!["x".to_string()]).unwrap();
     std::fs::write(&bundle, ca.cert.pem()).unwrap();

@@ -155,6 +155,16 @@ fn request(token: &str) -> Request {
     }
 }
 
+/// An ext_authz CheckRequest to the `foo/api` workload carrying `token`.
+fn to_api(token: &str) -> envoy_types::pb::envoy::service::auth::v3::CheckRequest {
+    let bearer = format!("Bearer {token}");
+    let mut req = crate::ext_authz::check("GET", "", &[("authorization", &bearer)]);
+    if let Some(dest) = req.attributes.as_mut().and_then(|a| a.destination.as_mut()) {
+        dest.principal = "spiffe://example.org/ns/foo/sa/api".into();
+    }
+    req
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remote_jwks_is_cached_refetched_on_rotation_and_kept_through_failures() {
     let a = idp_key("a");
@@ -323,27 +333,14 @@ async fn server_ext_authz_and_policy_check_use_an_https_jwks_uri() {
         AuthorizationClient::connect(format!("http://{}", server.ext_authz_addr().unwrap()))
             .await
             .unwrap();
-    let bearer = format!("Bearer {}", token(&a));
-    let mut req = crate::ext_authz::check("GET", "", &[("authorization", &bearer)]);
-    let attrs = req.attributes.as_mut().unwrap();
-    attrs.destination.as_mut().unwrap().principal = "spiffe://example.org/ns/foo/sa/api".into();
-    let ok = c.check(req.clone()).await.unwrap().into_inner();
+    let ok = c.check(to_api(&token(&a))).await.unwrap().into_inner();
     assert_eq!(crate::ext_authz::code(&ok), 0, "{ok:?}");
     assert_eq!(
         crate::ext_authz::header(&ok, "x-sigil-request-principal"),
         Some("https://issuer.example/alice")
     );
     let forged = idp_key("a");
-    let bad = format!("Bearer {}", token(&forged));
-    let mut req = crate::ext_authz::check("GET", "", &[("authorization", &bad)]);
-    req.attributes
-        .as_mut()
-        .unwrap()
-        .destination
-        .as_mut()
-        .unwrap()
-        .principal = "spiffe://example.org/ns/foo/sa/api".into();
-    let denied = c.check(req).await.unwrap().into_inner();
+    let denied = c.check(to_api(&token(&forged))).await.unwrap().into_inner();
     assert_eq!(
         crate::ext_authz::code(&denied),
         tonic::Code::Unauthenticated as i32
@@ -354,15 +351,7 @@ async fn server_ext_authz_and_policy_check_use_an_https_jwks_uri() {
     let c_key = idp_key("c");
     idp.answer(200, &c_key.jwks);
     write_policies(&policies, &format!("{}?v=2", idp.url));
-    let bearer = format!("Bearer {}", token(&c_key));
-    let mut req = crate::ext_authz::check("GET", "", &[("authorization", &bearer)]);
-    req.attributes
-        .as_mut()
-        .unwrap()
-        .destination
-        .as_mut()
-        .unwrap()
-        .principal = "spiffe://example.org/ns/foo/sa/api".into();
+    let req = to_api(&token(&c_key));
     let t = Instant::now();
     loop {
         let r = c.check(req.clone()).await.unwrap().into_inner();
