@@ -87,7 +87,8 @@ fn main() {
     let mut leaf = CertificateParams::default();
     leaf.distinguished_name = DistinguishedName::new();
     leaf.subject_alt_names = vec![SanType::URI(id.as_str().to_string().try_into().unwrap())];
-    leaf.is_ca = IsCa::ExplicitNoCa;
+    leaf.is_ca = IsCa::NoCa;
+    leaf.custom_extensions = vec![sigil::ca::leaf_basic_constraints()];
     leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     leaf.use_authority_key_identifier_extension = true;
 

@@ -17,6 +17,7 @@ pub mod runtime;
 pub mod server;
 pub mod spiffe;
 pub mod store;
+pub mod uds;
 pub mod workload_api;
 pub mod x509;
 

@@ -16,7 +16,6 @@ use std::time::Duration;
 use tokio::net::UnixListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::Server;
 
 pub use manager::entry_from_proto;
@@ -298,6 +297,16 @@ fn bundle_updates(
     rx
 }
 
+/// What reflection lists on the workload socket: only what it serves (the
+/// Workload API and health), not the server's node and admin services.
+fn workload_descriptors() -> prost_types::FileDescriptorSet {
+    use prost::Message;
+    let mut set = prost_types::FileDescriptorSet::decode(crate::proto::FILE_DESCRIPTOR_SET)
+        .unwrap_or_default();
+    set.file.retain(|f| !f.package().starts_with("sigil."));
+    set
+}
+
 /// Loads or obtains the agent identity, then starts syncing and serving.
 pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     let saved = persist::load(&config.data_dir, &config.trust_domain).map_err(|reason| {
@@ -358,7 +367,8 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         .set_serving::<SpiffeWorkloadApiServer<WorkloadApi>>()
         .await;
     let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_file_descriptor_set(workload_descriptors())
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| AgentError::Socket {
             path: config.socket.clone(),
@@ -369,7 +379,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         .add_service(health_service)
         .add_service(reflection)
         .add_service(SpiffeWorkloadApiServer::new(api))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(crate::uds::incoming(listener), async move {
             while !*shutdown.borrow() {
                 if shutdown.changed().await.is_err() {
                     return;

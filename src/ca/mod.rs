@@ -217,11 +217,7 @@ impl X509Authority {
         );
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         params.subject_alt_names = vec![uri_san(&trust_domain.id())?];
         params.serial_number = Some(random_serial()?);
         params.not_before = (now - BACKDATE).into();
@@ -380,7 +376,8 @@ impl X509Authority {
         // Empty subject: the identity lives in the (then critical) URI SAN.
         cert.distinguished_name = DistinguishedName::new();
         cert.subject_alt_names = sans;
-        cert.is_ca = IsCa::ExplicitNoCa;
+        cert.is_ca = IsCa::NoCa;
+        cert.custom_extensions = vec![leaf_basic_constraints()];
         cert.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         cert.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
@@ -401,6 +398,16 @@ impl X509Authority {
             not_after,
         })
     }
+}
+
+/// A critical basicConstraints with cA false, encoded as DER requires: an empty
+/// SEQUENCE. (rcgen's `ExplicitNoCa` writes the DEFAULT `cA FALSE`, which strict
+/// parsers such as Python `cryptography` refuse.)
+pub fn leaf_basic_constraints() -> rcgen::CustomExtension {
+    const BASIC_CONSTRAINTS: &[u64] = &[2, 5, 29, 19];
+    let mut ext = rcgen::CustomExtension::from_oid_content(BASIC_CONSTRAINTS, vec![0x30, 0x00]);
+    ext.set_criticality(true);
+    ext
 }
 
 fn uri_san(id: &SpiffeId) -> Result<SanType, CaError> {

@@ -15,7 +15,6 @@ use std::time::{Duration, SystemTime};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::UnixListenerStream;
 use tonic::Status;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
@@ -440,7 +439,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     let admin_server = Server::builder()
         .add_service(AdminServer::new(AdminService::new(state)))
         .serve_with_incoming_shutdown(
-            UnixListenerStream::new(admin_listener),
+            crate::uds::incoming(admin_listener),
             wait_for(shutdown_rx.clone()),
         );
     let (ext_authz_addr, ext_authz_server) = match &config.policy {

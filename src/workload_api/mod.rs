@@ -326,11 +326,15 @@ impl SpiffeWorkloadApi for WorkloadApi {
             )
         };
         let state = self.state.borrow().clone();
+        // One token per SPIFFE ID, and hints unique as for X509-SVIDs
+        // (Workload API: a hint MUST NOT repeat within one response).
         let mut seen = std::collections::HashSet::new();
+        let mut hints = std::collections::HashSet::new();
         let entries: Vec<_> = state
             .entries_for(&selectors)
             .filter(|e| wanted.as_ref().is_none_or(|w| &e.spiffe_id == w))
             .filter(|e| seen.insert(e.spiffe_id.clone()))
+            .filter(|e| e.hint.is_empty() || hints.insert(e.hint.clone()))
             .cloned()
             .collect();
         if entries.is_empty() {

@@ -138,10 +138,10 @@ impl PrivateKey {
 
     /// The key as a PKCS#8 PEM document, zeroized on drop.
     pub fn to_pem(&self) -> Zeroizing<String> {
-        Zeroizing::new(pem::encode(&pem::Pem::new(
-            "PRIVATE KEY",
-            self.pkcs8.as_slice().to_vec(),
-        )))
+        Zeroizing::new(pem::encode_config(
+            &pem::Pem::new("PRIVATE KEY", self.pkcs8.as_slice().to_vec()),
+            super::PEM_LF,
+        ))
     }
 
     /// A ring signing key pair for this key.

@@ -62,8 +62,12 @@ pub fn certs_to_pem<'a>(ders: impl IntoIterator<Item = &'a Vec<u8>>) -> String {
         .into_iter()
         .map(|d| pem::Pem::new("CERTIFICATE", d.clone()))
         .collect();
-    pem::encode_many(&blocks)
+    pem::encode_many_config(&blocks, PEM_LF)
 }
+
+/// PEM as every tool writes it on Unix: LF line endings (the `pem` crate defaults to CRLF).
+pub(crate) const PEM_LF: pem::EncodeConfig =
+    pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF);
 
 /// Checks that `der` is exactly one well-formed X.509 certificate.
 pub fn check_cert(der: &[u8]) -> Result<(), String> {

@@ -1,0 +1,414 @@
+//! Accepts the `:authority` that grpc-core and grpc-java send on Unix sockets.
+//!
+//! grpc-core (Python, C++, Ruby, PHP) sends the percent-encoded socket path as
+//! the HTTP/2 `:authority`, grpc-java the raw path. h2 refuses any value that is
+//! not `host[:port]` with `RST_STREAM(PROTOCOL_ERROR)`, so those clients cannot
+//! call a tonic server over a Unix socket. This layer sits on the read half of
+//! each accepted connection, below h2: it follows the client's HTTP/2 frames,
+//! decodes every header block with the client's HPACK state, and replaces an
+//! `:authority` that h2 would refuse with `localhost` (what grpc-go sends).
+//!
+//! A compliant client's bytes pass through unchanged. After the first rewrite
+//! the server's HPACK table no longer matches the client's, so from then on
+//! every header block of that connection is re-encoded with literals only
+//! (never indexed), which never touches the server's dynamic table. Header
+//! blocks are capped in size, encoded and decoded; a client that breaks the
+//! framing rules has its connection closed.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, BufMut, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// What the client must send first.
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const FRAME_HEADER_LEN: usize = 9;
+const TYPE_HEADERS: u8 = 0x1;
+const TYPE_CONTINUATION: u8 = 0x9;
+const FLAG_END_STREAM: u8 = 0x1;
+const FLAG_END_HEADERS: u8 = 0x4;
+const FLAG_PADDED: u8 = 0x8;
+const FLAG_PRIORITY: u8 = 0x20;
+/// The smallest SETTINGS_MAX_FRAME_SIZE a peer may advertise: safe for every server.
+const MAX_FRAME_PAYLOAD: usize = 16_384;
+/// The HPACK table size the server allows (h2's default, never changed here).
+const HPACK_TABLE_SIZE: usize = 4_096;
+/// Cap on one header block as sent (HEADERS plus CONTINUATION fragments).
+pub const MAX_HEADER_BLOCK: usize = 64 * 1024;
+/// Cap on one decoded header list (RFC 7541 sizes: name + value + 32 each).
+pub const MAX_HEADER_LIST: usize = 64 * 1024;
+/// What replaces a refused `:authority`.
+const REPLACEMENT: &[u8] = b"localhost";
+const READ_CHUNK: usize = 16 * 1024;
+
+enum State {
+    /// Bytes of the connection preface still to check.
+    Preface(usize),
+    /// Waiting for a whole frame header.
+    FrameHeader,
+    /// Payload bytes of a frame we do not inspect, still to pass through.
+    Passthrough(usize),
+    /// Not HTTP/2 (bad preface): everything passes through and h2 refuses it.
+    Raw,
+}
+
+/// A header block being assembled from HEADERS and CONTINUATION frames.
+struct PendingBlock {
+    stream: u32,
+    end_stream: bool,
+    priority: Option<[u8; 5]>,
+    /// The frames as received, passed on unchanged when nothing is rewritten.
+    raw: BytesMut,
+    /// The concatenated HPACK fragments.
+    block: Vec<u8>,
+}
+
+/// An accepted connection whose client → server HTTP/2 header blocks are fixed up.
+pub struct AuthorityFix<IO> {
+    io: IO,
+    input: BytesMut,
+    output: BytesMut,
+    state: State,
+    pending: Option<PendingBlock>,
+    hpack: loona_hpack::Decoder<'static>,
+    /// Set at the first rewrite: every later header block is re-encoded.
+    rewriting: bool,
+    eof: bool,
+}
+
+impl<IO> AuthorityFix<IO> {
+    /// Wraps a freshly accepted connection.
+    pub fn new(io: IO) -> Self {
+        let mut hpack = loona_hpack::Decoder::new();
+        hpack.set_max_allowed_table_size(HPACK_TABLE_SIZE);
+        Self {
+            io,
+            input: BytesMut::new(),
+            output: BytesMut::new(),
+            state: State::Preface(PREFACE.len()),
+            pending: None,
+            hpack,
+            rewriting: false,
+            eof: false,
+        }
+    }
+
+    /// The wrapped connection.
+    pub fn get_ref(&self) -> &IO {
+        &self.io
+    }
+
+    /// Moves as much of `input` to `output` as the framing allows.
+    fn process(&mut self) -> io::Result<()> {
+        loop {
+            match self.state {
+                State::Raw => {
+                    self.output.unsplit(self.input.split());
+                    return Ok(());
+                }
+                State::Preface(left) => {
+                    let n = left.min(self.input.len());
+                    if n == 0 {
+                        return Ok(());
+                    }
+                    let offset = PREFACE.len() - left;
+                    if self.input[..n] != PREFACE[offset..offset + n] {
+                        self.state = State::Raw;
+                        continue;
+                    }
+                    self.output.unsplit(self.input.split_to(n));
+                    self.state = match left - n {
+                        0 => State::FrameHeader,
+                        rest => State::Preface(rest),
+                    };
+                }
+                State::Passthrough(left) => {
+                    let n = left.min(self.input.len());
+                    if n == 0 && left > 0 {
+                        return Ok(());
+                    }
+                    self.output.unsplit(self.input.split_to(n));
+                    self.state = match left - n {
+                        0 => State::FrameHeader,
+                        rest => State::Passthrough(rest),
+                    };
+                }
+                State::FrameHeader => {
+                    if self.input.len() < FRAME_HEADER_LEN {
+                        return Ok(());
+                    }
+                    let len = usize::from(self.input[0]) << 16
+                        | usize::from(self.input[1]) << 8
+                        | usize::from(self.input[2]);
+                    let kind = self.input[3];
+                    if kind != TYPE_HEADERS && kind != TYPE_CONTINUATION {
+                        if self.pending.is_some() {
+                            return Err(protocol(
+                                "a header block was interrupted by another frame",
+                            ));
+                        }
+                        self.output.unsplit(self.input.split_to(FRAME_HEADER_LEN));
+                        self.state = State::Passthrough(len);
+                        continue;
+                    }
+                    if len > MAX_HEADER_BLOCK {
+                        return Err(protocol("header frame larger than the header block cap"));
+                    }
+                    if self.input.len() < FRAME_HEADER_LEN + len {
+                        self.input
+                            .reserve(FRAME_HEADER_LEN + len - self.input.len());
+                        return Ok(());
+                    }
+                    let frame = self.input.split_to(FRAME_HEADER_LEN + len);
+                    self.header_frame(frame)?;
+                }
+            }
+        }
+    }
+
+    /// Adds one HEADERS or CONTINUATION frame to the block being assembled.
+    fn header_frame(&mut self, frame: BytesMut) -> io::Result<()> {
+        let kind = frame[3];
+        let flags = frame[4];
+        let stream = u32::from_be_bytes([frame[5], frame[6], frame[7], frame[8]]) & 0x7fff_ffff;
+        let payload = &frame[FRAME_HEADER_LEN..];
+        match (kind, &mut self.pending) {
+            (TYPE_HEADERS, None) => {
+                let (priority, fragment) = split_headers_payload(flags, payload)?;
+                let block = fragment.to_vec();
+                self.pending = Some(PendingBlock {
+                    stream,
+                    end_stream: flags & FLAG_END_STREAM != 0,
+                    priority,
+                    raw: frame,
+                    block,
+                });
+            }
+            (TYPE_CONTINUATION, Some(p)) if p.stream == stream => {
+                p.block.extend_from_slice(payload);
+                p.raw.unsplit(frame);
+            }
+            (TYPE_CONTINUATION, _) => {
+                return Err(protocol(
+                    "CONTINUATION without a header block on its stream",
+                ));
+            }
+            _ => return Err(protocol("HEADERS inside another header block")),
+        }
+        if self
+            .pending
+            .as_ref()
+            .is_some_and(|p| p.block.len() > MAX_HEADER_BLOCK)
+        {
+            return Err(protocol("header block larger than the cap"));
+        }
+        if flags & FLAG_END_HEADERS != 0 {
+            if let Some(p) = self.pending.take() {
+                self.finish_block(p)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Decodes a complete header block and passes it on, rewritten if needed.
+    fn finish_block(&mut self, p: PendingBlock) -> io::Result<()> {
+        let mut encoded = Vec::with_capacity(p.block.len() + 64);
+        let mut list_size = 0usize;
+        let mut refused_authority = false;
+        let mut too_large = false;
+        self.hpack
+            .decode_with_cb(&p.block, |name, value| {
+                list_size += name.len() + value.len() + 32;
+                if list_size > MAX_HEADER_LIST {
+                    too_large = true;
+                    return;
+                }
+                let value: &[u8] = if &*name == b":authority" && !authority_ok(&value) {
+                    refused_authority = true;
+                    REPLACEMENT
+                } else {
+                    &value
+                };
+                encode_literal(&name, value, &mut encoded);
+            })
+            .map_err(|e| protocol_owned(format!("HPACK: {e}")))?;
+        if too_large {
+            return Err(protocol("decoded header list larger than the cap"));
+        }
+        if refused_authority && !self.rewriting {
+            tracing::debug!("rewriting a non-host :authority on this connection");
+            self.rewriting = true;
+        }
+        if self.rewriting {
+            self.write_block(&p, &encoded);
+        } else {
+            self.output.unsplit(p.raw);
+        }
+        Ok(())
+    }
+
+    /// Writes a re-encoded block as HEADERS plus CONTINUATION frames.
+    fn write_block(&mut self, p: &PendingBlock, block: &[u8]) {
+        let first_room = MAX_FRAME_PAYLOAD - if p.priority.is_some() { 5 } else { 0 };
+        let (first, mut rest) = block.split_at(first_room.min(block.len()));
+        let mut flags = if p.end_stream { FLAG_END_STREAM } else { 0 };
+        if p.priority.is_some() {
+            flags |= FLAG_PRIORITY;
+        }
+        if rest.is_empty() {
+            flags |= FLAG_END_HEADERS;
+        }
+        let prio = p.priority.as_ref().map_or(&[][..], |b| &b[..]);
+        self.frame_header(prio.len() + first.len(), TYPE_HEADERS, flags, p.stream);
+        self.output.put_slice(prio);
+        self.output.put_slice(first);
+        while !rest.is_empty() {
+            let (chunk, tail) = rest.split_at(MAX_FRAME_PAYLOAD.min(rest.len()));
+            let flags = if tail.is_empty() { FLAG_END_HEADERS } else { 0 };
+            self.frame_header(chunk.len(), TYPE_CONTINUATION, flags, p.stream);
+            self.output.put_slice(chunk);
+            rest = tail;
+        }
+    }
+
+    fn frame_header(&mut self, len: usize, kind: u8, flags: u8, stream: u32) {
+        let len = u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes();
+        self.output.put_slice(&len[1..]);
+        self.output.put_u8(kind);
+        self.output.put_u8(flags);
+        self.output.put_u32(stream);
+    }
+}
+
+/// Splits a HEADERS payload into its priority fields and its block fragment.
+fn split_headers_payload(flags: u8, payload: &[u8]) -> io::Result<(Option<[u8; 5]>, &[u8])> {
+    let mut rest = payload;
+    let mut pad = 0usize;
+    if flags & FLAG_PADDED != 0 {
+        let (&len, tail) = rest
+            .split_first()
+            .ok_or_else(|| protocol("PADDED HEADERS without a pad length"))?;
+        pad = usize::from(len);
+        rest = tail;
+    }
+    let mut priority = None;
+    if flags & FLAG_PRIORITY != 0 {
+        let fields: [u8; 5] = rest
+            .get(..5)
+            .and_then(|f| f.try_into().ok())
+            .ok_or_else(|| protocol("PRIORITY HEADERS shorter than its priority fields"))?;
+        priority = Some(fields);
+        rest = &rest[5..];
+    }
+    let end = rest
+        .len()
+        .checked_sub(pad)
+        .ok_or_else(|| protocol("HEADERS padding longer than the frame"))?;
+    Ok((priority, &rest[..end]))
+}
+
+/// Whether h2 accepts this `:authority` (it parses it as an RFC 3986 authority).
+fn authority_ok(value: &[u8]) -> bool {
+    http::uri::Authority::try_from(value).is_ok()
+}
+
+/// HPACK "literal header field never indexed" with a literal name (RFC 7541 §6.2.3).
+fn encode_literal(name: &[u8], value: &[u8], out: &mut Vec<u8>) {
+    out.push(0x10);
+    for s in [name, value] {
+        // Writing to a Vec cannot fail.
+        let _ = loona_hpack::encoder::encode_integer_into(s.len(), 7, 0, out);
+        out.extend_from_slice(s);
+    }
+}
+
+fn protocol(msg: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg)
+}
+
+fn protocol_owned(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg)
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for AuthorityFix<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if !this.output.is_empty() {
+                let n = buf.remaining().min(this.output.len());
+                buf.put_slice(&this.output[..n]);
+                this.output.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            if this.eof {
+                return Poll::Ready(Ok(()));
+            }
+            this.input.reserve(READ_CHUNK);
+            let n = ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut this.io),
+                cx,
+                &mut this.input
+            ))?;
+            if n == 0 {
+                // h2 reports the truncated frame, if any.
+                this.eof = true;
+                this.output.unsplit(this.input.split());
+                continue;
+            }
+            if let Err(e) = this.process() {
+                tracing::debug!(error = %e, "closing a connection that broke HTTP/2 framing");
+                return Poll::Ready(Err(e));
+            }
+        }
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for AuthorityFix<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+impl<IO: tonic::transport::server::Connected> tonic::transport::server::Connected
+    for AuthorityFix<IO>
+{
+    type ConnectInfo = IO::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+#[cfg(test)]
+#[path = "authority_tests.rs"]
+mod tests;

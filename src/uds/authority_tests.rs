@@ -1,0 +1,329 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use proptest::prelude::*;
+use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
+
+use super::*;
+
+type Headers = Vec<(Vec<u8>, Vec<u8>)>;
+
+fn request(authority: &str, path: &str) -> Headers {
+    [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", path),
+        (":authority", authority),
+        ("te", "trailers"),
+        ("content-type", "application/grpc"),
+        ("workload.spiffe.io", "true"),
+    ]
+    .iter()
+    .map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec()))
+    .collect()
+}
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut out = (u32::try_from(payload.len()).unwrap().to_be_bytes()[1..]).to_vec();
+    out.extend([kind, flags]);
+    out.extend(stream.to_be_bytes());
+    out.extend(payload);
+    out
+}
+
+/// HEADERS (+ CONTINUATIONs of `split` bytes), optionally padded and with priority.
+fn header_frames(block: &[u8], stream: u32, split: usize, pad: Option<u8>, prio: bool) -> Vec<u8> {
+    let chunks: Vec<&[u8]> = block.chunks(split.max(1)).collect();
+    let chunks = if chunks.is_empty() {
+        vec![&[][..]]
+    } else {
+        chunks
+    };
+    let mut out = Vec::new();
+    for (i, chunk) in chunks.iter().enumerate() {
+        let last = i + 1 == chunks.len();
+        let mut flags = if last { FLAG_END_HEADERS } else { 0 };
+        if i == 0 {
+            flags |= FLAG_END_STREAM;
+            let mut payload = Vec::new();
+            if let Some(p) = pad {
+                flags |= FLAG_PADDED;
+                payload.push(p);
+            }
+            if prio {
+                flags |= FLAG_PRIORITY;
+                payload.extend([0, 0, 0, 0, 15]);
+            }
+            payload.extend(*chunk);
+            payload.extend(std::iter::repeat_n(0, usize::from(pad.unwrap_or(0))));
+            out.extend(frame(TYPE_HEADERS, flags, stream, &payload));
+        } else {
+            out.extend(frame(TYPE_CONTINUATION, flags, stream, chunk));
+        }
+    }
+    out
+}
+
+fn data_frame(stream: u32, payload: &[u8]) -> Vec<u8> {
+    frame(0x0, 0x1, stream, payload)
+}
+
+fn settings() -> Vec<u8> {
+    frame(0x4, 0, 0, &[0, 4, 0, 0, 0xff, 0xff])
+}
+
+/// A reader that hands out at most `step` bytes per read.
+struct Trickle {
+    data: Vec<u8>,
+    pos: usize,
+    step: usize,
+}
+
+impl AsyncRead for Trickle {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let n = self
+            .step
+            .min(buf.remaining())
+            .min(self.data.len() - self.pos);
+        let pos = self.pos;
+        buf.put_slice(&self.data[pos..pos + n]);
+        self.pos += n;
+        Poll::Ready(Ok(()))
+    }
+}
+
+async fn run(input: Vec<u8>, step: usize) -> io::Result<Vec<u8>> {
+    let mut fix = AuthorityFix::new(Trickle {
+        data: input,
+        pos: 0,
+        step,
+    });
+    let mut out = Vec::new();
+    fix.read_to_end(&mut out).await?;
+    Ok(out)
+}
+
+/// What h2 would see: every frame, and the header lists decoded with one HPACK state.
+fn parse_output(out: &[u8]) -> (Vec<(u8, u32)>, Vec<Headers>) {
+    assert!(out.starts_with(PREFACE));
+    let mut rest = &out[PREFACE.len()..];
+    let mut decoder = loona_hpack::Decoder::new();
+    let (mut frames, mut lists, mut block) = (Vec::new(), Vec::new(), Vec::new());
+    while !rest.is_empty() {
+        let len = usize::from(rest[0]) << 16 | usize::from(rest[1]) << 8 | usize::from(rest[2]);
+        let (kind, flags) = (rest[3], rest[4]);
+        let stream = u32::from_be_bytes([rest[5], rest[6], rest[7], rest[8]]);
+        let payload = &rest[9..9 + len];
+        assert!(len <= MAX_FRAME_PAYLOAD, "frame of {len} bytes");
+        frames.push((kind, stream));
+        if kind == TYPE_HEADERS {
+            block.extend(split_headers_payload(flags, payload).unwrap().1);
+        } else if kind == TYPE_CONTINUATION {
+            block.extend(payload);
+        }
+        if (kind == TYPE_HEADERS || kind == TYPE_CONTINUATION) && flags & FLAG_END_HEADERS != 0 {
+            lists.push(decoder.decode(&block).unwrap());
+            block.clear();
+        }
+        rest = &rest[9 + len..];
+    }
+    (frames, lists)
+}
+
+fn encode(encoder: &mut loona_hpack::Encoder<'_>, headers: &Headers) -> Vec<u8> {
+    encoder.encode(headers.iter().map(|(n, v)| (&n[..], &v[..])))
+}
+
+fn authority(list: &Headers) -> &[u8] {
+    &list.iter().find(|(n, _)| n == b":authority").unwrap().1
+}
+
+#[tokio::test]
+async fn compliant_clients_pass_through_byte_for_byte() {
+    let mut enc = loona_hpack::Encoder::new();
+    let mut input = PREFACE.to_vec();
+    input.extend(settings());
+    for stream in [1, 3, 5] {
+        let block = encode(
+            &mut enc,
+            &request("localhost", "/SpiffeWorkloadAPI/FetchX509SVID"),
+        );
+        input.extend(header_frames(&block, stream, 7, Some(3), true));
+        input.extend(data_frame(stream, &[0, 0, 0, 0, 0]));
+    }
+    for step in [1, 5, 9, 4096] {
+        assert_eq!(
+            run(input.clone(), step).await.unwrap(),
+            input,
+            "step {step}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_socket_path_authority_becomes_localhost_and_hpack_state_follows() {
+    // grpc-core: the percent-encoded path; grpc-java: the raw path. The encoder
+    // indexes every header, so later requests refer to the dynamic table.
+    let mut enc = loona_hpack::Encoder::new();
+    let mut input = PREFACE.to_vec();
+    input.extend(settings());
+    let sent = [
+        request("localhost", "/a"),
+        request("tmp%2Fsigil-agent%2Fpublic%2Fapi.sock", "/b"),
+        request("tmp%2Fsigil-agent%2Fpublic%2Fapi.sock", "/b"),
+        request("/tmp/sigil-agent/public/api.sock", "/c"),
+        request("example.org:8081", "/d"),
+    ];
+    for (i, headers) in sent.iter().enumerate() {
+        let stream = 1 + 2 * u32::try_from(i).unwrap();
+        let block = encode(&mut enc, headers);
+        input.extend(header_frames(&block, stream, 10, None, i == 1));
+        input.extend(data_frame(stream, b"\0\0\0\0\0"));
+    }
+    for step in [1, 13, 100_000] {
+        let out = run(input.clone(), step).await.unwrap();
+        let (frames, lists) = parse_output(&out);
+        assert_eq!(lists.len(), sent.len());
+        let expected: [&[u8]; 5] = [
+            b"localhost",
+            b"localhost",
+            b"localhost",
+            b"localhost",
+            b"example.org:8081",
+        ];
+        for ((got, sent), want) in lists.iter().zip(&sent).zip(expected) {
+            assert_eq!(authority(got), want);
+            let others = |l: &Headers| -> Headers {
+                l.iter()
+                    .filter(|(n, _)| n != b":authority")
+                    .cloned()
+                    .collect()
+            };
+            assert_eq!(others(got), others(sent), "other headers kept in order");
+        }
+        // DATA frames stay on their streams, after their headers.
+        let streams: Vec<u32> = frames.iter().filter(|f| f.0 == 0).map(|f| f.1).collect();
+        assert_eq!(streams, vec![1, 3, 5, 7, 9]);
+    }
+}
+
+#[tokio::test]
+async fn large_rewritten_blocks_are_split_into_continuations() {
+    let mut headers = request("a%2Fb", "/x");
+    headers.push((b"x-big".to_vec(), vec![b'v'; 40_000]));
+    let block = encode(&mut loona_hpack::Encoder::new(), &headers);
+    let mut input = PREFACE.to_vec();
+    input.extend(header_frames(&block, 1, MAX_FRAME_PAYLOAD, None, false));
+    let out = run(input, 4096).await.unwrap();
+    let (frames, lists) = parse_output(&out);
+    assert!(frames.iter().filter(|f| f.0 == TYPE_CONTINUATION).count() >= 2);
+    assert_eq!(authority(&lists[0]), b"localhost");
+    assert_eq!(lists[0].last().unwrap().1.len(), 40_000);
+}
+
+#[tokio::test]
+async fn table_size_updates_are_honoured_and_bounded() {
+    // Size updates to 0 then 4096 at the start of a block: allowed (RFC 7541 §4.2).
+    let mut block = vec![0x20, 0x3f, 0xe1, 0x1f];
+    block.extend(encode(
+        &mut loona_hpack::Encoder::new(),
+        &request("x%2Fy", "/a"),
+    ));
+    let mut input = PREFACE.to_vec();
+    input.extend(header_frames(&block, 1, 100, None, false));
+    let (_, lists) = parse_output(&run(input, 64).await.unwrap());
+    assert_eq!(authority(&lists[0]), b"localhost");
+
+    // Above the 4096 the server allows: refused.
+    let mut input = PREFACE.to_vec();
+    input.extend(header_frames(
+        &[0x3f, 0xe2, 0x1f, 0x82],
+        1,
+        100,
+        None,
+        false,
+    ));
+    assert!(run(input, 64).await.is_err());
+}
+
+#[tokio::test]
+async fn framing_violations_and_oversized_blocks_close_the_connection() {
+    let block = encode(&mut loona_hpack::Encoder::new(), &request("a%2Fb", "/x"));
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("data inside a header block", {
+            let mut v = frame(TYPE_HEADERS, 0, 1, &block[..4]);
+            v.extend(data_frame(1, b"x"));
+            v
+        }),
+        ("continuation on another stream", {
+            let mut v = frame(TYPE_HEADERS, 0, 1, &block[..4]);
+            v.extend(frame(TYPE_CONTINUATION, FLAG_END_HEADERS, 3, &block[4..]));
+            v
+        }),
+        (
+            "continuation alone",
+            frame(TYPE_CONTINUATION, FLAG_END_HEADERS, 1, &block),
+        ),
+        (
+            "padding past the end",
+            frame(TYPE_HEADERS, FLAG_END_HEADERS | FLAG_PADDED, 1, &[200, 1]),
+        ),
+        (
+            "priority cut short",
+            frame(TYPE_HEADERS, FLAG_END_HEADERS | FLAG_PRIORITY, 1, &[0, 0]),
+        ),
+        (
+            "index out of range",
+            frame(TYPE_HEADERS, FLAG_END_HEADERS, 1, &[0xff, 0x7f]),
+        ),
+        ("oversized block", {
+            let mut v = frame(TYPE_HEADERS, 0, 1, &vec![0; MAX_FRAME_PAYLOAD]);
+            for _ in 0..4 {
+                v.extend(frame(TYPE_CONTINUATION, 0, 1, &vec![0; MAX_FRAME_PAYLOAD]));
+            }
+            v
+        }),
+        ("decoding bomb", {
+            // One 4 KB entry, then referenced 20,000 times: 2 bytes each.
+            let mut b = vec![0x40, 0x01, b'x', 0x7f, 0xa1, 0x1e];
+            b.extend(vec![b'v'; 4000]);
+            b.extend(std::iter::repeat_n(0xbe, 20_000));
+            header_frames(&b, 1, MAX_FRAME_PAYLOAD, None, false)
+        }),
+    ];
+    for (name, frames) in cases {
+        let mut input = PREFACE.to_vec();
+        input.extend(frames);
+        assert!(run(input, 4096).await.is_err(), "{name} was accepted");
+    }
+}
+
+#[tokio::test]
+async fn anything_but_http2_passes_through_untouched() {
+    let input = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
+    assert_eq!(run(input.clone(), 3).await.unwrap(), input);
+}
+
+proptest! {
+    #[test]
+    fn arbitrary_frames_never_panic(body in proptest::collection::vec(any::<u8>(), 0..2048), step in 1usize..64) {
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let mut input = PREFACE.to_vec();
+        input.extend(body);
+        let _ = rt.block_on(run(input, step));
+    }
+
+    #[test]
+    fn arbitrary_header_blocks_never_panic(block in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let mut input = PREFACE.to_vec();
+        input.extend(header_frames(&block, 1, 100, None, false));
+        let _ = rt.block_on(run(input, 4096));
+    }
+}
