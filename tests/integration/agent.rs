@@ -224,10 +224,11 @@ async fn header_identity_and_wit_rules() {
     else {
         panic!("{msg:?}")
     };
-    assert!(
-        list.service.iter().any(|s| s.name == "SpiffeWorkloadAPI"),
-        "{list:?}"
-    );
+    let names: Vec<&str> = list.service.iter().map(|s| s.name.as_str()).collect();
+    assert!(names.contains(&"SpiffeWorkloadAPI"), "{names:?}");
+    assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
+    // Only what this socket serves: not the server's node and admin APIs.
+    assert!(!names.iter().any(|n| n.starts_with("sigil.")), "{names:?}");
 
     agent.shutdown(Duration::from_secs(2)).await;
     server.shutdown(Duration::from_secs(5)).await.unwrap();

@@ -4,6 +4,7 @@
 mod agent;
 mod cli;
 mod ext_authz;
+mod interop;
 mod jwks_https;
 mod openssl_verify;
 mod server;
