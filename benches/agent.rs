@@ -1,4 +1,4 @@
-//! Agent load harness (DESIGN §7). The server runs in this process; the
+//! Agent load harness. The server runs in this process; the
 //! agent runs as a separate `sigil agent` process so its memory is its own;
 //! this process is the workload (entries select its uid).
 //!
@@ -7,6 +7,11 @@
 //! 2. Rotation push: the entry changes, the agent re-signs, and every one of
 //!    the 1,000 open streams receives the new SVID: p50/p99/max.
 //! 3. Agent RSS holding 1 SVID, then 10,000 SVIDs.
+//! 0. First, the `:authority` layer every Unix socket runs behind: the same
+//!    health service accepted raw and through the layer, first-response
+//!    latency with 1,000 streams open on each; and the layer's own cost per
+//!    request, for a compliant client (bytes pass through) and a grpc-core
+//!    client (the header block is re-encoded).
 //!
 //! Run: `cargo bench --bench agent` (`-- --quick`: 200 streams, 2,000 SVIDs).
 #![allow(
@@ -78,11 +83,129 @@ async fn wait_holding(lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>, 
     .expect("agent never reached the SVID count");
 }
 
+fn health_request() -> tonic_health::pb::HealthCheckRequest {
+    tonic_health::pb::HealthCheckRequest {
+        service: "bench".into(),
+    }
+}
+
+/// First-response latency on a health service with `streams` Watch streams open.
+async fn health_latency(path: &Path, layered: bool, streams: usize) -> Vec<Duration> {
+    use tonic_health::pb::health_client::HealthClient;
+    let _ = std::fs::remove_file(path);
+    let listener = tokio::net::UnixListener::bind(path).unwrap();
+    let (reporter, service) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("bench", tonic_health::ServingStatus::Serving)
+        .await;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let router = tonic::transport::Server::builder().add_service(service);
+    let stop = async {
+        let _ = stop_rx.await;
+    };
+    let server = if layered {
+        tokio::spawn(router.serve_with_incoming_shutdown(sigil::uds::incoming(listener), stop))
+    } else {
+        let raw = tokio_stream::wrappers::UnixListenerStream::new(listener);
+        tokio::spawn(router.serve_with_incoming_shutdown(raw, stop))
+    };
+    let mut clients = Vec::new();
+    for _ in 0..100 {
+        clients.push(HealthClient::new(
+            sigil::cli::unix_channel(path).await.unwrap(),
+        ));
+    }
+    let mut open = Vec::new();
+    let n = clients.len();
+    for i in 0..streams {
+        let mut s = clients[i % n]
+            .watch(health_request())
+            .await
+            .unwrap()
+            .into_inner();
+        s.message().await.unwrap().unwrap();
+        open.push(s);
+    }
+    let mut samples = Vec::new();
+    for _ in 0..1_000 {
+        let t = Instant::now();
+        clients[0].check(health_request()).await.unwrap();
+        samples.push(t.elapsed());
+    }
+    drop(open);
+    drop(clients);
+    let _ = stop_tx.send(());
+    let _ = server.await;
+    samples
+}
+
+/// HTTP/2 bytes of `n` gRPC requests (HPACK-indexed as real clients send them).
+fn h2_requests(authority: &str, n: usize) -> Vec<u8> {
+    let mut enc = loona_hpack::Encoder::new();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    for i in 0..n {
+        let stream = u32::try_from(2 * i + 1).unwrap();
+        let headers: [(&[u8], &[u8]); 8] = [
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":path", b"/SpiffeWorkloadAPI/FetchX509SVID"),
+            (b":authority", authority.as_bytes()),
+            (b"te", b"trailers"),
+            (b"content-type", b"application/grpc"),
+            (
+                b"user-agent",
+                b"grpc-python/1.85.3 grpc-c/51.0.0 (linux; chttp2)",
+            ),
+            (b"workload.spiffe.io", b"true"),
+        ];
+        let block = enc.encode(headers);
+        for (kind, flags, payload) in [(1u8, 4u8, block), (0, 1, vec![0; 5])] {
+            out.extend(&u32::try_from(payload.len()).unwrap().to_be_bytes()[1..]);
+            out.extend([kind, flags]);
+            out.extend(stream.to_be_bytes());
+            out.extend(payload);
+        }
+    }
+    out
+}
+
+/// The layer's processing cost per request, bytes in memory.
+async fn layer_cost(authority: &str) -> Duration {
+    use tokio::io::AsyncReadExt;
+    const N: usize = 20_000;
+    let input = h2_requests(authority, N);
+    let mut out = Vec::with_capacity(input.len() * 2);
+    let t = Instant::now();
+    sigil::uds::AuthorityFix::new(&input[..])
+        .read_to_end(&mut out)
+        .await
+        .unwrap();
+    t.elapsed() / u32::try_from(N).unwrap()
+}
+
+async fn authority_layer(dir: &Path, streams: usize) {
+    for round in 1..=2 {
+        let layered = health_latency(&dir.join("layer.sock"), true, streams).await;
+        let raw = health_latency(&dir.join("raw.sock"), false, streams).await;
+        println!(
+            "round {round}: health Check with {streams} Watch streams open, 1,000 calls: without the :authority layer {}; with it {}",
+            summary(raw),
+            summary(layered)
+        );
+    }
+    println!(
+        ":authority layer per request: compliant client (pass-through) {:?}, grpc-core client (socket-path authority, re-encoded) {:?}",
+        layer_cost("localhost").await,
+        layer_cost("tmp%2Fsigil-agent%2Fpublic%2Fapi.sock").await
+    );
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let (streams, cached) = if quick { (200, 2_000) } else { (1_000, 10_000) };
     let dir = tempfile::tempdir().unwrap();
+    authority_layer(dir.path(), streams).await;
     let server = start(config(dir.path())).await.unwrap();
     let mut admin = sigil::cli::connect_admin(server.admin_socket())
         .await

@@ -1,6 +1,6 @@
 //! CA issuance benchmark. Prints throughput of the full CSR → X509-SVID path
 //! and of its raw crypto floor (ring P-256 verify + rcgen sign) measured in
-//! the same run, interleaved, and their ratio (DESIGN §7 target ≥ 0.80).
+//! the same run, interleaved, and their ratio (target ≥ 0.80).
 //! Also JWT-SVID mint and validate throughput.
 //!
 //! Run: `cargo bench --bench ca` (add `-- --quick` for a short run).

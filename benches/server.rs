@@ -1,4 +1,4 @@
-//! Server load harness (DESIGN §7). Everything runs on one tokio thread, so
+//! Server load harness. Everything runs on one tokio thread, so
 //! rates are per core, with client costs included (conservative).
 //!
 //! 1. BatchNewX509SVID through the real gRPC server (mTLS) vs the in-process

@@ -1,6 +1,6 @@
 //! Sigil: a SPIFFE certificate authority.
 //!
-//! The modules follow the architecture in `DESIGN.md`: pure SPIFFE types
+//! The modules follow the architecture in `docs/architecture.md`: pure SPIFFE types
 //! (`spiffe`), key and bundle material (`x509`), JWT-SVIDs (`jwt`), the CA
 //! (`ca`) and persistence (`store`). Generated protobuf types live in `proto`
 //! and never leave the service edges.

@@ -25,7 +25,7 @@ pub const POLICY_KEYS: [&str; 4] = [
     "jwks_ca_file",
 ];
 
-/// Where ext_authz listens when only `policy_dir` is given (DESIGN §6).
+/// Where ext_authz listens when only `policy_dir` is given (Envoy's usual ext_authz port).
 pub const DEFAULT_EXT_AUTHZ_BIND: SocketAddr =
     SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9191);
 

@@ -33,12 +33,16 @@ const FLAG_PADDED: u8 = 0x8;
 const FLAG_PRIORITY: u8 = 0x20;
 /// The smallest SETTINGS_MAX_FRAME_SIZE a peer may advertise: safe for every server.
 const MAX_FRAME_PAYLOAD: usize = 16_384;
+const _: () = assert!(MAX_HEADER_LIST <= MAX_FRAME_PAYLOAD);
 /// The HPACK table size the server allows (h2's default, never changed here).
 const HPACK_TABLE_SIZE: usize = 4_096;
-/// Cap on one header block as sent (HEADERS plus CONTINUATION fragments).
-pub const MAX_HEADER_BLOCK: usize = 64 * 1024;
-/// Cap on one decoded header list (RFC 7541 sizes: name + value + 32 each).
-pub const MAX_HEADER_LIST: usize = 64 * 1024;
+/// Cap on one decoded header list (RFC 7541 sizes: name + value + 32 each):
+/// hyper's server default, so nothing the server would accept is refused here.
+pub const MAX_HEADER_LIST: usize = 16 * 1024;
+/// Cap on one header block as sent (HEADERS plus CONTINUATION fragments). A
+/// block never decodes to less than it encodes minus a few bytes per field, so
+/// a larger one could not fit the list cap either.
+pub const MAX_HEADER_BLOCK: usize = MAX_HEADER_LIST + 1024;
 /// What replaces a refused `:authority`.
 const REPLACEMENT: &[u8] = b"localhost";
 const READ_CHUNK: usize = 16 * 1024;
@@ -242,35 +246,32 @@ impl<IO> AuthorityFix<IO> {
             self.rewriting = true;
         }
         if self.rewriting {
-            self.write_block(&p, &encoded);
+            self.write_block(&p, &encoded)?;
         } else {
             self.output.unsplit(p.raw);
         }
         Ok(())
     }
 
-    /// Writes a re-encoded block as HEADERS plus CONTINUATION frames.
-    fn write_block(&mut self, p: &PendingBlock, block: &[u8]) {
-        let first_room = MAX_FRAME_PAYLOAD - if p.priority.is_some() { 5 } else { 0 };
-        let (first, mut rest) = block.split_at(first_room.min(block.len()));
-        let mut flags = if p.end_stream { FLAG_END_STREAM } else { 0 };
+    /// Writes a re-encoded block as one HEADERS frame. Literals take fewer
+    /// bytes than the RFC 7541 size of their field (name + value + 32), so a
+    /// block within the list cap always fits one frame.
+    fn write_block(&mut self, p: &PendingBlock, block: &[u8]) -> io::Result<()> {
+        let prio = p.priority.as_ref().map_or(&[][..], |b| &b[..]);
+        if prio.len() + block.len() > MAX_FRAME_PAYLOAD {
+            return Err(protocol("re-encoded header block larger than one frame"));
+        }
+        let mut flags = FLAG_END_HEADERS;
+        if p.end_stream {
+            flags |= FLAG_END_STREAM;
+        }
         if p.priority.is_some() {
             flags |= FLAG_PRIORITY;
         }
-        if rest.is_empty() {
-            flags |= FLAG_END_HEADERS;
-        }
-        let prio = p.priority.as_ref().map_or(&[][..], |b| &b[..]);
-        self.frame_header(prio.len() + first.len(), TYPE_HEADERS, flags, p.stream);
+        self.frame_header(prio.len() + block.len(), TYPE_HEADERS, flags, p.stream);
         self.output.put_slice(prio);
-        self.output.put_slice(first);
-        while !rest.is_empty() {
-            let (chunk, tail) = rest.split_at(MAX_FRAME_PAYLOAD.min(rest.len()));
-            let flags = if tail.is_empty() { FLAG_END_HEADERS } else { 0 };
-            self.frame_header(chunk.len(), TYPE_CONTINUATION, flags, p.stream);
-            self.output.put_slice(chunk);
-            rest = tail;
-        }
+        self.output.put_slice(block);
+        Ok(())
     }
 
     fn frame_header(&mut self, len: usize, kind: u8, flags: u8, stream: u32) {
