@@ -100,6 +100,16 @@ fn admin(socket: &Path, args: &[&str]) -> Output {
 /// Kills the process when the test ends, however it ends.
 struct Killed(Child);
 
+/// Starts a `sigil` process whose log (stderr) the test reads.
+fn spawn_logged(cmd: &mut Command) -> Killed {
+    Killed(
+        cmd.stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    )
+}
+
 impl Drop for Killed {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -155,16 +165,12 @@ fn strict_certs(files: &[PathBuf]) {
 fn python_clients_against_sigil_dev() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("api.sock");
-    let mut dev = Killed(
+    let mut dev = spawn_logged(
         sigil()
             .args(["dev", "--data-dir"])
             .arg(dir.path().join("dev"))
             .arg("--socket")
-            .arg(&sock)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
+            .arg(&sock),
     );
     wait_for_line(&mut dev.0, "SVID cache updated");
     let (_, name) = my_user();
@@ -222,24 +228,14 @@ fn find_files(root: &Path, prefix: &str) -> Vec<PathBuf> {
 fn python_clients_against_server_and_agent() {
     let dir = tempfile::tempdir().unwrap();
     let admin_sock = dir.path().join("admin.sock");
-    let mut server = Killed(
+    let mut server = spawn_logged(
         sigil()
-            .args([
-                "server",
-                "--trust-domain",
-                "interop.test",
-                "--bind",
-                "127.0.0.1:0",
-            ])
+            .args(["server", "--trust-domain", "interop.test"])
+            .args(["--bind", "127.0.0.1:0", "--log-format", "json"])
             .arg("--data-dir")
             .arg(dir.path().join("server"))
             .arg("--admin-socket")
-            .arg(&admin_sock)
-            .args(["--log-format", "json"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
+            .arg(&admin_sock),
     );
     let ready = wait_for_line(&mut server.0, "sigil server ready");
     let ready: serde_json::Value = serde_json::from_str(&ready).unwrap();
@@ -284,7 +280,7 @@ fn python_clients_against_server_and_agent() {
     }
 
     let sock = dir.path().join("agent/api.sock");
-    let mut agent = Killed(
+    let mut agent = spawn_logged(
         sigil()
             .args(["agent", "--server", &node_api, "--join-token"])
             .arg(token["token"].as_str().unwrap())
@@ -293,11 +289,7 @@ fn python_clients_against_server_and_agent() {
             .arg("--data-dir")
             .arg(dir.path().join("agent-data"))
             .arg("--socket")
-            .arg(&sock)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
+            .arg(&sock),
     );
     wait_for_line(&mut agent.0, "SVID cache updated");
     wait_for_path(&sock);
