@@ -38,6 +38,13 @@ pub enum RegistryError {
     /// A join token is unknown, used or expired (deliberately not saying which).
     #[error("join token is invalid, already used or expired")]
     BadToken,
+    /// The agent is banned: nothing may change its record but an evict.
+    #[error("agent {0} is banned")]
+    AgentBanned(String),
+    /// The agent's record changed (banned, evicted, renewed or re-attested)
+    /// between reading it and writing it back; nothing was written.
+    #[error("agent {0}'s record changed concurrently (banned, evicted or renewed); try again")]
+    AgentChanged(String),
     /// A join token TTL of zero.
     #[error("ttl must be greater than zero")]
     ZeroTokenTtl,
@@ -71,6 +78,32 @@ pub struct AgentRecord {
     pub svid_serial: String,
     /// Refused at once when true.
     pub banned: bool,
+    /// The serial the last renewal superseded: still accepted until the agent
+    /// first presents the new one, and never after `previous_until`.
+    #[serde(default)]
+    pub previous_serial: String,
+    /// When the previous serial stops being accepted (seconds since the epoch).
+    #[serde(default)]
+    pub previous_until: u64,
+}
+
+impl AgentRecord {
+    /// Whether an SVID with `serial` may act for this agent at `now` (seconds).
+    pub fn accepts_serial(&self, serial: &str, now: u64) -> bool {
+        serial == self.svid_serial
+            || (!self.previous_serial.is_empty()
+                && serial == self.previous_serial
+                && now < self.previous_until)
+    }
+}
+
+/// An agent's record as read, with its exact stored bytes for a compare-and-swap.
+#[derive(Debug, Clone)]
+pub struct AgentSnapshot {
+    id: SpiffeId,
+    /// The record, if the agent is known.
+    pub record: Option<AgentRecord>,
+    raw: Option<Vec<u8>>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -433,13 +466,79 @@ impl Registry {
         Ok(record.agent_id)
     }
 
-    /// Records (or replaces) an attested agent.
+    /// Records (or replaces) an attested agent unconditionally. Only for
+    /// setting up state (tests, benches): the node API goes through
+    /// [`Registry::replace_agent`], which never writes over a ban or an evict.
     pub fn put_agent(&self, agent: &AgentRecord) -> Result<u64, RegistryError> {
         Ok(self.commit(Commit::new().put(
             Table::Agents,
             agent.spiffe_id.as_str().as_bytes(),
             encode(agent),
         ))?)
+    }
+
+    /// An agent's record as stored now, to change it with a compare-and-swap.
+    pub fn agent_snapshot(&self, id: &SpiffeId) -> Result<AgentSnapshot, RegistryError> {
+        let raw = self.store.get(Table::Agents, id.as_str().as_bytes())?;
+        let record = raw
+            .as_deref()
+            .map(|b| decode(&format!("agent {id}"), b))
+            .transpose()?;
+        Ok(AgentSnapshot {
+            id: id.clone(),
+            record,
+            raw,
+        })
+    }
+
+    /// Writes `agent` only if the stored record is still exactly what `seen`
+    /// read (or still absent), and was not banned. A ban, an evict or another
+    /// renewal in between makes this fail with nothing written.
+    pub fn replace_agent(
+        &self,
+        seen: &AgentSnapshot,
+        agent: &AgentRecord,
+    ) -> Result<u64, RegistryError> {
+        if seen.record.as_ref().is_some_and(|r| r.banned) {
+            return Err(RegistryError::AgentBanned(seen.id.to_string()));
+        }
+        let key = seen.id.as_str().as_bytes();
+        let commit = match &seen.raw {
+            None => Commit::new().require_absent(Table::Agents, key),
+            Some(raw) => Commit::new().require_equals(Table::Agents, key, raw.clone()),
+        };
+        match self.commit(commit.put(Table::Agents, key, encode(agent))) {
+            Err(StoreError::CheckFailed(_)) => {
+                Err(RegistryError::AgentChanged(seen.id.to_string()))
+            }
+            other => Ok(other?),
+        }
+    }
+
+    /// Applies `change` to an agent's record with a compare-and-swap,
+    /// re-reading and retrying when another writer got in first.
+    fn change_agent(
+        &self,
+        id: &SpiffeId,
+        change: impl Fn(AgentRecord) -> Option<AgentRecord>,
+    ) -> Result<AgentRecord, RegistryError> {
+        loop {
+            let seen = self.agent_snapshot(id)?;
+            let (Some(record), Some(raw)) = (seen.record, seen.raw) else {
+                return Err(RegistryError::AgentNotFound(id.to_string()));
+            };
+            let key = id.as_str().as_bytes();
+            let check = Commit::new().require_equals(Table::Agents, key, raw);
+            let commit = match change(record.clone()) {
+                Some(new) => check.put(Table::Agents, key, encode(&new)),
+                None => check.delete(Table::Agents, key),
+            };
+            match self.commit(commit) {
+                Ok(_) => return Ok(record),
+                Err(StoreError::CheckFailed(_)) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// One agent.
@@ -459,31 +558,39 @@ impl Registry {
             .collect()
     }
 
+    /// The agent presented its current SVID: the superseded one is no longer
+    /// accepted. Best effort: a concurrent change simply wins.
+    pub fn confirm_agent_serial(&self, id: &SpiffeId, serial: &str) -> Result<(), RegistryError> {
+        let seen = self.agent_snapshot(id)?;
+        let Some(mut record) = seen.record.clone() else {
+            return Ok(());
+        };
+        if record.svid_serial != serial || record.previous_serial.is_empty() {
+            return Ok(());
+        }
+        record.previous_serial.clear();
+        record.previous_until = 0;
+        match self.replace_agent(&seen, &record) {
+            Err(RegistryError::AgentChanged(_) | RegistryError::AgentBanned(_)) => Ok(()),
+            other => other.map(|_| ()),
+        }
+    }
+
     /// Marks an agent banned: refused at once, now and on re-attestation.
     pub fn ban_agent(&self, id: &SpiffeId) -> Result<AgentRecord, RegistryError> {
-        let mut agent = self
-            .agent(id)?
-            .ok_or_else(|| RegistryError::AgentNotFound(id.to_string()))?;
-        agent.banned = true;
-        self.commit(
-            Commit::new()
-                .require_exists(Table::Agents, id.as_str().as_bytes())
-                .put(Table::Agents, id.as_str().as_bytes(), encode(&agent)),
-        )?;
-        Ok(agent)
+        let before = self.change_agent(id, |mut a| {
+            a.banned = true;
+            Some(a)
+        })?;
+        Ok(AgentRecord {
+            banned: true,
+            ..before
+        })
     }
 
     /// Forgets an agent: it must attest again.
     pub fn evict_agent(&self, id: &SpiffeId) -> Result<AgentRecord, RegistryError> {
-        let agent = self
-            .agent(id)?
-            .ok_or_else(|| RegistryError::AgentNotFound(id.to_string()))?;
-        self.commit(
-            Commit::new()
-                .require_exists(Table::Agents, id.as_str().as_bytes())
-                .delete(Table::Agents, id.as_str().as_bytes()),
-        )?;
-        Ok(agent)
+        self.change_agent(id, |_| None)
     }
 
     /// The rule of the node API: an agent may obtain SVIDs only for entries

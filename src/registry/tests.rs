@@ -226,6 +226,8 @@ fn agents_ban_evict_and_entry_authorization() {
         svid_expires_at: 2,
         svid_serial: "00".into(),
         banned: false,
+        previous_serial: String::new(),
+        previous_until: 0,
     };
     r.put_agent(&record).unwrap();
     assert!(r.ban_agent(&agent).unwrap().banned);
@@ -308,6 +310,8 @@ fn updates_succeed_while_other_writes_move_the_revision() {
                     svid_expires_at: 0,
                     svid_serial: String::new(),
                     banned: false,
+                    previous_serial: String::new(),
+                    previous_until: 0,
                 };
                 r.put_agent(&agent).unwrap();
             }
@@ -326,4 +330,105 @@ fn updates_succeed_while_other_writes_move_the_revision() {
         1,
         "index intact"
     );
+}
+
+fn agent_record(id: &SpiffeId, serial: &str) -> AgentRecord {
+    AgentRecord {
+        spiffe_id: id.clone(),
+        attestor: "x509pop".into(),
+        selectors: vec![],
+        attested_at: 1,
+        svid_expires_at: 2,
+        svid_serial: serial.into(),
+        banned: false,
+        previous_serial: String::new(),
+        previous_until: 0,
+    }
+}
+
+#[test]
+fn a_renewal_or_attestation_never_writes_over_a_ban_or_an_evict() {
+    let r = registry();
+    let agent = SpiffeId::new(AGENT).unwrap();
+    r.put_agent(&agent_record(&agent, "01")).unwrap();
+
+    // Renewal read the record, then a ban landed before it wrote back.
+    let seen = r.agent_snapshot(&agent).unwrap();
+    r.ban_agent(&agent).unwrap();
+    assert!(matches!(
+        r.replace_agent(&seen, &agent_record(&agent, "02")),
+        Err(RegistryError::AgentChanged(_))
+    ));
+    assert!(r.agent(&agent).unwrap().unwrap().banned, "the ban stands");
+    // Read after the ban: refused outright.
+    let seen = r.agent_snapshot(&agent).unwrap();
+    assert!(matches!(
+        r.replace_agent(&seen, &agent_record(&agent, "03")),
+        Err(RegistryError::AgentBanned(_))
+    ));
+
+    // An evict between read and write: the agent stays forgotten.
+    r.evict_agent(&agent).unwrap();
+    r.put_agent(&agent_record(&agent, "04")).unwrap();
+    let seen = r.agent_snapshot(&agent).unwrap();
+    r.evict_agent(&agent).unwrap();
+    assert!(r.replace_agent(&seen, &agent_record(&agent, "05")).is_err());
+    assert!(r.agent(&agent).unwrap().is_none(), "the evict stands");
+
+    // Attestation creates only what is still absent.
+    let seen = r.agent_snapshot(&agent).unwrap();
+    r.put_agent(&agent_record(&agent, "06")).unwrap();
+    assert!(r.replace_agent(&seen, &agent_record(&agent, "07")).is_err());
+    assert_eq!(r.agent(&agent).unwrap().unwrap().svid_serial, "06");
+}
+
+#[test]
+fn renewals_racing_a_ban_never_undo_it() {
+    // The review's reproduction: renewals in a loop while the ban lands.
+    for round in 0..40 {
+        let r = registry();
+        let agent = SpiffeId::new(&format!("{AGENT}{round}")).unwrap();
+        r.put_agent(&agent_record(&agent, "00")).unwrap();
+        let renewer = {
+            let (r, agent) = (r.clone(), agent.clone());
+            std::thread::spawn(move || {
+                for i in 0..200 {
+                    let seen = r.agent_snapshot(&agent).unwrap();
+                    let Some(mut rec) = seen.record.clone() else {
+                        return;
+                    };
+                    rec.svid_serial = format!("{i:04}");
+                    let _ = r.replace_agent(&seen, &rec);
+                }
+            })
+        };
+        r.ban_agent(&agent).unwrap();
+        renewer.join().unwrap();
+        assert!(
+            r.agent(&agent).unwrap().unwrap().banned,
+            "round {round}: a renewal undid the ban"
+        );
+    }
+}
+
+#[test]
+fn a_superseded_agent_svid_is_accepted_only_briefly() {
+    let r = registry();
+    let agent = SpiffeId::new(AGENT).unwrap();
+    let mut rec = agent_record(&agent, "new");
+    rec.previous_serial = "old".into();
+    rec.previous_until = 100;
+    r.put_agent(&rec).unwrap();
+    assert!(rec.accepts_serial("new", 99));
+    assert!(
+        rec.accepts_serial("old", 99),
+        "within the grace, before the new one is seen"
+    );
+    assert!(!rec.accepts_serial("old", 100), "never after the grace");
+    assert!(!rec.accepts_serial("older", 50));
+    // Presenting the new SVID retires the old one at once.
+    r.confirm_agent_serial(&agent, "new").unwrap();
+    let stored = r.agent(&agent).unwrap().unwrap();
+    assert!(!stored.accepts_serial("old", 99));
+    assert!(stored.accepts_serial("new", 99));
 }

@@ -32,7 +32,8 @@ pub fn status(err: impl Into<ApiError>) -> Status {
             RegistryError::Invalid(_) | RegistryError::ZeroTokenTtl => Code::InvalidArgument,
             RegistryError::EntryNotFound(_) | RegistryError::AgentNotFound(_) => Code::NotFound,
             RegistryError::DuplicateEntry(_) => Code::AlreadyExists,
-            RegistryError::BadToken => Code::PermissionDenied,
+            RegistryError::BadToken | RegistryError::AgentBanned(_) => Code::PermissionDenied,
+            RegistryError::AgentChanged(_) => Code::Aborted,
             RegistryError::Store(_) | RegistryError::Corrupt { .. } => Code::Internal,
         },
         ApiError::Ca(e) => match e {

@@ -211,19 +211,30 @@ pub struct ServerState {
 
 impl ServerState {
     /// Refuses an agent ID that is not an agent, unknown (evicted) or banned.
-    fn check_agent(&self, id: &SpiffeId) -> Result<(), Status> {
+    fn check_agent(&self, id: &SpiffeId, serial: &str) -> Result<(), Status> {
         if !id.is_member_of(self.registry.trust_domain()) || !id.path().starts_with("/sigil/agent/")
         {
             return Err(Status::permission_denied(format!(
                 "{id} is not an agent identity"
             )));
         }
+        let now = crate::registry::unix(self.clock.now());
         match self.registry.agent(id).map_err(convert::status)? {
             None => Err(Status::permission_denied(format!(
                 "agent {id} is not attested (evicted?); attest again"
             ))),
             Some(a) if a.banned => Err(Status::permission_denied(format!("agent {id} is banned"))),
-            Some(_) => Ok(()),
+            Some(a) if !a.accepts_serial(serial, now) => Err(Status::permission_denied(format!(
+                "agent {id}: SVID serial {serial} was superseded by a renewal; use the current SVID"
+            ))),
+            Some(a) => {
+                if serial == a.svid_serial && !a.previous_serial.is_empty() {
+                    self.registry
+                        .confirm_agent_serial(id, serial)
+                        .map_err(convert::status)?;
+                }
+                Ok(())
+            }
         }
     }
 

@@ -27,6 +27,10 @@ const EVENT_BATCH: usize = 10_000;
 
 type Sender<T> = mpsc::Sender<Result<T, Status>>;
 
+/// How long an agent's superseded SVID is still accepted after a renewal, at
+/// most (it stops as soon as the agent presents the new one).
+const PREVIOUS_SERIAL_GRACE: Duration = Duration::from_secs(5);
+
 /// The node API.
 pub struct NodeService {
     state: Arc<ServerState>,
@@ -39,10 +43,18 @@ impl NodeService {
     }
 }
 
-/// The agent behind an mTLS request: its SVID verified by TLS, its record
-/// present and not banned.
-/// The agent behind an mTLS request and its SVID's expiry (seconds since the epoch).
-fn caller<T>(state: &ServerState, req: &Request<T>) -> Result<(SpiffeId, i64), Status> {
+/// The agent behind an mTLS request: who it is, and the SVID it presented.
+pub(super) struct Caller {
+    id: SpiffeId,
+    /// The SVID's expiry (seconds since the epoch).
+    not_after: i64,
+    /// The SVID's serial (hex): only the agent's current one is accepted.
+    serial: String,
+}
+
+/// The agent behind an mTLS request: its SVID verified by TLS and still
+/// valid, its record present and not banned, and the SVID not superseded.
+fn caller<T>(state: &ServerState, req: &Request<T>) -> Result<Caller, Status> {
     let certs = req.peer_certs().ok_or_else(|| {
         Status::unauthenticated("this RPC requires the agent SVID as TLS client certificate")
     })?;
@@ -53,8 +65,8 @@ fn caller<T>(state: &ServerState, req: &Request<T>) -> Result<(SpiffeId, i64), S
         svid_id(leaf).map_err(|e| Status::unauthenticated(format!("client certificate: {e}")))?;
     // TLS checks validity only at the handshake; a long-lived connection must
     // not outlive the SVID it was opened with.
-    let not_after = x509_parser::parse_x509_certificate(leaf)
-        .map(|(_, c)| c.validity().not_after.timestamp())
+    let (not_after, serial) = x509_parser::parse_x509_certificate(leaf)
+        .map(|(_, c)| (c.validity().not_after.timestamp(), c.raw_serial_as_string()))
         .map_err(|e| Status::unauthenticated(format!("client certificate: {e}")))?;
     let now = i64::try_from(unix(state.clock.now())).unwrap_or(i64::MAX);
     if not_after <= now {
@@ -62,8 +74,12 @@ fn caller<T>(state: &ServerState, req: &Request<T>) -> Result<(SpiffeId, i64), S
             "the agent SVID of {id} expired at {not_after}; renew or attest again"
         )));
     }
-    state.check_agent(&id)?;
-    Ok((id, not_after))
+    state.check_agent(&id, &serial)?;
+    Ok(Caller {
+        id,
+        not_after,
+        serial,
+    })
 }
 
 #[tonic::async_trait]
@@ -105,22 +121,30 @@ impl Node for NodeService {
     ) -> Result<Response<pn::RenewAgentResponse>, Status> {
         let state = &self.state;
         let id = match caller(state, &req) {
-            Ok((id, _)) => id,
+            Ok(c) => c.id,
             Err(s) => {
                 tracing::warn!(target: "sigil::audit", event = "renew_agent", decision = "deny", reason = s.message());
                 return Err(s);
             }
         };
         let csr = verify_csr(&req.get_ref().csr).map_err(status)?;
-        let mut record = state
-            .registry
-            .agent(&id)
-            .map_err(status)?
-            .ok_or_else(|| Status::permission_denied(format!("agent {id} is not attested")))?;
+        let seen = state.registry.agent_snapshot(&id).map_err(status)?;
+        let Some(mut record) = seen.record.clone() else {
+            return Err(Status::permission_denied(format!(
+                "agent {id} is not attested"
+            )));
+        };
         let svid = state.issue_agent_svid(&csr, &id)?;
         record.svid_expires_at = unix(svid.not_after());
-        record.svid_serial = serial_hex(svid.cert_der());
-        state.registry.put_agent(&record).map_err(status)?;
+        // The old SVID stays usable only until the agent presents the new one.
+        record.previous_serial =
+            std::mem::replace(&mut record.svid_serial, serial_hex(svid.cert_der()));
+        record.previous_until = unix(state.clock.now()) + PREVIOUS_SERIAL_GRACE.as_secs();
+        // Never over a ban or an evict that landed while signing.
+        state
+            .registry
+            .replace_agent(&seen, &record)
+            .map_err(status)?;
         tracing::info!(target: "sigil::audit", event = "renew_agent", decision = "allow", agent = %id, expires_at = record.svid_expires_at);
         Ok(Response::new(pn::RenewAgentResponse {
             svid: Some(state.agent_svid(&id, svid.cert_der(), svid.not_after())),
@@ -132,7 +156,7 @@ impl Node for NodeService {
         req: Request<pn::BatchNewX509svidRequest>,
     ) -> Result<Response<pn::BatchNewX509svidResponse>, Status> {
         let state = &self.state;
-        let (agent, _) = caller(state, &req)?;
+        let agent = caller(state, &req)?.id;
         let now = state.clock.now();
         let mut results = Vec::with_capacity(req.get_ref().params.len());
         for p in &req.get_ref().params {
@@ -186,7 +210,7 @@ impl Node for NodeService {
         req: Request<pn::NewJwtsvidRequest>,
     ) -> Result<Response<pn::NewJwtsvidResponse>, Status> {
         let state = &self.state;
-        let (agent, _) = caller(state, &req)?;
+        let agent = caller(state, &req)?.id;
         let r = req.get_ref();
         let decision = (|| {
             if r.audience.is_empty() || r.audience.iter().any(String::is_empty) {
@@ -246,13 +270,17 @@ impl Node for NodeService {
         &self,
         req: Request<pn::SyncEntriesRequest>,
     ) -> Result<Response<Self::SyncEntriesStream>, Status> {
-        let (agent, expires) = caller(&self.state, &req)?;
+        let Caller {
+            id: agent,
+            not_after: expires,
+            serial,
+        } = caller(&self.state, &req)?;
         let resume = req.get_ref().resume_from_revision;
         let (tx, rx) = mpsc::channel(8);
         let state = self.state.clone();
         tracing::info!(target: "sigil::audit", event = "sync_entries", decision = "allow", agent = %agent, resume_from = resume);
         tokio::spawn(async move {
-            if let Err(s) = sync(&state, &agent, resume, expires, &tx).await {
+            if let Err(s) = sync(&state, (&agent, &serial), resume, expires, &tx).await {
                 tracing::info!(agent = %agent, reason = s.message(), "sync stream closed");
                 let _ = tx.send(Err(s)).await;
             }
@@ -317,25 +345,29 @@ async fn attest(
             )));
         }
     };
-    let existing = state.registry.agent(&agent_id).map_err(status)?;
-    if existing.as_ref().is_some_and(|a| a.banned) {
+    let seen = state.registry.agent_snapshot(&agent_id).map_err(status)?;
+    if seen.record.as_ref().is_some_and(|a| a.banned) {
         return Err(Status::permission_denied(format!(
             "agent {agent_id} is banned"
         )));
     }
     let svid = state.issue_agent_svid(&csr, &agent_id)?;
     let now = unix(state.clock.now());
+    let record = AgentRecord {
+        spiffe_id: agent_id.clone(),
+        attestor: attestor.to_string(),
+        selectors,
+        attested_at: seen.record.as_ref().map_or(now, |a| a.attested_at),
+        svid_expires_at: unix(svid.not_after()),
+        svid_serial: serial_hex(svid.cert_der()),
+        banned: false,
+        previous_serial: String::new(),
+        previous_until: 0,
+    };
+    // Only over the record read above (or none): a ban in between wins.
     state
         .registry
-        .put_agent(&AgentRecord {
-            spiffe_id: agent_id.clone(),
-            attestor: attestor.to_string(),
-            selectors,
-            attested_at: existing.map_or(now, |a| a.attested_at),
-            svid_expires_at: unix(svid.not_after()),
-            svid_serial: serial_hex(svid.cert_der()),
-            banned: false,
-        })
+        .replace_agent(&seen, &record)
         .map_err(status)?;
     Ok((
         state.agent_svid(&agent_id, svid.cert_der(), svid.not_after()),
@@ -352,7 +384,7 @@ async fn attest(
 /// net effect, and no per-stream memory of what was sent is needed.
 async fn sync(
     state: &ServerState,
-    agent: &SpiffeId,
+    (agent, serial): (&SpiffeId, &str),
     resume: u64,
     expires: i64,
     tx: &Sender<pn::SyncEntriesResponse>,
@@ -383,7 +415,7 @@ async fn sync(
     loop {
         // Drain everything after `last`, then wait for the next commit.
         loop {
-            state.check_agent(agent)?;
+            state.check_agent(agent, serial)?;
             let events = match store.events_since(last, EVENT_BATCH).map_err(store_err)? {
                 EventsSince::Events(ev) if ev.is_empty() => break,
                 EventsSince::Events(ev) => ev,

@@ -439,6 +439,33 @@ async fn banned_agent_is_refused_and_its_stream_ends() {
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_superseded_agent_svid_stops_working_once_the_new_one_is_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(server_config(dir.path(), vec![])).await.unwrap();
+    let old = join(&server).await;
+    let mut old_client = agent_client(&server, &old).await;
+    let new = renew(&mut old_client, &old).await.unwrap();
+    let empty = || pn::BatchNewX509svidRequest { params: vec![] };
+    // Until the agent switches, its old SVID still works (briefly).
+    old_client.batch_new_x509svid(empty()).await.unwrap();
+    let mut new_client = agent_client(&server, &new).await;
+    new_client.batch_new_x509svid(empty()).await.unwrap();
+    // Once the new SVID was presented, the old one is refused, even on a
+    // fresh connection.
+    let s = old_client.batch_new_x509svid(empty()).await.unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    assert!(s.message().contains("superseded"), "{s:?}");
+    let s = agent_client(&server, &old)
+        .await
+        .batch_new_x509svid(empty())
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    new_client.batch_new_x509svid(empty()).await.unwrap();
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
 fn ids(entries: &[pn::Entry]) -> Vec<String> {
     let mut v: Vec<String> = entries.iter().map(|e| e.spiffe_id.clone()).collect();
     v.sort();
