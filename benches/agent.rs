@@ -104,7 +104,10 @@ async fn health_latency(path: &Path, layered: bool, streams: usize) -> Vec<Durat
         let _ = stop_rx.await;
     };
     let server = if layered {
-        tokio::spawn(router.serve_with_incoming_shutdown(sigil::uds::incoming(listener), stop))
+        tokio::spawn(router.serve_with_incoming_shutdown(
+            sigil::edge::unix_incoming("bench", listener, sigil::edge::ConnLimits::WORKLOAD),
+            stop,
+        ))
     } else {
         let raw = tokio_stream::wrappers::UnixListenerStream::new(listener);
         tokio::spawn(router.serve_with_incoming_shutdown(raw, stop))
@@ -176,7 +179,7 @@ async fn layer_cost(authority: &str) -> Duration {
     let input = h2_requests(authority, N);
     let mut out = Vec::with_capacity(input.len() * 2);
     let t = Instant::now();
-    sigil::uds::AuthorityFix::new(&input[..])
+    sigil::edge::AuthorityFix::new(&input[..])
         .read_to_end(&mut out)
         .await
         .unwrap();

@@ -10,6 +10,7 @@ pub mod attest;
 pub mod ca;
 pub mod cli;
 pub mod config;
+pub mod edge;
 pub mod jwt;
 pub mod policy;
 pub mod registry;
@@ -17,7 +18,6 @@ pub mod runtime;
 pub mod server;
 pub mod spiffe;
 pub mod store;
-pub mod uds;
 pub mod workload_api;
 pub mod x509;
 

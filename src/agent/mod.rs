@@ -16,7 +16,6 @@ use std::time::Duration;
 use tokio::net::UnixListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tonic::transport::Server;
 
 pub use manager::entry_from_proto;
 pub use node_client::{AgentIdentity, Attestation, NodeClientError, attest, connect, renew};
@@ -309,6 +308,9 @@ fn workload_descriptors() -> prost_types::FileDescriptorSet {
 
 /// Loads or obtains the agent identity, then starts syncing and serving.
 pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
+    if let Some(limit) = crate::edge::raise_fd_limit() {
+        tracing::debug!(open_files = limit, "open-file limit");
+    }
     let saved = persist::load(&config.data_dir, &config.trust_domain).map_err(|reason| {
         AgentError::Persisted {
             dir: config.data_dir.clone(),
@@ -375,17 +377,22 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
             reason: format!("reflection service: {e}"),
         })?;
     let mut shutdown = shutdown_rx.clone();
-    let serve = Server::builder()
+    let limits = crate::edge::ConnLimits::WORKLOAD;
+    let serve = limits
+        .server_builder()
         .add_service(health_service)
         .add_service(reflection)
         .add_service(SpiffeWorkloadApiServer::new(api))
-        .serve_with_incoming_shutdown(crate::uds::incoming(listener), async move {
-            while !*shutdown.borrow() {
-                if shutdown.changed().await.is_err() {
-                    return;
+        .serve_with_incoming_shutdown(
+            crate::edge::unix_incoming("workload", listener, limits),
+            async move {
+                while !*shutdown.borrow() {
+                    if shutdown.changed().await.is_err() {
+                        return;
+                    }
                 }
-            }
-        });
+            },
+        );
     let serve_task = tokio::spawn(async move {
         if let Err(e) = serve.await {
             tracing::error!(error = %e, "workload API server failed");

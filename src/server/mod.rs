@@ -16,8 +16,6 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::Status;
-use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 pub use admin::AdminService;
 pub use node::{NodeService, SNAPSHOT_PAGE};
@@ -31,7 +29,7 @@ use crate::registry::{EntryValidation, Registry, SERVER_DNS_NAME};
 use crate::runtime::{Clock, SystemClock};
 use crate::spiffe::{SpiffeId, TrustDomain};
 use crate::store::{Kek, SledStore, Store, StoreError};
-use crate::x509::{KeyAlgorithm, PrivateKey, certs_from_pem, certs_to_pem};
+use crate::x509::{KeyAlgorithm, PrivateKey, certs_from_pem};
 
 /// Default node API address.
 pub const DEFAULT_BIND: &str = "127.0.0.1:8081";
@@ -363,8 +361,51 @@ async fn wait_for(mut rx: watch::Receiver<bool>) {
     }
 }
 
+/// TLS for the node API: the server SVID; agents present theirs (mTLS), but
+/// attestation needs none, so a client certificate is optional here and each
+/// RPC decides.
+fn node_tls_acceptor(
+    svid: &crate::IssuedX509,
+    key: &PrivateKey,
+    bundle: &crate::Bundle,
+) -> Result<tokio_rustls::TlsAcceptor, ServerError> {
+    use tokio_rustls::rustls;
+    let err = |e: String| ServerError::Transport(format!("node API TLS: {e}"));
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for der in bundle.x509_authorities() {
+        roots
+            .add(rustls_pki_types::CertificateDer::from(der.clone()))
+            .map_err(|e| err(e.to_string()))?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .allow_unauthenticated()
+    .build()
+    .map_err(|e| err(e.to_string()))?;
+    let key_der = rustls_pki_types::PrivateKeyDer::Pkcs8(key.pkcs8_der().to_vec().into());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| err(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            vec![rustls_pki_types::CertificateDer::from(
+                svid.cert_der().to_vec(),
+            )],
+            key_der,
+        )
+        .map_err(|e| err(e.to_string()))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
 /// Opens the store and authorities, binds both listeners and starts serving.
 pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
+    if let Some(limit) = crate::edge::raise_fd_limit() {
+        tracing::debug!(open_files = limit, "open-file limit");
+    }
     let kek = Kek::load_or_create(&config.kek_file)?;
     let store: Arc<dyn Store> = Arc::new(SledStore::open(&config.data_dir, kek)?);
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
@@ -409,13 +450,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         )
         .map_err(|e| ServerError::ServerSvid(e.to_string()))?;
     let bundle_pem = ca.bundle().to_pem();
-    let tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(
-            certs_to_pem([&svid.cert_der().to_vec()]),
-            server_key.to_pem().as_bytes(),
-        ))
-        .client_ca_root(Certificate::from_pem(&bundle_pem))
-        .client_auth_optional(true);
+    let tls = node_tls_acceptor(&svid, &server_key, ca.bundle())?;
 
     let listener = TcpListener::bind(config.bind)
         .await
@@ -438,19 +473,20 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         options: config.options.clone(),
         shutdown: shutdown_rx.clone(),
     });
-    let node_server = Server::builder()
-        .tls_config(tls)
-        .map_err(|e| ServerError::Transport(e.to_string()))?
+    let node_limits = crate::edge::ConnLimits::NODE;
+    let node_server = node_limits
+        .server_builder()
         .add_service(NodeServer::new(NodeService::new(state.clone())))
         .serve_with_incoming_shutdown(
-            // Without TCP_NODELAY, Nagle plus delayed ACKs stall responses ~40 ms.
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            crate::edge::tls_incoming("node", listener, tls, node_limits),
             wait_for(shutdown_rx.clone()),
         );
-    let admin_server = Server::builder()
+    let admin_limits = crate::edge::ConnLimits::ADMIN;
+    let admin_server = admin_limits
+        .server_builder()
         .add_service(AdminServer::new(AdminService::new(state)))
         .serve_with_incoming_shutdown(
-            crate::uds::incoming(admin_listener),
+            crate::edge::unix_incoming("admin", admin_listener, admin_limits),
             wait_for(shutdown_rx.clone()),
         );
     let (ext_authz_addr, ext_authz_server) = match &config.policy {

@@ -6,6 +6,7 @@ mod cli;
 mod ext_authz;
 mod interop;
 mod jwks_https;
+mod limits;
 mod openssl_verify;
 mod server;
 mod store_crash;

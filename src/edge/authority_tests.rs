@@ -2,6 +2,7 @@
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use proptest::prelude::*;
 use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
@@ -338,4 +339,32 @@ proptest! {
         input.extend(header_frames(&block, 1, 100, None, false));
         let _ = rt.block_on(run(input, 4096));
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_connection_that_sends_no_request_is_closed_at_the_deadline() {
+    let (client, server) = tokio::io::duplex(1024);
+    let mut fix = AuthorityFix::new(server).with_first_request_timeout(Duration::from_secs(10));
+    let mut out = Vec::new();
+    let err = fix.read_to_end(&mut out).await.unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+    drop(client);
+
+    // One request disarms it.
+    let (mut client, server) = tokio::io::duplex(4096);
+    let mut fix = AuthorityFix::new(server).with_first_request_timeout(Duration::from_secs(10));
+    let block = encode(
+        &mut loona_hpack::Encoder::new(),
+        &request("localhost", "/a"),
+    );
+    let mut input = PREFACE.to_vec();
+    input.extend(header_frames(&block, 1, 100, None, false));
+    tokio::io::AsyncWriteExt::write_all(&mut client, &input)
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; input.len()];
+    fix.read_exact(&mut buf).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    drop(client);
+    fix.read_to_end(&mut out).await.unwrap();
 }

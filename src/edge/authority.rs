@@ -15,6 +15,7 @@
 //! blocks are capped in size, encoded and decoded; a client that breaks the
 //! framing rules has its connection closed.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -80,6 +81,8 @@ pub struct AuthorityFix<IO> {
     /// Set at the first rewrite: every later header block is re-encoded.
     rewriting: bool,
     eof: bool,
+    /// Until the first request arrives: the connection is closed at this deadline.
+    first_request: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<IO> AuthorityFix<IO> {
@@ -96,7 +99,15 @@ impl<IO> AuthorityFix<IO> {
             hpack,
             rewriting: false,
             eof: false,
+            first_request: None,
         }
+    }
+
+    /// Closes the connection if no request (header block) arrives within
+    /// `timeout`: a peer may not hold a connection it never uses.
+    pub fn with_first_request_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.first_request = Some(Box::pin(tokio::time::sleep(timeout)));
+        self
     }
 
     /// The wrapped connection.
@@ -218,6 +229,7 @@ impl<IO> AuthorityFix<IO> {
 
     /// Decodes a complete header block and passes it on, rewritten if needed.
     fn finish_block(&mut self, p: PendingBlock) -> io::Result<()> {
+        self.first_request = None;
         let mut encoded = Vec::with_capacity(p.block.len() + 64);
         let mut list_size = 0usize;
         let mut refused_authority = false;
@@ -340,6 +352,14 @@ impl<IO: AsyncRead + Unpin> AsyncRead for AuthorityFix<IO> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if let Some(deadline) = this.first_request.as_mut() {
+            if deadline.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no request within the first-request timeout",
+                )));
+            }
+        }
         loop {
             if !this.output.is_empty() {
                 let n = buf.remaining().min(this.output.len());
