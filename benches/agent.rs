@@ -330,6 +330,26 @@ async fn main() {
         summary(pushed)
     );
 
+    // JWT-SVID cache: 20,000 distinct audiences must not grow the agent
+    // without bound (the cache holds 4,096 tokens at most).
+    let before = rss_kib(agent.id());
+    let jwt_requests = if quick { 5_000 } else { 20_000 };
+    let mut c = channels[0].clone();
+    for i in 0..jwt_requests {
+        let mut r = tonic::Request::new(pw::JwtsvidRequest {
+            audience: vec![format!("audience-{i}-{}", "x".repeat(200))],
+            spiffe_id: String::new(),
+        });
+        r.metadata_mut()
+            .insert("workload.spiffe.io", "true".parse().unwrap());
+        c.fetch_jwtsvid(r).await.unwrap();
+    }
+    println!(
+        "agent RSS after {jwt_requests} JWT-SVIDs with distinct ~210-byte audiences: {} MiB -> {} MiB",
+        before / 1024,
+        rss_kib(agent.id()) / 1024
+    );
+
     // 3. Memory with many cached SVIDs (entries the workload does not match).
     let mut batch = Vec::new();
     for i in 0..cached {

@@ -81,6 +81,9 @@ impl Algorithm {
 /// malformed; the token is refused by policy; the signature or key is wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum JwtError {
+    /// A request named no audience, an empty one, too many, or one too long.
+    #[error("audience: {0}")]
+    Audience(AudienceError),
     /// Not three dot-separated parts.
     #[error("token is not a JWS compact serialization (expected 3 dot-separated parts, got {0})")]
     NotCompact(usize),
@@ -190,6 +193,48 @@ fn unix_seconds(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
+/// How many audiences one JWT-SVID request may name.
+pub const MAX_AUDIENCES: usize = 20;
+/// The longest audience accepted, in bytes.
+pub const MAX_AUDIENCE_LEN: usize = 256;
+
+/// What is wrong with a request's audiences.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AudienceError {
+    /// None given.
+    #[error("at least one audience is required")]
+    Missing,
+    /// An empty string.
+    #[error("audiences must not be empty strings")]
+    Empty,
+    /// More than [`MAX_AUDIENCES`].
+    #[error("{0} audiences given; at most {MAX_AUDIENCES} are allowed")]
+    TooMany(usize),
+    /// One longer than [`MAX_AUDIENCE_LEN`].
+    #[error("an audience of {0} bytes; at most {MAX_AUDIENCE_LEN} bytes are allowed")]
+    TooLong(usize),
+}
+
+/// Checks the audiences a caller asks for or validates against: 1 to
+/// [`MAX_AUDIENCES`] non-empty strings of at most [`MAX_AUDIENCE_LEN`] bytes.
+pub fn check_audiences(audiences: &[String]) -> Result<(), AudienceError> {
+    if audiences.is_empty() {
+        return Err(AudienceError::Missing);
+    }
+    if audiences.len() > MAX_AUDIENCES {
+        return Err(AudienceError::TooMany(audiences.len()));
+    }
+    for a in audiences {
+        if a.is_empty() {
+            return Err(AudienceError::Empty);
+        }
+        if a.len() > MAX_AUDIENCE_LEN {
+            return Err(AudienceError::TooLong(a.len()));
+        }
+    }
+    Ok(())
+}
+
 /// A JWT signing key with its key ID; what the CA's JWT authority holds.
 pub struct JwtSigner {
     kid: String,
@@ -232,6 +277,7 @@ impl JwtSigner {
         if audience.is_empty() || audience.iter().any(String::is_empty) {
             return Err(JwtError::NoAudience);
         }
+        check_audiences(audience).map_err(JwtError::Audience)?;
         let iat = unix_seconds(now);
         let mut claims = serde_json::json!({
             "sub": subject.as_str(),

@@ -269,11 +269,8 @@ impl Admin for AdminService {
                     self.state.registry.trust_domain()
                 )));
             }
-            if r.audience.is_empty() || r.audience.iter().any(String::is_empty) {
-                return Err(Status::invalid_argument(
-                    "audience: at least one non-empty audience is required",
-                ));
-            }
+            crate::jwt::check_audiences(&r.audience)
+                .map_err(|e| Status::invalid_argument(format!("audience: {e}")))?;
             let ttl = positive_ttl("ttl", r.ttl_seconds, self.state.options.default_jwt_ttl)?;
             let now = self.state.clock.now();
             let token = self

@@ -212,12 +212,9 @@ impl Node for NodeService {
         let state = &self.state;
         let agent = caller(state, &req)?.id;
         let r = req.get_ref();
-        let decision = (|| {
-            if r.audience.is_empty() || r.audience.iter().any(String::is_empty) {
-                return Err(Status::invalid_argument(
-                    "audience: at least one non-empty audience is required",
-                ));
-            }
+        let decision = (|| -> Result<pn::NewJwtsvidResponse, Status> {
+            crate::jwt::check_audiences(&r.audience)
+                .map_err(|e| Status::invalid_argument(format!("audience: {e}")))?;
             let entry = state
                 .registry
                 .authorize_agent_entry(&agent, &r.entry_id)
@@ -246,7 +243,7 @@ impl Node for NodeService {
         })();
         match &decision {
             Ok(resp) => {
-                tracing::info!(target: "sigil::audit", event = "new_jwt_svid", decision = "allow", agent = %agent, entry = %r.entry_id, spiffe_id = %resp.spiffe_id, audience = ?r.audience)
+                tracing::info!(target: "sigil::audit", event = "new_jwt_svid", decision = "allow", agent = %agent, entry = %r.entry_id, spiffe_id = %resp.spiffe_id, audiences = r.audience.len())
             }
             Err(s) => {
                 tracing::warn!(target: "sigil::audit", event = "new_jwt_svid", decision = "deny", agent = %agent, entry = %r.entry_id, reason = s.message())

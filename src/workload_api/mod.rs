@@ -20,24 +20,21 @@ use crate::proto::workload::{self as pw, spiffe_workload_api_server::SpiffeWorkl
 use crate::spiffe::{Selector, SpiffeId};
 use crate::x509::Bundle;
 
+mod jwt_cache;
+
+use jwt_cache::{CachedJwt, JwtCache};
+
 /// The metadata every Workload API request must carry.
 pub const HEADER: &str = "workload.spiffe.io";
 
 type Stream<T> = ReceiverStream<Result<T, Status>>;
-
-#[derive(Debug, Clone)]
-struct CachedJwt {
-    token: String,
-    issued: SystemTime,
-    expires: SystemTime,
-}
 
 /// The Workload API service.
 pub struct WorkloadApi {
     state: watch::Receiver<Arc<AgentState>>,
     client: watch::Receiver<Option<NodeClient<Channel>>>,
     attestor: UnixAttestor,
-    jwts: Mutex<HashMap<(String, Vec<String>), CachedJwt>>,
+    jwts: Mutex<JwtCache>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -53,7 +50,7 @@ impl WorkloadApi {
             state,
             client,
             attestor,
-            jwts: Mutex::new(HashMap::new()),
+            jwts: Mutex::new(JwtCache::new(JwtCache::CAP)),
             shutdown,
         }
     }
@@ -156,7 +153,7 @@ impl WorkloadApi {
         aud.sort();
         let key = (id.to_string(), aud);
         let now = SystemTime::now();
-        let cached = self.lock_jwts().get(&key).cloned();
+        let cached = self.lock_jwts().get(&key);
         if let Some(c) = &cached {
             let half = c.issued + c.expires.duration_since(c.issued).unwrap_or_default() / 2;
             if now < half {
@@ -191,6 +188,7 @@ impl WorkloadApi {
                         issued: now,
                         expires,
                     },
+                    now,
                 );
                 Ok(r.token)
             }
@@ -204,7 +202,7 @@ impl WorkloadApi {
         }
     }
 
-    fn lock_jwts(&self) -> std::sync::MutexGuard<'_, HashMap<(String, Vec<String>), CachedJwt>> {
+    fn lock_jwts(&self) -> std::sync::MutexGuard<'_, JwtCache> {
         self.jwts.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -314,9 +312,8 @@ impl SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<pw::JwtsvidResponse>, Status> {
         let selectors = self.caller(&req, "fetch_jwt_svid")?;
         let r = req.get_ref();
-        if r.audience.is_empty() || r.audience.iter().any(String::is_empty) {
-            return Err(Status::invalid_argument("audience must be specified"));
-        }
+        crate::jwt::check_audiences(&r.audience)
+            .map_err(|e| Status::invalid_argument(format!("audience: {e}")))?;
         let wanted = if r.spiffe_id.is_empty() {
             None
         } else {
@@ -343,7 +340,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let mut svids = Vec::with_capacity(entries.len());
         for e in entries {
             let token = self.jwt_for(&e.id, &e.spiffe_id, &r.audience).await?;
-            tracing::info!(target: "sigil::audit", event = "fetch_jwt_svid", decision = "allow", spiffe_id = %e.spiffe_id, audience = ?r.audience);
+            tracing::info!(target: "sigil::audit", event = "fetch_jwt_svid", decision = "allow", spiffe_id = %e.spiffe_id, audiences = r.audience.len());
             svids.push(pw::Jwtsvid {
                 spiffe_id: e.spiffe_id.to_string(),
                 svid: token,
@@ -373,9 +370,8 @@ impl SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<pw::ValidateJwtsvidResponse>, Status> {
         self.caller(&req, "validate_jwt_svid")?;
         let r = req.get_ref();
-        if r.audience.is_empty() {
-            return Err(Status::invalid_argument("audience must be specified"));
-        }
+        crate::jwt::check_audiences(std::slice::from_ref(&r.audience))
+            .map_err(|e| Status::invalid_argument(format!("audience: {e}")))?;
         if r.svid.is_empty() {
             return Err(Status::invalid_argument("svid must be specified"));
         }

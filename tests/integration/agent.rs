@@ -148,6 +148,83 @@ async fn spiffe_crate_fetches_svid_bundle_and_jwt() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_audiences_are_bounded_at_agent_and_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(server_config(&dir.path().join("s"), vec![]))
+        .await
+        .unwrap();
+    let agent = start_agent(&server, dir.path()).await;
+    let entry = register(
+        &server,
+        "spiffe://example.org/aud",
+        &agent.spiffe_id().to_string(),
+        format!("unix:uid:{}", my_uid()),
+        0,
+    )
+    .await;
+    wait_for_svids(&agent, 1).await;
+    let mut c = raw_client(agent.socket()).await;
+    let cases: [(Vec<String>, &str); 3] = [
+        ((0..21).map(|i| format!("a{i}")).collect(), "at most 20"),
+        (vec!["x".repeat(257)], "at most 256 bytes"),
+        (vec![String::new()], "empty"),
+    ];
+    for (audience, says) in &cases {
+        let s = c
+            .fetch_jwtsvid(with_header(pw::JwtsvidRequest {
+                audience: audience.clone(),
+                spiffe_id: String::new(),
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+        assert!(s.message().contains(says), "{s:?}");
+    }
+    let s = c
+        .validate_jwtsvid(with_header(pw::ValidateJwtsvidRequest {
+            audience: "x".repeat(257),
+            svid: "a.b.c".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert!(s.message().contains("at most 256 bytes"), "{s:?}");
+    let ok: Vec<String> = (0..20).map(|i| format!("a{i}")).collect();
+    c.fetch_jwtsvid(with_header(pw::JwtsvidRequest {
+        audience: ok,
+        spiffe_id: String::new(),
+    }))
+    .await
+    .unwrap();
+
+    // The server refuses them too, whoever asks.
+    let id = crate::server::join(&server).await;
+    let mut node = crate::server::agent_client(&server, &id).await;
+    let entry_id = admin(&server)
+        .await
+        .list_entries(pa::ListEntriesRequest {
+            spiffe_id: entry.spiffe_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries[0]
+        .id
+        .clone();
+    let s = node
+        .new_jwtsvid(sigil::proto::node::NewJwtsvidRequest {
+            entry_id,
+            audience: cases[0].0.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    assert!(s.message().contains("at most 20"), "{s:?}");
+    agent.shutdown(Duration::from_secs(2)).await;
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn header_identity_and_wit_rules() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(server_config(&dir.path().join("s"), vec![]))
