@@ -71,13 +71,21 @@ pub fn request_from_check(c: &CheckRequest) -> Request {
     }
 }
 
+/// The identity headers Sigil sets upstream on allow. A client may send
+/// them too; they are always overwritten or removed, never passed on.
+const IDENTITY_HEADERS: [&str; 2] = ["x-sigil-principal", "x-sigil-request-principal"];
+
+/// A header that replaces whatever the client sent under the same name.
 fn header(key: &str, value: &str) -> HeaderValueOption {
+    use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
     HeaderValueOption {
         header: Some(HeaderValue {
             key: key.into(),
             value: value.into(),
             ..Default::default()
         }),
+        // ext_authz already overwrites when `append` is unset; say so anyway.
+        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
         ..Default::default()
     }
 }
@@ -90,12 +98,14 @@ pub fn response_for(d: &Decision, peer: Option<&str>) -> CheckResponse {
         (None, _) => "default".to_string(),
     };
     if d.allow {
+        let values = [peer, d.request_principal.as_deref()];
         let mut headers = Vec::new();
-        if let Some(p) = peer {
-            headers.push(header("x-sigil-principal", p));
-        }
-        if let Some(p) = &d.request_principal {
-            headers.push(header("x-sigil-request-principal", p));
+        let mut headers_to_remove = Vec::new();
+        for (name, value) in IDENTITY_HEADERS.into_iter().zip(values) {
+            match value {
+                Some(v) => headers.push(header(name, v)),
+                None => headers_to_remove.push(name.to_string()),
+            }
         }
         return CheckResponse {
             status: Some(rpc::Status {
@@ -104,6 +114,7 @@ pub fn response_for(d: &Decision, peer: Option<&str>) -> CheckResponse {
             }),
             http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
                 headers,
+                headers_to_remove,
                 ..Default::default()
             })),
             ..Default::default()

@@ -100,6 +100,34 @@ async fn check_allows_denies_explains_and_reloads() {
     assert_eq!(code(&ok), 0);
     assert_eq!(header(&ok, "x-sigil-principal"), Some(SLEEP));
 
+    // A client cannot smuggle identity headers upstream: the one Sigil sets
+    // overwrites the client's, the one it does not set is removed.
+    let forged = c
+        .check(check(
+            "GET",
+            SLEEP,
+            &[
+                ("x-sigil-principal", "spiffe://example.org/ns/admin/sa/root"),
+                ("x-sigil-request-principal", "https://evil/alice"),
+            ],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(HttpResponse::OkResponse(okr)) = &forged.http_response else {
+        panic!("{forged:?}")
+    };
+    let set = &okr.headers[0];
+    assert_eq!(set.header.as_ref().unwrap().value, SLEEP);
+    assert_eq!(
+        set.append_action,
+        envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction::OverwriteIfExistsOrAdd as i32
+    );
+    assert_eq!(
+        okr.headers_to_remove,
+        vec!["x-sigil-request-principal".to_string()]
+    );
+
     let denied = c
         .check(check("POST", SLEEP, &[]))
         .await
