@@ -33,6 +33,8 @@ pub struct RequestAuth {
 /// What is known about a request, in domain terms.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Request {
+    /// Why the request's path could not be normalized: refused with 400.
+    pub path_error: Option<String>,
     /// The peer's SPIFFE ID (`spiffe://td/ns/x/sa/y`), if mTLS.
     pub source_principal: Option<String>,
     /// The peer's address.
@@ -59,8 +61,10 @@ pub struct Request {
     pub auth: Option<RequestAuth>,
 }
 
-/// Splits `/p?a=1&b` into the path and its query parameters.
-pub fn split_path_query(full: &str) -> (String, BTreeMap<String, String>) {
+/// Splits `/p?a=1&b` into the path, normalized for matching, and its query
+/// parameters. A path that cannot be normalized safely is an error naming why
+/// (the request is then refused with 400, never matched as written).
+pub fn split_path_query(full: &str) -> (Result<String, String>, BTreeMap<String, String>) {
     let (path, query) = full.split_once('?').unwrap_or((full, ""));
     let params = query
         .split('&')
@@ -70,7 +74,72 @@ pub fn split_path_query(full: &str) -> (String, BTreeMap<String, String>) {
             None => (kv.to_string(), String::new()),
         })
         .collect();
-    (path.to_string(), params)
+    (normalize_path(path), params)
+}
+
+/// The path as a policy must see it, as Envoy's `normalize_path` and
+/// `merge_slashes` would leave it, so `//admin`, `/./admin`,
+/// `/public/../admin` and `/%61dmin` all match a rule on `/admin`:
+/// percent-encoded unreserved characters decoded (other escapes kept, with
+/// upper-case hex), `;` path parameters dropped from each segment, repeated
+/// slashes merged, `.` and `..` segments resolved (never above the root). An
+/// encoded `/` or `\`, a raw `\`, a bad escape or a path not starting with
+/// `/` is an error.
+pub fn normalize_path(path: &str) -> Result<String, String> {
+    if !path.starts_with('/') {
+        return Err(format!("path {path:?} does not start with '/'"));
+    }
+    if path.contains('\\') {
+        return Err("path contains a backslash".into());
+    }
+    let mut segments: Vec<String> = Vec::new();
+    let raw: Vec<&str> = path[1..].split('/').collect();
+    for (i, seg) in raw.iter().enumerate() {
+        let seg = seg.split(';').next().unwrap_or_default();
+        let seg = decode_unreserved(seg)?;
+        match seg.as_str() {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            _ => segments.push(seg),
+        }
+        // A trailing slash, `.` or `..` leaves a directory path.
+        if i + 1 == raw.len() && matches!(raw[i], "" | "." | "..") && !segments.is_empty() {
+            segments.push(String::new());
+        }
+    }
+    Ok(format!("/{}", segments.join("/")))
+}
+
+/// Decodes `%XX` escapes of unreserved characters (RFC 3986 §2.3); keeps the
+/// others escaped, upper-cased; refuses encoded separators.
+fn decode_unreserved(seg: &str) -> Result<String, String> {
+    let bytes = seg.as_bytes();
+    let mut out = String::with_capacity(seg.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] != b'%' {
+            out.push(char::from(bytes[i]));
+            i += 1;
+            continue;
+        }
+        let hex = seg
+            .get(i + 1..i + 3)
+            .filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))
+            .ok_or_else(|| format!("path has a bad percent-escape at byte {i}"))?;
+        let byte = u8::from_str_radix(hex, 16).map_err(|e| e.to_string())?;
+        match byte {
+            b'/' | b'\\' => return Err(format!("path contains an encoded separator (%{hex})")),
+            b if b.is_ascii_alphanumeric() || b"-._~".contains(&b) => out.push(char::from(b)),
+            _ => {
+                out.push('%');
+                out.push_str(&hex.to_ascii_uppercase());
+            }
+        }
+        i += 3;
+    }
+    Ok(out)
 }
 
 /// `/ns/<ns>/sa/<sa>` → `<ns>`.
@@ -523,6 +592,17 @@ impl Evaluator {
     /// Decides a request at `now`: PeerAuthentication, then
     /// RequestAuthentication (an invalid JWT is a 401), then authorization.
     pub fn evaluate_at(&self, r: &Request, now: SystemTime) -> Decision {
+        if let Some(why) = &r.path_error {
+            return Decision {
+                allow: false,
+                status: 400,
+                explanation: vec![format!("bad request: {why}; refused before any policy")],
+                policy: None,
+                rule: None,
+                audit: false,
+                request_principal: None,
+            };
+        }
         match self.authenticate(r, now) {
             Ok(Some(auth)) => {
                 let principal = auth.principal.clone();

@@ -767,6 +767,20 @@ fn matchers(v: &[String]) -> Vec<Matcher> {
     v.iter().map(|s| Matcher::parse(s)).collect()
 }
 
+/// Paths, refusing Istio's URI templates rather than matching them as
+/// literals (a DENY written with them would silently never match).
+fn path_matchers(ctx: &Ctx<'_>, path: &str, v: &[String]) -> Result<Vec<Matcher>, PolicyError> {
+    for (i, s) in v.iter().enumerate() {
+        if s.contains("{*}") || s.contains("{**}") {
+            return Err(ctx.err(
+                format!("{path}[{i}]"),
+                format!("{s:?}: URI templates ({{*}}, {{**}}) are not supported; use an exact path or a prefix such as \"/api/*\""),
+            ));
+        }
+    }
+    Ok(matchers(v))
+}
+
 fn cidrs(ctx: &Ctx<'_>, path: &str, v: &[String]) -> Result<Vec<Cidr>, PolicyError> {
     v.iter()
         .enumerate()
@@ -837,8 +851,8 @@ fn convert_rule(ctx: &Ctx<'_>, r: &RawRule, at: &str) -> Result<Rule, PolicyErro
                 not_values: matchers(&o.not_methods),
             },
             paths: Field {
-                values: matchers(&o.paths),
-                not_values: matchers(&o.not_paths),
+                values: path_matchers(ctx, &format!("{p}.paths"), &o.paths)?,
+                not_values: path_matchers(ctx, &format!("{p}.notPaths"), &o.not_paths)?,
             },
         };
         if !(op.hosts.is_set() || op.ports.is_set() || op.methods.is_set() || op.paths.is_set()) {

@@ -58,7 +58,8 @@ pub fn request_from_check(c: &CheckRequest) -> Request {
             _ => None,
         }),
         method: http.method,
-        path,
+        path: path.clone().unwrap_or_default(),
+        path_error: path.err(),
         host: http.host,
         headers: http
             .headers
@@ -120,10 +121,10 @@ pub fn response_for(d: &Decision, peer: Option<&str>) -> CheckResponse {
             ..Default::default()
         };
     }
-    let (code, http) = if d.status == 401 {
-        (tonic::Code::Unauthenticated, 401)
-    } else {
-        (tonic::Code::PermissionDenied, 403)
+    let (code, http) = match d.status {
+        400 => (tonic::Code::InvalidArgument, 400),
+        401 => (tonic::Code::Unauthenticated, 401),
+        _ => (tonic::Code::PermissionDenied, 403),
     };
     let body = serde_json::json!({
         "decision": "deny",
@@ -180,8 +181,8 @@ impl Authorization for ExtAuthz {
             principal = r.source_principal.as_deref().unwrap_or(""),
             request_principal = d.request_principal.as_deref().unwrap_or(""),
             destination = r.destination_principal.as_deref().unwrap_or(""),
-            method = %r.method,
-            path = %r.path,
+            method = ?r.method,
+            path = ?r.path,
             policy = d.policy.as_deref().unwrap_or(""),
             rule = ?d.rule,
             audit = d.audit,

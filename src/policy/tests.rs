@@ -562,3 +562,69 @@ mod jwt_rules {
         assert!(with.allow, "{:?}", with.explanation);
     }
 }
+
+#[test]
+fn paths_are_normalized_before_matching_so_tricks_do_not_bypass_deny() {
+    for (raw, want) in [
+        ("/admin", Ok("/admin")),
+        ("//admin", Ok("/admin")),
+        ("/./admin", Ok("/admin")),
+        ("/public/../admin", Ok("/admin")),
+        ("/../../admin", Ok("/admin")),
+        ("/%61dmin", Ok("/admin")),
+        ("/admin;x=1", Ok("/admin")),
+        ("/admin;x=1/users", Ok("/admin/users")),
+        ("/a/b/", Ok("/a/b/")),
+        ("/a/b/.", Ok("/a/b/")),
+        ("/a/%7e/%c3%a9", Ok("/a/~/%C3%A9")),
+        ("/", Ok("/")),
+        ("/admin%2Fusers", Err("encoded separator")),
+        ("/admin%2fusers", Err("encoded separator")),
+        ("/admin%5cusers", Err("encoded separator")),
+        ("/admin\\users", Err("backslash")),
+        ("/bad%zz", Err("percent-escape")),
+        ("admin", Err("does not start")),
+    ] {
+        match (normalize_path(raw), want) {
+            (Ok(got), Ok(w)) => assert_eq!(got, w, "{raw}"),
+            (Err(e), Err(w)) => assert!(e.contains(w), "{raw}: {e}"),
+            (got, w) => panic!("{raw}: got {got:?}, want {w:?}"),
+        }
+    }
+
+    let deny = format!(
+        "{HEAD}spec:\n  action: DENY\n  rules:\n  - to:\n    - operation:\n        paths: [\"/admin*\"]\n"
+    );
+    for raw in [
+        "//admin",
+        "/./admin",
+        "/public/../admin",
+        "/%61dmin",
+        "/admin;x=1",
+    ] {
+        let (path, _) = split_path_query(raw);
+        let mut r = req(SLEEP, "GET", "");
+        r.path = path.unwrap();
+        assert!(!decide(&deny, &r).allow, "{raw} got past DENY /admin*");
+    }
+    let (path, _) = split_path_query("/admin%2Fusers?x=1");
+    let mut r = req(SLEEP, "GET", "");
+    r.path_error = path.err();
+    let d = decide(&deny, &r);
+    assert_eq!((d.allow, d.status), (false, 400), "{d:?}");
+    assert!(d.explanation[0].contains("encoded separator"), "{d:?}");
+}
+
+#[test]
+fn uri_templates_are_refused_at_load() {
+    for t in ["/api/{*}/x", "/files/{**}"] {
+        let e = err(&policy(&format!(
+            "  action: DENY\n  rules:\n  - to:\n    - operation:\n        paths: [\"{t}\"]\n"
+        )))
+        .to_string();
+        assert!(
+            e.contains("spec.rules[0].to[0].operation.paths[0]") && e.contains("URI templates"),
+            "{e}"
+        );
+    }
+}
