@@ -250,25 +250,18 @@ impl AgentHandle {
 
 fn bind_socket(path: &Path) -> Result<UnixListener, AgentError> {
     use std::os::unix::fs::PermissionsExt;
-    let err = |reason: String| AgentError::Socket {
-        path: path.to_path_buf(),
-        reason,
-    };
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
-    }
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(err(
-                "another agent is already listening on this socket".into()
-            ));
-        }
-        std::fs::remove_file(path).map_err(|e| err(format!("cannot remove stale socket: {e}")))?;
-    }
-    let listener = UnixListener::bind(path).map_err(|e| err(e.to_string()))?;
     // World-connectable by design: the agent decides by peer credentials.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777))
-        .map_err(|e| err(e.to_string()))?;
+    let listener =
+        crate::edge::bind_unix(path, 0o777, 0o755).map_err(|reason| AgentError::Socket {
+            path: path.to_path_buf(),
+            reason,
+        })?;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    if let Some(meta) = dir.and_then(|d| std::fs::metadata(d).ok()) {
+        if meta.permissions().mode() & 0o001 == 0 {
+            tracing::warn!(socket = %path.display(), "the socket's directory is not searchable by other users; only this user's workloads can connect");
+        }
+    }
     Ok(listener)
 }
 
@@ -308,6 +301,7 @@ fn workload_descriptors() -> prost_types::FileDescriptorSet {
 
 /// Loads or obtains the agent identity, then starts syncing and serving.
 pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
+    crate::runtime::files::private_umask();
     if let Some(limit) = crate::edge::raise_fd_limit() {
         tracing::debug!(open_files = limit, "open-file limit");
     }

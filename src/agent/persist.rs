@@ -11,34 +11,19 @@ const SVID: &str = "agent-svid.pem";
 const KEY: &str = "agent-svid.key";
 const BUNDLE: &str = "bundle.jwks";
 
-fn write(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    // Write a temp file and rename it, so a crash never leaves half a key.
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
-}
-
 /// Saves the identity; failures are logged (the agent keeps running).
 pub fn save(dir: &Path, id: &AgentIdentity) {
-    let result = std::fs::create_dir_all(dir)
-        .and_then(|()| write(&dir.join(KEY), id.key.to_pem().as_bytes(), 0o600))
+    use crate::runtime::files::{private_dir, write_atomic};
+    let result = private_dir(dir)
+        .and_then(|()| write_atomic(&dir.join(KEY), id.key.to_pem().as_bytes(), 0o600))
         .and_then(|()| {
-            write(
+            write_atomic(
                 &dir.join(SVID),
                 certs_to_pem(&id.cert_chain).as_bytes(),
                 0o644,
             )
         })
-        .and_then(|()| write(&dir.join(BUNDLE), id.bundle.to_jwks().as_bytes(), 0o644));
+        .and_then(|()| write_atomic(&dir.join(BUNDLE), id.bundle.to_jwks().as_bytes(), 0o644));
     if let Err(e) = result {
         tracing::error!(dir = %dir.display(), error = %e, "cannot persist the agent identity");
     }

@@ -481,11 +481,7 @@ pub async fn x509(cmd: X509Cmd) -> anyhow::Result<()> {
     let key = PrivateKey::from_pkcs8_der(&r.private_key)?;
     let key_pem = key.to_pem();
     if let Some(dir) = out {
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
-        std::fs::write(dir.join("svid.pem"), &cert_pem)?;
-        super::write_private(&dir.join("svid.key"), key_pem.as_bytes())?;
-        std::fs::write(dir.join("bundle.pem"), bundle.to_pem())?;
+        super::write_svid_files(&dir, &cert_pem, &key_pem, &bundle.to_pem())?;
         return match admin.output {
             OutputFormat::Json => Output::json(&json!({
                 "svid": dir.join("svid.pem"), "key": dir.join("svid.key"),

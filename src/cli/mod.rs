@@ -272,17 +272,25 @@ pub async fn unix_channel(
 }
 
 /// Writes a file readable only by its owner (keys).
-pub(crate) fn write_private(path: &std::path::Path, data: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    f.write_all(data)?;
+/// Writes an SVID's files into `dir`: `svid.pem` and `bundle.pem` (0644) and
+/// `svid.key` (0600 whatever was there before), each replaced atomically.
+pub(crate) fn write_svid_files(
+    dir: &std::path::Path,
+    svid_pem: &str,
+    key_pem: &str,
+    bundle_pem: &str,
+) -> anyhow::Result<()> {
+    use crate::runtime::files::write_atomic;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    for (name, data, mode) in [
+        ("svid.key", key_pem, 0o600),
+        ("svid.pem", svid_pem, 0o644),
+        ("bundle.pem", bundle_pem, 0o644),
+    ] {
+        let path = dir.join(name);
+        write_atomic(&path, data.as_bytes(), mode)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
     Ok(())
 }
 

@@ -143,17 +143,12 @@ pub async fn run(cmd: WorkloadCmd) -> anyhow::Result<()> {
                 .context("the agent sent no SVID")?;
             let first = resp.svids.first().context("the agent sent no SVID")?;
             if let Some(dir) = out {
-                std::fs::create_dir_all(&dir)
-                    .with_context(|| format!("cannot create {}", dir.display()))?;
-                std::fs::write(
-                    dir.join("svid.pem"),
-                    certs_to_pem(&split_certs(&first.x509_svid)),
-                )?;
                 let key = PrivateKey::from_pkcs8_der(&first.x509_svid_key)?;
-                super::write_private(&dir.join("svid.key"), key.to_pem().as_bytes())?;
-                std::fs::write(
-                    dir.join("bundle.pem"),
-                    certs_to_pem(&split_certs(&first.bundle)),
+                super::write_svid_files(
+                    &dir,
+                    &certs_to_pem(&split_certs(&first.x509_svid)),
+                    &key.to_pem(),
+                    &certs_to_pem(&split_certs(&first.bundle)),
                 )?;
             }
             match args.output {

@@ -20,6 +20,33 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 
+/// Binds a Unix socket at `path` with `mode`, in a directory created with
+/// `dir_mode` if missing and refused if another user could tamper with it. A
+/// stale socket is replaced; anything else at `path` is never deleted.
+pub fn bind_unix(path: &std::path::Path, mode: u32, dir_mode: u32) -> Result<UnixListener, String> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        crate::runtime::files::socket_dir(dir, dir_mode)?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err("another process is already listening on this socket".into());
+            }
+            std::fs::remove_file(path).map_err(|e| format!("cannot remove stale socket: {e}"))?;
+        }
+        Ok(_) => {
+            return Err("a file that is not a socket is in the way; refusing to replace it".into());
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e.to_string()),
+    }
+    let listener = UnixListener::bind(path).map_err(|e| e.to_string())?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| e.to_string())?;
+    Ok(listener)
+}
+
 /// Accepted Unix-socket connections under `limits` (per peer = per uid), each
 /// behind the `:authority` layer. `name` labels logs.
 pub fn unix_incoming(
@@ -110,4 +137,39 @@ pub fn tls_incoming(
         }
     });
     ReceiverStream::new(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[tokio::test]
+    async fn binding_never_deletes_a_file_and_checks_the_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("regular.txt");
+        std::fs::write(&file, "keep me").unwrap();
+        let e = bind_unix(&file, 0o777, 0o755).unwrap_err();
+        assert!(e.contains("not a socket"), "{e}");
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
+
+        let sock = dir.path().join("public/api.sock");
+        let l = bind_unix(&sock, 0o777, 0o755).unwrap();
+        let e = bind_unix(&sock, 0o777, 0o755).unwrap_err();
+        assert!(e.contains("already listening"), "{e}");
+        drop(l);
+        // A stale socket is replaced.
+        bind_unix(&sock, 0o600, 0o755).unwrap();
+        let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+
+        // A directory others can write to is refused (they could swap the socket).
+        let open_dir = dir.path().join("open");
+        std::fs::create_dir(&open_dir).unwrap();
+        std::fs::set_permissions(&open_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = bind_unix(&open_dir.join("api.sock"), 0o777, 0o755).unwrap_err();
+        assert!(e.contains("writable by group or others"), "{e}");
+        assert!(!open_dir.join("api.sock").exists());
+    }
 }

@@ -1,4 +1,7 @@
-//! Effects injected into the domain: the clock.
+//! Effects injected into the domain (the clock) and process-level safety
+//! (file modes, socket directories).
+
+pub mod files;
 
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};

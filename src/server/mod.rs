@@ -325,32 +325,10 @@ impl ServerHandle {
 }
 
 fn bind_admin_socket(path: &Path) -> Result<UnixListener, ServerError> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    let err = |reason: String| ServerError::Bind {
+    crate::edge::bind_unix(path, 0o600, 0o700).map_err(|reason| ServerError::Bind {
         addr: path.display().to_string(),
         reason,
-    };
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if !dir.exists() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(|e| err(e.to_string()))?;
-        }
-    }
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(err(
-                "another server is already listening on this socket".into()
-            ));
-        }
-        std::fs::remove_file(path).map_err(|e| err(format!("cannot remove stale socket: {e}")))?;
-    }
-    let listener = UnixListener::bind(path).map_err(|e| err(e.to_string()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| err(e.to_string()))?;
-    Ok(listener)
+    })
 }
 
 async fn wait_for(mut rx: watch::Receiver<bool>) {
@@ -403,6 +381,7 @@ fn node_tls_acceptor(
 
 /// Opens the store and authorities, binds both listeners and starts serving.
 pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
+    crate::runtime::files::private_umask();
     if let Some(limit) = crate::edge::raise_fd_limit() {
         tracing::debug!(open_files = limit, "open-file limit");
     }

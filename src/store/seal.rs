@@ -50,7 +50,7 @@ impl Kek {
             }
             Err(e) => return Err(err(format!("cannot read: {e}"))),
         };
-        warn_if_readable_by_others(path);
+        refuse_if_readable_by_others(path).map_err(err)?;
         if bytes.len() != KEK_LEN {
             return Err(err(format!(
                 "must hold exactly {KEK_LEN} bytes, found {}",
@@ -63,7 +63,7 @@ impl Kek {
     fn create(path: &Path) -> std::io::Result<Zeroizing<Vec<u8>>> {
         use std::os::unix::fs::OpenOptionsExt;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)?;
+            crate::runtime::files::private_dir(dir)?;
         }
         let bytes = Zeroizing::new(
             random::<KEK_LEN>()
@@ -145,18 +145,18 @@ impl Kek {
     }
 }
 
-fn warn_if_readable_by_others(path: &Path) {
+/// A KEK anyone else can read unseals every CA key: refuse it.
+fn refuse_if_readable_by_others(path: &Path) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
-    if let Ok(meta) = std::fs::metadata(path) {
-        let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            tracing::warn!(
-                path = %path.display(),
-                mode = format!("{mode:o}"),
-                "key-encryption key file is readable by group or others; chmod 600 it"
-            );
-        }
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot stat: {e}"))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "is readable or writable by group or others (mode {mode:o}); run `chmod 600 {}`",
+            path.display()
+        ));
     }
+    Ok(())
 }
 
 /// The default KEK location inside a data directory.
@@ -167,6 +167,7 @@ pub fn default_kek_path(data_dir: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn seal_open_round_trip_and_tamper() {
@@ -198,7 +199,6 @@ mod tests {
 
     #[test]
     fn kek_file_is_created_0600_and_reloaded() {
-        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/kek");
         let a = Kek::load_or_create(&path).unwrap();
@@ -214,8 +214,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kek");
         std::fs::write(&path, b"short").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         let err = Kek::load_or_create(&path).unwrap_err().to_string();
         assert!(err.contains("exactly 32 bytes"), "{err}");
         assert!(err.contains(&path.display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn a_kek_readable_by_others_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kek");
+        Kek::load_or_create(&path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let err = Kek::load_or_create(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("mode 640") && err.contains("chmod 600"),
+            "{err}"
+        );
     }
 }

@@ -52,7 +52,7 @@ impl SledStore {
             path: dir.to_path_buf(),
             reason,
         };
-        std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
+        crate::runtime::files::private_dir(dir).map_err(|e| open_err(e.to_string()))?;
         let db = sled::Config::new()
             .path(dir.join("db"))
             .open()

@@ -332,6 +332,17 @@ fn dev_then_workload_fetch_as_the_readme_says() {
     );
 
     let svid_dir = dir.path().join("svid");
+    // A key file left world-readable by something else must not stay so.
+    std::fs::create_dir_all(&svid_dir).unwrap();
+    std::fs::write(svid_dir.join("svid.key"), "old").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            svid_dir.join("svid.key"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+    }
     let o = sigil()
         .args(["workload", "fetch-x509", "--out"])
         .arg(&svid_dir)

@@ -45,7 +45,9 @@ async fn a_flood_of_idle_connections_from_one_uid_does_not_starve_another() {
     let server = start(server_config(&dir.path().join("server"), vec![]))
         .await
         .unwrap();
-    let agent = start_agent_with(&server, dir.path(), None).await;
+    // Other users must be able to reach the socket's directory.
+    let public = dir.path().join("public");
+    let agent = start_agent_with(&server, &public, None).await;
     let sock = agent.socket().to_path_buf();
 
     // 1,100 idle connections from this uid: the first 256 are held, the rest
@@ -63,6 +65,10 @@ async fn a_flood_of_idle_connections_from_one_uid_does_not_starve_another() {
 
     // Another uid still gets its SVID during the flood (needs root to switch).
     let other_uid = 65_534;
+    use std::os::unix::fs::PermissionsExt;
+    for d in [dir.path(), public.as_path()] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
     if sigil::attest::current_uid().unwrap() != 0 {
         eprintln!("not root: skipping the other-uid fetch");
     } else {
