@@ -221,7 +221,7 @@ impl Manager {
         let convert = |e: &pn::Entry| match entry_from_proto(e) {
             Ok(entry) => Some(entry),
             Err(err) => {
-                tracing::warn!(entry = %e.id, error = %err, "skipping malformed entry");
+                tracing::warn!(entry = ?e.id, error = %err, "skipping malformed entry");
                 None
             }
         };
@@ -309,12 +309,12 @@ impl Manager {
                 continue;
             };
             if r.code != 0 {
-                tracing::warn!(entry = %r.entry_id, code = r.code, reason = %r.message, "server refused to sign");
+                tracing::warn!(entry = ?r.entry_id, code = r.code, reason = ?r.message, "server refused to sign");
                 continue;
             }
             let Some((not_before, not_after)) = r.cert_chain.first().and_then(|c| validity(c))
             else {
-                tracing::warn!(entry = %r.entry_id, "server returned an unparsable certificate");
+                tracing::warn!(entry = ?r.entry_id, "server returned an unparsable certificate");
                 continue;
             };
             let svid = CachedSvid {

@@ -180,7 +180,7 @@ impl Node for NodeService {
                 });
             let result = match outcome {
                 Ok(svid) => {
-                    tracing::info!(target: "sigil::audit", event = "new_x509_svid", decision = "allow", agent = %agent, entry = %p.entry_id, spiffe_id = %svid.spiffe_id());
+                    tracing::info!(target: "sigil::audit", event = "new_x509_svid", decision = "allow", agent = %agent, entry = ?p.entry_id, spiffe_id = %svid.spiffe_id());
                     pn::X509svidResult {
                         entry_id: p.entry_id.clone(),
                         code: 0,
@@ -191,7 +191,7 @@ impl Node for NodeService {
                     }
                 }
                 Err(s) => {
-                    tracing::warn!(target: "sigil::audit", event = "new_x509_svid", decision = "deny", agent = %agent, entry = %p.entry_id, reason = s.message());
+                    tracing::warn!(target: "sigil::audit", event = "new_x509_svid", decision = "deny", agent = %agent, entry = ?p.entry_id, reason = s.message());
                     pn::X509svidResult {
                         entry_id: p.entry_id.clone(),
                         code: s.code() as i32,
@@ -243,10 +243,10 @@ impl Node for NodeService {
         })();
         match &decision {
             Ok(resp) => {
-                tracing::info!(target: "sigil::audit", event = "new_jwt_svid", decision = "allow", agent = %agent, entry = %r.entry_id, spiffe_id = %resp.spiffe_id, audiences = r.audience.len())
+                tracing::info!(target: "sigil::audit", event = "new_jwt_svid", decision = "allow", agent = %agent, entry = ?r.entry_id, spiffe_id = %resp.spiffe_id, audiences = r.audience.len())
             }
             Err(s) => {
-                tracing::warn!(target: "sigil::audit", event = "new_jwt_svid", decision = "deny", agent = %agent, entry = %r.entry_id, reason = s.message())
+                tracing::warn!(target: "sigil::audit", event = "new_jwt_svid", decision = "deny", agent = %agent, entry = ?r.entry_id, reason = s.message())
             }
         }
         decision.map(Response::new)

@@ -84,7 +84,7 @@ impl WorkloadApi {
                 Ok(selectors)
             }
             Err(e) => {
-                tracing::warn!(target: "sigil::audit", event = "workload_attestation", rpc, decision = "deny", pid = ?creds.pid, uid = creds.uid, reason = %e);
+                tracing::warn!(target: "sigil::audit", event = "workload_attestation", rpc, decision = "deny", pid = ?creds.pid, uid = creds.uid, reason = ?e.to_string());
                 Err(Status::unavailable("workload attestation failed"))
             }
         }
@@ -388,7 +388,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
             SystemTime::now(),
         )
         .map_err(|e| {
-            tracing::info!(target: "sigil::audit", event = "validate_jwt_svid", decision = "deny", reason = %e);
+            tracing::info!(target: "sigil::audit", event = "validate_jwt_svid", decision = "deny", reason = ?e.to_string());
             Status::invalid_argument(e.to_string())
         })?;
         tracing::info!(target: "sigil::audit", event = "validate_jwt_svid", decision = "allow", spiffe_id = %v.spiffe_id);

@@ -4,9 +4,9 @@
 mod agent;
 mod cli;
 mod ext_authz;
+mod hardening;
 mod interop;
 mod jwks_https;
-mod limits;
 mod openssl_verify;
 mod server;
 mod store_crash;

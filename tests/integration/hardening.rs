@@ -1,5 +1,6 @@
-//! Hostile neighbours: connection floods on the workload socket and the node
-//! API must not take the service away from everyone else.
+//! Hostile neighbours and hostile input: connection floods must not take the
+//! service away from everyone else, and attacker strings never reach the
+//! audit log raw.
 
 use std::os::unix::process::CommandExt;
 use std::time::{Duration, Instant};
@@ -173,4 +174,104 @@ async fn half_open_handshakes_do_not_take_down_the_node_or_admin_api() {
     // A connection that never completes its handshake is dropped after 10 s.
     assert!(closed_by_peer(&mut held[0], Duration::from_secs(30)).await);
     server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+#[test]
+fn attacker_strings_are_logged_escaped() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let admin_sock = dir.path().join("admin.sock");
+    let mut server = std::process::Command::new(env!("CARGO_BIN_EXE_sigil"))
+        .args([
+            "server",
+            "--trust-domain",
+            "example.org",
+            "--bind",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--admin-socket")
+        .arg(&admin_sock)
+        .env("SIGIL_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    {
+        let lines = lines.clone();
+        let stderr = server.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if let Some(addr) = line.split("node_api=").nth(1) {
+                    let _ = tx.send(addr.split_whitespace().next().unwrap_or("").to_string());
+                }
+                lines.lock().unwrap().push(line);
+            }
+        });
+    }
+    let node_api = rx.recv_timeout(Duration::from_secs(60)).unwrap();
+    let token = std::process::Command::new(env!("CARGO_BIN_EXE_sigil"))
+        .args(["token", "generate", "--output", "json", "--admin-socket"])
+        .arg(&admin_sock)
+        .output()
+        .unwrap();
+    let token: serde_json::Value = serde_json::from_slice(&token.stdout).unwrap();
+    let bundle = std::process::Command::new(env!("CARGO_BIN_EXE_sigil"))
+        .args(["bundle", "show", "--format", "pem", "--admin-socket"])
+        .arg(&admin_sock)
+        .output()
+        .unwrap()
+        .stdout;
+    let bundle = String::from_utf8(bundle).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let td = sigil::TrustDomain::new("example.org").unwrap();
+        let mut c = sigil::agent::connect(&node_api, &bundle, None)
+            .await
+            .unwrap();
+        let id = sigil::agent::attest(
+            &mut c,
+            &td,
+            &sigil::agent::Attestation::JoinToken(token["token"].as_str().unwrap().into()),
+        )
+        .await
+        .unwrap();
+        let mut c = sigil::agent::connect(&node_api, &bundle, Some(&id))
+            .await
+            .unwrap();
+        let key = sigil::PrivateKey::generate(sigil::KeyAlgorithm::EcP256).unwrap();
+        let forged = "x\nINFO sigil::audit: event=\"forged\"";
+        let r = c
+            .batch_new_x509svid(sigil::proto::node::BatchNewX509svidRequest {
+                params: vec![sigil::proto::node::NewX509svidParams {
+                    entry_id: forged.to_string(),
+                    csr: key.csr_der("spiffe://example.org/x").unwrap(),
+                }],
+            })
+            .await
+            .unwrap();
+        assert_ne!(r.into_inner().results[0].code, 0);
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = server.kill();
+    let _ = server.wait();
+    let lines = lines.lock().unwrap();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("new_x509_svid") && l.contains("\\n")),
+        "the deny is logged with the newline escaped: {lines:#?}"
+    );
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l.starts_with("INFO sigil::audit: event=\"forged\"")),
+        "an attacker string forged a log line: {lines:#?}"
+    );
 }
