@@ -221,7 +221,7 @@ impl X509Authority {
         params.subject_alt_names = vec![uri_san(&trust_domain.id())?];
         params.serial_number = Some(random_serial()?);
         params.not_before = (now - BACKDATE).into();
-        params.not_after = (now + ttl).into();
+        params.not_after = now.checked_add(ttl).ok_or(CaError::ZeroTtl)?.into();
         params.use_authority_key_identifier_extension = true;
         let cert = params
             .self_signed(&key_pair)
@@ -371,7 +371,10 @@ impl X509Authority {
                 .ok_or_else(|| CaError::BadDnsName(name.clone()))?;
             sans.push(SanType::DnsName(ia5));
         }
-        let not_after = (now + params.ttl).min(self.not_after);
+        // A TTL past the authority's end (even one overflowing the clock) ends with it.
+        let not_after = now
+            .checked_add(params.ttl)
+            .map_or(self.not_after, |t| t.min(self.not_after));
         let mut cert = CertificateParams::default();
         // Empty subject: the identity lives in the (then critical) URI SAN.
         cert.distinguished_name = DistinguishedName::new();
@@ -443,7 +446,7 @@ impl JwtAuthority {
             return Err(CaError::ZeroTtl);
         }
         let key = PrivateKey::generate(algorithm)?;
-        let not_after = UNIX_EPOCH + Duration::from_secs(secs(now + ttl));
+        let not_after = UNIX_EPOCH + Duration::from_secs(secs(now.checked_add(ttl).unwrap_or(now)));
         Self::from_parts(random_id(24)?, key, not_after)
     }
 

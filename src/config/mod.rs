@@ -80,8 +80,18 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     if !digits.is_empty() {
         return Err(format!("{digits:?} has no unit (use e.g. {digits}s)"));
     }
+    if total > MAX_DURATION.as_secs() {
+        return Err(format!(
+            "{s} is too long (at most {}d)",
+            MAX_DURATION.as_secs() / 86_400
+        ));
+    }
     Ok(Duration::from_secs(total))
 }
+
+/// The longest duration accepted anywhere (100 years): far past any sane TTL,
+/// and well inside what clock arithmetic can hold.
+pub const MAX_DURATION: Duration = Duration::from_secs(36_500 * 86_400);
 
 /// Formats a duration the way [`parse_duration`] reads it.
 pub fn format_duration(d: Duration) -> String {
@@ -262,6 +272,17 @@ mod tests {
             );
         }
         assert!(parse_duration("10").unwrap_err().contains("no unit"));
+        assert!(
+            parse_duration("2562047788015215h")
+                .unwrap_err()
+                .contains("too long")
+        );
+        assert!(
+            parse_duration("36501d")
+                .unwrap_err()
+                .contains("at most 36500d")
+        );
+        assert!(parse_duration("36500d").is_ok());
         assert!(parse_duration("5y").unwrap_err().contains("unknown unit"));
         assert!(parse_duration("").is_err());
         assert!(parse_duration("h").is_err());

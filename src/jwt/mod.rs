@@ -282,7 +282,7 @@ impl JwtSigner {
         let mut claims = serde_json::json!({
             "sub": subject.as_str(),
             "aud": audience,
-            "exp": iat + ttl.as_secs().max(1),
+            "exp": iat.saturating_add(ttl.as_secs().max(1)),
             "iat": iat,
         });
         if let Some(iss) = issuer {

@@ -430,7 +430,7 @@ impl Registry {
         let token = random_token()?;
         let hash = sha256_hex(token.as_bytes());
         let agent_id = self.agent_id("join_token", &hash[..32])?;
-        let expires_at = unix(now + ttl);
+        let expires_at = unix(now.checked_add(ttl).ok_or(RegistryError::ZeroTokenTtl)?);
         let record = TokenRecord {
             expires_at,
             agent_id: agent_id.clone(),

@@ -10,7 +10,9 @@ use super::convert::{status, ts};
 use crate::ca::X509SvidParams;
 use crate::proto::admin::{self as pa, admin_server::Admin};
 use crate::proto::node as pn;
-use crate::registry::{AgentRecord, EntryParams, Registry, RegistryError, SERVER_DNS_NAME};
+use crate::registry::{
+    AgentRecord, EntryParams, EntryValidation, Registry, RegistryError, SERVER_DNS_NAME,
+};
 use crate::spiffe::{Selector, SpiffeId};
 use crate::x509::{KeyAlgorithm, PrivateKey};
 
@@ -52,14 +54,48 @@ fn optional_id(field: &str, value: &str) -> Result<Option<SpiffeId>, Status> {
         .transpose()
 }
 
-fn positive_ttl(field: &str, seconds: i64, default: Duration) -> Result<Duration, Status> {
+/// Join tokens live this long at most.
+const MAX_TOKEN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+fn positive_ttl(
+    field: &str,
+    seconds: i64,
+    default: Duration,
+    max: Duration,
+) -> Result<Duration, Status> {
     match seconds {
         0 => Ok(default),
         s if s < 0 => Err(Status::invalid_argument(format!(
             "{field}: {s} is negative"
         ))),
+        s if s.unsigned_abs() > max.as_secs() => Err(Status::invalid_argument(format!(
+            "{field}: {s}s exceeds the maximum of {}s",
+            max.as_secs()
+        ))),
         s => Ok(Duration::from_secs(s.unsigned_abs())),
     }
+}
+
+/// The ID of an operator-minted SVID: in this trust domain, with a path, and
+/// not in the space reserved for Sigil's agents and server (as for entries).
+fn mintable_id(td: &crate::spiffe::TrustDomain, value: &str) -> Result<SpiffeId, Status> {
+    let id = parse_id("spiffe_id", value)?;
+    if !id.is_member_of(td) {
+        return Err(Status::invalid_argument(format!(
+            "spiffe_id: {id} is not in trust domain {td}"
+        )));
+    }
+    if id.path().is_empty() {
+        return Err(Status::invalid_argument(format!(
+            "spiffe_id: {id} has no path; a workload ID needs one"
+        )));
+    }
+    if id.path() == "/sigil" || id.path().starts_with("/sigil/") {
+        return Err(Status::invalid_argument(format!(
+            "spiffe_id: {id} is reserved for Sigil's own agents and server (/sigil/...)"
+        )));
+    }
+    Ok(id)
 }
 
 fn audited<T>(
@@ -166,7 +202,12 @@ impl Admin for AdminService {
         &self,
         req: Request<pa::GenerateTokenRequest>,
     ) -> Result<Response<pa::GenerateTokenResponse>, Status> {
-        let ttl = positive_ttl("ttl", req.get_ref().ttl_seconds, Duration::from_secs(600))?;
+        let ttl = positive_ttl(
+            "ttl",
+            req.get_ref().ttl_seconds,
+            Duration::from_secs(600),
+            MAX_TOKEN_TTL,
+        )?;
         let result = self
             .state
             .registry
@@ -224,7 +265,7 @@ impl Admin for AdminService {
     ) -> Result<Response<pa::MintX509svidResponse>, Status> {
         let r = req.into_inner();
         let result = (|| {
-            let spiffe_id = parse_id("spiffe_id", &r.spiffe_id)?;
+            let spiffe_id = mintable_id(self.state.registry.trust_domain(), &r.spiffe_id)?;
             if r.dns_names
                 .iter()
                 .any(|n| n.eq_ignore_ascii_case(SERVER_DNS_NAME))
@@ -233,7 +274,12 @@ impl Admin for AdminService {
                     "dns_names: {SERVER_DNS_NAME:?} is reserved for the server"
                 )));
             }
-            let ttl = positive_ttl("ttl", r.ttl_seconds, self.state.options.default_x509_ttl)?;
+            let ttl = positive_ttl(
+                "ttl",
+                r.ttl_seconds,
+                self.state.options.default_x509_ttl,
+                EntryValidation::default().max_x509_ttl,
+            )?;
             let key = PrivateKey::generate(KeyAlgorithm::EcP256)
                 .map_err(|e| status(crate::ca::CaError::from(e)))?;
             let params = X509SvidParams {
@@ -262,16 +308,15 @@ impl Admin for AdminService {
     ) -> Result<Response<pa::MintJwtsvidResponse>, Status> {
         let r = req.into_inner();
         let result = (|| {
-            let spiffe_id = parse_id("spiffe_id", &r.spiffe_id)?;
-            if !spiffe_id.is_member_of(self.state.registry.trust_domain()) {
-                return Err(Status::invalid_argument(format!(
-                    "spiffe_id: {spiffe_id} is not in trust domain {}",
-                    self.state.registry.trust_domain()
-                )));
-            }
+            let spiffe_id = mintable_id(self.state.registry.trust_domain(), &r.spiffe_id)?;
             crate::jwt::check_audiences(&r.audience)
                 .map_err(|e| Status::invalid_argument(format!("audience: {e}")))?;
-            let ttl = positive_ttl("ttl", r.ttl_seconds, self.state.options.default_jwt_ttl)?;
+            let ttl = positive_ttl(
+                "ttl",
+                r.ttl_seconds,
+                self.state.options.default_jwt_ttl,
+                EntryValidation::default().max_jwt_ttl,
+            )?;
             let now = self.state.clock.now();
             let token = self
                 .state
@@ -287,7 +332,11 @@ impl Admin for AdminService {
                 .map_err(status)?;
             Ok(pa::MintJwtsvidResponse {
                 token,
-                expires_at: ts(now + ttl).min(ts(self.state.ca.jwt().not_after())),
+                expires_at: ts(now.checked_add(ttl).unwrap_or(now)).min(ts(self
+                    .state
+                    .ca
+                    .jwt()
+                    .not_after())),
             })
         })();
         audited("mint_jwt_svid", &r.spiffe_id, result)

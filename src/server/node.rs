@@ -234,7 +234,7 @@ impl Node for NodeService {
                     state.options.jwt_issuer.as_deref(),
                 )
                 .map_err(status)?;
-            let exp = ts(now + ttl).min(ts(state.ca.jwt().not_after()));
+            let exp = ts(now.checked_add(ttl).unwrap_or(now)).min(ts(state.ca.jwt().not_after()));
             Ok(pn::NewJwtsvidResponse {
                 spiffe_id: entry.spiffe_id.to_string(),
                 token,

@@ -662,6 +662,46 @@ async fn admin_socket_is_private_and_bad_input_changes_nothing() {
         .unwrap()
         .into_inner()
         .revision;
+    // TTLs that would overflow the clock, and IDs reserved for Sigil itself.
+    let s = c
+        .generate_token(pa::GenerateTokenRequest {
+            ttl_seconds: i64::MAX,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument);
+    assert!(s.message().contains("exceeds the maximum"), "{s:?}");
+    let s = c
+        .mint_x509svid(pa::MintX509svidRequest {
+            spiffe_id: "spiffe://example.org/web".into(),
+            ttl_seconds: i64::MAX,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(s.message().starts_with("ttl:"), "{s:?}");
+    for reserved in [
+        "spiffe://example.org/sigil/server",
+        "spiffe://example.org/sigil/agent/join_token/x",
+    ] {
+        let s = c
+            .mint_x509svid(pa::MintX509svidRequest {
+                spiffe_id: reserved.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert!(s.message().contains("reserved"), "{s:?}");
+        let s = c
+            .mint_jwtsvid(pa::MintJwtsvidRequest {
+                spiffe_id: reserved.into(),
+                audience: vec!["a".into()],
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert!(s.message().contains("reserved"), "{s:?}");
+    }
     let s = c
         .create_entry(pa::EntryParams {
             spiffe_id: "spiffe://example.org/x".into(),
