@@ -37,6 +37,7 @@ pub const AGENT_KEYS: &[&str] = &[
     "trust_bundle",
     "trust_domain",
     "join_token",
+    "join_token_file",
     "x509pop_cert",
     "x509pop_key",
     "socket",
@@ -135,7 +136,34 @@ impl AgentConfig {
                     reason: "its CA names no trust domain (URI SAN); set trust_domain".into(),
                 })?,
         };
-        let join_token = raw.get("join_token")?;
+        // The token from a file keeps it out of argv (visible to every user).
+        let join_token = match (raw.get("join_token")?, raw.get("join_token_file")?) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Invalid {
+                    key: "join_token_file",
+                    value: "(set)".into(),
+                    reason: "give either join_token or join_token_file, not both".into(),
+                });
+            }
+            (Some(t), None) => Some(t),
+            (None, Some(path)) => {
+                let token = std::fs::read_to_string(&path).map_err(|e| ConfigError::Invalid {
+                    key: "join_token_file",
+                    value: path.clone(),
+                    reason: e.to_string(),
+                })?;
+                let token = token.trim().to_string();
+                if token.is_empty() {
+                    return Err(ConfigError::Invalid {
+                        key: "join_token_file",
+                        value: path,
+                        reason: "the file is empty".into(),
+                    });
+                }
+                Some(token)
+            }
+            (None, None) => None,
+        };
         let pop_cert = raw.get("x509pop_cert")?;
         let pop_key = raw.get("x509pop_key")?;
         let attestation = match (join_token, pop_cert, pop_key) {

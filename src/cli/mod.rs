@@ -202,9 +202,13 @@ struct AgentArgs {
     /// Trust domain [default: from the trust bundle's CA].
     #[arg(long)]
     trust_domain: Option<String>,
-    /// Attest with this single-use join token.
-    #[arg(long)]
+    /// Attest with this single-use join token (visible in the process list:
+    /// prefer --join-token-file or the environment).
+    #[arg(long, env = "SIGIL_JOIN_TOKEN", hide_env_values = true)]
     join_token: Option<String>,
+    /// Attest with the join token read from this file.
+    #[arg(long)]
+    join_token_file: Option<String>,
     /// Attest with x509pop: the node certificate chain (PEM).
     #[arg(long)]
     x509pop_cert: Option<String>,
@@ -234,6 +238,7 @@ impl AgentArgs {
         raw.flag("trust_bundle", self.trust_bundle);
         raw.flag("trust_domain", self.trust_domain);
         raw.flag("join_token", self.join_token);
+        raw.flag("join_token_file", self.join_token_file);
         raw.flag("x509pop_cert", self.x509pop_cert);
         raw.flag("x509pop_key", self.x509pop_key);
         raw.flag("socket", self.socket);

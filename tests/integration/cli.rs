@@ -131,6 +131,44 @@ fn config_errors_name_the_key() {
         "{}",
         stderr(&o)
     );
+    // The join token: from a file or the environment, not both, never empty.
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "abc\n").unwrap();
+    let both = sigil()
+        .args([
+            "agent",
+            "--server",
+            "127.0.0.1:1",
+            "--trust-domain",
+            "example.org",
+        ])
+        .arg("--trust-bundle")
+        .arg(&bundle)
+        .arg("--join-token-file")
+        .arg(&token_file)
+        .env("SIGIL_JOIN_TOKEN", "secret")
+        .output()
+        .unwrap();
+    assert!(
+        stderr(&both).contains("join_token_file") && stderr(&both).contains("not both"),
+        "{}",
+        stderr(&both)
+    );
+    let o = sigil()
+        .args([
+            "agent",
+            "--server",
+            "127.0.0.1:1",
+            "--trust-domain",
+            "example.org",
+        ])
+        .arg("--trust-bundle")
+        .arg(&bundle)
+        .arg("--join-token-file")
+        .arg(&empty)
+        .output()
+        .unwrap();
+    assert!(stderr(&o).contains("the file is empty"), "{}", stderr(&o));
 }
 
 #[test]

@@ -280,10 +280,13 @@ fn python_clients_against_server_and_agent() {
     }
 
     let sock = dir.path().join("agent/api.sock");
+    // The token from a file: it never shows in the process list.
+    let token_file = dir.path().join("join-token");
+    std::fs::write(&token_file, token["token"].as_str().unwrap()).unwrap();
     let mut agent = spawn_logged(
         sigil()
-            .args(["agent", "--server", &node_api, "--join-token"])
-            .arg(token["token"].as_str().unwrap())
+            .args(["agent", "--server", &node_api, "--join-token-file"])
+            .arg(&token_file)
             .arg("--trust-bundle")
             .arg(&bundle)
             .arg("--data-dir")
