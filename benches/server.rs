@@ -7,6 +7,8 @@
 //!    on a subscribed agent's SyncEntries stream, p50/p99 (target p99 ≤ 1 s).
 //! 3. Server cold start (open store, load CA, listen, answer health) with
 //!    100,000 and 500,000 entries.
+//! 4. On a 2-worker runtime: admin Health latency while 17,000 CSRs arrive at
+//!    once (34 concurrent batches of 500, the per-request cap).
 //!
 //! Run: `cargo bench --bench server` (`-- --quick` for smaller numbers).
 #![allow(
@@ -287,8 +289,95 @@ fn walk_size(p: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+async fn health_during_csr_storm(quick: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(config(dir.path())).await.unwrap();
+    let agent = join(&server).await;
+    let mut admin = sigil::cli::connect_admin(server.admin_socket())
+        .await
+        .unwrap();
+    let entry = admin
+        .create_entry(pa::EntryParams {
+            spiffe_id: "spiffe://example.org/ns/default/sa/storm".into(),
+            parent_id: agent.spiffe_id.to_string(),
+            selectors: vec!["unix:uid:1000".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let csr = PrivateKey::generate(KeyAlgorithm::EcP256)
+        .unwrap()
+        .csr_der("spiffe://example.org/x")
+        .unwrap();
+    let batches = if quick { 8 } else { 34 };
+    let request = pn::BatchNewX509svidRequest {
+        params: vec![
+            pn::NewX509svidParams {
+                entry_id: entry.id.clone(),
+                csr,
+            };
+            500
+        ],
+    };
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(
+            connect(
+                &server.node_addr().to_string(),
+                server.bundle_pem(),
+                Some(&agent),
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    let t = Instant::now();
+    let mut storm = tokio::task::JoinSet::new();
+    for i in 0..batches {
+        let mut c = clients[i % clients.len()].clone();
+        let req = request.clone();
+        storm.spawn(async move {
+            c.batch_new_x509svid(req)
+                .await
+                .unwrap()
+                .into_inner()
+                .results
+                .len()
+        });
+    }
+    let mut health = Vec::new();
+    while !storm.is_empty() {
+        let h = Instant::now();
+        admin.health(pa::HealthRequest {}).await.unwrap();
+        health.push(h.elapsed());
+        while let Some(done) = storm.try_join_next() {
+            assert_eq!(done.unwrap(), 500);
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let drained = t.elapsed();
+    health.sort();
+    println!(
+        "{} CSRs at once ({batches} batches of 500): drained in {drained:?} ({:.0} SVIDs/s); admin Health meanwhile ({} calls): p50 {:?}, p99 {:?}, max {:?}",
+        batches * 500,
+        (batches * 500) as f64 / drained.as_secs_f64(),
+        health.len(),
+        percentile(&health, 0.5),
+        percentile(&health, 0.99),
+        health[health.len() - 1]
+    );
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(health_during_csr_storm(quick));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -205,6 +205,10 @@ pub struct ServerState {
     clock: Arc<dyn Clock>,
     options: ServerOptions,
     shutdown: watch::Receiver<bool>,
+    /// Signing runs on the blocking pool, this many batches at once (one per
+    /// core), so a flood of CSRs never stalls the async workers that serve
+    /// health, attestation and sync.
+    signers: Arc<tokio::sync::Semaphore>,
 }
 
 impl ServerState {
@@ -451,6 +455,9 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         clock,
         options: config.options.clone(),
         shutdown: shutdown_rx.clone(),
+        signers: Arc::new(tokio::sync::Semaphore::new(
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
+        )),
     });
     let node_limits = crate::edge::ConnLimits::NODE;
     let node_server = node_limits

@@ -27,6 +27,71 @@ const EVENT_BATCH: usize = 10_000;
 
 type Sender<T> = mpsc::Sender<Result<T, Status>>;
 
+/// CSRs in one BatchNewX509SVID request, at most.
+pub const MAX_BATCH: usize = 500;
+
+/// Signs one batch (on the blocking pool): each item is authorized (the entry
+/// is parented to `agent`) and signed on its own. Denials are logged once for
+/// the batch, with the first few reasons.
+fn sign_batch(
+    state: &ServerState,
+    agent: &SpiffeId,
+    params: &[pn::NewX509svidParams],
+) -> Vec<pn::X509svidResult> {
+    let now = state.clock.now();
+    let mut denied: Vec<(String, String)> = Vec::new();
+    let results = params
+        .iter()
+        .map(|p| {
+            let outcome = state
+                .registry
+                .authorize_agent_entry(agent, &p.entry_id)
+                .map_err(status)
+                .and_then(|entry| {
+                    let params = X509SvidParams {
+                        spiffe_id: entry.spiffe_id.clone(),
+                        dns_names: entry.dns_names.clone(),
+                        ttl: entry
+                            .x509_ttl
+                            .map_or(state.options.default_x509_ttl, Duration::from_secs),
+                    };
+                    state
+                        .ca
+                        .x509()
+                        .issue_from_csr(&p.csr, &params, now)
+                        .map_err(status)
+                });
+            match outcome {
+                Ok(svid) => {
+                    tracing::info!(target: "sigil::audit", event = "new_x509_svid", decision = "allow", agent = %agent, entry = ?p.entry_id, spiffe_id = %svid.spiffe_id());
+                    pn::X509svidResult {
+                        entry_id: p.entry_id.clone(),
+                        code: 0,
+                        message: String::new(),
+                        spiffe_id: svid.spiffe_id().to_string(),
+                        cert_chain: vec![svid.cert_der().to_vec()],
+                        expires_at: ts(svid.not_after()),
+                    }
+                }
+                Err(s) => {
+                    denied.push((p.entry_id.clone(), s.message().to_string()));
+                    pn::X509svidResult {
+                        entry_id: p.entry_id.clone(),
+                        code: s.code() as i32,
+                        message: s.message().to_string(),
+                        ..Default::default()
+                    }
+                }
+            }
+        })
+        .collect();
+    if !denied.is_empty() {
+        let first: Vec<_> = denied.iter().take(5).collect();
+        tracing::warn!(target: "sigil::audit", event = "new_x509_svid", decision = "deny", agent = %agent, denied = denied.len(), of = params.len(), first = ?first);
+    }
+    results
+}
+
 /// How long an agent's superseded SVID is still accepted after a renewal, at
 /// most (it stops as soon as the agent presents the new one).
 const PREVIOUS_SERIAL_GRACE: Duration = Duration::from_secs(5);
@@ -155,53 +220,24 @@ impl Node for NodeService {
         &self,
         req: Request<pn::BatchNewX509svidRequest>,
     ) -> Result<Response<pn::BatchNewX509svidResponse>, Status> {
-        let state = &self.state;
-        let agent = caller(state, &req)?.id;
-        let now = state.clock.now();
-        let mut results = Vec::with_capacity(req.get_ref().params.len());
-        for p in &req.get_ref().params {
-            let outcome = state
-                .registry
-                .authorize_agent_entry(&agent, &p.entry_id)
-                .map_err(status)
-                .and_then(|entry| {
-                    let params = X509SvidParams {
-                        spiffe_id: entry.spiffe_id.clone(),
-                        dns_names: entry.dns_names.clone(),
-                        ttl: entry
-                            .x509_ttl
-                            .map_or(state.options.default_x509_ttl, Duration::from_secs),
-                    };
-                    state
-                        .ca
-                        .x509()
-                        .issue_from_csr(&p.csr, &params, now)
-                        .map_err(status)
-                });
-            let result = match outcome {
-                Ok(svid) => {
-                    tracing::info!(target: "sigil::audit", event = "new_x509_svid", decision = "allow", agent = %agent, entry = ?p.entry_id, spiffe_id = %svid.spiffe_id());
-                    pn::X509svidResult {
-                        entry_id: p.entry_id.clone(),
-                        code: 0,
-                        message: String::new(),
-                        spiffe_id: svid.spiffe_id().to_string(),
-                        cert_chain: vec![svid.cert_der().to_vec()],
-                        expires_at: ts(svid.not_after()),
-                    }
-                }
-                Err(s) => {
-                    tracing::warn!(target: "sigil::audit", event = "new_x509_svid", decision = "deny", agent = %agent, entry = ?p.entry_id, reason = s.message());
-                    pn::X509svidResult {
-                        entry_id: p.entry_id.clone(),
-                        code: s.code() as i32,
-                        message: s.message().to_string(),
-                        ..Default::default()
-                    }
-                }
-            };
-            results.push(result);
+        let state = self.state.clone();
+        let agent = caller(&state, &req)?.id;
+        let params = req.into_inner().params;
+        if params.len() > MAX_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "params: {} items; at most {MAX_BATCH} per request",
+                params.len()
+            )));
         }
+        let _permit = state
+            .signers
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Status::unavailable("the server is shutting down"))?;
+        let results = tokio::task::spawn_blocking(move || sign_batch(&state, &agent, &params))
+            .await
+            .map_err(|e| Status::internal(format!("signing task failed: {e}")))?;
         Ok(Response::new(pn::BatchNewX509svidResponse { results }))
     }
 

@@ -440,6 +440,37 @@ async fn banned_agent_is_refused_and_its_stream_ends() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_are_capped_at_500_csrs() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(server_config(dir.path(), vec![])).await.unwrap();
+    let a = join(&server).await;
+    let mut c = agent_client(&server, &a).await;
+    let key = PrivateKey::generate(KeyAlgorithm::EcP256).unwrap();
+    let item = pn::NewX509svidParams {
+        entry_id: "nope".into(),
+        csr: key.csr_der("spiffe://example.org/x").unwrap(),
+    };
+    let s = c
+        .batch_new_x509svid(pn::BatchNewX509svidRequest {
+            params: vec![item.clone(); 501],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    assert!(s.message().contains("at most 500"), "{s:?}");
+    let r = c
+        .batch_new_x509svid(pn::BatchNewX509svidRequest {
+            params: vec![item; 500],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.results.len(), 500);
+    assert!(r.results.iter().all(|x| x.code == Code::NotFound as i32));
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_superseded_agent_svid_stops_working_once_the_new_one_is_used() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(server_config(dir.path(), vec![])).await.unwrap();
