@@ -11,6 +11,8 @@ pub const SERVER_DNS_NAME: &str = "sigil-server";
 
 /// Longest hint accepted, in bytes.
 pub const MAX_HINT_LEN: usize = 1024;
+/// Selectors, and DNS names, per entry at most.
+pub const MAX_LIST_LEN: usize = 100;
 
 /// A registration entry: "workloads under `parent_id` matching every
 /// selector get `spiffe_id`".
@@ -132,6 +134,14 @@ pub enum EntryError {
         /// Its length.
         len: usize,
     },
+    /// More selectors or DNS names than [`MAX_LIST_LEN`].
+    #[error("{field}: {count} given; at most {MAX_LIST_LEN} are allowed")]
+    TooMany {
+        /// The field.
+        field: &'static str,
+        /// How many were given.
+        count: usize,
+    },
     /// A DNS name that cannot go in a certificate.
     #[error("dns_names[{index}]: {name:?} is not a valid DNS name or is reserved")]
     DnsName {
@@ -199,12 +209,22 @@ impl EntryParams {
         if self.selectors.is_empty() {
             return Err(EntryError::NoSelectors);
         }
+        for (field, count) in [
+            ("selectors", self.selectors.len()),
+            ("dns_names", self.dns_names.len()),
+        ] {
+            if count > MAX_LIST_LEN {
+                return Err(EntryError::TooMany { field, count });
+            }
+        }
         let mut selectors = self
             .selectors
             .iter()
             .enumerate()
             .map(|(index, s)| {
-                Selector::new(s).map_err(|source| EntryError::Selector { index, source })
+                Selector::new(s)
+                    .and_then(|sel| sel.check_known().map(|()| sel))
+                    .map_err(|source| EntryError::Selector { index, source })
             })
             .collect::<Result<Vec<_>, _>>()?;
         selectors.sort();

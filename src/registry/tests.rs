@@ -432,3 +432,42 @@ fn a_superseded_agent_svid_is_accepted_only_briefly() {
     assert!(!stored.accepts_serial("old", 99));
     assert!(stored.accepts_serial("new", 99));
 }
+
+#[test]
+fn selectors_of_known_types_are_checked_and_unknown_types_refused() {
+    let r = registry();
+    let bad = [
+        ("unix:uid:abc", "must be a number"),
+        ("unix:uid:-1", "must be a number"),
+        ("unix:foo:1", "unix selectors are"),
+        ("unix:path:relative", "absolute"),
+        ("unix:sha256:abc", "64 lowercase hex"),
+        ("k8s:ns:x", "unknown"),
+        ("x509pop:subject:cn:", "x509pop selectors are"),
+    ];
+    for (sel, says) in bad {
+        let mut p = params("spiffe://example.org/web", AGENT);
+        p.selectors = vec![sel.into()];
+        let e = r.create_entry(p, now()).unwrap_err().to_string();
+        assert!(e.starts_with("selectors[0]") && e.contains(says), "{sel}: {e}");
+    }
+    for good in [
+        "unix:uid:0",
+        "unix:gid:4294967295",
+        "unix:user:www-data",
+        "unix:path:/usr/bin/app",
+        "x509pop:subject:cn:node-1",
+    ] {
+        let mut p = params(&format!("spiffe://example.org/ok/{}", good.len()), AGENT);
+        p.selectors = vec![good.into()];
+        r.create_entry(p, now()).unwrap_or_else(|e| panic!("{good}: {e}"));
+    }
+    let mut p = params("spiffe://example.org/many", AGENT);
+    p.selectors = (0..101).map(|i| format!("unix:uid:{i}")).collect();
+    let e = r.create_entry(p, now()).unwrap_err().to_string();
+    assert!(e.contains("selectors: 101 given; at most 100"), "{e}");
+    let mut p = params("spiffe://example.org/many", AGENT);
+    p.dns_names = (0..101).map(|i| format!("h{i}.example.org")).collect();
+    let e = r.create_entry(p, now()).unwrap_err().to_string();
+    assert!(e.contains("dns_names: 101 given; at most 100"), "{e}");
+}

@@ -26,6 +26,17 @@ pub enum SelectorError {
     /// A control character in the value.
     #[error("selector {0:?} contains a control character")]
     ControlChar(String),
+    /// A type no attestor produces: an entry with it could never match.
+    #[error("selector type {0:?} is unknown (known: unix, x509pop)")]
+    UnknownType(String),
+    /// A known type with a value its attestor never produces.
+    #[error("selector {selector:?}: {reason}")]
+    BadValue {
+        /// The selector.
+        selector: String,
+        /// What a valid value looks like.
+        reason: &'static str,
+    },
     /// Longer than [`MAX_SELECTOR_LEN`].
     #[error("selector is {len} bytes, more than the maximum of {MAX_SELECTOR_LEN}")]
     TooLong {
@@ -69,6 +80,46 @@ impl Selector {
             full: input.to_string(),
             type_end: ty.len(),
         })
+    }
+
+    /// Checks the value against what its attestor produces, so an entry can
+    /// never carry a selector that silently matches nothing: `unix:uid:N`,
+    /// `unix:gid:N`, `unix:supplementary_gid:N` (N a 32-bit number),
+    /// `unix:user:NAME`, `unix:group:NAME`, `unix:path:/ABS`,
+    /// `unix:sha256:HEX64`, `x509pop:subject:cn:CN`,
+    /// `x509pop:fingerprint:HEX64`. Other types are unknown.
+    pub fn check_known(&self) -> Result<(), SelectorError> {
+        let bad = |reason| {
+            Err(SelectorError::BadValue {
+                selector: self.full.clone(),
+                reason,
+            })
+        };
+        let hex64 =
+            |v: &str| v.len() == 64 && v.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        let (key, value) = self.value().split_once(':').unwrap_or((self.value(), ""));
+        match (self.kind(), key) {
+            ("unix", "uid" | "gid" | "supplementary_gid") => match value.parse::<u32>() {
+                Ok(_) => Ok(()),
+                Err(_) => bad("the value must be a number (0 to 4294967295)"),
+            },
+            ("unix", "user" | "group") if !value.is_empty() => Ok(()),
+            ("unix", "path") if value.starts_with('/') => Ok(()),
+            ("unix", "sha256") if hex64(value) => Ok(()),
+            ("unix", "path") => bad("the path must be absolute"),
+            ("unix", "sha256") => bad("the value must be 64 lowercase hex digits"),
+            ("unix", _) => {
+                bad("unix selectors are uid, gid, supplementary_gid, user, group, path or sha256")
+            }
+            ("x509pop", "subject")
+                if value.strip_prefix("cn:").is_some_and(|cn| !cn.is_empty()) =>
+            {
+                Ok(())
+            }
+            ("x509pop", "fingerprint") if hex64(value) => Ok(()),
+            ("x509pop", _) => bad("x509pop selectors are subject:cn:NAME or fingerprint:HEX64"),
+            (other, _) => Err(SelectorError::UnknownType(other.to_string())),
+        }
     }
 
     /// Builds a selector from a type and value.
