@@ -226,10 +226,7 @@ impl AgentConfig {
             log_format: raw
                 .parsed("log_format", Some("text"), |v| v.parse())?
                 .unwrap_or(LogFormat::Text),
-            unix: UnixAttestor {
-                sha256,
-                ..UnixAttestor::default()
-            },
+            unix: UnixAttestor::with_sha256(sha256),
             policy: PolicyConfig::from_raw(raw)?,
         })
     }

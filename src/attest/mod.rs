@@ -2,7 +2,10 @@
 //! turns a Unix socket peer's credentials into `unix:*` selectors by reading
 //! `/proc`, `/etc/passwd` and `/etc/group`.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use ring::digest::{Context, SHA256};
 
@@ -52,7 +55,7 @@ pub struct PeerCredentials {
 }
 
 /// The unix workload attestor.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct UnixAttestor {
     /// Emit `unix:sha256:<hex>` of the executable (reads the whole file).
     pub sha256: bool,
@@ -60,7 +63,41 @@ pub struct UnixAttestor {
     pub sha256_max_bytes: u64,
     /// Root of the proc filesystem (tests may point elsewhere).
     pub proc_root: PathBuf,
+    /// Digests already computed, by the executable's (dev, inode, mtime, size).
+    digests: Arc<Mutex<HashMap<(u64, u64, i64, u64), String>>>,
+    /// Whether "executable path unreadable" was already logged.
+    path_warned: Arc<AtomicBool>,
 }
+
+impl std::fmt::Debug for UnixAttestor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UnixAttestor")
+            .field("sha256", &self.sha256)
+            .field("sha256_max_bytes", &self.sha256_max_bytes)
+            .field("proc_root", &self.proc_root)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PartialEq for UnixAttestor {
+    fn eq(&self, other: &Self) -> bool {
+        (self.sha256, self.sha256_max_bytes, &self.proc_root)
+            == (other.sha256, other.sha256_max_bytes, &other.proc_root)
+    }
+}
+
+impl UnixAttestor {
+    /// An attestor that also emits `unix:sha256` when `sha256` is set.
+    pub fn with_sha256(sha256: bool) -> Self {
+        UnixAttestor {
+            sha256,
+            ..UnixAttestor::default()
+        }
+    }
+}
+
+/// Digests cached at most (a node runs far fewer distinct executables).
+const DIGEST_CACHE: usize = 4096;
 
 impl Default for UnixAttestor {
     fn default() -> Self {
@@ -68,6 +105,8 @@ impl Default for UnixAttestor {
             sha256: false,
             sha256_max_bytes: 128 * 1024 * 1024,
             proc_root: PathBuf::from("/proc"),
+            digests: Arc::default(),
+            path_warned: Arc::default(),
         }
     }
 }
@@ -140,12 +179,17 @@ impl UnixAttestor {
 
     fn sha256(&self, pid: i32, path: &str) -> Result<String, AttestError> {
         use std::io::Read;
+        use std::os::unix::fs::MetadataExt;
         let exe = self.proc_file(pid, "exe");
         let mut f = std::fs::File::open(&exe).map_err(|e| AttestError::Proc {
             pid,
             reason: format!("exe: {e}"),
         })?;
-        let size = f.metadata().map(|m| m.len()).unwrap_or(u64::MAX);
+        let meta = f.metadata().map_err(|e| AttestError::Proc {
+            pid,
+            reason: format!("exe: {e}"),
+        })?;
+        let size = meta.len();
         if size > self.sha256_max_bytes {
             return Err(AttestError::TooLargeToHash {
                 path: path.to_string(),
@@ -153,6 +197,13 @@ impl UnixAttestor {
                 limit: self.sha256_max_bytes,
             });
         }
+        // The same file, unchanged: hashed once.
+        let key = (meta.dev(), meta.ino(), meta.mtime(), size);
+        let mut digests = self.digests.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(d) = digests.get(&key) {
+            return Ok(d.clone());
+        }
+        drop(digests);
         let mut ctx = Context::new(&SHA256);
         let mut buf = vec![0u8; 64 * 1024];
         loop {
@@ -165,12 +216,18 @@ impl UnixAttestor {
             }
             ctx.update(&buf[..n]);
         }
-        Ok(ctx
+        let digest: String = ctx
             .finish()
             .as_ref()
             .iter()
             .map(|b| format!("{b:02x}"))
-            .collect())
+            .collect();
+        digests = self.digests.lock().unwrap_or_else(|p| p.into_inner());
+        if digests.len() >= DIGEST_CACHE {
+            digests.clear();
+        }
+        digests.insert(key, digest.clone());
+        Ok(digest)
     }
 
     /// Attests the peer: `unix:uid`, `unix:gid`, `unix:user`, `unix:group`,
@@ -184,12 +241,18 @@ impl UnixAttestor {
         if uid != peer.uid {
             return Err(AttestError::PidReused { pid });
         }
-        let path = std::fs::read_link(self.proc_file(pid, "exe"))
-            .map(|p| p.to_string_lossy().into_owned())
-            .map_err(|e| AttestError::Proc {
-                pid,
-                reason: format!("exe: {e}"),
-            })?;
+        // Best effort, as SPIRE without discover_workload_path: an agent that
+        // may not read another user's /proc/<pid>/exe still attests the uid
+        // and gids; entries that need path or sha256 then do not match.
+        let path = match std::fs::read_link(self.proc_file(pid, "exe")) {
+            Ok(p) => Some(p.to_string_lossy().into_owned()),
+            Err(e) => {
+                if !self.path_warned.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(pid, error = %e, "cannot read a workload's executable path; unix:path and unix:sha256 selectors are left out for such callers (logged once)");
+                }
+                None
+            }
+        };
         let mut out: Vec<Selector> = Vec::new();
         out.extend(selector(format!("uid:{}", peer.uid)));
         out.extend(selector(format!("gid:{}", peer.gid)));
@@ -202,10 +265,12 @@ impl UnixAttestor {
         for g in groups {
             out.extend(selector(format!("supplementary_gid:{g}")));
         }
-        out.extend(selector(format!("path:{path}")));
-        if self.sha256 {
-            let digest = self.sha256(pid, &path)?;
-            out.extend(selector(format!("sha256:{digest}")));
+        if let Some(path) = path {
+            out.extend(selector(format!("path:{path}")));
+            if self.sha256 {
+                let digest = self.sha256(pid, &path)?;
+                out.extend(selector(format!("sha256:{digest}")));
+            }
         }
         // Same process at the end as at the start?
         if self.start_time(pid)? != started || self.status(pid)?.0 != uid {
@@ -310,5 +375,49 @@ mod tests {
     fn sha256_is_opt_in() {
         let sels = UnixAttestor::default().attest(me()).unwrap();
         assert!(!sels.iter().any(|s| s.value().starts_with("sha256:")));
+    }
+
+    #[test]
+    fn path_and_sha256_are_best_effort_and_hashes_are_cached() {
+        // A proc tree where the executable link is unreadable (as for another
+        // user's process seen by a non-root agent).
+        let dir = tempfile::tempdir().unwrap();
+        let peer = me();
+        let pid = peer.pid.unwrap();
+        let own = std::path::Path::new("/proc").join(pid.to_string());
+        let fake = dir.path().join(pid.to_string());
+        std::fs::create_dir(&fake).unwrap();
+        for f in ["stat", "status"] {
+            std::fs::copy(own.join(f), fake.join(f)).unwrap();
+        }
+        let a = UnixAttestor {
+            sha256: true,
+            proc_root: dir.path().to_path_buf(),
+            ..UnixAttestor::default()
+        };
+        let sels = a.attest(peer).unwrap();
+        assert!(
+            sels.iter()
+                .any(|s| s.as_str() == format!("unix:uid:{}", peer.uid))
+        );
+        assert!(
+            !sels
+                .iter()
+                .any(|s| s.value().starts_with("path:") || s.value().starts_with("sha256:")),
+            "{sels:?}"
+        );
+
+        let a = UnixAttestor {
+            sha256_max_bytes: u64::MAX,
+            ..UnixAttestor::with_sha256(true)
+        };
+        let first = a.attest(peer).unwrap();
+        assert_eq!(a.digests.lock().unwrap().len(), 1);
+        assert_eq!(
+            a.attest(peer).unwrap(),
+            first,
+            "the cached digest is the same"
+        );
+        assert_eq!(a.digests.lock().unwrap().len(), 1);
     }
 }

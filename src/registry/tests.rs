@@ -449,7 +449,10 @@ fn selectors_of_known_types_are_checked_and_unknown_types_refused() {
         let mut p = params("spiffe://example.org/web", AGENT);
         p.selectors = vec![sel.into()];
         let e = r.create_entry(p, now()).unwrap_err().to_string();
-        assert!(e.starts_with("selectors[0]") && e.contains(says), "{sel}: {e}");
+        assert!(
+            e.starts_with("selectors[0]") && e.contains(says),
+            "{sel}: {e}"
+        );
     }
     for good in [
         "unix:uid:0",
@@ -460,7 +463,8 @@ fn selectors_of_known_types_are_checked_and_unknown_types_refused() {
     ] {
         let mut p = params(&format!("spiffe://example.org/ok/{}", good.len()), AGENT);
         p.selectors = vec![good.into()];
-        r.create_entry(p, now()).unwrap_or_else(|e| panic!("{good}: {e}"));
+        r.create_entry(p, now())
+            .unwrap_or_else(|e| panic!("{good}: {e}"));
     }
     let mut p = params("spiffe://example.org/many", AGENT);
     p.selectors = (0..101).map(|i| format!("unix:uid:{i}")).collect();

@@ -56,7 +56,7 @@ impl WorkloadApi {
     }
 
     /// Checks the security header, then attests the caller.
-    fn caller<T>(&self, req: &Request<T>, rpc: &str) -> Result<Vec<Selector>, Status> {
+    async fn caller<T>(&self, req: &Request<T>, rpc: &str) -> Result<Vec<Selector>, Status> {
         let ok = req
             .metadata()
             .get(HEADER)
@@ -78,7 +78,17 @@ impl WorkloadApi {
             uid: peer.uid(),
             gid: peer.gid(),
         };
-        match self.attestor.attest(creds) {
+        // Hashing the executable reads a whole file: keep it off the async
+        // workers (a cache hit is cheap, but the first call per binary is not).
+        let attested = if self.attestor.sha256 {
+            let attestor = self.attestor.clone();
+            tokio::task::spawn_blocking(move || attestor.attest(creds))
+                .await
+                .map_err(|e| Status::internal(format!("attestation task failed: {e}")))?
+        } else {
+            self.attestor.attest(creds)
+        };
+        match attested {
             Ok(selectors) => {
                 tracing::debug!(rpc, pid = ?creds.pid, uid = creds.uid, "workload attested");
                 Ok(selectors)
@@ -284,7 +294,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<pw::X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        let selectors = self.caller(&req, "fetch_x509_svid")?;
+        let selectors = self.caller(&req, "fetch_x509_svid").await?;
         Ok(Response::new(self.stream(
             "fetch_x509_svid",
             selectors,
@@ -298,7 +308,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<pw::X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        let selectors = self.caller(&req, "fetch_x509_bundles")?;
+        let selectors = self.caller(&req, "fetch_x509_bundles").await?;
         Ok(Response::new(self.stream(
             "fetch_x509_bundles",
             selectors,
@@ -310,7 +320,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<pw::JwtsvidRequest>,
     ) -> Result<Response<pw::JwtsvidResponse>, Status> {
-        let selectors = self.caller(&req, "fetch_jwt_svid")?;
+        let selectors = self.caller(&req, "fetch_jwt_svid").await?;
         let r = req.get_ref();
         crate::jwt::check_audiences(&r.audience)
             .map_err(|e| Status::invalid_argument(format!("audience: {e}")))?;
@@ -356,7 +366,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<pw::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        let selectors = self.caller(&req, "fetch_jwt_bundles")?;
+        let selectors = self.caller(&req, "fetch_jwt_bundles").await?;
         Ok(Response::new(self.stream(
             "fetch_jwt_bundles",
             selectors,
@@ -368,7 +378,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<pw::ValidateJwtsvidRequest>,
     ) -> Result<Response<pw::ValidateJwtsvidResponse>, Status> {
-        self.caller(&req, "validate_jwt_svid")?;
+        self.caller(&req, "validate_jwt_svid").await?;
         let r = req.get_ref();
         crate::jwt::check_audiences(std::slice::from_ref(&r.audience))
             .map_err(|e| Status::invalid_argument(format!("audience: {e}")))?;
