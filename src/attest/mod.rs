@@ -54,6 +54,9 @@ pub struct PeerCredentials {
     pub gid: u32,
 }
 
+/// An executable's identity on disk: (device, inode, mtime, size).
+type FileKey = (u64, u64, i64, u64);
+
 /// The unix workload attestor.
 #[derive(Clone)]
 pub struct UnixAttestor {
@@ -64,7 +67,7 @@ pub struct UnixAttestor {
     /// Root of the proc filesystem (tests may point elsewhere).
     pub proc_root: PathBuf,
     /// Digests already computed, by the executable's (dev, inode, mtime, size).
-    digests: Arc<Mutex<HashMap<(u64, u64, i64, u64), String>>>,
+    digests: Arc<Mutex<HashMap<FileKey, String>>>,
     /// Whether "executable path unreadable" was already logged.
     path_warned: Arc<AtomicBool>,
 }
