@@ -28,6 +28,16 @@ pub enum NodeClientError {
     /// Local key material problem.
     #[error(transparent)]
     Key(#[from] crate::x509::KeyError),
+    /// The agent is configured for another trust domain than the server serves.
+    #[error(
+        "this agent is configured for trust domain {configured}, but the server serves {served}; fix trust_domain (or leave it to the trust bundle)"
+    )]
+    TrustDomainMismatch {
+        /// The agent's trust domain.
+        configured: String,
+        /// The server's.
+        served: String,
+    },
 }
 
 /// The agent's identity: its SVID, key and the bundle it came with.
@@ -128,6 +138,34 @@ pub enum Attestation {
     },
 }
 
+/// Refuses to attest (and spend a single-use token) to a server of another
+/// trust domain: its CA certificates name the domain it serves.
+async fn check_trust_domain(
+    client: &mut NodeClient<Channel>,
+    trust_domain: &TrustDomain,
+) -> Result<(), NodeClientError> {
+    let jwks = client
+        .fetch_bundle(pn::FetchBundleRequest {})
+        .await?
+        .into_inner()
+        .bundle_jwks;
+    let jwks = String::from_utf8(jwks)
+        .map_err(|_| NodeClientError::Protocol("bundle is not UTF-8".into()))?;
+    let bundle = Bundle::from_jwks(trust_domain.clone(), &jwks)
+        .map_err(|e| NodeClientError::Protocol(format!("bundle: {e}")))?;
+    for der in bundle.x509_authorities() {
+        if let Ok(id) = crate::x509::svid_id(der) {
+            if &id.trust_domain() != trust_domain {
+                return Err(NodeClientError::TrustDomainMismatch {
+                    configured: trust_domain.to_string(),
+                    served: id.trust_domain().to_string(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Attests to the server and returns the agent identity.
 pub async fn attest(
     client: &mut NodeClient<Channel>,
@@ -136,6 +174,7 @@ pub async fn attest(
 ) -> Result<AgentIdentity, NodeClientError> {
     use pn::attest_agent_request::Step as Req;
     use pn::attest_agent_response::Step as Resp;
+    check_trust_domain(client, trust_domain).await?;
     let key = PrivateKey::generate(KeyAlgorithm::EcP256)?;
     let csr = key.csr_der(trust_domain.id().as_str())?;
     let (attestor, payload) = match attestation {

@@ -440,6 +440,35 @@ async fn banned_agent_is_refused_and_its_stream_ends() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_of_another_trust_domain_is_refused_before_spending_its_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(server_config(dir.path(), vec![])).await.unwrap();
+    let token = admin(&server)
+        .await
+        .generate_token(pa::GenerateTokenRequest { ttl_seconds: 600 })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let addr = server.node_addr().to_string();
+    let mut c = connect(&addr, server.bundle_pem(), None).await.unwrap();
+    let other = TrustDomain::new("other.org").unwrap();
+    let e = attest(&mut c, &other, &Attestation::JoinToken(token.clone()))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("configured for trust domain other.org") && e.contains("serves example.org"),
+        "{e}"
+    );
+    // The token was not consumed.
+    attest(&mut c, &td(), &Attestation::JoinToken(token))
+        .await
+        .unwrap();
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_are_capped_at_500_csrs() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(server_config(dir.path(), vec![])).await.unwrap();
