@@ -121,12 +121,22 @@ impl Manager {
         let mut client =
             node_client::connect(&self.server, &self.bundle().to_pem(), Some(&self.identity))
                 .await?;
-        let mut stream = client
+        let opened = client
             .sync_entries(pn::SyncEntriesRequest {
                 resume_from_revision: self.revision,
             })
-            .await?
-            .into_inner();
+            .await;
+        let mut stream = match opened {
+            Ok(s) => s.into_inner(),
+            // The server no longer knows this identity (evicted, or its SVID
+            // superseded): attest again if we can, instead of looping.
+            Err(s) if s.code() == tonic::Code::PermissionDenied && self.attestation.is_some() => {
+                tracing::warn!(agent = %self.identity.spiffe_id, reason = ?s.message(), "the server refused the saved identity; attesting again");
+                self.reattest().await?;
+                return Ok(SessionEnd::Reconnect);
+            }
+            Err(s) => return Err(s.into()),
+        };
         self.client.send_replace(Some(client.clone()));
         tracing::info!(server = %self.server, agent = %self.identity.spiffe_id, resume_from = self.revision, "connected to server");
         let mut pending: Option<BTreeMap<String, Entry>> = None;
@@ -179,20 +189,25 @@ impl Manager {
         }
     }
 
-    /// An expired agent SVID cannot be renewed over mTLS: attest again with
-    /// x509pop (a join token is single-use and cannot).
+    /// Attests again: with x509pop (any number of times) or with a join token
+    /// given at start and not yet spent (once). An expired agent SVID cannot
+    /// be renewed over mTLS, and an evicted agent must attest.
     async fn reattest(&mut self) -> Result<(), NodeClientError> {
-        let Some(att @ Attestation::X509Pop { .. }) = &self.attestation else {
+        let Some(att) = self.attestation.clone() else {
             return Err(NodeClientError::Protocol(
-                "the agent SVID has expired and join tokens are single-use: start the agent with a new --join-token"
+                "the agent must attest again and has no unused attestation: join tokens are single-use, so start the agent with a new join token"
                     .into(),
             ));
         };
+        if matches!(att, Attestation::JoinToken(_)) {
+            self.attestation = None;
+        }
         let mut c = node_client::connect(&self.server, &self.bundle().to_pem(), None).await?;
         let td = self.bundle().trust_domain().clone();
-        self.identity = node_client::attest(&mut c, &td, att).await?;
+        self.identity = node_client::attest(&mut c, &td, &att).await?;
         persist::save(&self.data_dir, &self.identity);
-        tracing::info!(agent = %self.identity.spiffe_id, "re-attested with x509pop");
+        self.revision = 0;
+        tracing::info!(agent = %self.identity.spiffe_id, "attested again");
         Ok(())
     }
 

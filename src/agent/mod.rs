@@ -19,6 +19,7 @@ use tokio::task::JoinHandle;
 
 pub use manager::entry_from_proto;
 pub use node_client::{AgentIdentity, Attestation, NodeClientError, attest, connect, renew};
+pub use persist::saved_identity;
 pub use state::{AgentState, Backoff, CachedSvid, rotation_time};
 
 use crate::attest::UnixAttestor;
@@ -342,12 +343,19 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
             .map_or(0, |d| d.as_secs()),
     )
     .unwrap_or(i64::MAX);
+    // A join token is single-use: once spent here, the manager may not use it
+    // again. Unspent (a saved identity was loaded), it stays available for
+    // when the server refuses that identity (evicted).
+    let mut unspent = config.attestation.clone();
     let identity = match saved {
         Some(id) if id.expires_at > now || config.attestation.is_none() => {
             tracing::info!(agent = %id.spiffe_id, "loaded the saved agent identity");
             id
         }
         _ => {
+            if matches!(unspent, Some(Attestation::JoinToken(_))) {
+                unspent = None;
+            }
             let att = config
                 .attestation
                 .as_ref()
@@ -367,7 +375,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     let manager = manager::Manager {
         server: config.server.clone(),
         identity,
-        attestation: config.attestation.clone(),
+        attestation: unspent,
         data_dir: config.data_dir.clone(),
         entries: BTreeMap::new(),
         svids: HashMap::new(),

@@ -51,3 +51,11 @@ pub fn load(dir: &Path, td: &TrustDomain) -> Result<Option<AgentIdentity>, Strin
         bundle,
     }))
 }
+
+/// The saved agent's ID and SVID expiry (seconds since the epoch), if any.
+pub fn saved_identity(dir: &Path, td: &TrustDomain) -> Option<(crate::spiffe::SpiffeId, i64)> {
+    load(dir, td)
+        .ok()
+        .flatten()
+        .map(|id| (id.spiffe_id, id.expires_at))
+}

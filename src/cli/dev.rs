@@ -40,11 +40,16 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let server = crate::server::start(server_config).await?;
     let mut admin = super::connect_admin(server.admin_socket()).await?;
 
+    // Reuse the saved agent while its SVID has time left; otherwise (first
+    // run, or a run after it expired) attest a new agent with a fresh token, so
+    // dev mode always comes back up.
     let agent_dir = data_dir.join("agent");
-    let saved_agent = std::fs::read_to_string(agent_dir.join("agent-svid.pem"))
-        .ok()
-        .and_then(|pem| crate::x509::certs_from_pem(&pem).ok())
-        .and_then(|c| c.first().and_then(|l| crate::x509::svid_id(l).ok()));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let saved_agent = crate::agent::saved_identity(&agent_dir, &td)
+        .filter(|(_, expires_at)| u64::try_from(*expires_at).unwrap_or(0) > now + 60)
+        .map(|(id, _)| id);
     let (agent_id, attestation) = match saved_agent {
         Some(id) => (id, None),
         None => {
@@ -84,6 +89,27 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         Ok(_) => {}
         Err(s) if s.code() == tonic::Code::AlreadyExists => {}
         Err(s) => anyhow::bail!("cannot register {workload_id}: {}", s.message()),
+    }
+    // Entries of earlier dev agents for the same user are stale: drop them.
+    let listed = admin
+        .list_entries(pa::ListEntriesRequest {
+            spiffe_id: workload_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner();
+    for stale in listed
+        .entries
+        .iter()
+        .filter(|e| e.parent_id != agent_id.as_str())
+    {
+        admin
+            .delete_entry(pa::EntryIdRequest {
+                id: stale.id.clone(),
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
     }
 
     let agent = crate::agent::start(AgentConfig {

@@ -570,3 +570,45 @@ async fn agent_renews_its_svid_and_reattests_with_x509pop_after_expiry() {
     again.shutdown(Duration::from_secs(2)).await;
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evicted_agent_restarted_with_a_new_join_token_attests_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(server_config(&dir.path().join("s"), vec![]))
+        .await
+        .unwrap();
+    let first = start_agent(&server, dir.path()).await;
+    let old_id = first.spiffe_id().to_string();
+    first.shutdown(Duration::from_secs(2)).await;
+    admin(&server)
+        .await
+        .evict_agent(pa::AgentIdRequest {
+            spiffe_id: old_id.clone(),
+        })
+        .await
+        .unwrap();
+    // Same data dir (the saved identity is still unexpired), a new token.
+    let second = start_agent(&server, dir.path()).await;
+    let mut state = second.state();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let agents = admin(&server)
+                .await
+                .list_agents(pa::ListAgentsRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .agents;
+            if agents.iter().any(|a| a.spiffe_id != old_id) {
+                return;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(200), state.changed()).await;
+        }
+    })
+    .await
+    .expect("the agent never attested with its new token");
+    let saved = sigil::agent::saved_identity(&dir.path().join("agent"), &td()).unwrap();
+    assert_ne!(saved.0.to_string(), old_id, "the new identity is saved");
+    second.shutdown(Duration::from_secs(2)).await;
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}

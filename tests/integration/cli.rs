@@ -541,3 +541,61 @@ fn policy_check_explains_and_names_bad_fields() {
         "{e}"
     );
 }
+
+/// Starts `sigil dev` and waits for its instructions; returns the process.
+fn start_dev(data: &Path, sock: &Path) -> Child {
+    let mut dev = sigil()
+        .args(["dev", "--data-dir"])
+        .arg(data)
+        .arg("--socket")
+        .arg(sock)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(dev.stdout.take().unwrap());
+    let mut printed = String::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !printed.contains("Stop with Ctrl-C") {
+        assert!(Instant::now() < deadline, "sigil dev printed: {printed}");
+        let mut line = String::new();
+        if std::io::BufRead::read_line(&mut out, &mut line).unwrap() == 0 {
+            panic!("sigil dev exited: {printed}");
+        }
+        printed.push_str(&line);
+    }
+    dev
+}
+
+#[test]
+fn dev_comes_back_up_after_its_saved_agent_svid_expired() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("dev");
+    let sock = dir.path().join("api.sock");
+    let mut dev = start_dev(&data, &sock);
+    let _ = dev.kill();
+    let _ = dev.wait();
+    // Make the saved agent SVID look expired (as after an hour away).
+    let svid = data.join("agent/agent-svid.pem");
+    let saved = sigil::x509::certs_from_pem(&std::fs::read_to_string(&svid).unwrap()).unwrap();
+    let id = sigil::x509::svid_id(&saved[0]).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.subject_alt_names = vec![rcgen::SanType::URI(id.as_str().try_into().unwrap())];
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2020, 1, 2);
+    std::fs::write(&svid, params.self_signed(&key).unwrap().pem()).unwrap();
+
+    let mut dev = start_dev(&data, &sock);
+    let o = sigil()
+        .args(["workload", "fetch-jwt", "--audience", "x"])
+        .env(
+            "SPIFFE_ENDPOINT_SOCKET",
+            format!("unix://{}", sock.display()),
+        )
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let _ = dev.kill();
+    let _ = dev.wait();
+}
