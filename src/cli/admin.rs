@@ -371,12 +371,21 @@ pub async fn entry(cmd: EntryCmd) -> anyhow::Result<()> {
             let entries = match id {
                 Some(id) => vec![rpc(c.get_entry(pa::EntryIdRequest { id }).await)?],
                 None => {
-                    let req = pa::ListEntriesRequest {
+                    let mut req = pa::ListEntriesRequest {
                         spiffe_id: spiffe_id.unwrap_or_default(),
                         parent_id: parent_id.unwrap_or_default(),
                         selector: selector.unwrap_or_default(),
+                        ..Default::default()
                     };
-                    rpc(c.list_entries(req).await)?.entries
+                    let mut all = Vec::new();
+                    loop {
+                        let page = rpc(c.list_entries(req.clone()).await)?;
+                        all.extend(page.entries);
+                        if page.next_page_token.is_empty() {
+                            break all;
+                        }
+                        req.page_token = page.next_page_token;
+                    }
                 }
             };
             print_entries(admin.output, &entries)

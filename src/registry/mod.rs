@@ -395,27 +395,53 @@ impl Registry {
         Ok(out)
     }
 
-    /// Every entry matching the filters (all entries when none is given).
+    /// Up to `limit` entries matching the filters (every entry when none is
+    /// given), in entry-ID order after `after`, and whether more may follow.
     pub fn list_entries(
         &self,
         spiffe_id: Option<&SpiffeId>,
         parent_id: Option<&SpiffeId>,
         selector: Option<&Selector>,
-    ) -> Result<Vec<Entry>, RegistryError> {
-        let all: Vec<Entry> = match parent_id {
-            Some(p) => self.entries_by_parent(p, None, usize::MAX)?,
-            None => self
-                .store
-                .scan(Table::Entries, b"", None, usize::MAX)?
-                .into_iter()
-                .map(|(k, v)| decode(&format!("entry {}", String::from_utf8_lossy(&k)), &v))
-                .collect::<Result<_, _>>()?,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<Entry>, bool), RegistryError> {
+        let wanted = |e: &Entry| {
+            spiffe_id.is_none_or(|id| &e.spiffe_id == id)
+                && selector.is_none_or(|s| e.selectors.contains(s))
         };
-        Ok(all
-            .into_iter()
-            .filter(|e| spiffe_id.is_none_or(|id| &e.spiffe_id == id))
-            .filter(|e| selector.is_none_or(|s| e.selectors.contains(s)))
-            .collect())
+        let mut out = Vec::new();
+        let mut cursor = after.map(str::to_string);
+        // Scan in batches: filters may skip many entries between matches.
+        let batch = limit.clamp(1, 1000);
+        loop {
+            let scanned: Vec<Entry> = match parent_id {
+                Some(p) => self.entries_by_parent(p, cursor.as_deref(), batch)?,
+                None => self
+                    .store
+                    .scan(
+                        Table::Entries,
+                        b"",
+                        cursor.as_deref().map(str::as_bytes),
+                        batch,
+                    )?
+                    .into_iter()
+                    .map(|(k, v)| decode(&format!("entry {}", String::from_utf8_lossy(&k)), &v))
+                    .collect::<Result<_, _>>()?,
+            };
+            let exhausted = scanned.len() < batch;
+            for e in scanned {
+                cursor = Some(e.id.clone());
+                if wanted(&e) {
+                    out.push(e);
+                    if out.len() == limit {
+                        return Ok((out, true));
+                    }
+                }
+            }
+            if exhausted {
+                return Ok((out, false));
+            }
+        }
     }
 
     /// Generates a single-use join token valid for `ttl`.

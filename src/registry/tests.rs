@@ -50,11 +50,28 @@ fn create_list_update_delete() {
         r.entries_by_parent(&other, None, 10).unwrap(),
         vec![moved.clone()]
     );
-    assert_eq!(r.list_entries(None, None, None).unwrap().len(), 1);
+    assert_eq!(
+        r.list_entries(None, None, None, None, usize::MAX)
+            .unwrap()
+            .0
+            .len(),
+        1
+    );
     let sel = Selector::new("unix:uid:1000").unwrap();
-    assert_eq!(r.list_entries(None, None, Some(&sel)).unwrap().len(), 1);
+    assert_eq!(
+        r.list_entries(None, None, Some(&sel), None, usize::MAX)
+            .unwrap()
+            .0
+            .len(),
+        1
+    );
     let nope = Selector::new("unix:uid:1").unwrap();
-    assert!(r.list_entries(None, None, Some(&nope)).unwrap().is_empty());
+    assert!(
+        r.list_entries(None, None, Some(&nope), None, usize::MAX)
+            .unwrap()
+            .0
+            .is_empty()
+    );
 
     r.delete_entry(&e.id).unwrap();
     assert!(r.entry(&e.id).unwrap().is_none());
@@ -174,7 +191,10 @@ fn validation_names_the_field() {
         assert!(err.starts_with(field), "{p:?}: {err}");
     }
     assert!(
-        r.list_entries(None, None, None).unwrap().is_empty(),
+        r.list_entries(None, None, None, None, usize::MAX)
+            .unwrap()
+            .0
+            .is_empty(),
         "nothing written"
     );
     let ok = EntryParams {
@@ -274,7 +294,10 @@ fn batch_create_is_all_or_nothing() {
         "{err}"
     );
     assert_eq!(
-        r.list_entries(None, None, None).unwrap().len(),
+        r.list_entries(None, None, None, None, usize::MAX)
+            .unwrap()
+            .0
+            .len(),
         1,
         "nothing from the batch landed"
     );
@@ -474,4 +497,42 @@ fn selectors_of_known_types_are_checked_and_unknown_types_refused() {
     p.dns_names = (0..101).map(|i| format!("h{i}.example.org")).collect();
     let e = r.create_entry(p, now()).unwrap_err().to_string();
     assert!(e.contains("dns_names: 101 given; at most 100"), "{e}");
+}
+
+#[test]
+fn listing_is_paged_in_id_order_with_filters() {
+    let r = registry();
+    for i in 0..25 {
+        let mut p = params(
+            &format!("spiffe://example.org/w{i}"),
+            if i % 2 == 0 { AGENT } else { OTHER },
+        );
+        p.selectors = vec![format!("unix:uid:{}", i % 3)];
+        r.create_entry(p, now()).unwrap();
+    }
+    let sel = Selector::new("unix:uid:0").unwrap();
+    for (parent, selector, want) in [
+        (None, None, 25),
+        (Some(SpiffeId::new(AGENT).unwrap()), None, 13),
+        (None, Some(&sel), 9),
+    ] {
+        let mut seen = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let (page, more) = r
+                .list_entries(None, parent.as_ref(), selector, after.as_deref(), 4)
+                .unwrap();
+            assert!(page.len() <= 4);
+            after = page.last().map(|e| e.id.clone());
+            seen.extend(page.into_iter().map(|e| e.id));
+            if !more {
+                break;
+            }
+        }
+        let mut sorted = seen.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(seen, sorted, "in order, no repeats");
+        assert_eq!(seen.len(), want, "{parent:?} {selector:?}");
+    }
 }

@@ -54,6 +54,12 @@ fn optional_id(field: &str, value: &str) -> Result<Option<SpiffeId>, Status> {
         .transpose()
 }
 
+/// Entries per ListEntries page by default, and at most.
+const DEFAULT_PAGE: usize = 500;
+const MAX_PAGE: usize = 5000;
+/// A ListEntries page stops once its entries pass this many bytes.
+const PAGE_BYTES: usize = 2 * 1024 * 1024;
+
 /// Join tokens live this long at most.
 const MAX_TOKEN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
@@ -188,13 +194,47 @@ impl Admin for AdminService {
             .then(|| Selector::new(&r.selector))
             .transpose()
             .map_err(|e| Status::invalid_argument(format!("selector: {e}")))?;
-        let entries = self
+        let limit = match r.page_size {
+            0 => DEFAULT_PAGE,
+            n if n as usize > MAX_PAGE => {
+                return Err(Status::invalid_argument(format!(
+                    "page_size: {n} is more than the maximum of {MAX_PAGE}"
+                )));
+            }
+            n => n as usize,
+        };
+        let after = (!r.page_token.is_empty()).then_some(r.page_token.as_str());
+        let (entries, more) = self
             .state
             .registry
-            .list_entries(spiffe_id.as_ref(), parent_id.as_ref(), selector.as_ref())
+            .list_entries(
+                spiffe_id.as_ref(),
+                parent_id.as_ref(),
+                selector.as_ref(),
+                after,
+                limit,
+            )
             .map_err(status)?;
+        // Pages stop near PAGE_BYTES whatever the entries hold.
+        let mut page = Vec::new();
+        let mut bytes = 0;
+        let mut cut = false;
+        for e in &entries {
+            let e = pn::Entry::from(e);
+            bytes += prost::Message::encoded_len(&e);
+            if bytes > PAGE_BYTES && !page.is_empty() {
+                cut = true;
+                break;
+            }
+            page.push(e);
+        }
+        let next_page_token = match page.last() {
+            Some(last) if more || cut => last.id.clone(),
+            _ => String::new(),
+        };
         Ok(Response::new(pa::ListEntriesResponse {
-            entries: entries.iter().map(pn::Entry::from).collect(),
+            entries: page,
+            next_page_token,
         }))
     }
 

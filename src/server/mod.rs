@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use tonic::Status;
 
 pub use admin::AdminService;
-pub use node::{NodeService, SNAPSHOT_PAGE};
+pub use node::{MAX_SYNC_MESSAGE, NodeService, SNAPSHOT_PAGE};
 
 use crate::ca::{CaOptions, CaSet, CaSetError, IssuedX509, VerifiedCsr, X509SvidParams};
 use crate::config::{ConfigError, LogFormat, RawConfig};

@@ -22,6 +22,8 @@ use crate::x509::svid_id;
 const ATTEST_STEP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Entries per snapshot page: far below gRPC's 4 MiB message limit.
 pub const SNAPSHOT_PAGE: usize = 500;
+/// Sync messages stay under this many encoded bytes (gRPC's default limit is 4 MiB).
+pub const MAX_SYNC_MESSAGE: usize = 1024 * 1024;
 /// Events read per wake-up of a sync stream.
 const EVENT_BATCH: usize = 10_000;
 
@@ -471,6 +473,7 @@ async fn sync(
                     _ => {}
                 }
             }
+            let before = last;
             last = events.last().map_or(last, |e| e.revision);
             let mut upserted = Vec::new();
             let mut deleted = Vec::new();
@@ -486,20 +489,33 @@ async fn sync(
             if upserted.is_empty() && deleted.is_empty() && !bundle_changed {
                 continue;
             }
-            let msg = pn::SyncEntriesResponse {
-                revision: last,
-                kind: Some(pn::sync_entries_response::Kind::Delta(pn::Delta {
-                    upserted,
-                    deleted,
-                })),
-                bundle_jwks: if bundle_changed {
-                    state.bundle_jwks()
-                } else {
-                    Vec::new()
-                },
-            };
-            if tx.send(Ok(msg)).await.is_err() {
-                return Ok(());
+            // Large deltas go in several messages. All but the final one carry
+            // the revision before this batch, so an agent cut off midway
+            // resumes from there and receives the rest again.
+            let chunks = by_size(upserted);
+            let n = chunks.len();
+            let mut deleted = Some(deleted);
+            for (i, upserted) in chunks.into_iter().enumerate() {
+                let final_part = i + 1 == n;
+                let msg = pn::SyncEntriesResponse {
+                    revision: if final_part { last } else { before },
+                    kind: Some(pn::sync_entries_response::Kind::Delta(pn::Delta {
+                        upserted,
+                        deleted: if final_part {
+                            deleted.take().unwrap_or_default()
+                        } else {
+                            Vec::new()
+                        },
+                    })),
+                    bundle_jwks: if bundle_changed && final_part {
+                        state.bundle_jwks()
+                    } else {
+                        Vec::new()
+                    },
+                };
+                if tx.send(Ok(msg)).await.is_err() {
+                    return Ok(());
+                }
             }
         }
         tokio::select! {
@@ -531,27 +547,53 @@ async fn send_snapshot(
             .registry
             .entries_by_parent(agent, after.as_deref(), SNAPSHOT_PAGE)
             .map_err(status)?;
-        let last = page.len() < SNAPSHOT_PAGE;
+        let last_page = page.len() < SNAPSHOT_PAGE;
         after = page.last().map(|e| e.id.clone());
-        let msg = pn::SyncEntriesResponse {
-            revision,
-            kind: Some(pn::sync_entries_response::Kind::Snapshot(
-                pn::SnapshotPage {
-                    entries: page.iter().map(pn::Entry::from).collect(),
-                    last,
+        let chunks = by_size(page.iter().map(pn::Entry::from).collect());
+        let n = chunks.len();
+        for (i, entries) in chunks.into_iter().enumerate() {
+            let msg = pn::SyncEntriesResponse {
+                revision,
+                kind: Some(pn::sync_entries_response::Kind::Snapshot(
+                    pn::SnapshotPage {
+                        entries,
+                        last: last_page && i + 1 == n,
+                    },
+                )),
+                bundle_jwks: if first {
+                    state.bundle_jwks()
+                } else {
+                    Vec::new()
                 },
-            )),
-            bundle_jwks: if first {
-                state.bundle_jwks()
-            } else {
-                Vec::new()
-            },
-        };
-        first = false;
-        if tx.send(Ok(msg)).await.is_err() || last {
+            };
+            first = false;
+            if tx.send(Ok(msg)).await.is_err() {
+                return Ok(revision);
+            }
+        }
+        if last_page {
             return Ok(revision);
         }
     }
+}
+
+/// Splits entries into messages of at most [`MAX_SYNC_MESSAGE`] encoded bytes
+/// (one entry per message when an entry alone is larger), never none.
+fn by_size(entries: Vec<pn::Entry>) -> Vec<Vec<pn::Entry>> {
+    let mut chunks = vec![Vec::new()];
+    let mut bytes = 0;
+    for e in entries {
+        let len = prost::Message::encoded_len(&e) + 8;
+        if bytes + len > MAX_SYNC_MESSAGE && chunks.last().is_some_and(|c| !c.is_empty()) {
+            chunks.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += len;
+        if let Some(c) = chunks.last_mut() {
+            c.push(e);
+        }
+    }
+    chunks
 }
 
 /// Fingerprint used in x509pop agent IDs.

@@ -651,6 +651,89 @@ async fn snapshots_are_paged() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_entries_are_paged_by_bytes_in_snapshots_deltas_and_listings() {
+    use prost::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(server_config(dir.path(), vec![])).await.unwrap();
+    let a = join(&server).await;
+    let mut client = agent_client(&server, &a).await;
+    let mut live = client
+        .sync_entries(pn::SyncEntriesRequest {
+            resume_from_revision: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    next(&mut live).await.unwrap().unwrap();
+    // 200 entries of ~25 KB each (100 DNS names of 240 bytes): 5 MB, more
+    // than gRPC's 4 MiB message limit in one page.
+    let n = 200;
+    let mut c = admin(&server).await;
+    let label = "a".repeat(60);
+    let params: Vec<pa::EntryParams> = (0..n)
+        .map(|i| pa::EntryParams {
+            spiffe_id: format!("spiffe://example.org/big{i}"),
+            parent_id: a.spiffe_id.to_string(),
+            selectors: vec!["unix:uid:1".into()],
+            dns_names: (0..100)
+                .map(|d| format!("{label}.{label}.{label}.d{d}-{i}.example"))
+                .collect(),
+            ..Default::default()
+        })
+        .collect();
+    for p in params {
+        c.create_entry(p).await.unwrap();
+    }
+    // A live stream receives them as deltas, every message under 1 MiB.
+    let mut got = 0;
+    while got < n {
+        let msg = next(&mut live).await.unwrap().unwrap();
+        assert!(msg.encoded_len() <= sigil::server::MAX_SYNC_MESSAGE + 4096);
+        if let Some(pn::sync_entries_response::Kind::Delta(d)) = msg.kind {
+            got += d.upserted.len();
+        }
+    }
+    // A fresh snapshot too.
+    let mut snap = client
+        .sync_entries(pn::SyncEntriesRequest {
+            resume_from_revision: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut total = 0;
+    loop {
+        let msg = next(&mut snap).await.unwrap().unwrap();
+        assert!(msg.encoded_len() <= sigil::server::MAX_SYNC_MESSAGE + 4096);
+        let Some(pn::sync_entries_response::Kind::Snapshot(p)) = msg.kind else {
+            panic!()
+        };
+        total += p.entries.len();
+        if p.last {
+            break;
+        }
+    }
+    assert_eq!(total, n);
+    // Listing pages by bytes as well.
+    let mut listed = 0;
+    let mut pages = 0;
+    let mut req = pa::ListEntriesRequest::default();
+    loop {
+        let page = c.list_entries(req.clone()).await.unwrap().into_inner();
+        assert!(page.encoded_len() < 4 * 1024 * 1024);
+        listed += page.entries.len();
+        pages += 1;
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        req.page_token = page.next_page_token;
+    }
+    assert_eq!(listed, n);
+    assert!(pages >= 2, "{pages} pages");
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_keeps_entries_agents_revision_and_ca() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(server_config(dir.path(), vec![])).await.unwrap();
