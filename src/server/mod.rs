@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use tonic::Status;
 
 pub use admin::AdminService;
-pub use node::{MAX_SYNC_MESSAGE, NodeService, SNAPSHOT_PAGE};
+pub use node::{MAX_SYNC_MESSAGE, MAX_SYNC_STREAMS_PER_AGENT, NodeService, SNAPSHOT_PAGE};
 
 use crate::ca::{CaOptions, CaSet, CaSetError, IssuedX509, VerifiedCsr, X509SvidParams};
 use crate::config::{ConfigError, LogFormat, RawConfig};
@@ -205,6 +205,9 @@ pub struct ServerState {
     clock: Arc<dyn Clock>,
     options: ServerOptions,
     shutdown: watch::Receiver<bool>,
+    /// Open SyncEntries streams per agent (capped: a runaway or hostile agent
+    /// cannot pin unbounded server tasks).
+    sync_streams: std::sync::Mutex<std::collections::HashMap<SpiffeId, usize>>,
     /// Signing runs on the blocking pool, this many batches at once (one per
     /// core), so a flood of CSRs never stalls the async workers that serve
     /// health, attestation and sync.
@@ -335,6 +338,39 @@ fn bind_admin_socket(path: &Path) -> Result<UnixListener, ServerError> {
     })
 }
 
+/// Events kept for agents to resume from; older ones are compacted away (an
+/// agent further behind gets a snapshot).
+pub const KEEP_EVENTS: u64 = 100_000;
+/// How often the event log is compacted.
+const COMPACT_EVERY: Duration = Duration::from_secs(600);
+
+/// Drops events older than the last [`KEEP_EVENTS`]; returns the horizon.
+pub fn compact_once(store: &dyn Store) -> Result<u64, crate::store::StoreError> {
+    let through = store.revision()?.saturating_sub(KEEP_EVENTS);
+    store.compact_events(through)?;
+    Ok(through)
+}
+
+/// Compacts the event log on a schedule until shutdown; failures are logged
+/// and retried at the next tick.
+async fn compact_events(state: Arc<ServerState>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(COMPACT_EVERY);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let store = state.registry.store().clone();
+        let done = tokio::task::spawn_blocking(move || compact_once(store.as_ref())).await;
+        match done {
+            Ok(Ok(through)) if through > 0 => tracing::info!(through, "event log compacted"),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "event log compaction failed; will retry"),
+            Err(e) => tracing::error!(error = %e, "event log compaction task failed; will retry"),
+        }
+    }
+}
+
 async fn wait_for(mut rx: watch::Receiver<bool>) {
     while !*rx.borrow() {
         if rx.changed().await.is_err() {
@@ -455,10 +491,12 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         clock,
         options: config.options.clone(),
         shutdown: shutdown_rx.clone(),
+        sync_streams: std::sync::Mutex::default(),
         signers: Arc::new(tokio::sync::Semaphore::new(
             std::thread::available_parallelism().map_or(1, |n| n.get()),
         )),
     });
+    let state_for_compaction = state.clone();
     let node_limits = crate::edge::ConnLimits::NODE;
     let node_server = node_limits
         .server_builder()
@@ -484,7 +522,9 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         }
         None => (None, None),
     };
+    let compactor = compact_events(state_for_compaction, shutdown_rx.clone());
     let task = tokio::spawn(async move {
+        tokio::spawn(compactor);
         let ext_authz = async {
             match ext_authz_server {
                 Some(s) => s.await,

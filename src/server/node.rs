@@ -29,6 +29,49 @@ const EVENT_BATCH: usize = 10_000;
 
 type Sender<T> = mpsc::Sender<Result<T, Status>>;
 
+/// SyncEntries streams one agent may hold open at once.
+pub const MAX_SYNC_STREAMS_PER_AGENT: usize = 4;
+
+/// One open sync stream of an agent; dropping it frees the place.
+struct SyncSlot {
+    state: Arc<ServerState>,
+    agent: SpiffeId,
+}
+
+impl SyncSlot {
+    fn take(state: Arc<ServerState>, agent: &SpiffeId) -> Result<Self, Status> {
+        let mut open = state.sync_streams.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(agent.clone()).or_insert(0);
+        if *n >= MAX_SYNC_STREAMS_PER_AGENT {
+            return Err(Status::resource_exhausted(format!(
+                "agent {agent} already has {MAX_SYNC_STREAMS_PER_AGENT} sync streams open"
+            )));
+        }
+        *n += 1;
+        drop(open);
+        Ok(SyncSlot {
+            state,
+            agent: agent.clone(),
+        })
+    }
+}
+
+impl Drop for SyncSlot {
+    fn drop(&mut self) {
+        let mut open = self
+            .state
+            .sync_streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.agent) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.agent);
+            }
+        }
+    }
+}
+
 /// CSRs in one BatchNewX509SVID request, at most.
 pub const MAX_BATCH: usize = 500;
 
@@ -311,10 +354,12 @@ impl Node for NodeService {
             serial,
         } = caller(&self.state, &req)?;
         let resume = req.get_ref().resume_from_revision;
+        let slot = SyncSlot::take(self.state.clone(), &agent)?;
         let (tx, rx) = mpsc::channel(8);
         let state = self.state.clone();
         tracing::info!(target: "sigil::audit", event = "sync_entries", decision = "allow", agent = %agent, resume_from = resume);
         tokio::spawn(async move {
+            let _slot = slot;
             if let Err(s) = sync(&state, (&agent, &serial), resume, expires, &tx).await {
                 tracing::info!(agent = %agent, reason = s.message(), "sync stream closed");
                 let _ = tx.send(Err(s)).await;

@@ -468,6 +468,51 @@ async fn an_agent_of_another_trust_domain_is_refused_before_spending_its_token()
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
+#[test]
+fn the_event_log_keeps_only_the_last_events() {
+    use sigil::store::{Commit, EventsSince, Store, Table};
+    let store = sigil::MemoryStore::new().unwrap();
+    for i in 0..sigil::server::KEEP_EVENTS + 10 {
+        store
+            .commit(Commit::new().put(Table::Entries, format!("k{}", i % 7), "v"))
+            .unwrap();
+    }
+    assert_eq!(sigil::server::compact_once(&store).unwrap(), 10);
+    assert!(matches!(
+        store.events_since(5, 1).unwrap(),
+        EventsSince::Compacted { .. }
+    ));
+    assert!(matches!(store.events_since(10, 1).unwrap(), EventsSince::Events(e) if e.len() == 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_may_hold_only_a_few_sync_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(server_config(dir.path(), vec![])).await.unwrap();
+    let a = join(&server).await;
+    let mut client = agent_client(&server, &a).await;
+    let open = || pn::SyncEntriesRequest {
+        resume_from_revision: 0,
+    };
+    let mut streams = Vec::new();
+    for _ in 0..sigil::server::MAX_SYNC_STREAMS_PER_AGENT {
+        streams.push(client.sync_entries(open()).await.unwrap().into_inner());
+    }
+    let s = client.sync_entries(open()).await.unwrap_err();
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+    // Closing one frees its place.
+    drop(streams.pop());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while client.sync_entries(open()).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the place was never freed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_are_capped_at_500_csrs() {
     let dir = tempfile::tempdir().unwrap();
