@@ -386,12 +386,19 @@ impl Admin for AdminService {
         &self,
         _req: Request<pa::HealthRequest>,
     ) -> Result<Response<pa::HealthResponse>, Status> {
-        let revision = self
-            .state
-            .registry
-            .store()
-            .revision()
-            .map_err(|e| status(crate::registry::RegistryError::from(e)))?;
+        // A real read and write of the store: a damaged store or a full disk
+        // makes health fail, so `sigil healthcheck` tells the truth.
+        let store = self.state.registry.store().clone();
+        let probed = tokio::task::spawn_blocking(move || {
+            store.probe()?;
+            store.revision()
+        })
+        .await
+        .map_err(|e| Status::internal(format!("health probe task failed: {e}")))?;
+        let revision = probed.map_err(|e| {
+            tracing::error!(error = %e, "health probe: the store failed");
+            Status::unavailable(format!("the store failed a read/write probe: {e}"))
+        })?;
         Ok(Response::new(pa::HealthResponse {
             trust_domain: self.state.registry.trust_domain().to_string(),
             revision,

@@ -463,6 +463,12 @@ pub trait Store: Send + Sync {
     /// Events with revision > `after`, oldest first, at most `limit`.
     fn events_since(&self, after: u64, limit: usize) -> Result<EventsSince, StoreError>;
 
+    /// Checks the store can be read and written now (health). The default
+    /// reads the revision.
+    fn probe(&self) -> Result<(), StoreError> {
+        self.revision().map(|_| ())
+    }
+
     /// Drops events with revision ≤ `through`.
     fn compact_events(&self, through: u64) -> Result<(), StoreError>;
 

@@ -3,6 +3,7 @@
 
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 use sled::{Db, Tree};
@@ -16,6 +17,8 @@ const META_SCHEMA: &[u8] = b"schema_version";
 const META_REVISION: &[u8] = b"revision";
 const META_KEK_CHECK: &[u8] = b"kek_check";
 const META_COMPACTED: &[u8] = b"events_compacted_through";
+/// Written by health probes (a write that proves the disk takes writes).
+const META_PROBE: &[u8] = b"health_probe";
 
 // Tree order inside `trees`: meta, events, then `Table::ALL`.
 const META: usize = 0;
@@ -28,7 +31,14 @@ pub struct SledStore {
     trees: Vec<Tree>,
     kek: Kek,
     path: PathBuf,
+    /// The highest acknowledged revision, also kept outside sled: a store that
+    /// opens behind it lost acknowledged changes (damage sled's own recovery
+    /// would silently roll back), and is refused.
+    mark: Mutex<(std::fs::File, u64)>,
 }
+
+/// The high-water mark file beside the sled database.
+const MARK_FILE: &str = "revision.mark";
 
 impl std::fmt::Debug for SledStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -53,13 +63,41 @@ impl SledStore {
             reason,
         };
         crate::runtime::files::private_dir(dir).map_err(|e| open_err(e.to_string()))?;
-        let db = sled::Config::new()
-            .path(dir.join("db"))
-            .open()
-            .map_err(|e| open_err(e.to_string()))?;
-        let mut trees = vec![db.open_tree("meta")?, db.open_tree("events")?];
-        for table in Table::ALL {
-            trees.push(db.open_tree(table.name())?);
+        // sled panics on some damaged files (a truncated log, for one): turn
+        // that into an error that says what is wrong, not a crash.
+        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let db = sled::Config::new().path(dir.join("db")).open()?;
+            let mut trees = vec![db.open_tree("meta")?, db.open_tree("events")?];
+            for table in Table::ALL {
+                trees.push(db.open_tree(table.name())?);
+            }
+            Ok::<_, sled::Error>((db, trees))
+        }));
+        let (db, trees) = match opened {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => return Err(open_err(format!("cannot open (corrupt?): {e}"))),
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("unknown failure");
+                return Err(open_err(format!(
+                    "the store is damaged (truncated or corrupt) and cannot be opened: {what}; restore it from a backup"
+                )));
+            }
+        };
+        // Read everything once: a damaged record fails here, at start, rather
+        // than later on a request while health says all is well.
+        for tree in &trees {
+            for item in tree.iter() {
+                item.map_err(|e| {
+                    open_err(format!(
+                        "tree {:?} is unreadable (corrupt?): {e}; restore it from a backup",
+                        String::from_utf8_lossy(&tree.name())
+                    ))
+                })?;
+            }
         }
         let meta = &trees[META];
         match meta.get(META_SCHEMA)? {
@@ -85,17 +123,53 @@ impl SledStore {
             }
         }
         db.flush()?;
-        Ok(SledStore {
+        let revision = u64_of(trees[META].get(META_REVISION)?);
+        let mark_path = dir.join(MARK_FILE);
+        let marked = std::fs::read(&mark_path)
+            .ok()
+            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+            .map_or(0, u64::from_be_bytes);
+        if revision < marked {
+            return Err(open_err(format!(
+                "the store is at revision {revision} but revision {marked} was acknowledged: acknowledged changes are missing (damaged or truncated files?). Restore from a backup; if you restored an older copy on purpose, delete {} and start again",
+                mark_path.display()
+            )));
+        }
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&mark_path)
+            .map_err(|e| open_err(format!("{}: {e}", mark_path.display())))?;
+        let store = SledStore {
             db,
             trees,
             kek,
             path: dir.to_path_buf(),
-        })
+            mark: Mutex::new((file, 0)),
+        };
+        store.record_mark(revision)?;
+        Ok(store)
     }
 
     /// Opens `dir` with the KEK file at `kek_path` (created if absent).
     pub fn open_with_kek_file(dir: &Path, kek_path: &Path) -> Result<Self, StoreError> {
         Self::open(dir, Kek::load_or_create(kek_path)?)
+    }
+
+    /// Raises the high-water mark to `revision` (after the flush that made it
+    /// durable, so the mark is never ahead of the data).
+    fn record_mark(&self, revision: u64) -> Result<(), StoreError> {
+        use std::os::unix::fs::FileExt;
+        let mut mark = self.mark.lock().unwrap_or_else(|p| p.into_inner());
+        if revision > mark.1 || mark.1 == 0 {
+            mark.0.write_all_at(&revision.to_be_bytes(), 0).map_err(|e| StoreError::Open {
+                path: self.path.join(MARK_FILE),
+                reason: e.to_string(),
+            })?;
+            mark.1 = revision;
+        }
+        Ok(())
     }
 
     fn tree(&self, table: Table) -> &Tree {
@@ -104,6 +178,19 @@ impl SledStore {
 }
 
 impl Store for SledStore {
+    fn probe(&self) -> Result<(), StoreError> {
+        // A real read and a real (flushed) write: a full disk or an I/O error
+        // shows here, not only when an operator's change fails.
+        let meta = &self.trees[META];
+        meta.get(META_SCHEMA)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        meta.insert(META_PROBE, &now.to_be_bytes())?;
+        self.db.flush()?;
+        Ok(())
+    }
+
     fn revision(&self) -> Result<u64, StoreError> {
         Ok(u64_of(self.trees[META].get(META_REVISION)?))
     }
@@ -143,6 +230,7 @@ impl Store for SledStore {
         };
         // Durable before acknowledged.
         self.db.flush()?;
+        self.record_mark(revision)?;
         Ok(revision)
     }
 
