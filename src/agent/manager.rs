@@ -12,7 +12,7 @@ use tonic::transport::Channel;
 
 use super::node_client::{self, AgentIdentity, Attestation, NodeClientError};
 use super::persist;
-use super::state::{AgentState, Backoff, CachedSvid, random_jitter, rotation_time};
+use super::state::{AgentState, Backoff, CachedSvid, random_jitter, rotation_time, validity};
 use crate::proto::node::{self as pn, node_client::NodeClient};
 use crate::registry::Entry;
 use crate::spiffe::{Selector, SpiffeId};
@@ -22,6 +22,8 @@ use crate::x509::{Bundle, KeyAlgorithm, PrivateKey};
 const SIGN_BATCH: usize = 100;
 /// Most sync messages applied before one reconcile.
 const COALESCE: usize = 1000;
+/// How often the SVID cache is written to disk at most.
+const CACHE_SAVE_EVERY: Duration = Duration::from_secs(5);
 /// How often rotation and expiry are checked.
 const TICK: Duration = Duration::from_millis(500);
 
@@ -49,15 +51,6 @@ pub fn entry_from_proto(e: &pn::Entry) -> Result<Entry, String> {
     })
 }
 
-fn validity(der: &[u8]) -> Option<(SystemTime, SystemTime)> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let at = |ts: i64| UNIX_EPOCH + Duration::from_secs(u64::try_from(ts).unwrap_or(0));
-    Some((
-        at(cert.validity().not_before.timestamp()),
-        at(cert.validity().not_after.timestamp()),
-    ))
-}
-
 /// Why a server session ended.
 #[derive(Debug)]
 enum SessionEnd {
@@ -76,6 +69,9 @@ pub struct Manager {
     pub(super) entries: BTreeMap<String, Entry>,
     pub(super) svids: HashMap<String, Arc<CachedSvid>>,
     pub(super) revision: u64,
+    /// The SVID cache changed since it was last written to disk.
+    pub(super) cache_dirty: bool,
+    pub(super) cache_saved: Option<std::time::Instant>,
     pub(super) state: watch::Sender<Arc<AgentState>>,
     pub(super) client: watch::Sender<Option<NodeClient<Channel>>>,
     pub(super) shutdown: watch::Receiver<bool>,
@@ -91,7 +87,10 @@ impl Manager {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
         loop {
             match self.session().await {
-                Ok(SessionEnd::Shutdown) => return,
+                Ok(SessionEnd::Shutdown) => {
+                    self.save_cache(true);
+                    return;
+                }
                 Ok(SessionEnd::Reconnect) => {
                     backoff.reset();
                     continue;
@@ -103,9 +102,13 @@ impl Manager {
             let until = tokio::time::Instant::now() + backoff.next_delay();
             loop {
                 self.expire();
+                self.save_cache(false);
                 tokio::select! {
                     _ = tokio::time::sleep_until(until.min(tokio::time::Instant::now() + TICK)) => {}
-                    _ = self.shutdown.changed() => return,
+                    _ = self.shutdown.changed() => {
+                        self.save_cache(true);
+                        return;
+                    }
                 }
                 if tokio::time::Instant::now() >= until {
                     break;
@@ -160,6 +163,7 @@ impl Manager {
                     }
                 }
                 _ = tick.tick() => {
+                    self.save_cache(false);
                     if SystemTime::now() >= rotate_agent_at {
                         self.identity = node_client::renew(&mut client, &self.identity).await?;
                         persist::save(&self.data_dir, &self.identity);
@@ -357,7 +361,27 @@ impl Manager {
         }
     }
 
-    fn publish(&self) {
+    /// Writes the entry and SVID caches when they changed: at most every
+    /// [`CACHE_SAVE_EVERY`], or at once when `now` (shutdown).
+    fn save_cache(&mut self, now: bool) {
+        let due = self
+            .cache_saved
+            .is_none_or(|t| t.elapsed() >= CACHE_SAVE_EVERY);
+        if !self.cache_dirty || !(now || due) {
+            return;
+        }
+        persist::save_cache(
+            &self.data_dir,
+            &self.identity.spiffe_id,
+            self.revision,
+            &self.entries,
+            &self.svids,
+        );
+        self.cache_dirty = false;
+        self.cache_saved = Some(std::time::Instant::now());
+    }
+
+    pub(super) fn publish(&mut self) {
         let mut entries: Vec<Entry> = self.entries.values().cloned().collect();
         entries.sort_by(|a, b| (a.created_at_micros, &a.id).cmp(&(b.created_at_micros, &b.id)));
         let svids = entries
@@ -369,13 +393,14 @@ impl Manager {
             entries,
             svids,
         };
-        self.state.send_if_modified(|cur| {
+        let changed = self.state.send_if_modified(|cur| {
             let changed = !same_state(cur, &next);
             if changed {
                 *cur = Arc::new(next);
             }
             changed
         });
+        self.cache_dirty |= changed;
     }
 }
 

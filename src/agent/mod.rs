@@ -372,18 +372,36 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     let (client_tx, client_rx) = watch::channel(None);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let spiffe_id = identity.spiffe_id.clone();
-    let manager = manager::Manager {
+    // What the last run held: served at once, even with the server down.
+    let restored = persist::load_cache(&config.data_dir, &identity.spiffe_id);
+    if let Some(r) = &restored {
+        tracing::info!(
+            entries = r.entries.len(),
+            svids = r.svids.len(),
+            revision = r.revision,
+            "restored the saved entry and SVID caches"
+        );
+    }
+    let restored = restored.unwrap_or(persist::Restored {
+        revision: 0,
+        entries: BTreeMap::new(),
+        svids: HashMap::new(),
+    });
+    let mut manager = manager::Manager {
         server: config.server.clone(),
         identity,
         attestation: unspent,
         data_dir: config.data_dir.clone(),
-        entries: BTreeMap::new(),
-        svids: HashMap::new(),
-        revision: 0,
+        entries: restored.entries,
+        svids: restored.svids,
+        revision: restored.revision,
+        cache_dirty: false,
+        cache_saved: None,
         state: state_tx,
         client: client_tx,
         shutdown: shutdown_rx.clone(),
     };
+    manager.publish();
     let sync_task = tokio::spawn(manager.run());
     let api = WorkloadApi::new(
         state_rx.clone(),

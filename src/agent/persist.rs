@@ -59,3 +59,131 @@ pub fn saved_identity(dir: &Path, td: &TrustDomain) -> Option<(crate::spiffe::Sp
         .flatten()
         .map(|id| (id.spiffe_id, id.expires_at))
 }
+
+/// The entry and SVID caches, so an agent restarted while the server is down
+/// serves every still-valid SVID at once. SVID keys are sealed (AES-256-GCM)
+/// under `cache.kek`; both files are 0600.
+const CACHE: &str = "cache.json";
+const CACHE_KEK: &str = "cache.kek";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CacheFile {
+    /// Whose cache: another agent identity's cache is ignored.
+    agent: String,
+    revision: u64,
+    entries: Vec<crate::registry::Entry>,
+    svids: Vec<SavedSvid>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedSvid {
+    entry: crate::registry::Entry,
+    /// Base64 DER, leaf first.
+    chain: Vec<String>,
+    /// Base64 of the sealed PKCS#8 key.
+    key: String,
+}
+
+/// What a saved cache restores.
+pub struct Restored {
+    /// The sync revision the entries are at.
+    pub revision: u64,
+    /// Entries by ID.
+    pub entries: std::collections::BTreeMap<String, crate::registry::Entry>,
+    /// Still-valid SVIDs by entry ID.
+    pub svids: std::collections::HashMap<String, std::sync::Arc<super::state::CachedSvid>>,
+}
+
+/// Saves the caches; failures are logged (the agent keeps running).
+pub fn save_cache(
+    dir: &Path,
+    agent: &crate::spiffe::SpiffeId,
+    revision: u64,
+    entries: &std::collections::BTreeMap<String, crate::registry::Entry>,
+    svids: &std::collections::HashMap<String, std::sync::Arc<super::state::CachedSvid>>,
+) {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    let result = (|| -> Result<(), String> {
+        crate::runtime::files::private_dir(dir).map_err(|e| e.to_string())?;
+        let kek =
+            crate::store::Kek::load_or_create(&dir.join(CACHE_KEK)).map_err(|e| e.to_string())?;
+        let svids = svids
+            .values()
+            .map(|s| {
+                let sealed = kek
+                    .seal(s.entry.id.as_bytes(), s.key.pkcs8_der())
+                    .map_err(|e| e.to_string())?;
+                Ok(SavedSvid {
+                    entry: s.entry.clone(),
+                    chain: s.chain.iter().map(|c| STANDARD.encode(c)).collect(),
+                    key: STANDARD.encode(sealed),
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let file = CacheFile {
+            agent: agent.to_string(),
+            revision,
+            entries: entries.values().cloned().collect(),
+            svids,
+        };
+        let json = serde_json::to_vec(&file).map_err(|e| e.to_string())?;
+        crate::runtime::files::write_atomic(&dir.join(CACHE), &json, 0o600)
+            .map_err(|e| e.to_string())
+    })();
+    if let Err(e) = result {
+        tracing::error!(dir = %dir.display(), error = %e, "cannot persist the SVID cache");
+    }
+}
+
+/// Loads the caches saved for `agent`, dropping expired SVIDs; `None` when
+/// there is none (or it belongs to another identity, or does not read back).
+pub fn load_cache(dir: &Path, agent: &crate::spiffe::SpiffeId) -> Option<Restored> {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    let text = std::fs::read(dir.join(CACHE)).ok()?;
+    let file: CacheFile = match serde_json::from_slice(&text) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::warn!(error = %e, "ignoring an unreadable SVID cache");
+            return None;
+        }
+    };
+    if file.agent != agent.as_str() {
+        return None;
+    }
+    let kek = crate::store::Kek::load_or_create(&dir.join(CACHE_KEK)).ok()?;
+    let now = std::time::SystemTime::now();
+    let mut svids = std::collections::HashMap::new();
+    for s in file.svids {
+        let restored = (|| {
+            let chain: Vec<Vec<u8>> = s
+                .chain
+                .iter()
+                .map(|c| STANDARD.decode(c).ok())
+                .collect::<Option<_>>()?;
+            let sealed = STANDARD.decode(&s.key).ok()?;
+            let pkcs8 = kek.open(s.entry.id.as_bytes(), &sealed).ok()?;
+            let key = PrivateKey::from_pkcs8_der(&pkcs8).ok()?;
+            super::state::CachedSvid::new(s.entry.clone(), chain, key)
+        })();
+        match restored {
+            Some(svid) if svid.not_after > now => {
+                svids.insert(svid.entry.id.clone(), std::sync::Arc::new(svid));
+            }
+            Some(_) => {}
+            None => {
+                tracing::warn!(entry = ?s.entry.id, "ignoring a cached SVID that does not read back")
+            }
+        }
+    }
+    Some(Restored {
+        revision: file.revision,
+        entries: file
+            .entries
+            .into_iter()
+            .map(|e| (e.id.clone(), e))
+            .collect(),
+        svids,
+    })
+}

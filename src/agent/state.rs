@@ -2,7 +2,7 @@
 //! on every change, and the pure rules for when credentials rotate.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::registry::Entry;
 use crate::spiffe::{Selector, is_subset};
@@ -24,6 +24,33 @@ pub struct CachedSvid {
     pub not_after: SystemTime,
     /// When the agent replaces it.
     pub rotate_at: SystemTime,
+}
+
+impl CachedSvid {
+    /// An SVID read back from the agent's cache: its validity from the leaf,
+    /// its rotation due as if received at its NotBefore (plus the backdating).
+    pub fn new(entry: Entry, chain: Vec<Vec<u8>>, key: PrivateKey) -> Option<Self> {
+        let (not_before, not_after) = validity(chain.first()?)?;
+        let issued = (not_before + crate::ca::BACKDATE).min(not_after);
+        Some(CachedSvid {
+            entry,
+            chain,
+            key,
+            not_before,
+            not_after,
+            rotate_at: rotation_time(issued, not_after, super::state::random_jitter()),
+        })
+    }
+}
+
+/// A certificate's NotBefore and NotAfter.
+pub fn validity(der: &[u8]) -> Option<(SystemTime, SystemTime)> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let at = |ts: i64| UNIX_EPOCH + Duration::from_secs(u64::try_from(ts).unwrap_or(0));
+    Some((
+        at(cert.validity().not_before.timestamp()),
+        at(cert.validity().not_after.timestamp()),
+    ))
 }
 
 /// The agent's view, as workloads see it.

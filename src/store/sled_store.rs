@@ -163,10 +163,12 @@ impl SledStore {
         use std::os::unix::fs::FileExt;
         let mut mark = self.mark.lock().unwrap_or_else(|p| p.into_inner());
         if revision > mark.1 || mark.1 == 0 {
-            mark.0.write_all_at(&revision.to_be_bytes(), 0).map_err(|e| StoreError::Open {
-                path: self.path.join(MARK_FILE),
-                reason: e.to_string(),
-            })?;
+            mark.0
+                .write_all_at(&revision.to_be_bytes(), 0)
+                .map_err(|e| StoreError::Open {
+                    path: self.path.join(MARK_FILE),
+                    reason: e.to_string(),
+                })?;
             mark.1 = revision;
         }
         Ok(())

@@ -100,9 +100,23 @@ impl WorkloadApi {
         }
     }
 
-    fn no_identity(rpc: &str, selectors: &[Selector]) -> Status {
-        tracing::info!(target: "sigil::audit", event = rpc, decision = "deny", reason = "no identity issued", selectors = ?selectors.iter().map(Selector::as_str).collect::<Vec<_>>());
-        Status::permission_denied("no identity issued")
+    /// Why a caller gets nothing: the agent has never had anything to give
+    /// (server unreachable, nothing cached) is `Unavailable`, worth a retry;
+    /// no entry matching the caller is `PermissionDenied`.
+    fn no_identity(&self, rpc: &str, selectors: &[Selector]) -> Status {
+        let unreachable = self.client.borrow().is_none() && self.state.borrow().entries.is_empty();
+        if unreachable {
+            tracing::info!(target: "sigil::audit", event = rpc, decision = "deny", reason = "server unreachable, no cached identity");
+            return Status::unavailable(
+                "the server is unreachable and this agent holds no cached identity yet; retry",
+            );
+        }
+        Self::no_entry(rpc, selectors)
+    }
+
+    fn no_entry(rpc: &str, selectors: &[Selector]) -> Status {
+        tracing::info!(target: "sigil::audit", event = rpc, decision = "deny", reason = "no entry matches", selectors = ?selectors.iter().map(Selector::as_str).collect::<Vec<_>>());
+        Status::permission_denied("no identity issued: no registration entry matches this workload")
     }
 
     /// Spawns a stream that sends `build(state)` at once and then whenever it
@@ -119,7 +133,7 @@ impl WorkloadApi {
     {
         let mut rx = self.state.clone();
         let first = build(&rx.borrow_and_update(), &selectors)
-            .ok_or_else(|| Self::no_identity(rpc, &selectors))?;
+            .ok_or_else(|| self.no_identity(rpc, &selectors))?;
         tracing::info!(target: "sigil::audit", event = rpc, decision = "allow", selectors = ?selectors.iter().map(Selector::as_str).collect::<Vec<_>>());
         let (tx, out) = mpsc::channel(4);
         let mut shutdown = self.shutdown.clone();
@@ -144,7 +158,7 @@ impl WorkloadApi {
                     }
                     Some(_) => {}
                     None => {
-                        let _ = tx.send(Err(Self::no_identity(rpc, &selectors))).await;
+                        let _ = tx.send(Err(Self::no_entry(rpc, &selectors))).await;
                         return;
                     }
                 }
@@ -345,7 +359,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
             .cloned()
             .collect();
         if entries.is_empty() {
-            return Err(Self::no_identity("fetch_jwt_svid", &selectors));
+            return Err(self.no_identity("fetch_jwt_svid", &selectors));
         }
         let mut svids = Vec::with_capacity(entries.len());
         for e in entries {

@@ -599,7 +599,10 @@ async fn an_evicted_agent_restarted_with_a_new_join_token_attests_again() {
                 .unwrap()
                 .into_inner()
                 .agents;
-            if agents.iter().any(|a| a.spiffe_id != old_id) {
+            let saved = sigil::agent::saved_identity(&dir.path().join("agent"), &td());
+            if agents.iter().any(|a| a.spiffe_id != old_id)
+                && saved.is_some_and(|(id, _)| id.to_string() != old_id)
+            {
                 return;
             }
             let _ = tokio::time::timeout(Duration::from_millis(200), state.changed()).await;
@@ -607,8 +610,88 @@ async fn an_evicted_agent_restarted_with_a_new_join_token_attests_again() {
     })
     .await
     .expect("the agent never attested with its new token");
-    let saved = sigil::agent::saved_identity(&dir.path().join("agent"), &td()).unwrap();
-    assert_ne!(saved.0.to_string(), old_id, "the new identity is saved");
     second.shutdown(Duration::from_secs(2)).await;
     server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_restarted_while_the_server_is_down_serves_its_cached_svids() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(server_config(&dir.path().join("s"), vec![]))
+        .await
+        .unwrap();
+    let agent = start_agent(&server, dir.path()).await;
+    let id = agent.spiffe_id().clone();
+    register(
+        &server,
+        "spiffe://example.org/cached",
+        id.as_str(),
+        format!("unix:uid:{}", my_uid()),
+        0,
+    )
+    .await;
+    wait_for_svids(&agent, 1).await;
+    agent.shutdown(Duration::from_secs(2)).await;
+    let node_addr = server.node_addr().to_string();
+    let bundle = server.bundle_pem().to_string();
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    for f in ["cache.json", "cache.kek"] {
+        let mode = std::fs::metadata(dir.path().join("agent").join(f))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{f}");
+    }
+    let cache = std::fs::read_to_string(dir.path().join("agent/cache.json")).unwrap();
+    assert!(
+        !cache.contains("PRIVATE KEY"),
+        "keys are sealed in the cache"
+    );
+
+    let config = |data: &str, sock: &str| AgentConfig {
+        server: node_addr.clone(),
+        trust_bundle_pem: bundle.clone(),
+        trust_domain: td(),
+        attestation: None,
+        socket: dir.path().join(sock),
+        data_dir: dir.path().join(data),
+        log_format: LogFormat::Text,
+        unix: UnixAttestor::default(),
+        policy: None,
+    };
+    // The server is down: the restarted agent serves its cached SVID at once.
+    let again = sigil::agent::start(config("agent", "again.sock"))
+        .await
+        .unwrap();
+    let mut c = raw_client(again.socket()).await;
+    let mut s = c
+        .fetch_x509svid(with_header(pw::X509svidRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = s.message().await.unwrap().unwrap();
+    assert_eq!(first.svids[0].spiffe_id, "spiffe://example.org/cached");
+    again.shutdown(Duration::from_secs(2)).await;
+
+    // An agent with no cache and no server says so: Unavailable, not "denied".
+    std::fs::create_dir_all(dir.path().join("bare")).unwrap();
+    for f in ["agent-svid.pem", "agent-svid.key", "bundle.jwks"] {
+        std::fs::copy(
+            dir.path().join("agent").join(f),
+            dir.path().join("bare").join(f),
+        )
+        .unwrap();
+    }
+    let bare = sigil::agent::start(config("bare", "bare.sock"))
+        .await
+        .unwrap();
+    let mut c = raw_client(bare.socket()).await;
+    let s = c
+        .fetch_x509svid(with_header(pw::X509svidRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+    assert!(s.message().contains("unreachable"), "{s:?}");
+    bare.shutdown(Duration::from_secs(2)).await;
 }
