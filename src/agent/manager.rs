@@ -12,10 +12,11 @@ use tonic::transport::Channel;
 
 use super::node_client::{self, AgentIdentity, Attestation, NodeClientError};
 use super::persist;
-use super::state::{AgentState, Backoff, CachedSvid, random_jitter, rotation_time, validity};
+use super::state::{Backoff, random_jitter, rotation_time, validity};
 use crate::proto::node::{self as pn, node_client::NodeClient};
 use crate::registry::Entry;
 use crate::spiffe::{Selector, SpiffeId};
+use crate::workload_api::{AgentState, CachedSvid};
 use crate::x509::{Bundle, KeyAlgorithm, PrivateKey};
 
 /// CSRs per `BatchNewX509SVID` call.
@@ -187,7 +188,7 @@ impl Manager {
     fn agent_rotation_time(&self) -> SystemTime {
         match self.identity.cert_chain.first().and_then(|c| validity(c)) {
             Some((nb, na)) => {
-                rotation_time((nb + crate::ca::BACKDATE).min(na), na, random_jitter())
+                rotation_time((nb + crate::x509::BACKDATE).min(na), na, random_jitter())
             }
             None => SystemTime::now(),
         }

@@ -17,10 +17,11 @@ use tokio::net::UnixListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+pub use crate::workload_api::{AgentState, CachedSvid};
 pub use manager::entry_from_proto;
 pub use node_client::{AgentIdentity, Attestation, NodeClientError, attest, connect, renew};
 pub use persist::saved_identity;
-pub use state::{AgentState, Backoff, CachedSvid, rotation_time};
+pub use state::{Backoff, rotation_time};
 
 use crate::attest::UnixAttestor;
 use crate::config::{ConfigError, LogFormat, RawConfig};

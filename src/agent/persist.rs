@@ -91,7 +91,7 @@ pub struct Restored {
     /// Entries by ID.
     pub entries: std::collections::BTreeMap<String, crate::registry::Entry>,
     /// Still-valid SVIDs by entry ID.
-    pub svids: std::collections::HashMap<String, std::sync::Arc<super::state::CachedSvid>>,
+    pub svids: std::collections::HashMap<String, std::sync::Arc<crate::workload_api::CachedSvid>>,
 }
 
 /// Saves the caches; failures are logged (the agent keeps running).
@@ -100,7 +100,7 @@ pub fn save_cache(
     agent: &crate::spiffe::SpiffeId,
     revision: u64,
     entries: &std::collections::BTreeMap<String, crate::registry::Entry>,
-    svids: &std::collections::HashMap<String, std::sync::Arc<super::state::CachedSvid>>,
+    svids: &std::collections::HashMap<String, std::sync::Arc<crate::workload_api::CachedSvid>>,
 ) {
     use base64::Engine;
     use base64::engine::general_purpose::STANDARD;
@@ -165,7 +165,7 @@ pub fn load_cache(dir: &Path, agent: &crate::spiffe::SpiffeId) -> Option<Restore
             let sealed = STANDARD.decode(&s.key).ok()?;
             let pkcs8 = kek.open(s.entry.id.as_bytes(), &sealed).ok()?;
             let key = PrivateKey::from_pkcs8_der(&pkcs8).ok()?;
-            super::state::CachedSvid::new(s.entry.clone(), chain, key)
+            super::state::restore_svid(s.entry.clone(), chain, key)
         })();
         match restored {
             Some(svid) if svid.not_after > now => {

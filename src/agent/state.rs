@@ -1,46 +1,25 @@
-//! What the agent serves to workloads, published through a `watch` channel
-//! on every change, and the pure rules for when credentials rotate.
+//! The pure rules for when credentials rotate, retry back-off, and reading
+//! cached SVIDs back.
 
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::registry::Entry;
-use crate::spiffe::{Selector, is_subset};
-use crate::x509::{Bundle, PrivateKey};
+use crate::workload_api::CachedSvid;
+use crate::x509::PrivateKey;
 
-/// An X509-SVID the agent holds for one entry. The key never leaves the agent
-/// except to the workload entitled to it.
-#[derive(Debug, Clone)]
-pub struct CachedSvid {
-    /// The entry it was issued for (as it was at issuance).
-    pub entry: Entry,
-    /// DER chain, leaf first.
-    pub chain: Vec<Vec<u8>>,
-    /// The private key.
-    pub key: PrivateKey,
-    /// Certificate NotBefore.
-    pub not_before: SystemTime,
-    /// Certificate NotAfter.
-    pub not_after: SystemTime,
-    /// When the agent replaces it.
-    pub rotate_at: SystemTime,
-}
-
-impl CachedSvid {
-    /// An SVID read back from the agent's cache: its validity from the leaf,
-    /// its rotation due as if received at its NotBefore (plus the backdating).
-    pub fn new(entry: Entry, chain: Vec<Vec<u8>>, key: PrivateKey) -> Option<Self> {
-        let (not_before, not_after) = validity(chain.first()?)?;
-        let issued = (not_before + crate::ca::BACKDATE).min(not_after);
-        Some(CachedSvid {
-            entry,
-            chain,
-            key,
-            not_before,
-            not_after,
-            rotate_at: rotation_time(issued, not_after, super::state::random_jitter()),
-        })
-    }
+/// An SVID read back from the agent's cache: its validity from the leaf,
+/// its rotation due as if received at its NotBefore (plus the backdating).
+pub fn restore_svid(entry: Entry, chain: Vec<Vec<u8>>, key: PrivateKey) -> Option<CachedSvid> {
+    let (not_before, not_after) = validity(chain.first()?)?;
+    let issued = (not_before + crate::x509::BACKDATE).min(not_after);
+    Some(CachedSvid {
+        entry,
+        chain,
+        key,
+        not_before,
+        not_after,
+        rotate_at: rotation_time(issued, not_after, random_jitter()),
+    })
 }
 
 /// A certificate's NotBefore and NotAfter.
@@ -51,39 +30,6 @@ pub fn validity(der: &[u8]) -> Option<(SystemTime, SystemTime)> {
         at(cert.validity().not_before.timestamp()),
         at(cert.validity().not_after.timestamp()),
     ))
-}
-
-/// The agent's view, as workloads see it.
-#[derive(Debug, Clone, Default)]
-pub struct AgentState {
-    /// The trust bundle (absent until first synced).
-    pub bundle: Option<Bundle>,
-    /// Entries parented to this agent, oldest first.
-    pub entries: Vec<Entry>,
-    /// SVIDs by entry, in the same order as `entries`.
-    pub svids: Vec<Arc<CachedSvid>>,
-}
-
-impl AgentState {
-    /// Entries a workload with `selectors` is entitled to: every selector of
-    /// the entry must be among the workload's. Oldest first.
-    pub fn entries_for<'a>(&'a self, selectors: &'a [Selector]) -> impl Iterator<Item = &'a Entry> {
-        self.entries
-            .iter()
-            .filter(move |e| is_subset(&e.selectors, selectors))
-    }
-
-    /// The SVIDs for a workload: entitled entries only, the oldest entry first
-    /// (the default identity), and at most one SVID per non-empty hint.
-    pub fn svids_for(&self, selectors: &[Selector]) -> Vec<Arc<CachedSvid>> {
-        let mut hints = std::collections::HashSet::new();
-        self.svids
-            .iter()
-            .filter(|s| is_subset(&s.entry.selectors, selectors))
-            .filter(|s| s.entry.hint.is_empty() || hints.insert(s.entry.hint.clone()))
-            .cloned()
-            .collect()
-    }
 }
 
 /// When to rotate a credential valid from `not_before` to `not_after`: at

@@ -11,6 +11,8 @@ use ring::digest::{Context, SHA256};
 
 use crate::spiffe::Selector;
 
+pub mod x509pop;
+
 /// Why a caller could not be attested.
 #[derive(Debug, thiserror::Error)]
 pub enum AttestError {

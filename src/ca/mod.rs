@@ -24,8 +24,7 @@ use crate::jwt::{EcCurve, JwtError, JwtPublicKey, JwtSigner};
 use crate::spiffe::{SpiffeId, TrustDomain};
 use crate::x509::{KeyAlgorithm, KeyError, PrivateKey};
 
-/// How far NotBefore is backdated, to absorb clock skew between machines.
-pub const BACKDATE: Duration = Duration::from_secs(10);
+use crate::x509::BACKDATE;
 
 /// Why the CA refused to issue. `Csr*` variants are the caller's fault;
 /// the rest are the authority's state or configuration.
@@ -367,7 +366,7 @@ impl X509Authority {
                 .clone()
                 .try_into()
                 .ok()
-                .filter(|_| crate::registry::valid_dns_name(name))
+                .filter(|_| crate::x509::valid_dns_name(name))
                 .ok_or_else(|| CaError::BadDnsName(name.clone()))?;
             sans.push(SanType::DnsName(ia5));
         }

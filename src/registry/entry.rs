@@ -175,21 +175,6 @@ fn check_ttl(field: &'static str, ttl: Option<u64>, max: Duration) -> Result<(),
     }
 }
 
-/// A DNS name as certificates accept it: labels of `[A-Za-z0-9-]`, an
-/// optional leading `*.`, at most 253 bytes.
-pub fn valid_dns_name(name: &str) -> bool {
-    let name = name.strip_prefix("*.").unwrap_or(name);
-    !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-        })
-}
-
 impl EntryParams {
     /// Validates every field against `td` and `bounds`. The returned entry
     /// has no ID and creation time yet.
@@ -237,7 +222,7 @@ impl EntryParams {
             });
         }
         for (index, name) in self.dns_names.iter().enumerate() {
-            if !valid_dns_name(name) || name.eq_ignore_ascii_case(SERVER_DNS_NAME) {
+            if !crate::x509::valid_dns_name(name) || name.eq_ignore_ascii_case(SERVER_DNS_NAME) {
                 return Err(EntryError::DnsName {
                     index,
                     name: name.clone(),

@@ -12,9 +12,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-pub use entry::{
-    Entry, EntryError, EntryParams, EntryValidation, MAX_HINT_LEN, SERVER_DNS_NAME, valid_dns_name,
-};
+pub use entry::{Entry, EntryError, EntryParams, EntryValidation, MAX_HINT_LEN, SERVER_DNS_NAME};
 
 use crate::spiffe::{Selector, SpiffeId, TrustDomain};
 use crate::store::{CheckFailure, Commit, Store, StoreError, Table};

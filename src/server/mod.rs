@@ -3,9 +3,9 @@
 //! API (Unix socket, 0600) until told to shut down.
 
 mod admin;
+mod attestation;
 pub mod convert;
 mod node;
-mod x509pop;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

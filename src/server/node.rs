@@ -10,16 +10,15 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::ServerState;
+use super::attestation::{attest, serial_hex};
 use super::convert::{status, ts};
 use crate::ca::{X509SvidParams, verify_csr};
 use crate::proto::node::{self as pn, node_server::Node};
-use crate::registry::{AgentRecord, sha256_hex, unix};
+use crate::registry::unix;
 use crate::spiffe::SpiffeId;
 use crate::store::{EventsSince, Table};
 use crate::x509::svid_id;
 
-/// How long an attestation may wait for the agent's next message.
-const ATTEST_STEP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Entries per snapshot page: far below gRPC's 4 MiB message limit.
 pub const SNAPSHOT_PAGE: usize = 500;
 /// Sync messages stay under this many encoded bytes (gRPC's default limit is 4 MiB).
@@ -369,92 +368,6 @@ impl Node for NodeService {
     }
 }
 
-fn serial_hex(der: &[u8]) -> String {
-    x509_parser::parse_x509_certificate(der)
-        .map(|(_, c)| c.raw_serial_as_string())
-        .unwrap_or_default()
-}
-
-pub(super) async fn next_step(
-    inbound: &mut Streaming<pn::AttestAgentRequest>,
-) -> Result<pn::attest_agent_request::Step, Status> {
-    let msg = tokio::time::timeout(ATTEST_STEP_TIMEOUT, inbound.message())
-        .await
-        .map_err(|_| Status::deadline_exceeded("attestation timed out waiting for the agent"))??
-        .ok_or_else(|| Status::invalid_argument("attestation stream ended early"))?;
-    msg.step
-        .ok_or_else(|| Status::invalid_argument("attestation message has no step"))
-}
-
-async fn attest(
-    state: &ServerState,
-    inbound: &mut Streaming<pn::AttestAgentRequest>,
-    tx: &Sender<pn::AttestAgentResponse>,
-) -> Result<(pn::AgentSvid, &'static str), Status> {
-    use pn::attest_agent_request::Step;
-    let Step::Params(params) = next_step(inbound).await? else {
-        return Err(Status::invalid_argument(
-            "the first attestation message must carry params",
-        ));
-    };
-    // Check the CSR before consuming anything (a token is single-use).
-    let csr = verify_csr(&params.csr).map_err(status)?;
-    let (agent_id, attestor, selectors) = match params.attestor.as_str() {
-        "join_token" => {
-            let [token] = &params.payload[..] else {
-                return Err(Status::invalid_argument(
-                    "join_token: payload must hold exactly the token",
-                ));
-            };
-            let token = std::str::from_utf8(token)
-                .map_err(|_| Status::invalid_argument("join_token: token is not UTF-8"))?;
-            let id = state
-                .registry
-                .consume_token(token, state.clock.now())
-                .map_err(status)?;
-            (id, "join_token", Vec::new())
-        }
-        "x509pop" => {
-            let (id, selectors) =
-                super::x509pop::attest(state, &params.payload, inbound, tx).await?;
-            (id, "x509pop", selectors)
-        }
-        other => {
-            return Err(Status::invalid_argument(format!(
-                "unknown attestor {other:?} (expected join_token or x509pop)"
-            )));
-        }
-    };
-    let seen = state.registry.agent_snapshot(&agent_id).map_err(status)?;
-    if seen.record.as_ref().is_some_and(|a| a.banned) {
-        return Err(Status::permission_denied(format!(
-            "agent {agent_id} is banned"
-        )));
-    }
-    let svid = state.issue_agent_svid(&csr, &agent_id)?;
-    let now = unix(state.clock.now());
-    let record = AgentRecord {
-        spiffe_id: agent_id.clone(),
-        attestor: attestor.to_string(),
-        selectors,
-        attested_at: seen.record.as_ref().map_or(now, |a| a.attested_at),
-        svid_expires_at: unix(svid.not_after()),
-        svid_serial: serial_hex(svid.cert_der()),
-        banned: false,
-        previous_serial: String::new(),
-        previous_until: 0,
-    };
-    // Only over the record read above (or none): a ban in between wins.
-    state
-        .registry
-        .replace_agent(&seen, &record)
-        .map_err(status)?;
-    Ok((
-        state.agent_svid(&agent_id, svid.cert_der(), svid.not_after()),
-        attestor,
-    ))
-}
-
 /// The sync stream: a paged snapshot (or the missed deltas), then a delta
 /// for every commit that touches this agent's entries or the bundle.
 ///
@@ -639,9 +552,4 @@ fn by_size(entries: Vec<pn::Entry>) -> Vec<Vec<pn::Entry>> {
         }
     }
     chunks
-}
-
-/// Fingerprint used in x509pop agent IDs.
-pub fn cert_fingerprint(der: &[u8]) -> String {
-    sha256_hex(der)
 }

@@ -13,7 +13,6 @@ use tonic::transport::Channel;
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
-use crate::agent::AgentState;
 use crate::attest::{PeerCredentials, UnixAttestor};
 use crate::proto::node::{self as pn, node_client::NodeClient};
 use crate::proto::workload::{self as pw, spiffe_workload_api_server::SpiffeWorkloadApi};
@@ -21,6 +20,9 @@ use crate::spiffe::{Selector, SpiffeId};
 use crate::x509::Bundle;
 
 mod jwt_cache;
+mod snapshot;
+
+pub use snapshot::{AgentState, CachedSvid};
 
 use jwt_cache::{CachedJwt, JwtCache};
 

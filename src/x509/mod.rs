@@ -56,6 +56,26 @@ pub fn certs_from_pem(text: &str) -> Result<Vec<Vec<u8>>, PemError> {
         .collect()
 }
 
+/// A DNS name as certificates accept it (a domain rule the CA and the
+/// registry share): labels of `[A-Za-z0-9-]`, an
+/// optional leading `*.`, at most 253 bytes.
+pub fn valid_dns_name(name: &str) -> bool {
+    let name = name.strip_prefix("*.").unwrap_or(name);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+}
+
+/// How far NotBefore is backdated, to absorb clock skew between machines
+/// (the CA backdates; the agent measures lifetimes knowing it).
+pub const BACKDATE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Encodes DER certificates as concatenated PEM `CERTIFICATE` blocks.
 pub fn certs_to_pem<'a>(ders: impl IntoIterator<Item = &'a Vec<u8>>) -> String {
     let blocks: Vec<pem::Pem> = ders

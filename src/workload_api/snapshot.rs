@@ -1,0 +1,62 @@
+//! The agent's published state as the Workload API reads it: entries, the
+//! SVIDs held for them, and the bundle. The agent publishes it through a
+//! `watch` channel; this module owns the type so the API depends on nothing
+//! of the agent's internals.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use crate::registry::Entry;
+use crate::spiffe::{Selector, is_subset};
+use crate::x509::{Bundle, PrivateKey};
+
+/// An X509-SVID the agent holds for one entry. The key never leaves the agent
+/// except to the workload entitled to it.
+#[derive(Debug, Clone)]
+pub struct CachedSvid {
+    /// The entry it was issued for (as it was at issuance).
+    pub entry: Entry,
+    /// DER chain, leaf first.
+    pub chain: Vec<Vec<u8>>,
+    /// The private key.
+    pub key: PrivateKey,
+    /// Certificate NotBefore.
+    pub not_before: SystemTime,
+    /// Certificate NotAfter.
+    pub not_after: SystemTime,
+    /// When the agent replaces it.
+    pub rotate_at: SystemTime,
+}
+
+/// The agent's view, as workloads see it.
+#[derive(Debug, Clone, Default)]
+pub struct AgentState {
+    /// The trust bundle (absent until first synced).
+    pub bundle: Option<Bundle>,
+    /// Entries parented to this agent, oldest first.
+    pub entries: Vec<Entry>,
+    /// SVIDs by entry, in the same order as `entries`.
+    pub svids: Vec<Arc<CachedSvid>>,
+}
+
+impl AgentState {
+    /// Entries a workload with `selectors` is entitled to: every selector of
+    /// the entry must be among the workload's. Oldest first.
+    pub fn entries_for<'a>(&'a self, selectors: &'a [Selector]) -> impl Iterator<Item = &'a Entry> {
+        self.entries
+            .iter()
+            .filter(move |e| is_subset(&e.selectors, selectors))
+    }
+
+    /// The SVIDs for a workload: entitled entries only, the oldest entry first
+    /// (the default identity), and at most one SVID per non-empty hint.
+    pub fn svids_for(&self, selectors: &[Selector]) -> Vec<Arc<CachedSvid>> {
+        let mut hints = std::collections::HashSet::new();
+        self.svids
+            .iter()
+            .filter(|s| is_subset(&s.entry.selectors, selectors))
+            .filter(|s| s.entry.hint.is_empty() || hints.insert(s.entry.hint.clone()))
+            .cloned()
+            .collect()
+    }
+}
