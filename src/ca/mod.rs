@@ -16,6 +16,7 @@ use x509_parser::oid_registry::{
 };
 use x509_parser::prelude::{FromDer, GeneralName, X509CertificationRequest};
 
+pub mod rotation;
 mod set;
 
 pub use set::{CaOptions, CaSet, CaSetError};

@@ -80,6 +80,20 @@ impl Default for EntryValidation {
     }
 }
 
+impl EntryValidation {
+    /// The bounds for a server whose authorities live `ca_ttl`: no TTL above a
+    /// sixth of it (what an active authority always has left), so an SVID is
+    /// never silently cut short.
+    pub fn for_ca_ttl(ca_ttl: Duration) -> Self {
+        let d = EntryValidation::default();
+        let cap = crate::ca::rotation::max_svid_ttl(ca_ttl);
+        EntryValidation {
+            max_x509_ttl: d.max_x509_ttl.min(cap),
+            max_jwt_ttl: d.max_jwt_ttl.min(cap),
+        }
+    }
+}
+
 /// What is wrong with an entry's fields. Every variant names the field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EntryError {

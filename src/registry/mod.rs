@@ -182,6 +182,12 @@ pub struct Registry {
 
 impl Registry {
     /// A registry for `trust_domain` on `store`.
+    /// The bounds entries are validated against.
+    pub fn validation(&self) -> &EntryValidation {
+        &self.validation
+    }
+
+    /// A registry over `store` for `trust_domain`.
     pub fn new(
         store: Arc<dyn Store>,
         trust_domain: TrustDomain,

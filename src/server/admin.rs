@@ -10,9 +10,7 @@ use super::convert::{status, ts};
 use crate::ca::X509SvidParams;
 use crate::proto::admin::{self as pa, admin_server::Admin};
 use crate::proto::node as pn;
-use crate::registry::{
-    AgentRecord, EntryParams, EntryValidation, Registry, RegistryError, SERVER_DNS_NAME,
-};
+use crate::registry::{AgentRecord, EntryParams, Registry, RegistryError, SERVER_DNS_NAME};
 use crate::spiffe::{Selector, SpiffeId};
 use crate::x509::{KeyAlgorithm, PrivateKey};
 
@@ -318,7 +316,7 @@ impl Admin for AdminService {
                 "ttl",
                 r.ttl_seconds,
                 self.state.options.default_x509_ttl,
-                EntryValidation::default().max_x509_ttl,
+                self.state.registry.validation().max_x509_ttl,
             )?;
             let key = PrivateKey::generate(KeyAlgorithm::EcP256)
                 .map_err(|e| status(crate::ca::CaError::from(e)))?;
@@ -355,7 +353,7 @@ impl Admin for AdminService {
                 "ttl",
                 r.ttl_seconds,
                 self.state.options.default_jwt_ttl,
-                EntryValidation::default().max_jwt_ttl,
+                self.state.registry.validation().max_jwt_ttl,
             )?;
             let now = self.state.clock.now();
             let token = self

@@ -167,6 +167,39 @@ impl ServerConfig {
             })?
             .unwrap_or_default();
         let ca_ttl = raw.duration("ca_ttl", "24h")?;
+        let options = ServerOptions {
+            default_x509_ttl: raw.duration("default_x509_ttl", "1h")?,
+            default_jwt_ttl: raw.duration("default_jwt_ttl", "5m")?,
+            agent_ttl: raw.duration("agent_ttl", "1h")?,
+            x509pop_roots,
+            jwt_issuer: raw.parsed("jwt_issuer", None, |v| {
+                if v.trim().is_empty() {
+                    Err("must not be empty".to_string())
+                } else {
+                    Ok(v.to_string())
+                }
+            })?,
+        };
+        // SVID lifetimes must fit what an active authority always has left
+        // (a sixth of its life): checked here, never silently capped later.
+        let max = crate::ca::rotation::max_svid_ttl(ca_ttl);
+        for (key, ttl) in [
+            ("default_x509_ttl", options.default_x509_ttl),
+            ("default_jwt_ttl", options.default_jwt_ttl),
+            ("agent_ttl", options.agent_ttl),
+        ] {
+            if ttl > max {
+                return Err(ConfigError::Invalid {
+                    key,
+                    value: crate::config::format_duration(ttl),
+                    reason: format!(
+                        "must be at most ca_ttl / 6 = {} (ca_ttl = {}), so the active authority can always sign it in full; raise ca_ttl or lower {key}",
+                        crate::config::format_duration(max),
+                        crate::config::format_duration(ca_ttl)
+                    ),
+                });
+            }
+        }
         Ok(ServerConfig {
             policy: PolicyConfig::from_raw(raw)?,
             bind: raw.socket_addr("bind", DEFAULT_BIND)?,
@@ -177,19 +210,7 @@ impl ServerConfig {
             key_algorithm: raw
                 .parsed("key_algorithm", Some("ec-p256"), |v| v.parse())?
                 .unwrap_or(KeyAlgorithm::EcP256),
-            options: ServerOptions {
-                default_x509_ttl: raw.duration("default_x509_ttl", "1h")?,
-                default_jwt_ttl: raw.duration("default_jwt_ttl", "5m")?,
-                agent_ttl: raw.duration("agent_ttl", "1h")?,
-                x509pop_roots,
-                jwt_issuer: raw.parsed("jwt_issuer", None, |v| {
-                    if v.trim().is_empty() {
-                        Err("must not be empty".to_string())
-                    } else {
-                        Ok(v.to_string())
-                    }
-                })?,
-            },
+            options,
             trust_domain,
             data_dir,
             kek_file,
@@ -441,7 +462,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     let registry = Registry::new(
         store.clone(),
         config.trust_domain.clone(),
-        EntryValidation::default(),
+        EntryValidation::for_ca_ttl(config.ca_ttl),
     );
 
     // The server's own SVID: its key lives only in this process.

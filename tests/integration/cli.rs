@@ -65,6 +65,20 @@ fn config_errors_name_the_key() {
         stderr(&o)
     );
 
+    // SVID TTLs must fit a sixth of the CA's lifetime: refused, not capped.
+    let o = sigil()
+        .args(["server", "--trust-domain", "example.org", "--ca-ttl", "3h"])
+        .arg("--data-dir")
+        .arg(dir.path().join("short"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("default_x509_ttl = \"1h\"") && stderr(&o).contains("ca_ttl / 6 = 30m"),
+        "{}",
+        stderr(&o)
+    );
+
     let o = sigil()
         .args(["server", "--data-dir"])
         .arg(dir.path())

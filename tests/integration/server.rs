@@ -850,6 +850,21 @@ async fn admin_socket_is_private_and_bad_input_changes_nothing() {
         .unwrap()
         .into_inner()
         .revision;
+    // An entry TTL above a sixth of the CA lifetime (24 h here) is refused.
+    let s = c
+        .create_entry(pa::EntryParams {
+            spiffe_id: "spiffe://example.org/long".into(),
+            parent_id: "spiffe://example.org/p".into(),
+            selectors: vec!["unix:uid:1".into()],
+            x509_ttl_seconds: 5 * 3600,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        s.message().contains("x509_ttl") && s.message().contains("14400s"),
+        "{s:?}"
+    );
     // TTLs that would overflow the clock, and IDs reserved for Sigil itself.
     let s = c
         .generate_token(pa::GenerateTokenRequest {
