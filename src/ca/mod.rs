@@ -19,7 +19,7 @@ use x509_parser::prelude::{FromDer, GeneralName, X509CertificationRequest};
 pub mod rotation;
 mod set;
 
-pub use set::{CaOptions, CaSet, CaSetError};
+pub use set::{Authorities, AuthorityInfo, CaOptions, CaSet, CaSetError, state_name};
 
 use crate::jwt::{EcCurve, JwtError, JwtPublicKey, JwtSigner};
 use crate::spiffe::{SpiffeId, TrustDomain};

@@ -1,14 +1,22 @@
-//! The server's active authorities, loaded from the store or created on first
-//! start, and the trust bundle they publish.
+//! The server's authorities in their slots (prepared → active → old →
+//! tainted → revoked), loaded from the store or created on first start, and
+//! the trust bundle they publish. Every transition is one compare-and-swap
+//! commit (the records it changes must be exactly as read, and the bundle
+//! changes in the same commit), flushed before it is acknowledged; readers
+//! see a consistent snapshot, and followers subscribe to changes.
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use tokio::sync::watch;
+
+use super::rotation::{Validity, should_drop};
 use super::{CaError, JwtAuthority, X509Authority};
 use crate::spiffe::TrustDomain;
 use crate::store::{AuthorityKind, AuthorityRecord, Commit, SlotState, Store, StoreError, Table};
 use crate::x509::{Bundle, KeyAlgorithm};
 
-/// Why the authorities could not be loaded or created.
+/// Why the authorities could not be loaded, created or moved.
 #[derive(Debug, thiserror::Error)]
 pub enum CaSetError {
     /// The store failed (including a wrong KEK).
@@ -35,6 +43,15 @@ pub enum CaSetError {
         /// Configured.
         configured: String,
     },
+    /// No authority with this ID.
+    #[error("no authority {0:?} (see `sigil ca show`)")]
+    NotFound(String),
+    /// The transition is not allowed from the authority's state; nothing changed.
+    #[error("{0}")]
+    Refused(String),
+    /// Another transition changed the authorities meanwhile; nothing changed.
+    #[error("the authorities changed concurrently; try again")]
+    Conflict,
 }
 
 /// What the CA set is created with.
@@ -48,149 +65,586 @@ pub struct CaOptions {
     pub ca_ttl: Duration,
 }
 
-/// The signing authorities in use and the bundle of every trusted one.
+/// One authority as `sigil ca show` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthorityInfo {
+    /// X.509 or JWT.
+    pub kind: AuthorityKind,
+    /// SubjectKeyIdentifier (hex) or kid.
+    pub id: String,
+    /// Its slot state.
+    pub state: SlotState,
+    /// Validity start.
+    pub not_before: SystemTime,
+    /// Validity end.
+    pub not_after: SystemTime,
+    /// Signed by an upstream authority (not yet supported: always false).
+    pub upstream: bool,
+}
+
+impl AuthorityInfo {
+    /// Its validity, for the rotation schedule.
+    pub fn validity(&self) -> Validity {
+        Validity {
+            not_before: self.not_before,
+            not_after: self.not_after,
+        }
+    }
+}
+
+/// A consistent view of the authorities at one moment.
+#[derive(Debug)]
+pub struct Authorities {
+    x509: Arc<X509Authority>,
+    jwt: Arc<JwtAuthority>,
+    bundle: Arc<Bundle>,
+    listed: Vec<AuthorityInfo>,
+}
+
+impl Authorities {
+    /// The X.509 authority that signs SVIDs.
+    pub fn x509(&self) -> &Arc<X509Authority> {
+        &self.x509
+    }
+
+    /// The JWT authority that signs JWT-SVIDs.
+    pub fn jwt(&self) -> &Arc<JwtAuthority> {
+        &self.jwt
+    }
+
+    /// The trust bundle: every prepared, active, old and tainted authority.
+    pub fn bundle(&self) -> &Arc<Bundle> {
+        &self.bundle
+    }
+
+    /// Every authority not yet dropped, X.509 first, oldest first.
+    pub fn list(&self) -> &[AuthorityInfo] {
+        &self.listed
+    }
+}
+
+/// The signing authorities in use, the bundle of every trusted one, and the
+/// transitions between slots.
 #[derive(Debug)]
 pub struct CaSet {
-    x509: X509Authority,
-    jwt: JwtAuthority,
-    bundle: Bundle,
+    opts: CaOptions,
+    current: watch::Sender<Arc<Authorities>>,
+    /// Transitions run one at a time in this process (the store's
+    /// compare-and-swap guards against other writers).
+    transitions: Mutex<()>,
 }
 
 fn secs(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-impl CaSet {
-    /// Loads the active authorities; creates (and durably stores) any that
-    /// are missing or expired. Publishes the bundle to the store.
-    pub fn load_or_create(
-        store: &dyn Store,
-        opts: &CaOptions,
-        now: SystemTime,
-    ) -> Result<Self, CaSetError> {
-        let mut bundle = Bundle::new(opts.trust_domain.clone());
-        let mut x509 = None;
-        let mut jwt = None;
-        for record in store.authorities()? {
-            if record.state == SlotState::Revoked || record.not_after <= secs(now) {
-                continue;
-            }
-            let wrap = |source| CaSetError::Authority {
-                id: record.id.clone(),
-                source,
-            };
-            match record.kind {
-                AuthorityKind::X509 => {
-                    let cert = record.cert_der.clone().unwrap_or_default();
-                    let a = X509Authority::from_parts(cert, record.key.clone()).map_err(wrap)?;
-                    if a.trust_domain() != &opts.trust_domain {
-                        return Err(CaSetError::TrustDomainMismatch {
-                            stored: a.trust_domain().to_string(),
-                            configured: opts.trust_domain.to_string(),
-                        });
-                    }
-                    bundle
-                        .add_x509_authority(a.cert_der())
-                        .map_err(|e| wrap(CaError::BadAuthorityCert(e)))?;
-                    if record.state == SlotState::Active {
-                        x509 = Some(a);
-                    }
-                }
-                AuthorityKind::Jwt => {
-                    let not_after = UNIX_EPOCH + Duration::from_secs(record.not_after);
-                    let a =
-                        JwtAuthority::from_parts(record.id.clone(), record.key.clone(), not_after)
-                            .map_err(wrap)?;
-                    bundle.add_jwt_authority(a.kid().to_string(), a.public_key().clone());
-                    if record.state == SlotState::Active {
-                        jwt = Some(a);
-                    }
-                }
-            }
-        }
-        let x509 = match x509 {
-            Some(a) => a,
-            None => {
-                let a = X509Authority::self_signed(
-                    &opts.trust_domain,
-                    opts.key_algorithm,
-                    opts.ca_ttl,
-                    now,
-                )?;
-                store.put_authority(&AuthorityRecord {
-                    id: a.id().to_string(),
-                    kind: AuthorityKind::X509,
-                    state: SlotState::Active,
-                    cert_der: Some(a.cert_der().to_vec()),
-                    not_after: secs(a.not_after()),
-                    key: a.key().clone(),
-                })?;
-                tracing::info!(target: "sigil::audit", event = "authority_created", kind = "x509", id = a.id(), not_after = secs(a.not_after()));
-                bundle
-                    .add_x509_authority(a.cert_der())
-                    .map_err(CaError::BadAuthorityCert)?;
-                a
-            }
-        };
-        let jwt = match jwt {
-            Some(a) => a,
-            None => {
-                let a = JwtAuthority::generate(opts.key_algorithm, opts.ca_ttl, now)?;
-                store.put_authority(&AuthorityRecord {
-                    id: a.kid().to_string(),
-                    kind: AuthorityKind::Jwt,
-                    state: SlotState::Active,
-                    cert_der: None,
-                    not_after: secs(a.not_after()),
-                    key: a.key().clone(),
-                })?;
-                tracing::info!(target: "sigil::audit", event = "authority_created", kind = "jwt", id = a.kid(), not_after = secs(a.not_after()));
-                bundle.add_jwt_authority(a.kid().to_string(), a.public_key().clone());
-                a
-            }
-        };
-        publish_bundle(store, &mut bundle)?;
-        Ok(CaSet { x509, jwt, bundle })
-    }
-
-    /// The X.509 authority that signs SVIDs.
-    pub fn x509(&self) -> &X509Authority {
-        &self.x509
-    }
-
-    /// The JWT authority that signs JWT-SVIDs.
-    pub fn jwt(&self) -> &JwtAuthority {
-        &self.jwt
-    }
-
-    /// The trust bundle.
-    pub fn bundle(&self) -> &Bundle {
-        &self.bundle
+fn kind_name(kind: AuthorityKind) -> &'static str {
+    match kind {
+        AuthorityKind::X509 => "x509",
+        AuthorityKind::Jwt => "jwt",
     }
 }
 
-/// Stores the bundle under its trust domain, bumping `spiffe_sequence`
-/// only when its authorities changed.
-fn publish_bundle(store: &dyn Store, bundle: &mut Bundle) -> Result<(), CaSetError> {
+/// A stored authority, parsed.
+enum Parsed {
+    X509(X509Authority),
+    Jwt(JwtAuthority),
+}
+
+struct Loaded {
+    record: AuthorityRecord,
+    raw: Vec<u8>,
+    parsed: Parsed,
+    info: AuthorityInfo,
+}
+
+fn parse(
+    record: &AuthorityRecord,
+    opts: &CaOptions,
+) -> Result<(Parsed, AuthorityInfo), CaSetError> {
+    let wrap = |source| CaSetError::Authority {
+        id: record.id.clone(),
+        source,
+    };
+    let not_after = UNIX_EPOCH + Duration::from_secs(record.not_after);
+    let (parsed, not_before) = match record.kind {
+        AuthorityKind::X509 => {
+            let cert = record.cert_der.clone().unwrap_or_default();
+            let a = X509Authority::from_parts(cert, record.key.clone()).map_err(wrap)?;
+            if a.trust_domain() != &opts.trust_domain {
+                return Err(CaSetError::TrustDomainMismatch {
+                    stored: a.trust_domain().to_string(),
+                    configured: opts.trust_domain.to_string(),
+                });
+            }
+            let nb = a.not_before();
+            (Parsed::X509(a), nb)
+        }
+        AuthorityKind::Jwt => {
+            let a = JwtAuthority::from_parts(record.id.clone(), record.key.clone(), not_after)
+                .map_err(wrap)?;
+            // JWT keys carry no NotBefore: they were made with ca_ttl.
+            let nb = not_after.checked_sub(opts.ca_ttl).unwrap_or(UNIX_EPOCH);
+            (Parsed::Jwt(a), nb)
+        }
+    };
+    let info = AuthorityInfo {
+        kind: record.kind,
+        id: record.id.clone(),
+        state: record.state,
+        not_before,
+        not_after,
+        upstream: false,
+    };
+    Ok((parsed, info))
+}
+
+fn load(store: &dyn Store, opts: &CaOptions) -> Result<Vec<Loaded>, CaSetError> {
+    let mut out = Vec::new();
+    for (record, raw) in store.authorities_raw()? {
+        let (parsed, info) = parse(&record, opts)?;
+        out.push(Loaded {
+            record,
+            raw,
+            parsed,
+            info,
+        });
+    }
+    out.sort_by_key(|l| {
+        (
+            l.info.kind != AuthorityKind::X509,
+            l.info.not_before,
+            l.info.id.clone(),
+        )
+    });
+    Ok(out)
+}
+
+/// Whether an authority belongs in the bundle at `now`.
+fn trusted(info: &AuthorityInfo, now: SystemTime) -> bool {
+    info.state != SlotState::Revoked && !should_drop(now, info.validity())
+}
+
+fn bundle_of(td: &TrustDomain, loaded: &[Loaded], now: SystemTime) -> Result<Bundle, CaSetError> {
+    let mut bundle = Bundle::new(td.clone());
+    for l in loaded.iter().filter(|l| trusted(&l.info, now)) {
+        match &l.parsed {
+            Parsed::X509(a) => bundle
+                .add_x509_authority(a.cert_der())
+                .map_err(|e| CaSetError::Ca(CaError::BadAuthorityCert(e)))?,
+            Parsed::Jwt(a) => bundle.add_jwt_authority(a.kid().to_string(), a.public_key().clone()),
+        }
+    }
+    Ok(bundle)
+}
+
+/// A store key and value.
+type KeyValue = (Vec<u8>, Vec<u8>);
+
+/// The bundle write for a commit, with `spiffe_sequence` bumped when the
+/// authorities changed; `None` when the stored bundle is already this one.
+fn bundle_write(store: &dyn Store, bundle: &mut Bundle) -> Result<Option<KeyValue>, CaSetError> {
     let key = bundle.trust_domain().name().as_bytes().to_vec();
     let previous = store
         .get(Table::Bundle, &key)?
         .and_then(|b| String::from_utf8(b).ok())
         .and_then(|s| Bundle::from_jwks(bundle.trust_domain().clone(), &s).ok());
     bundle.set_refresh_hint(Some(300));
-    if let Some(prev) = previous {
-        bundle.set_sequence(prev.sequence());
-        if prev.x509_authorities() == bundle.x509_authorities()
-            && prev.jwt_authorities() == bundle.jwt_authorities()
-        {
-            return Ok(());
+    match previous {
+        Some(prev) => {
+            bundle.set_sequence(prev.sequence());
+            if prev.x509_authorities() == bundle.x509_authorities()
+                && prev.jwt_authorities() == bundle.jwt_authorities()
+            {
+                return Ok(None);
+            }
+            bundle.set_sequence(prev.sequence() + 1);
         }
-        bundle.set_sequence(prev.sequence() + 1);
-    } else {
-        bundle.set_sequence(1);
+        None => bundle.set_sequence(1),
     }
-    store.commit(Commit::new().put(Table::Bundle, key, bundle.to_jwks().into_bytes()))?;
-    Ok(())
+    Ok(Some((key, bundle.to_jwks().into_bytes())))
+}
+
+/// A new authority of `kind` in `state`, as a record.
+fn create(
+    opts: &CaOptions,
+    kind: AuthorityKind,
+    state: SlotState,
+    now: SystemTime,
+) -> Result<AuthorityRecord, CaSetError> {
+    Ok(match kind {
+        AuthorityKind::X509 => {
+            let a = X509Authority::self_signed(
+                &opts.trust_domain,
+                opts.key_algorithm,
+                opts.ca_ttl,
+                now,
+            )?;
+            AuthorityRecord {
+                id: a.id().to_string(),
+                kind,
+                state,
+                cert_der: Some(a.cert_der().to_vec()),
+                not_after: secs(a.not_after()),
+                key: a.key().clone(),
+            }
+        }
+        AuthorityKind::Jwt => {
+            let a = JwtAuthority::generate(opts.key_algorithm, opts.ca_ttl, now)?;
+            AuthorityRecord {
+                id: a.kid().to_string(),
+                kind,
+                state,
+                cert_der: None,
+                not_after: secs(a.not_after()),
+                key: a.key().clone(),
+            }
+        }
+    })
+}
+
+impl CaSet {
+    /// Loads the authorities; when a kind has no usable active authority,
+    /// promotes its prepared one or creates one (durably). Publishes the bundle.
+    pub fn load_or_create(
+        store: &dyn Store,
+        opts: &CaOptions,
+        now: SystemTime,
+    ) -> Result<Self, CaSetError> {
+        for kind in [AuthorityKind::X509, AuthorityKind::Jwt] {
+            let loaded = load(store, opts)?;
+            let usable = |l: &&Loaded, state| {
+                l.info.kind == kind && l.info.state == state && l.info.not_after > now
+            };
+            if loaded.iter().any(|l| usable(&l, SlotState::Active)) {
+                continue;
+            }
+            let mut commit = Commit::new();
+            // An expired active authority retires.
+            for l in loaded
+                .iter()
+                .filter(|l| l.info.kind == kind && l.info.state == SlotState::Active)
+            {
+                let mut old = l.record.clone();
+                old.state = SlotState::Old;
+                commit = commit
+                    .require_equals(Table::Authorities, l.record.id.as_bytes(), l.raw.clone())
+                    .put(
+                        Table::Authorities,
+                        old.id.as_bytes(),
+                        store.seal_authority(&old)?,
+                    );
+            }
+            let (id, record) = match loaded.iter().find(|l| usable(l, SlotState::Prepared)) {
+                Some(p) => {
+                    let mut r = p.record.clone();
+                    r.state = SlotState::Active;
+                    commit =
+                        commit.require_equals(Table::Authorities, r.id.as_bytes(), p.raw.clone());
+                    (r.id.clone(), r)
+                }
+                None => {
+                    let r = create(opts, kind, SlotState::Active, now)?;
+                    commit = commit.require_absent(Table::Authorities, r.id.as_bytes());
+                    (r.id.clone(), r)
+                }
+            };
+            commit = commit.put(
+                Table::Authorities,
+                id.as_bytes(),
+                store.seal_authority(&record)?,
+            );
+            store.commit(commit)?;
+            tracing::info!(target: "sigil::audit", event = "authority_activated", kind = kind_name(kind), id = %id, not_after = record.not_after);
+        }
+        let set = CaSet {
+            opts: opts.clone(),
+            current: watch::Sender::new(Arc::new(Self::snapshot(store, opts, now, true)?)),
+            transitions: Mutex::new(()),
+        };
+        Ok(set)
+    }
+
+    /// Reads the authorities back (and, with `publish`, stores the bundle if
+    /// it changed, e.g. an authority aged out).
+    fn snapshot(
+        store: &dyn Store,
+        opts: &CaOptions,
+        now: SystemTime,
+        publish: bool,
+    ) -> Result<Authorities, CaSetError> {
+        let loaded = load(store, opts)?;
+        let mut bundle = bundle_of(&opts.trust_domain, &loaded, now)?;
+        if publish {
+            if let Some((key, value)) = bundle_write(store, &mut bundle)? {
+                store.commit(Commit::new().put(Table::Bundle, key, value))?;
+            }
+        } else {
+            bundle_write(store, &mut bundle)?;
+        }
+        let mut x509 = None;
+        let mut jwt = None;
+        let mut listed = Vec::new();
+        for l in loaded {
+            if l.info.state == SlotState::Active {
+                match l.parsed {
+                    Parsed::X509(a) => x509 = Some(Arc::new(a)),
+                    Parsed::Jwt(a) => jwt = Some(Arc::new(a)),
+                }
+            }
+            if l.info.state == SlotState::Revoked || trusted(&l.info, now) {
+                listed.push(l.info);
+            }
+        }
+        let missing = |k| CaSetError::Refused(format!("no active {k} authority in the store"));
+        Ok(Authorities {
+            x509: x509.ok_or_else(|| missing("x509"))?,
+            jwt: jwt.ok_or_else(|| missing("jwt"))?,
+            bundle: Arc::new(bundle),
+            listed,
+        })
+    }
+
+    /// The authorities now.
+    pub fn current(&self) -> Arc<Authorities> {
+        self.current.borrow().clone()
+    }
+
+    /// Changes to the authorities (every transition publishes a new view).
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Authorities>> {
+        self.current.subscribe()
+    }
+
+    /// The X.509 authority that signs SVIDs now.
+    pub fn x509(&self) -> Arc<X509Authority> {
+        self.current.borrow().x509.clone()
+    }
+
+    /// The JWT authority that signs JWT-SVIDs now.
+    pub fn jwt(&self) -> Arc<JwtAuthority> {
+        self.current.borrow().jwt.clone()
+    }
+
+    /// The trust bundle now.
+    pub fn bundle(&self) -> Arc<Bundle> {
+        self.current.borrow().bundle.clone()
+    }
+
+    /// Commits one transition and publishes the new view.
+    fn apply(&self, store: &dyn Store, commit: Commit, now: SystemTime) -> Result<(), CaSetError> {
+        match store.commit(commit) {
+            Ok(_) => {}
+            Err(StoreError::CheckFailed(_)) => return Err(CaSetError::Conflict),
+            Err(e) => return Err(e.into()),
+        }
+        let next = Self::snapshot(store, &self.opts, now, false)?;
+        self.current.send_replace(Arc::new(next));
+        Ok(())
+    }
+
+    /// Adds `commit` the bundle as it will be once `loaded` changed so.
+    fn with_bundle(
+        &self,
+        store: &dyn Store,
+        commit: Commit,
+        after: &[Loaded],
+        now: SystemTime,
+    ) -> Result<Commit, CaSetError> {
+        let mut bundle = bundle_of(&self.opts.trust_domain, after, now)?;
+        Ok(match bundle_write(store, &mut bundle)? {
+            Some((key, value)) => commit.put(Table::Bundle, key, value),
+            None => commit,
+        })
+    }
+
+    /// Prepares a successor of `kind`: a new authority published in the
+    /// bundle at once (same commit), not yet signing.
+    pub fn prepare(
+        &self,
+        store: &dyn Store,
+        kind: AuthorityKind,
+        now: SystemTime,
+    ) -> Result<AuthorityInfo, CaSetError> {
+        let _one = self.transitions.lock().unwrap_or_else(|p| p.into_inner());
+        let mut loaded = load(store, &self.opts)?;
+        if let Some(p) = loaded
+            .iter()
+            .find(|l| l.info.kind == kind && l.info.state == SlotState::Prepared)
+        {
+            return Err(CaSetError::Refused(format!(
+                "a {} authority is already prepared ({}); activate it first",
+                kind_name(kind),
+                p.info.id
+            )));
+        }
+        let record = create(&self.opts, kind, SlotState::Prepared, now)?;
+        let (parsed, info) = parse(&record, &self.opts)?;
+        let commit = Commit::new()
+            .require_absent(Table::Authorities, record.id.as_bytes())
+            .put(
+                Table::Authorities,
+                record.id.as_bytes(),
+                store.seal_authority(&record)?,
+            );
+        loaded.push(Loaded {
+            raw: Vec::new(),
+            record,
+            parsed,
+            info: info.clone(),
+        });
+        let commit = self.with_bundle(store, commit, &loaded, now)?;
+        self.apply(store, commit, now)?;
+        tracing::info!(target: "sigil::audit", event = "authority_prepared", kind = kind_name(kind), id = %info.id);
+        Ok(info)
+    }
+
+    /// Makes the prepared authority of `kind` the one that signs; the active
+    /// one becomes old (still trusted until it expires).
+    pub fn activate(
+        &self,
+        store: &dyn Store,
+        kind: AuthorityKind,
+        now: SystemTime,
+    ) -> Result<AuthorityInfo, CaSetError> {
+        let _one = self.transitions.lock().unwrap_or_else(|p| p.into_inner());
+        let loaded = load(store, &self.opts)?;
+        let Some(prepared) = loaded
+            .iter()
+            .find(|l| l.info.kind == kind && l.info.state == SlotState::Prepared)
+        else {
+            return Err(CaSetError::Refused(format!(
+                "no prepared {} authority to activate; run `sigil ca prepare --kind {}` first",
+                kind_name(kind),
+                kind_name(kind)
+            )));
+        };
+        if prepared.info.not_after <= now {
+            return Err(CaSetError::Refused(format!(
+                "the prepared authority {} has expired",
+                prepared.info.id
+            )));
+        }
+        let mut commit = Commit::new();
+        for l in loaded
+            .iter()
+            .filter(|l| l.info.kind == kind && l.info.state == SlotState::Active)
+        {
+            let mut old = l.record.clone();
+            old.state = SlotState::Old;
+            commit = commit
+                .require_equals(Table::Authorities, old.id.as_bytes(), l.raw.clone())
+                .put(
+                    Table::Authorities,
+                    old.id.as_bytes(),
+                    store.seal_authority(&old)?,
+                );
+        }
+        let mut active = prepared.record.clone();
+        active.state = SlotState::Active;
+        commit = commit
+            .require_equals(
+                Table::Authorities,
+                active.id.as_bytes(),
+                prepared.raw.clone(),
+            )
+            .put(
+                Table::Authorities,
+                active.id.as_bytes(),
+                store.seal_authority(&active)?,
+            );
+        self.apply(store, commit, now)?;
+        tracing::info!(target: "sigil::audit", event = "authority_activated", kind = kind_name(kind), id = %active.id);
+        Ok(AuthorityInfo {
+            state: SlotState::Active,
+            ..prepared.info.clone()
+        })
+    }
+
+    /// Marks an old authority compromised: still in the bundle (so nothing
+    /// breaks at once), while everything it signed is replaced; then revoke it.
+    pub fn taint(
+        &self,
+        store: &dyn Store,
+        id: &str,
+        now: SystemTime,
+    ) -> Result<AuthorityInfo, CaSetError> {
+        self.move_one(
+            store,
+            id,
+            SlotState::Old,
+            SlotState::Tainted,
+            now,
+            "tainted",
+            "only an old authority can be tainted (activate its successor first)",
+        )
+    }
+
+    /// Removes a tainted authority from the bundle everywhere.
+    pub fn revoke(
+        &self,
+        store: &dyn Store,
+        id: &str,
+        now: SystemTime,
+    ) -> Result<AuthorityInfo, CaSetError> {
+        self.move_one(
+            store,
+            id,
+            SlotState::Tainted,
+            SlotState::Revoked,
+            now,
+            "revoked",
+            "only a tainted authority can be revoked (taint it first)",
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn move_one(
+        &self,
+        store: &dyn Store,
+        id: &str,
+        from: SlotState,
+        to: SlotState,
+        now: SystemTime,
+        event: &str,
+        rule: &str,
+    ) -> Result<AuthorityInfo, CaSetError> {
+        let _one = self.transitions.lock().unwrap_or_else(|p| p.into_inner());
+        let mut loaded = load(store, &self.opts)?;
+        let Some(at) = loaded.iter().position(|l| l.info.id == id) else {
+            return Err(CaSetError::NotFound(id.to_string()));
+        };
+        if loaded[at].info.state != from {
+            return Err(CaSetError::Refused(format!(
+                "{id} is {}: {rule}",
+                state_name(loaded[at].info.state)
+            )));
+        }
+        let mut record = loaded[at].record.clone();
+        record.state = to;
+        let commit = Commit::new()
+            .require_equals(Table::Authorities, id.as_bytes(), loaded[at].raw.clone())
+            .put(
+                Table::Authorities,
+                id.as_bytes(),
+                store.seal_authority(&record)?,
+            );
+        loaded[at].info.state = to;
+        let commit = self.with_bundle(store, commit, &loaded, now)?;
+        self.apply(store, commit, now)?;
+        tracing::warn!(target: "sigil::audit", event = "authority_state", state = event, id = %id);
+        Ok(loaded[at].info.clone())
+    }
+}
+
+/// The state's name as `sigil ca show` prints it.
+pub fn state_name(state: SlotState) -> &'static str {
+    match state {
+        SlotState::Prepared => "prepared",
+        SlotState::Active => "active",
+        SlotState::Old => "old",
+        SlotState::Tainted => "tainted",
+        SlotState::Revoked => "revoked",
+    }
 }
 
 #[cfg(test)]
@@ -248,5 +702,113 @@ mod tests {
             matches!(err, CaSetError::TrustDomainMismatch { .. }),
             "{err}"
         );
+    }
+
+    #[test]
+    fn slots_move_prepare_activate_taint_revoke_and_bad_moves_change_nothing() {
+        let store = MemoryStore::new().unwrap();
+        let now = SystemTime::now();
+        let set = CaSet::load_or_create(&store, &opts("example.org"), now).unwrap();
+        let first = set.x509().id().to_string();
+        let seq = set.bundle().sequence();
+        let refused = |r: Result<AuthorityInfo, CaSetError>, says: &str| {
+            let e = r.unwrap_err().to_string();
+            assert!(e.contains(says), "{e}");
+        };
+        // Nothing prepared: activate is refused, changing nothing.
+        let rev = store.revision().unwrap();
+        refused(
+            set.activate(&store, AuthorityKind::X509, now),
+            "no prepared x509",
+        );
+        refused(set.taint(&store, &first, now), "only an old authority");
+        refused(set.revoke(&store, &first, now), "only a tainted authority");
+        refused(set.taint(&store, "nope", now), "no authority \"nope\"");
+        assert_eq!(store.revision().unwrap(), rev, "refusals write nothing");
+
+        // Prepare: in the bundle at once (sequence bumped), not signing.
+        let p = set.prepare(&store, AuthorityKind::X509, now).unwrap();
+        assert_eq!(p.state, SlotState::Prepared);
+        assert_eq!(set.bundle().x509_authorities().len(), 2);
+        assert_eq!(set.bundle().sequence(), seq + 1);
+        assert_eq!(set.x509().id(), first);
+        refused(
+            set.prepare(&store, AuthorityKind::X509, now),
+            "already prepared",
+        );
+
+        // A restart mid-rotation keeps the slots as they are.
+        let again = CaSet::load_or_create(&store, &opts("example.org"), now).unwrap();
+        assert_eq!(again.x509().id(), first);
+        assert_eq!(again.bundle().x509_authorities().len(), 2);
+
+        // Activate: the prepared one signs, the old one stays trusted.
+        set.activate(&store, AuthorityKind::X509, now).unwrap();
+        assert_eq!(set.x509().id(), p.id);
+        let states: Vec<(String, SlotState)> = set
+            .current()
+            .list()
+            .iter()
+            .filter(|a| a.kind == AuthorityKind::X509)
+            .map(|a| (a.id.clone(), a.state))
+            .collect();
+        assert!(
+            states.contains(&(first.clone(), SlotState::Old)),
+            "{states:?}"
+        );
+        assert!(
+            states.contains(&(p.id.clone(), SlotState::Active)),
+            "{states:?}"
+        );
+        assert_eq!(set.bundle().x509_authorities().len(), 2);
+
+        // Taint the old one (still trusted), then revoke it (gone, sequence bumped).
+        refused(set.revoke(&store, &first, now), "only a tainted authority");
+        refused(set.taint(&store, &p.id, now), "is active");
+        set.taint(&store, &first, now).unwrap();
+        assert_eq!(set.bundle().x509_authorities().len(), 2);
+        let before = set.bundle().sequence();
+        set.revoke(&store, &first, now).unwrap();
+        assert_eq!(set.bundle().x509_authorities().len(), 1);
+        assert_eq!(set.bundle().sequence(), before + 1);
+        // The stored bundle is what agents sync: it moved too.
+        let stored = store.get(Table::Bundle, b"example.org").unwrap().unwrap();
+        let stored = Bundle::from_jwks(
+            TrustDomain::new("example.org").unwrap(),
+            &String::from_utf8(stored).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(stored.x509_authorities(), set.bundle().x509_authorities());
+        assert_eq!(stored.sequence(), set.bundle().sequence());
+
+        // JWT authorities move the same way.
+        let kid = set.jwt().kid().to_string();
+        let pj = set.prepare(&store, AuthorityKind::Jwt, now).unwrap();
+        assert_eq!(set.bundle().jwt_authorities().len(), 2);
+        set.activate(&store, AuthorityKind::Jwt, now).unwrap();
+        assert_eq!(set.jwt().kid(), pj.id);
+        set.taint(&store, &kid, now).unwrap();
+        set.revoke(&store, &kid, now).unwrap();
+        assert_eq!(set.bundle().jwt_authorities().len(), 1);
+    }
+
+    #[test]
+    fn an_expired_active_authority_hands_over_to_the_prepared_one_at_start() {
+        let store = MemoryStore::new().unwrap();
+        let now = SystemTime::now();
+        let set = CaSet::load_or_create(&store, &opts("example.org"), now).unwrap();
+        let later = now + Duration::from_secs(1800);
+        let p = set.prepare(&store, AuthorityKind::X509, later).unwrap();
+        // The first authority (1 h) has expired; the prepared one (from +30 min) has not.
+        let restart = now + Duration::from_secs(3700);
+        let again = CaSet::load_or_create(&store, &opts("example.org"), restart).unwrap();
+        assert_eq!(again.x509().id(), p.id);
+        let active = again
+            .current()
+            .list()
+            .iter()
+            .filter(|a| a.kind == AuthorityKind::X509 && a.state == SlotState::Active)
+            .count();
+        assert_eq!(active, 1, "exactly one active authority");
     }
 }

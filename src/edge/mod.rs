@@ -88,10 +88,12 @@ pub fn unix_incoming(
 /// Accepted TCP connections under `limits` (per peer = per IP address), with
 /// TCP_NODELAY and keepalive, each TLS handshake bounded by the limits'
 /// deadline. Handshakes run concurrently, so a slow peer delays no one else.
+/// Each connection gets the TLS configuration current when it arrives (the
+/// server's certificate and trusted roots follow CA rotation).
 pub fn tls_incoming(
     name: &'static str,
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    acceptor: tokio::sync::watch::Receiver<TlsAcceptor>,
     limits: ConnLimits,
 ) -> ReceiverStream<io::Result<Admitted<TlsStream<TcpStream>>>> {
     let (tx, rx) = mpsc::channel(64);
@@ -120,7 +122,7 @@ pub fn tls_incoming(
                 .with_time(ConnLimits::KEEPALIVE_INTERVAL)
                 .with_interval(ConnLimits::KEEPALIVE_TIMEOUT);
             let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            let (acceptor, tx) = (acceptor.borrow().clone(), tx.clone());
             tokio::spawn(async move {
                 match tokio::time::timeout(limits.first_request_timeout, acceptor.accept(stream))
                     .await

@@ -403,6 +403,66 @@ async fn wait_for(mut rx: watch::Receiver<bool>) {
 /// TLS for the node API: the server SVID; agents present theirs (mTLS), but
 /// attestation needs none, so a client certificate is optional here and each
 /// RPC decides.
+/// The node API's TLS from the authorities now: a fresh server SVID (its key
+/// lives only in this process) from the active X.509 authority, for the rest
+/// of that authority's life, and the bundle's roots to verify agents.
+fn server_tls(
+    ca: &crate::ca::Authorities,
+    td: &TrustDomain,
+    now: SystemTime,
+) -> Result<tokio_rustls::TlsAcceptor, ServerError> {
+    let err = |e: String| ServerError::ServerSvid(e);
+    let key = PrivateKey::generate(KeyAlgorithm::EcP256).map_err(|e| err(e.to_string()))?;
+    let id = td
+        .id_with_path("sigil/server")
+        .map_err(|e| err(e.to_string()))?;
+    let svid = ca
+        .x509()
+        .issue_for_private_key(
+            &key,
+            &X509SvidParams {
+                spiffe_id: id,
+                dns_names: vec![SERVER_DNS_NAME.to_string()],
+                ttl: ca
+                    .x509()
+                    .not_after()
+                    .duration_since(now)
+                    .unwrap_or_default(),
+            },
+            now,
+        )
+        .map_err(|e| err(e.to_string()))?;
+    node_tls_acceptor(&svid, &key, ca.bundle())
+}
+
+/// Keeps what depends on the authorities current: the node API's TLS (server
+/// SVID and agent roots) and the ext_authz bundle.
+async fn follow_authorities(
+    state: Arc<ServerState>,
+    tls: watch::Sender<tokio_rustls::TlsAcceptor>,
+    bundle: watch::Sender<Option<crate::Bundle>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut changes = state.ca.subscribe();
+    loop {
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            _ = shutdown.changed() => return,
+        }
+        let now = state.clock.now();
+        let current = changes.borrow_and_update().clone();
+        match server_tls(&current, state.registry.trust_domain(), now) {
+            Ok(acceptor) => {
+                tls.send_replace(acceptor);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot renew the node API's TLS after an authority change")
+            }
+        }
+        bundle.send_replace(Some((**current.bundle()).clone()));
+    }
+}
+
 fn node_tls_acceptor(
     svid: &crate::IssuedX509,
     key: &PrivateKey,
@@ -465,32 +525,8 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         EntryValidation::for_ca_ttl(config.ca_ttl),
     );
 
-    // The server's own SVID: its key lives only in this process.
-    let server_key = PrivateKey::generate(KeyAlgorithm::EcP256)
-        .map_err(|e| ServerError::ServerSvid(e.to_string()))?;
-    let server_id = config
-        .trust_domain
-        .id_with_path("sigil/server")
-        .map_err(|e| ServerError::ServerSvid(e.to_string()))?;
-    let remaining = ca
-        .x509()
-        .not_after()
-        .duration_since(now)
-        .unwrap_or_default();
-    let svid = ca
-        .x509()
-        .issue_for_private_key(
-            &server_key,
-            &X509SvidParams {
-                spiffe_id: server_id,
-                dns_names: vec![SERVER_DNS_NAME.to_string()],
-                ttl: remaining,
-            },
-            now,
-        )
-        .map_err(|e| ServerError::ServerSvid(e.to_string()))?;
     let bundle_pem = ca.bundle().to_pem();
-    let tls = node_tls_acceptor(&svid, &server_key, ca.bundle())?;
+    let (tls_tx, tls_rx) = watch::channel(server_tls(&ca.current(), &config.trust_domain, now)?);
 
     let listener = TcpListener::bind(config.bind)
         .await
@@ -518,12 +554,13 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         )),
     });
     let state_for_compaction = state.clone();
+    let state_for_follow = state.clone();
     let node_limits = crate::edge::ConnLimits::NODE;
     let node_server = node_limits
         .server_builder()
         .add_service(NodeServer::new(NodeService::new(state.clone())))
         .serve_with_incoming_shutdown(
-            crate::edge::tls_incoming("node", listener, tls, node_limits),
+            crate::edge::tls_incoming("node", listener, tls_rx, node_limits),
             wait_for(shutdown_rx.clone()),
         );
     let admin_limits = crate::edge::ConnLimits::ADMIN;
@@ -534,18 +571,20 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
             crate::edge::unix_incoming("admin", admin_listener, admin_limits),
             wait_for(shutdown_rx.clone()),
         );
+    let (bundle_tx, bundle_rx) = watch::channel(Some((*bundle_for_policies).clone()));
     let (ext_authz_addr, ext_authz_server) = match &config.policy {
         Some(policy) => {
-            let bundle = watch::channel(Some(bundle_for_policies)).1;
             let (addr, serving) =
-                crate::policy::serve_ext_authz(policy, bundle, shutdown_rx.clone()).await?;
+                crate::policy::serve_ext_authz(policy, bundle_rx, shutdown_rx.clone()).await?;
             (Some(addr), Some(serving))
         }
         None => (None, None),
     };
+    let follower = follow_authorities(state_for_follow, tls_tx, bundle_tx, shutdown_rx.clone());
     let compactor = compact_events(state_for_compaction, shutdown_rx.clone());
     let task = tokio::spawn(async move {
         tokio::spawn(compactor);
+        tokio::spawn(follower);
         let ext_authz = async {
             match ext_authz_server {
                 Some(s) => s.await,

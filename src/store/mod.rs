@@ -486,6 +486,19 @@ pub trait Store: Send + Sync {
         self.commit(Commit::new().delete(Table::Authorities, id.as_bytes()))
     }
 
+    /// Every authority with its stored bytes, for compare-and-swap transitions.
+    fn authorities_raw(&self) -> Result<Vec<(AuthorityRecord, Vec<u8>)>, StoreError> {
+        self.scan(Table::Authorities, b"", None, usize::MAX)?
+            .into_iter()
+            .map(|(k, v)| AuthorityRecord::unseal(self.kek(), &k, &v).map(|r| (r, v)))
+            .collect()
+    }
+
+    /// `record` sealed as it is stored, to write in a commit.
+    fn seal_authority(&self, record: &AuthorityRecord) -> Result<Vec<u8>, StoreError> {
+        record.seal(self.kek())
+    }
+
     /// Every stored authority, unsealed.
     fn authorities(&self) -> Result<Vec<AuthorityRecord>, StoreError> {
         self.scan(Table::Authorities, b"", None, usize::MAX)?
