@@ -210,14 +210,19 @@ fn load(store: &dyn Store, opts: &CaOptions) -> Result<Vec<Loaded>, CaSetError> 
             info,
         });
     }
-    out.sort_by_key(|l| {
+    sort_loaded(&mut out);
+    Ok(out)
+}
+
+/// X.509 first, then by age, then by ID: the order of `ca show` and the bundle.
+fn sort_loaded(loaded: &mut [Loaded]) {
+    loaded.sort_by_key(|l| {
         (
             l.info.kind != AuthorityKind::X509,
             l.info.not_before,
             l.info.id.clone(),
         )
     });
-    Ok(out)
 }
 
 /// Whether an authority belongs in the bundle at `now`.
@@ -253,8 +258,12 @@ fn bundle_write(store: &dyn Store, bundle: &mut Bundle) -> Result<Option<KeyValu
     match previous {
         Some(prev) => {
             bundle.set_sequence(prev.sequence());
-            if prev.x509_authorities() == bundle.x509_authorities()
-                && prev.jwt_authorities() == bundle.jwt_authorities()
+            let sorted = |b: &Bundle| {
+                let mut v = b.x509_authorities().to_vec();
+                v.sort();
+                v
+            };
+            if sorted(&prev) == sorted(bundle) && prev.jwt_authorities() == bundle.jwt_authorities()
             {
                 return Ok(None);
             }
@@ -492,6 +501,7 @@ impl CaSet {
             parsed,
             info: info.clone(),
         });
+        sort_loaded(&mut loaded);
         let commit = self.with_bundle(store, commit, &loaded, now)?;
         self.apply(store, commit, now)?;
         tracing::info!(target: "sigil::audit", event = "authority_prepared", kind = kind_name(kind), id = %info.id);

@@ -139,6 +139,49 @@ pub enum BundleCmd {
     },
 }
 
+/// `sigil ca ...`
+#[derive(Debug, Subcommand)]
+pub enum CaCmd {
+    /// List the authorities with their state and validity.
+    Show {
+        /// Only this kind.
+        #[arg(long, value_parser = ["x509", "jwt"])]
+        kind: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Create a successor authority, published in the bundle but not signing yet.
+    Prepare {
+        /// Only this kind (default: both).
+        #[arg(long, value_parser = ["x509", "jwt"])]
+        kind: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Make the prepared authority sign; the active one becomes old.
+    Activate {
+        /// Only this kind (default: both).
+        #[arg(long, value_parser = ["x509", "jwt"])]
+        kind: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Mark an old authority compromised (what it signed is replaced).
+    Taint {
+        /// The authority ID (see `sigil ca show`).
+        id: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Remove a tainted authority from the bundle everywhere.
+    Revoke {
+        /// The authority ID (see `sigil ca show`).
+        id: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
 /// `sigil x509 ...`
 #[derive(Debug, Subcommand)]
 pub enum X509Cmd {
@@ -468,6 +511,84 @@ pub async fn bundle(cmd: BundleCmd) -> anyhow::Result<()> {
         })),
         OutputFormat::Text => Output::line(text.trim_end()),
     }
+}
+
+/// `sigil ca ...`.
+pub async fn ca(cmd: CaCmd) -> anyhow::Result<()> {
+    let (admin, response) = match cmd {
+        CaCmd::Show { kind, admin } => {
+            let req = pa::AuthorityKindRequest {
+                kind: kind.unwrap_or_default(),
+            };
+            let r = rpc(client(&admin).await?.list_authorities(req).await)?;
+            (admin, r)
+        }
+        CaCmd::Prepare { kind, admin } => {
+            let req = pa::AuthorityKindRequest {
+                kind: kind.unwrap_or_default(),
+            };
+            let r = rpc(client(&admin).await?.prepare_authority(req).await)?;
+            (admin, r)
+        }
+        CaCmd::Activate { kind, admin } => {
+            let req = pa::AuthorityKindRequest {
+                kind: kind.unwrap_or_default(),
+            };
+            let r = rpc(client(&admin).await?.activate_authority(req).await)?;
+            (admin, r)
+        }
+        CaCmd::Taint { id, admin } => {
+            let r = rpc(client(&admin)
+                .await?
+                .taint_authority(pa::AuthorityIdRequest { id })
+                .await)?;
+            (admin, r)
+        }
+        CaCmd::Revoke { id, admin } => {
+            let r = rpc(client(&admin)
+                .await?
+                .revoke_authority(pa::AuthorityIdRequest { id })
+                .await)?;
+            (admin, r)
+        }
+    };
+    match admin.output {
+        OutputFormat::Json => Output::json(&json!({
+            "authorities": response.authorities.iter().map(|a| json!({
+                "kind": a.kind, "id": a.id, "state": a.state,
+                "not_before": rfc3339(a.not_before), "not_after": rfc3339(a.not_after),
+                "upstream": a.upstream,
+            })).collect::<Vec<_>>(),
+        })),
+        OutputFormat::Text => {
+            let lines: Vec<String> = response
+                .authorities
+                .iter()
+                .map(|a| {
+                    format!(
+                        "{:<5} {:<9} {}  {} .. {}",
+                        a.kind,
+                        a.state,
+                        a.id,
+                        rfc3339(a.not_before),
+                        rfc3339(a.not_after)
+                    )
+                })
+                .collect();
+            Output::line(&lines.join("\n"))
+        }
+    }
+}
+
+/// Seconds since the epoch as RFC 3339 (UTC).
+fn rfc3339(secs: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| secs.to_string())
 }
 
 /// `sigil x509 mint`.

@@ -65,6 +65,11 @@ enum Command {
         #[command(subcommand)]
         cmd: admin::BundleCmd,
     },
+    /// CA authorities: show, prepare, activate, taint, revoke.
+    Ca {
+        #[command(subcommand)]
+        cmd: admin::CaCmd,
+    },
     /// Operator-minted X509-SVIDs.
     X509 {
         #[command(subcommand)]
@@ -377,6 +382,7 @@ pub fn main() -> anyhow::Result<()> {
         Command::Workload { cmd } => runtime()?.block_on(workload::run(cmd)),
         Command::Policy { cmd } => runtime()?.block_on(policy::run(cmd)),
         Command::Bundle { cmd } => runtime()?.block_on(admin::bundle(cmd)),
+        Command::Ca { cmd } => runtime()?.block_on(admin::ca(cmd)),
         Command::X509 { cmd } => runtime()?.block_on(admin::x509(cmd)),
         Command::Jwt { cmd } => runtime()?.block_on(admin::jwt(cmd)),
         Command::Healthcheck(args) => runtime()?.block_on(admin::healthcheck(&args)),

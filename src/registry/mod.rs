@@ -181,7 +181,6 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// A registry for `trust_domain` on `store`.
     /// The bounds entries are validated against.
     pub fn validation(&self) -> &EntryValidation {
         &self.validation
@@ -205,6 +204,20 @@ impl Registry {
     /// A receiver that sees the store revision after every registry commit.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.revisions.subscribe()
+    }
+
+    /// Wakes subscribers after a commit made outside the registry (the CA's
+    /// authority transitions, which change the bundle agents sync).
+    pub fn notify_committed(&self) {
+        if let Ok(revision) = self.store.revision() {
+            self.revisions.send_if_modified(|r| {
+                let newer = revision > *r;
+                if newer {
+                    *r = revision;
+                }
+                newer
+            });
+        }
     }
 
     fn commit(&self, commit: Commit) -> Result<u64, StoreError> {

@@ -12,6 +12,7 @@ use crate::proto::admin::{self as pa, admin_server::Admin};
 use crate::proto::node as pn;
 use crate::registry::{AgentRecord, EntryParams, Registry, RegistryError, SERVER_DNS_NAME};
 use crate::spiffe::{Selector, SpiffeId};
+use crate::store::AuthorityKind;
 use crate::x509::{KeyAlgorithm, PrivateKey};
 
 /// The admin API.
@@ -402,5 +403,160 @@ impl Admin for AdminService {
             revision,
             x509_authority_expires_at: ts(self.state.ca.x509().not_after()),
         }))
+    }
+
+    async fn list_authorities(
+        &self,
+        req: Request<pa::AuthorityKindRequest>,
+    ) -> Result<Response<pa::AuthoritiesResponse>, Status> {
+        let kinds = authority_kinds(&req.get_ref().kind)?;
+        let current = self.state.ca.current();
+        Ok(Response::new(pa::AuthoritiesResponse {
+            authorities: current
+                .list()
+                .iter()
+                .filter(|a| kinds.contains(&a.kind))
+                .map(authority_proto)
+                .collect(),
+        }))
+    }
+
+    async fn prepare_authority(
+        &self,
+        req: Request<pa::AuthorityKindRequest>,
+    ) -> Result<Response<pa::AuthoritiesResponse>, Status> {
+        let kinds = authority_kinds(&req.get_ref().kind)?;
+        self.by_kind("prepare_authority", kinds, |ca, store, kind, now| {
+            ca.prepare(store, kind, now)
+        })
+    }
+
+    async fn activate_authority(
+        &self,
+        req: Request<pa::AuthorityKindRequest>,
+    ) -> Result<Response<pa::AuthoritiesResponse>, Status> {
+        let kinds = authority_kinds(&req.get_ref().kind)?;
+        self.by_kind("activate_authority", kinds, |ca, store, kind, now| {
+            ca.activate(store, kind, now)
+        })
+    }
+
+    async fn taint_authority(
+        &self,
+        req: Request<pa::AuthorityIdRequest>,
+    ) -> Result<Response<pa::AuthoritiesResponse>, Status> {
+        let id = req.into_inner().id;
+        let store = self.state.registry.store().clone();
+        let result = self
+            .state
+            .ca
+            .taint(store.as_ref(), &id, self.state.clock.now())
+            .map(|a| pa::AuthoritiesResponse {
+                authorities: vec![authority_proto(&a)],
+            })
+            .map_err(ca_status);
+        self.state.registry.notify_committed();
+        audited("taint_authority", &id, result)
+    }
+
+    async fn revoke_authority(
+        &self,
+        req: Request<pa::AuthorityIdRequest>,
+    ) -> Result<Response<pa::AuthoritiesResponse>, Status> {
+        let id = req.into_inner().id;
+        let store = self.state.registry.store().clone();
+        let result = self
+            .state
+            .ca
+            .revoke(store.as_ref(), &id, self.state.clock.now())
+            .map(|a| pa::AuthoritiesResponse {
+                authorities: vec![authority_proto(&a)],
+            })
+            .map_err(ca_status);
+        self.state.registry.notify_committed();
+        audited("revoke_authority", &id, result)
+    }
+}
+
+impl AdminService {
+    /// Runs a per-kind transition for each requested kind; stops at the
+    /// first refusal (earlier kinds stay moved, and the answer says so).
+    fn by_kind(
+        &self,
+        action: &str,
+        kinds: Vec<AuthorityKind>,
+        run: impl Fn(
+            &crate::ca::CaSet,
+            &dyn crate::store::Store,
+            AuthorityKind,
+            std::time::SystemTime,
+        ) -> Result<crate::ca::AuthorityInfo, crate::ca::CaSetError>,
+    ) -> Result<Response<pa::AuthoritiesResponse>, Status> {
+        let store = self.state.registry.store().clone();
+        let mut done = Vec::new();
+        for kind in kinds {
+            match run(&self.state.ca, store.as_ref(), kind, self.state.clock.now()) {
+                Ok(a) => done.push(authority_proto(&a)),
+                Err(e) => {
+                    self.state.registry.notify_committed();
+                    let moved: Vec<&str> = done.iter().map(|a| a.id.as_str()).collect();
+                    let mut s = ca_status(e);
+                    if !moved.is_empty() {
+                        s = Status::new(
+                            s.code(),
+                            format!("{} (already done: {})", s.message(), moved.join(", ")),
+                        );
+                    }
+                    return audited(action, "", Err(s));
+                }
+            }
+        }
+        self.state.registry.notify_committed();
+        let subject: Vec<String> = done.iter().map(|a| a.id.clone()).collect();
+        audited(
+            action,
+            &subject.join(","),
+            Ok(pa::AuthoritiesResponse { authorities: done }),
+        )
+    }
+}
+
+fn authority_kinds(kind: &str) -> Result<Vec<AuthorityKind>, Status> {
+    match kind {
+        "" => Ok(vec![AuthorityKind::X509, AuthorityKind::Jwt]),
+        "x509" => Ok(vec![AuthorityKind::X509]),
+        "jwt" => Ok(vec![AuthorityKind::Jwt]),
+        other => Err(Status::invalid_argument(format!(
+            "kind: {other:?} is not x509 or jwt"
+        ))),
+    }
+}
+
+fn authority_proto(a: &crate::ca::AuthorityInfo) -> pa::Authority {
+    pa::Authority {
+        kind: match a.kind {
+            AuthorityKind::X509 => "x509".into(),
+            AuthorityKind::Jwt => "jwt".into(),
+        },
+        id: a.id.clone(),
+        state: crate::ca::state_name(a.state).into(),
+        not_before: ts(a.not_before),
+        not_after: ts(a.not_after),
+        upstream: a.upstream,
+    }
+}
+
+/// A refused transition is the caller's to fix (FailedPrecondition, with why);
+/// an unknown ID is NotFound; a concurrent change is Aborted.
+fn ca_status(e: crate::ca::CaSetError) -> Status {
+    use crate::ca::CaSetError as E;
+    match e {
+        E::NotFound(_) => Status::not_found(e.to_string()),
+        E::Refused(_) => Status::failed_precondition(e.to_string()),
+        E::Conflict => Status::aborted(e.to_string()),
+        other => {
+            tracing::error!(error = %other, "authority transition failed");
+            Status::internal("internal error; see the server log")
+        }
     }
 }

@@ -285,8 +285,14 @@ impl ServerState {
         }
     }
 
+    /// The bundle as committed in the store: what a sync stream woken by a
+    /// commit must send (the CA's in-memory view may lag that commit).
     fn bundle_jwks(&self) -> Vec<u8> {
-        self.ca.bundle().to_jwks().into_bytes()
+        let key = self.registry.trust_domain().name().as_bytes();
+        match self.registry.store().get(crate::store::Table::Bundle, key) {
+            Ok(Some(jwks)) => jwks,
+            _ => self.ca.bundle().to_jwks().into_bytes(),
+        }
     }
 }
 

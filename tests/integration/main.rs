@@ -8,6 +8,7 @@ mod hardening;
 mod interop;
 mod jwks_https;
 mod openssl_verify;
+mod rotation;
 mod server;
 mod store_crash;
 mod workload_proto;

@@ -1,0 +1,188 @@
+//! CA rotation as operators drive it: `sigil ca` against a real server, and
+//! a real agent that keeps working across prepare, activate, taint, revoke.
+
+use std::process::Command;
+use std::time::Duration;
+
+use sigil::proto::admin as pa;
+use sigil::proto::workload as pw;
+use sigil::server::start;
+
+use crate::agent::start_agent_with;
+use crate::server::{admin, server_config};
+
+fn ca(socket: &std::path::Path, args: &[&str]) -> (bool, serde_json::Value, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_sigil"))
+        .arg("ca")
+        .args(args)
+        .args(["--output", "json", "--admin-socket"])
+        .arg(socket)
+        .env_remove("SIGIL_ADMIN_SOCKET")
+        .output()
+        .unwrap();
+    let json = serde_json::from_slice(&o.stdout).unwrap_or(serde_json::Value::Null);
+    (
+        o.status.success(),
+        json,
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+fn states(v: &serde_json::Value, kind: &str) -> Vec<(String, String)> {
+    v["authorities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["kind"] == kind)
+        .map(|a| {
+            (
+                a["id"].as_str().unwrap().to_string(),
+                a["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn x509_bundle_len(c: &pw::X509BundlesResponse) -> usize {
+    // DER certificates, concatenated: count the top-level SEQUENCEs.
+    let mut rest = c.bundles.values().next().unwrap().as_slice();
+    let mut n = 0;
+    while rest.len() > 4 {
+        let len = usize::from(rest[2]) << 8 | usize::from(rest[3]);
+        rest = &rest[(4 + len).min(rest.len())..];
+        n += 1;
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_rotate_the_ca_and_agents_follow() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(server_config(&dir.path().join("s"), vec![]))
+        .await
+        .unwrap();
+    let sock = server.admin_socket().to_path_buf();
+    let agent = start_agent_with(&server, dir.path(), None).await;
+    let uid = sigil::attest::current_uid().unwrap();
+    admin(&server)
+        .await
+        .create_entry(pa::EntryParams {
+            spiffe_id: "spiffe://example.org/rotating".into(),
+            parent_id: agent.spiffe_id().to_string(),
+            selectors: vec![format!("unix:uid:{uid}")],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    let (ok, shown, err) = ca(&sock, &["show"]);
+    assert!(ok, "{err}");
+    let x509 = states(&shown, "x509");
+    assert_eq!(x509.len(), 1);
+    assert_eq!(x509[0].1, "active");
+    let first = x509[0].0.clone();
+    assert!(
+        shown["authorities"][0]["not_after"]
+            .as_str()
+            .unwrap()
+            .ends_with('Z'),
+        "RFC 3339: {shown}"
+    );
+
+    // Bad transitions are refused, say why, and change nothing.
+    for (args, says) in [
+        (vec!["activate", "--kind", "x509"], "no prepared x509"),
+        (vec!["taint", first.as_str()], "only an old authority"),
+        (vec!["revoke", first.as_str()], "only a tainted authority"),
+        (vec!["taint", "nope"], "no authority"),
+    ] {
+        let (ok, _, err) = ca(&sock, &args);
+        assert!(!ok && err.contains(says), "{args:?}: {err}");
+    }
+
+    // Prepare: the workload's bundle grows to two CAs, pushed (no polling).
+    let (ok, prepared, err) = ca(&sock, &["prepare", "--kind", "x509"]);
+    assert!(ok, "{err}");
+    let second = states(&prepared, "x509")[0].0.clone();
+    let mut c = sigil::cli::connect_workload(agent.socket()).await.unwrap();
+    let mut req = tonic::Request::new(pw::X509BundlesRequest {});
+    req.metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().unwrap());
+    let mut bundles = c.fetch_x509_bundles(req).await.unwrap().into_inner();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let m = bundles.message().await.unwrap().unwrap();
+            if x509_bundle_len(&m) == 2 {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the prepared CA never reached the workload's bundle");
+
+    // Activate: new SVIDs chain to the new CA; the agent keeps talking to the
+    // server (whose TLS certificate now comes from the new CA too).
+    let (ok, _, err) = ca(&sock, &["activate", "--kind", "x509"]);
+    assert!(ok, "{err}");
+    let (_, shown, _) = ca(&sock, &["show", "--kind", "x509"]);
+    let now = states(&shown, "x509");
+    assert!(now.contains(&(first.clone(), "old".into())), "{now:?}");
+    assert!(now.contains(&(second.clone(), "active".into())), "{now:?}");
+    admin(&server)
+        .await
+        .create_entry(pa::EntryParams {
+            spiffe_id: "spiffe://example.org/after-rotation".into(),
+            parent_id: agent.spiffe_id().to_string(),
+            selectors: vec![format!("unix:uid:{uid}")],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut state = agent.state();
+    let issued_by = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let found = state
+                .borrow_and_update()
+                .svids
+                .iter()
+                .find(|s| s.entry.spiffe_id.as_str() == "spiffe://example.org/after-rotation")
+                .map(|s| s.chain[0].clone());
+            if let Some(leaf) = found {
+                return leaf;
+            }
+            state.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("no SVID after rotation");
+    let (_, leaf) = x509_parser::parse_x509_certificate(&issued_by).unwrap();
+    let aki = leaf
+        .iter_extensions()
+        .find_map(|e| match e.parsed_extension() {
+            x509_parser::extensions::ParsedExtension::AuthorityKeyIdentifier(a) => a
+                .key_identifier
+                .as_ref()
+                .map(|k| k.0.iter().map(|b| format!("{b:02x}")).collect::<String>()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(aki, second, "signed by the new active authority");
+
+    // Taint, then revoke the old one: it leaves the workload's bundle.
+    let (ok, _, err) = ca(&sock, &["taint", &first]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = ca(&sock, &["revoke", &first]);
+    assert!(ok, "{err}");
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let m = bundles.message().await.unwrap().unwrap();
+            if x509_bundle_len(&m) == 1 {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the revoked CA never left the workload's bundle");
+    agent.shutdown(Duration::from_secs(2)).await;
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
