@@ -589,15 +589,16 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     let follower = follow_authorities(state_for_follow, tls_tx, bundle_tx, shutdown_rx.clone());
     let compactor = compact_events(state_for_compaction, shutdown_rx.clone());
     let task = tokio::spawn(async move {
-        tokio::spawn(compactor);
-        tokio::spawn(follower);
         let ext_authz = async {
             match ext_authz_server {
                 Some(s) => s.await,
                 None => Ok(()),
             }
         };
-        let (node, admin, authz) = tokio::join!(node_server, admin_server, ext_authz);
+        // The background jobs end on shutdown too, and are awaited, so the
+        // store is closed when the server says it stopped.
+        let (node, admin, authz, (), ()) =
+            tokio::join!(node_server, admin_server, ext_authz, compactor, follower);
         node.and(admin)
             .and(authz)
             .map_err(|e| ServerError::Transport(e.to_string()))
