@@ -13,7 +13,7 @@ pub const MAX_PREPARE_LEAD: Duration = Duration::from_secs(30 * 86_400);
 /// The most lead time before expiry at which the successor takes over.
 pub const MAX_ACTIVATE_LEAD: Duration = Duration::from_secs(7 * 86_400);
 /// How long an expired authority stays in the bundle (clock skew, late
-/// verifiers) before it is dropped.
+/// verifiers) before it is dropped: this, or a sixth of its lifetime if less.
 pub const EXPIRED_GRACE: Duration = Duration::from_secs(3600);
 
 /// An authority's validity, as the schedule sees it.
@@ -52,8 +52,9 @@ pub fn should_activate(now: SystemTime, active: Validity) -> bool {
 
 /// Whether an authority that is no longer active may leave the bundle.
 pub fn should_drop(now: SystemTime, authority: Validity) -> bool {
+    let grace = EXPIRED_GRACE.min(authority.lifetime() / 6);
     now.duration_since(authority.not_after)
-        .is_ok_and(|past| past >= EXPIRED_GRACE)
+        .is_ok_and(|past| past >= grace)
 }
 
 /// The longest SVID TTL an authority lifetime supports: a sixth of it, the

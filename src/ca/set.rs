@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 
-use super::rotation::{Validity, should_drop};
+use super::rotation::{Validity, should_activate, should_drop, should_prepare};
 use super::{CaError, JwtAuthority, X509Authority};
 use crate::spiffe::TrustDomain;
 use crate::store::{AuthorityKind, AuthorityRecord, Commit, SlotState, Store, StoreError, Table};
@@ -646,6 +646,48 @@ impl CaSet {
     }
 }
 
+impl CaSet {
+    /// One step of the automatic schedule at `now`, per kind: activate a
+    /// successor prepared on an earlier step once the active authority is
+    /// down to its last sixth, else prepare one once it is down to its last
+    /// half; never both in one step. Also drops authorities expired past the
+    /// grace from the bundle. Returns what it did (for the log).
+    pub fn tick(&self, store: &dyn Store, now: SystemTime) -> Result<Vec<String>, CaSetError> {
+        let mut done = Vec::new();
+        for kind in [AuthorityKind::X509, AuthorityKind::Jwt] {
+            let current = self.current();
+            let of_kind = |state| {
+                current
+                    .list()
+                    .iter()
+                    .find(|a| a.kind == kind && a.state == state)
+                    .cloned()
+            };
+            let Some(active) = of_kind(SlotState::Active) else {
+                continue;
+            };
+            let prepared = of_kind(SlotState::Prepared);
+            if prepared.is_some() && should_activate(now, active.validity()) {
+                let a = self.activate(store, kind, now)?;
+                done.push(format!("activated {} authority {}", kind_name(kind), a.id));
+            } else if prepared.is_none() && should_prepare(now, active.validity()) {
+                let p = self.prepare(store, kind, now)?;
+                done.push(format!("prepared {} authority {}", kind_name(kind), p.id));
+            }
+        }
+        // Age expired authorities out of the bundle (and the view).
+        let _one = self.transitions.lock().unwrap_or_else(|p| p.into_inner());
+        let next = Self::snapshot(store, &self.opts, now, true)?;
+        if next.bundle.sequence() != self.current().bundle.sequence()
+            || next.listed != self.current().listed
+        {
+            done.push("refreshed the bundle".into());
+        }
+        self.current.send_replace(Arc::new(next));
+        Ok(done)
+    }
+}
+
 /// The state's name as `sigil ca show` prints it.
 pub fn state_name(state: SlotState) -> &'static str {
     match state {
@@ -820,5 +862,77 @@ mod tests {
             .filter(|a| a.kind == AuthorityKind::X509 && a.state == SlotState::Active)
             .count();
         assert_eq!(active, 1, "exactly one active authority");
+    }
+
+    #[test]
+    fn ten_lifetimes_of_scheduled_rotation_never_break_trust() {
+        // Tick every 1/20 of a lifetime for 10 lifetimes. At every step:
+        // exactly one active authority per kind; the active one always has
+        // at least a sixth of its life left; and every SVID issued at any
+        // earlier step that has not expired verifies against the bundle now.
+        let store = MemoryStore::new().unwrap();
+        let life = Duration::from_secs(3600);
+        let start = SystemTime::now();
+        let set = CaSet::load_or_create(&store, &opts("example.org"), start).unwrap();
+        let step = life / 20;
+        let key = crate::x509::PrivateKey::generate(KeyAlgorithm::EcP256).unwrap();
+        let params = crate::ca::X509SvidParams {
+            spiffe_id: crate::spiffe::SpiffeId::new("spiffe://example.org/w").unwrap(),
+            dns_names: vec![],
+            ttl: life / 6,
+        };
+        let mut issued: Vec<(Vec<u8>, SystemTime)> = Vec::new();
+        let mut activations = 0;
+        let mut t = start;
+        for _ in 0..200 {
+            t += step;
+            let log = set.tick(&store, t).unwrap();
+            assert!(
+                !(log.iter().any(|l| l.starts_with("prepared x509"))
+                    && log.iter().any(|l| l.starts_with("activated x509"))),
+                "prepare and activate in one step: {log:?}"
+            );
+            activations += log
+                .iter()
+                .filter(|l| l.starts_with("activated x509"))
+                .count();
+            let current = set.current();
+            for kind in [AuthorityKind::X509, AuthorityKind::Jwt] {
+                let active = current
+                    .list()
+                    .iter()
+                    .filter(|a| a.kind == kind && a.state == SlotState::Active)
+                    .count();
+                assert_eq!(active, 1, "{kind:?} at {t:?}");
+            }
+            let left = set.x509().not_after().duration_since(t).unwrap();
+            assert!(left >= life / 6 - step, "the active CA has {left:?} left");
+            let svid = set.x509().issue_for_private_key(&key, &params, t).unwrap();
+            assert!(
+                svid.not_after() >= t + life / 6 - Duration::from_secs(1),
+                "SVID cut short"
+            );
+            issued.push((svid.cert_der().to_vec(), svid.not_after()));
+            let roots: Vec<_> = current
+                .bundle()
+                .x509_authorities()
+                .iter()
+                .map(|d| x509_parser::parse_x509_certificate(d).unwrap().1)
+                .collect();
+            for (der, not_after) in issued.iter().filter(|(_, na)| *na > t) {
+                let (_, leaf) = x509_parser::parse_x509_certificate(der).unwrap();
+                assert!(
+                    roots
+                        .iter()
+                        .any(|r| leaf.verify_signature(Some(r.public_key())).is_ok()),
+                    "an unexpired SVID (until {not_after:?}) no longer verifies at {t:?}"
+                );
+            }
+        }
+        assert!(activations >= 9, "{activations} rotations in 10 lifetimes");
+        assert!(
+            set.bundle().x509_authorities().len() <= 4,
+            "expired authorities leave the bundle"
+        );
     }
 }

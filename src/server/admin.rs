@@ -385,6 +385,17 @@ impl Admin for AdminService {
         &self,
         _req: Request<pa::HealthRequest>,
     ) -> Result<Response<pa::HealthResponse>, Status> {
+        let rotation = self
+            .state
+            .rotation_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(why) = rotation {
+            return Err(Status::unavailable(format!(
+                "CA rotation is failing: {why}"
+            )));
+        }
         // A real read and write of the store: a damaged store or a full disk
         // makes health fail, so `sigil healthcheck` tells the truth.
         let store = self.state.registry.store().clone();

@@ -226,6 +226,9 @@ pub struct ServerState {
     clock: Arc<dyn Clock>,
     options: ServerOptions,
     shutdown: watch::Receiver<bool>,
+    /// The last failure of the rotation schedule, until a step succeeds
+    /// (health is unready meanwhile).
+    rotation_error: std::sync::Mutex<Option<String>>,
     /// Open SyncEntries streams per agent (capped: a runaway or hostile agent
     /// cannot pin unbounded server tasks).
     sync_streams: std::sync::Mutex<std::collections::HashMap<SpiffeId, usize>>,
@@ -363,6 +366,65 @@ fn bind_admin_socket(path: &Path) -> Result<UnixListener, ServerError> {
         addr: path.display().to_string(),
         reason,
     })
+}
+
+/// Runs the CA rotation schedule every `every` until shutdown, in a
+/// supervised loop: a failed step is logged, makes health unready, and is
+/// retried with backoff (doubling to 60 s); it never ends the task.
+async fn rotate_authorities(
+    state: Arc<ServerState>,
+    every: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut delay = every;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.changed() => return,
+        }
+        let step = state.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let store = step.registry.store().clone();
+            step.ca.tick(store.as_ref(), step.clock.now())
+        })
+        .await;
+        let failure = match result {
+            Ok(Ok(done)) => {
+                if !done.is_empty() {
+                    state.registry.notify_committed();
+                }
+                for what in done {
+                    tracing::info!(target: "sigil::audit", event = "ca_rotation", what = %what);
+                }
+                None
+            }
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(e) => Some(format!("rotation task failed: {e}")),
+        };
+        let mut last = state
+            .rotation_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match failure {
+            None => {
+                *last = None;
+                delay = every;
+            }
+            Some(why) => {
+                tracing::error!(error = %why, retry_in = ?delay.saturating_mul(2).min(Duration::from_secs(60)), "CA rotation step failed; health is unready until it succeeds");
+                *last = Some(why);
+                delay = delay
+                    .saturating_mul(2)
+                    .clamp(Duration::from_secs(1), Duration::from_secs(60));
+            }
+        }
+    }
+}
+
+/// How often the rotation schedule runs: a hundredth of the CA lifetime,
+/// between 1 s and 60 s.
+fn rotation_interval(ca_ttl: Duration) -> Duration {
+    (ca_ttl / 100).clamp(Duration::from_secs(1), Duration::from_secs(60))
 }
 
 /// Events kept for agents to resume from; older ones are compacted away (an
@@ -555,12 +617,14 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         options: config.options.clone(),
         shutdown: shutdown_rx.clone(),
         sync_streams: std::sync::Mutex::default(),
+        rotation_error: std::sync::Mutex::default(),
         signers: Arc::new(tokio::sync::Semaphore::new(
             std::thread::available_parallelism().map_or(1, |n| n.get()),
         )),
     });
     let state_for_compaction = state.clone();
     let state_for_follow = state.clone();
+    let state_for_rotation = state.clone();
     let node_limits = crate::edge::ConnLimits::NODE;
     let node_server = node_limits
         .server_builder()
@@ -588,6 +652,11 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     };
     let follower = follow_authorities(state_for_follow, tls_tx, bundle_tx, shutdown_rx.clone());
     let compactor = compact_events(state_for_compaction, shutdown_rx.clone());
+    let rotator = rotate_authorities(
+        state_for_rotation,
+        rotation_interval(config.ca_ttl),
+        shutdown_rx.clone(),
+    );
     let task = tokio::spawn(async move {
         let ext_authz = async {
             match ext_authz_server {
@@ -597,8 +666,14 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         };
         // The background jobs end on shutdown too, and are awaited, so the
         // store is closed when the server says it stopped.
-        let (node, admin, authz, (), ()) =
-            tokio::join!(node_server, admin_server, ext_authz, compactor, follower);
+        let (node, admin, authz, (), (), ()) = tokio::join!(
+            node_server,
+            admin_server,
+            ext_authz,
+            compactor,
+            follower,
+            rotator
+        );
         node.and(admin)
             .and(authz)
             .map_err(|e| ServerError::Transport(e.to_string()))

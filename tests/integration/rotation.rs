@@ -186,3 +186,77 @@ async fn operators_rotate_the_ca_and_agents_follow() {
     agent.shutdown(Duration::from_secs(2)).await;
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_schedule_rotates_on_its_own_and_an_agent_keeps_its_identity() {
+    // A 12 s CA: prepared under 6 s left, active under 2 s left, ticks every 1 s.
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = server_config(&dir.path().join("s"), vec![]);
+    cfg.ca_ttl = Duration::from_secs(12);
+    cfg.options.default_x509_ttl = Duration::from_secs(2);
+    cfg.options.default_jwt_ttl = Duration::from_secs(2);
+    cfg.options.agent_ttl = Duration::from_secs(2);
+    let server = start(cfg).await.unwrap();
+    let first = server_ca(&server).await;
+    let agent = start_agent_with(&server, dir.path(), None).await;
+    let uid = sigil::attest::current_uid().unwrap();
+    admin(&server)
+        .await
+        .create_entry(pa::EntryParams {
+            spiffe_id: "spiffe://example.org/scheduled".into(),
+            parent_id: agent.spiffe_id().to_string(),
+            selectors: vec![format!("unix:uid:{uid}")],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // Wait for two activations (two full hand-overs), generously.
+    let mut seen = vec![first];
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while seen.len() < 3 {
+            let now = server_ca(&server).await;
+            if !seen.contains(&now) {
+                seen.push(now);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("the schedule did not rotate twice");
+    admin(&server)
+        .await
+        .health(pa::HealthRequest {})
+        .await
+        .expect("healthy after rotations");
+    // The workload still gets a current SVID through the agent.
+    let mut c = sigil::cli::connect_workload(agent.socket()).await.unwrap();
+    let mut req = tonic::Request::new(pw::X509svidRequest {});
+    req.metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().unwrap());
+    let got = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut s = c.fetch_x509svid(req).await.unwrap().into_inner();
+        s.message().await.unwrap().unwrap()
+    })
+    .await
+    .expect("no SVID after rotations");
+    assert_eq!(got.svids[0].spiffe_id, "spiffe://example.org/scheduled");
+    agent.shutdown(Duration::from_secs(2)).await;
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+/// The active X.509 authority's ID, from the admin API.
+async fn server_ca(server: &sigil::server::ServerHandle) -> String {
+    admin(server)
+        .await
+        .list_authorities(pa::AuthorityKindRequest {
+            kind: "x509".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .authorities
+        .into_iter()
+        .find(|a| a.state == "active")
+        .unwrap()
+        .id
+}
