@@ -274,6 +274,31 @@ fn bundle_write(store: &dyn Store, bundle: &mut Bundle) -> Result<Option<KeyValu
     Ok(Some((key, bundle.to_jwks().into_bytes())))
 }
 
+/// Adds to `commit` the active authority of `kind` moving to old (checked
+/// unchanged since `loaded` was read).
+fn retire_active(
+    store: &dyn Store,
+    loaded: &[Loaded],
+    kind: AuthorityKind,
+    mut commit: Commit,
+) -> Result<Commit, CaSetError> {
+    for l in loaded
+        .iter()
+        .filter(|l| l.info.kind == kind && l.info.state == SlotState::Active)
+    {
+        let mut old = l.record.clone();
+        old.state = SlotState::Old;
+        commit = commit
+            .require_equals(Table::Authorities, old.id.as_bytes(), l.raw.clone())
+            .put(
+                Table::Authorities,
+                old.id.as_bytes(),
+                store.seal_authority(&old)?,
+            );
+    }
+    Ok(commit)
+}
+
 /// A new authority of `kind` in `state`, as a record.
 fn create(
     opts: &CaOptions,
@@ -328,22 +353,8 @@ impl CaSet {
             if loaded.iter().any(|l| usable(&l, SlotState::Active)) {
                 continue;
             }
-            let mut commit = Commit::new();
             // An expired active authority retires.
-            for l in loaded
-                .iter()
-                .filter(|l| l.info.kind == kind && l.info.state == SlotState::Active)
-            {
-                let mut old = l.record.clone();
-                old.state = SlotState::Old;
-                commit = commit
-                    .require_equals(Table::Authorities, l.record.id.as_bytes(), l.raw.clone())
-                    .put(
-                        Table::Authorities,
-                        old.id.as_bytes(),
-                        store.seal_authority(&old)?,
-                    );
-            }
+            let mut commit = retire_active(store, &loaded, kind, Commit::new())?;
             let (id, record) = match loaded.iter().find(|l| usable(l, SlotState::Prepared)) {
                 Some(p) => {
                     let mut r = p.record.clone();
@@ -534,21 +545,7 @@ impl CaSet {
                 prepared.info.id
             )));
         }
-        let mut commit = Commit::new();
-        for l in loaded
-            .iter()
-            .filter(|l| l.info.kind == kind && l.info.state == SlotState::Active)
-        {
-            let mut old = l.record.clone();
-            old.state = SlotState::Old;
-            commit = commit
-                .require_equals(Table::Authorities, old.id.as_bytes(), l.raw.clone())
-                .put(
-                    Table::Authorities,
-                    old.id.as_bytes(),
-                    store.seal_authority(&old)?,
-                );
-        }
+        let mut commit = retire_active(store, &loaded, kind, Commit::new())?;
         let mut active = prepared.record.clone();
         active.state = SlotState::Active;
         commit = commit

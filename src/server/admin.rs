@@ -456,40 +456,48 @@ impl Admin for AdminService {
         &self,
         req: Request<pa::AuthorityIdRequest>,
     ) -> Result<Response<pa::AuthoritiesResponse>, Status> {
-        let id = req.into_inner().id;
-        let store = self.state.registry.store().clone();
-        let result = self
-            .state
-            .ca
-            .taint(store.as_ref(), &id, self.state.clock.now())
-            .map(|a| pa::AuthoritiesResponse {
-                authorities: vec![authority_proto(&a)],
-            })
-            .map_err(ca_status);
-        self.state.registry.notify_committed();
-        audited("taint_authority", &id, result)
+        self.by_id(
+            "taint_authority",
+            &req.into_inner().id,
+            crate::ca::CaSet::taint,
+        )
     }
 
     async fn revoke_authority(
         &self,
         req: Request<pa::AuthorityIdRequest>,
     ) -> Result<Response<pa::AuthoritiesResponse>, Status> {
-        let id = req.into_inner().id;
+        self.by_id(
+            "revoke_authority",
+            &req.into_inner().id,
+            crate::ca::CaSet::revoke,
+        )
+    }
+}
+
+impl AdminService {
+    /// Runs a transition on one authority by ID.
+    fn by_id(
+        &self,
+        action: &str,
+        id: &str,
+        run: impl Fn(
+            &crate::ca::CaSet,
+            &dyn crate::store::Store,
+            &str,
+            std::time::SystemTime,
+        ) -> Result<crate::ca::AuthorityInfo, crate::ca::CaSetError>,
+    ) -> Result<Response<pa::AuthoritiesResponse>, Status> {
         let store = self.state.registry.store().clone();
-        let result = self
-            .state
-            .ca
-            .revoke(store.as_ref(), &id, self.state.clock.now())
+        let result = run(&self.state.ca, store.as_ref(), id, self.state.clock.now())
             .map(|a| pa::AuthoritiesResponse {
                 authorities: vec![authority_proto(&a)],
             })
             .map_err(ca_status);
         self.state.registry.notify_committed();
-        audited("revoke_authority", &id, result)
+        audited(action, id, result)
     }
-}
 
-impl AdminService {
     /// Runs a per-kind transition for each requested kind; stops at the
     /// first refusal (earlier kinds stay moved, and the answer says so).
     fn by_kind(
