@@ -6,6 +6,7 @@
 //!    concurrent streams, then 200 new fetches while those 1,000 stay open.
 //! 2. Rotation push: the entry changes, the agent re-signs, and every one of
 //!    the 1,000 open streams receives the new SVID: p50/p99/max.
+//!    Then a CA authority is prepared: the new bundle on every open stream.
 //! 3. Agent RSS holding 1 SVID, then 10,000 SVIDs.
 //! 0. First, the `:authority` layer every Unix socket runs behind: the same
 //!    health service accepted raw and through the layer, first-response
@@ -268,11 +269,13 @@ async fn main() {
     }
     let (first_tx, mut first_rx) = tokio::sync::mpsc::unbounded_channel();
     let (push_tx, mut push_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (bundle_tx, mut bundle_rx) = tokio::sync::mpsc::unbounded_channel();
     let burst_start = Instant::now();
     for i in 0..streams {
         let mut c = channels[i % channels.len()].clone();
         let first_tx = first_tx.clone();
         let push_tx = push_tx.clone();
+        let bundle_tx = bundle_tx.clone();
         tokio::spawn(async move {
             let t = Instant::now();
             let mut s = c.fetch_x509svid(req()).await.unwrap().into_inner();
@@ -281,6 +284,9 @@ async fn main() {
             // Then wait for the pushed rotation.
             s.message().await.unwrap().unwrap();
             push_tx.send(Instant::now()).unwrap();
+            // Then for the bundle change (a prepared CA authority).
+            s.message().await.unwrap().unwrap();
+            bundle_tx.send(Instant::now()).unwrap();
         });
     }
     let mut burst = Vec::new();
@@ -328,6 +334,23 @@ async fn main() {
     println!(
         "rotation pushed to {streams} open streams (entry update -> new SVID on each stream): {}",
         summary(pushed)
+    );
+
+    // 2b. A CA authority prepared: the new bundle reaches every open stream.
+    let t = Instant::now();
+    admin
+        .prepare_authority(pa::AuthorityKindRequest {
+            kind: "x509".into(),
+        })
+        .await
+        .unwrap();
+    let mut bundled = Vec::new();
+    for _ in 0..streams {
+        bundled.push(bundle_rx.recv().await.unwrap().duration_since(t));
+    }
+    println!(
+        "bundle change pushed to {streams} open streams (ca prepare -> new bundle on each stream): {}",
+        summary(bundled)
     );
 
     // JWT-SVID cache: 20,000 distinct audiences must not grow the agent
