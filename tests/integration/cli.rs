@@ -356,27 +356,8 @@ fn admin_commands_against_a_running_server() {
 fn dev_then_workload_fetch_as_the_readme_says() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("api.sock");
-    let mut dev = sigil()
-        .args(["dev", "--data-dir"])
-        .arg(dir.path().join("dev"))
-        .arg("--socket")
-        .arg(&sock)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
     // dev prints its instructions once the caller's SVID is ready.
-    let mut out = std::io::BufReader::new(dev.stdout.take().unwrap());
-    let mut printed = String::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !printed.contains("Stop with Ctrl-C") {
-        assert!(Instant::now() < deadline, "sigil dev printed: {printed}");
-        let mut line = String::new();
-        if std::io::BufRead::read_line(&mut out, &mut line).unwrap() == 0 {
-            panic!("sigil dev exited: {printed}");
-        }
-        printed.push_str(&line);
-    }
+    let (mut dev, printed) = start_dev(&dir.path().join("dev"), &sock);
     let export = format!("unix://{}", sock.display());
     assert!(
         printed.contains(&format!("export SPIFFE_ENDPOINT_SOCKET={export}")),
@@ -556,8 +537,9 @@ fn policy_check_explains_and_names_bad_fields() {
     );
 }
 
-/// Starts `sigil dev` and waits for its instructions; returns the process.
-fn start_dev(data: &Path, sock: &Path) -> Child {
+/// Starts `sigil dev` and waits for its instructions; returns the process
+/// and what it printed.
+fn start_dev(data: &Path, sock: &Path) -> (Child, String) {
     let mut dev = sigil()
         .args(["dev", "--data-dir"])
         .arg(data)
@@ -578,7 +560,7 @@ fn start_dev(data: &Path, sock: &Path) -> Child {
         }
         printed.push_str(&line);
     }
-    dev
+    (dev, printed)
 }
 
 #[test]
@@ -586,7 +568,7 @@ fn dev_comes_back_up_after_its_saved_agent_svid_expired() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("dev");
     let sock = dir.path().join("api.sock");
-    let mut dev = start_dev(&data, &sock);
+    let (mut dev, _) = start_dev(&data, &sock);
     let _ = dev.kill();
     let _ = dev.wait();
     // Make the saved agent SVID look expired (as after an hour away).
@@ -600,7 +582,7 @@ fn dev_comes_back_up_after_its_saved_agent_svid_expired() {
     params.not_after = rcgen::date_time_ymd(2020, 1, 2);
     std::fs::write(&svid, params.self_signed(&key).unwrap().pem()).unwrap();
 
-    let mut dev = start_dev(&data, &sock);
+    let (mut dev, _) = start_dev(&data, &sock);
     let o = sigil()
         .args(["workload", "fetch-jwt", "--audience", "x"])
         .env(
