@@ -70,6 +70,8 @@ pub struct Manager {
     pub(super) entries: BTreeMap<String, Entry>,
     pub(super) svids: HashMap<String, Arc<CachedSvid>>,
     pub(super) revision: u64,
+    /// Authorities the server marked tainted (with the last bundle).
+    pub(super) tainted: Arc<std::collections::BTreeSet<String>>,
     /// The SVID cache changed since it was last written to disk.
     pub(super) cache_dirty: bool,
     pub(super) cache_saved: Option<std::time::Instant>,
@@ -165,7 +167,7 @@ impl Manager {
                 }
                 _ = tick.tick() => {
                     self.save_cache(false);
-                    if SystemTime::now() >= rotate_agent_at {
+                    if SystemTime::now() >= rotate_agent_at || self.own_svid_tainted() {
                         self.identity = node_client::renew(&mut client, &self.identity).await?;
                         persist::save(&self.data_dir, &self.identity);
                         tracing::info!(agent = %self.identity.spiffe_id, expires_at = self.identity.expires_at, "agent SVID renewed");
@@ -176,6 +178,17 @@ impl Manager {
                 _ = self.shutdown.changed() => return Ok(SessionEnd::Shutdown),
             }
         }
+    }
+
+    /// Whether the agent's own SVID was signed by a tainted authority.
+    fn own_svid_tainted(&self) -> bool {
+        !self.tainted.is_empty()
+            && self
+                .identity
+                .cert_chain
+                .first()
+                .and_then(|c| crate::x509::authority_key_id(c))
+                .is_some_and(|issuer| self.tainted.contains(&issuer))
     }
 
     fn agent_svid_expired(&self) -> bool {
@@ -223,6 +236,14 @@ impl Manager {
         pending: &mut Option<BTreeMap<String, Entry>>,
     ) -> bool {
         if !msg.bundle_jwks.is_empty() {
+            let tainted: std::collections::BTreeSet<String> =
+                msg.tainted_authorities.iter().cloned().collect();
+            if tainted != *self.tainted {
+                if !tainted.is_empty() {
+                    tracing::warn!(tainted = ?tainted, "the server marked authorities tainted; replacing what they signed");
+                }
+                self.tainted = Arc::new(tainted);
+            }
             let td = self.bundle().trust_domain().clone();
             match String::from_utf8(msg.bundle_jwks)
                 .map_err(|e| e.to_string())
@@ -280,7 +301,11 @@ impl Manager {
             .values()
             .filter(|e| match self.svids.get(&e.id) {
                 None => true,
-                Some(s) => !same_issuance(&s.entry, e) || now >= s.rotate_at,
+                Some(s) => {
+                    !same_issuance(&s.entry, e)
+                        || now >= s.rotate_at
+                        || self.tainted.contains(&s.issuer)
+                }
             })
             .cloned()
             .collect();
@@ -338,6 +363,7 @@ impl Manager {
                 continue;
             };
             let svid = CachedSvid {
+                issuer: crate::x509::authority_key_id(&r.cert_chain[0]).unwrap_or_default(),
                 entry: entry.clone(),
                 chain: r.cert_chain,
                 key,
@@ -393,6 +419,7 @@ impl Manager {
             bundle: Some(self.identity.bundle.clone()),
             entries,
             svids,
+            tainted: self.tainted.clone(),
         };
         let changed = self.state.send_if_modified(|cur| {
             let changed = !same_state(cur, &next);
@@ -415,7 +442,8 @@ fn same_issuance(old: &Entry, new: &Entry) -> bool {
 }
 
 fn same_state(a: &AgentState, b: &AgentState) -> bool {
-    a.bundle == b.bundle
+    a.tainted == b.tainted
+        && a.bundle == b.bundle
         && a.entries == b.entries
         && a.svids.len() == b.svids.len()
         && a.svids.iter().zip(&b.svids).all(|(x, y)| Arc::ptr_eq(x, y))

@@ -396,6 +396,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         entries: restored.entries,
         svids: restored.svids,
         revision: restored.revision,
+        tainted: Arc::default(),
         cache_dirty: false,
         cache_saved: None,
         state: state_tx,

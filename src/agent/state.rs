@@ -12,7 +12,9 @@ use crate::x509::PrivateKey;
 pub fn restore_svid(entry: Entry, chain: Vec<Vec<u8>>, key: PrivateKey) -> Option<CachedSvid> {
     let (not_before, not_after) = validity(chain.first()?)?;
     let issued = (not_before + crate::x509::BACKDATE).min(not_after);
+    let issuer = crate::x509::authority_key_id(chain.first()?).unwrap_or_default();
     Some(CachedSvid {
+        issuer,
         entry,
         chain,
         key,

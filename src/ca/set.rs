@@ -469,9 +469,20 @@ impl CaSet {
         commit: Commit,
         after: &[Loaded],
         now: SystemTime,
+        force: bool,
     ) -> Result<Commit, CaSetError> {
         let mut bundle = bundle_of(&self.opts.trust_domain, after, now)?;
-        Ok(match bundle_write(store, &mut bundle)? {
+        let write = match bundle_write(store, &mut bundle)? {
+            None if force => {
+                bundle.set_sequence(bundle.sequence() + 1);
+                Some((
+                    bundle.trust_domain().name().as_bytes().to_vec(),
+                    bundle.to_jwks().into_bytes(),
+                ))
+            }
+            other => other,
+        };
+        Ok(match write {
             Some((key, value)) => commit.put(Table::Bundle, key, value),
             None => commit,
         })
@@ -513,7 +524,7 @@ impl CaSet {
             info: info.clone(),
         });
         sort_loaded(&mut loaded);
-        let commit = self.with_bundle(store, commit, &loaded, now)?;
+        let commit = self.with_bundle(store, commit, &loaded, now, false)?;
         self.apply(store, commit, now)?;
         tracing::info!(target: "sigil::audit", event = "authority_prepared", kind = kind_name(kind), id = %info.id);
         Ok(info)
@@ -636,7 +647,9 @@ impl CaSet {
                 store.seal_authority(&record)?,
             );
         loaded[at].info.state = to;
-        let commit = self.with_bundle(store, commit, &loaded, now)?;
+        // A taint leaves the bundle's keys as they are, but agents must hear
+        // of it: the bundle is rewritten with its sequence bumped.
+        let commit = self.with_bundle(store, commit, &loaded, now, to == SlotState::Tainted)?;
         self.apply(store, commit, now)?;
         tracing::warn!(target: "sigil::audit", event = "authority_state", state = event, id = %id);
         Ok(loaded[at].info.clone())

@@ -288,6 +288,21 @@ impl ServerState {
         }
     }
 
+    /// The tainted authorities as committed in the store (read there, like
+    /// the bundle, so a stream woken by the taint's commit sees it).
+    fn tainted_authorities(&self) -> Vec<String> {
+        self.registry
+            .store()
+            .authorities()
+            .map(|all| {
+                all.into_iter()
+                    .filter(|a| a.state == crate::store::SlotState::Tainted)
+                    .map(|a| a.id)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// The bundle as committed in the store: what a sync stream woken by a
     /// commit must send (the CA's in-memory view may lag that commit).
     fn bundle_jwks(&self) -> Vec<u8> {

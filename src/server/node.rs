@@ -470,6 +470,11 @@ async fn sync(
                     } else {
                         Vec::new()
                     },
+                    tainted_authorities: if bundle_changed && final_part {
+                        state.tainted_authorities()
+                    } else {
+                        Vec::new()
+                    },
                 };
                 if tx.send(Ok(msg)).await.is_err() {
                     return Ok(());
@@ -520,6 +525,11 @@ async fn send_snapshot(
                 )),
                 bundle_jwks: if first {
                     state.bundle_jwks()
+                } else {
+                    Vec::new()
+                },
+                tainted_authorities: if first {
+                    state.tainted_authorities()
                 } else {
                     Vec::new()
                 },

@@ -12,6 +12,8 @@ pub(super) type Key = (String, Vec<String>);
 #[derive(Debug, Clone)]
 pub(super) struct CachedJwt {
     pub(super) token: String,
+    /// The signing key's ID (dropped from use if that authority is tainted).
+    pub(super) kid: String,
     pub(super) issued: SystemTime,
     pub(super) expires: SystemTime,
 }
@@ -88,6 +90,7 @@ mod tests {
     fn jwt(now: SystemTime, ttl: u64) -> CachedJwt {
         CachedJwt {
             token: "t".into(),
+            kid: "k".into(),
             issued: now,
             expires: now + Duration::from_secs(ttl),
         }

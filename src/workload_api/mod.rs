@@ -179,7 +179,12 @@ impl WorkloadApi {
         aud.sort();
         let key = (id.to_string(), aud);
         let now = SystemTime::now();
-        let cached = self.lock_jwts().get(&key);
+        // A token signed by a tainted authority is never served again.
+        let tainted = self.state.borrow().tainted.clone();
+        let cached = self
+            .lock_jwts()
+            .get(&key)
+            .filter(|c| !tainted.contains(&c.kid));
         if let Some(c) = &cached {
             let half = c.issued + c.expires.duration_since(c.issued).unwrap_or_default() / 2;
             if now < half {
@@ -210,6 +215,9 @@ impl WorkloadApi {
                 self.lock_jwts().insert(
                     key,
                     CachedJwt {
+                        kid: crate::jwt::UnverifiedJwt::parse(&r.token)
+                            .map(|j| j.kid)
+                            .unwrap_or_default(),
                         token: r.token.clone(),
                         issued: now,
                         expires,

@@ -26,6 +26,8 @@ pub struct CachedSvid {
     pub not_after: SystemTime,
     /// When the agent replaces it.
     pub rotate_at: SystemTime,
+    /// The ID of the authority that signed it (the leaf's AuthorityKeyIdentifier).
+    pub issuer: String,
 }
 
 /// The agent's view, as workloads see it.
@@ -37,6 +39,9 @@ pub struct AgentState {
     pub entries: Vec<Entry>,
     /// SVIDs by entry, in the same order as `entries`.
     pub svids: Vec<Arc<CachedSvid>>,
+    /// Authorities the server marked tainted: nothing they signed is served
+    /// from a cache.
+    pub tainted: Arc<std::collections::BTreeSet<String>>,
 }
 
 impl AgentState {

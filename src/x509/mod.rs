@@ -72,6 +72,20 @@ pub fn valid_dns_name(name: &str) -> bool {
         })
 }
 
+/// The AuthorityKeyIdentifier of a certificate (lowercase hex): the ID of
+/// the authority that signed it.
+pub fn authority_key_id(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    cert.iter_extensions()
+        .find_map(|e| match e.parsed_extension() {
+            x509_parser::extensions::ParsedExtension::AuthorityKeyIdentifier(a) => a
+                .key_identifier
+                .as_ref()
+                .map(|k| k.0.iter().map(|b| format!("{b:02x}")).collect()),
+            _ => None,
+        })
+}
+
 /// How far NotBefore is backdated, to absorb clock skew between machines
 /// (the CA backdates; the agent measures lifetimes knowing it).
 pub const BACKDATE: std::time::Duration = std::time::Duration::from_secs(10);

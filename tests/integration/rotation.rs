@@ -168,9 +168,31 @@ async fn operators_rotate_the_ca_and_agents_follow() {
         .unwrap();
     assert_eq!(aki, second, "signed by the new active authority");
 
-    // Taint, then revoke the old one: it leaves the workload's bundle.
+    // Taint the old one: the agent re-issues what it signed at once (the
+    // workload's SVIDs and its own), without waiting for half-life.
     let (ok, _, err) = ca(&sock, &["taint", &first]);
     assert!(ok, "{err}");
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let all_new = state
+                .borrow_and_update()
+                .svids
+                .iter()
+                .all(|s| s.issuer == second);
+            let own = sigil::x509::certs_from_pem(
+                &std::fs::read_to_string(dir.path().join("agent/agent-svid.pem")).unwrap(),
+            )
+            .unwrap();
+            if all_new && sigil::x509::authority_key_id(&own[0]).as_deref() == Some(second.as_str())
+            {
+                return;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(200), state.changed()).await;
+        }
+    })
+    .await
+    .expect("SVIDs signed by the tainted authority were not re-issued");
+    // Then revoke it: it leaves the workload's bundle.
     let (ok, _, err) = ca(&sock, &["revoke", &first]);
     assert!(ok, "{err}");
     tokio::time::timeout(Duration::from_secs(20), async {
