@@ -342,6 +342,7 @@ async fn main() {
     admin
         .prepare_authority(pa::AuthorityKindRequest {
             kind: "x509".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -415,6 +416,7 @@ async fn main() {
     let old = admin
         .list_authorities(pa::AuthorityKindRequest {
             kind: "x509".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -427,6 +429,7 @@ async fn main() {
     admin
         .activate_authority(pa::AuthorityKindRequest {
             kind: "x509".into(),
+            ..Default::default()
         })
         .await
         .unwrap();

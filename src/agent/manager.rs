@@ -70,6 +70,8 @@ pub struct Manager {
     pub(super) entries: BTreeMap<String, Entry>,
     pub(super) svids: HashMap<String, Arc<CachedSvid>>,
     pub(super) revision: u64,
+    /// A bundle applied but not yet acknowledged to the server (its sequence).
+    pub(super) ack_due: bool,
     /// Authorities the server marked tainted (with the last bundle).
     pub(super) tainted: Arc<std::collections::BTreeSet<String>>,
     /// The SVID cache changed since it was last written to disk.
@@ -164,6 +166,9 @@ impl Manager {
                     if ready {
                         self.reconcile(&mut client).await;
                     }
+                    if std::mem::take(&mut self.ack_due) {
+                        self.ack_bundle(&mut client).await;
+                    }
                 }
                 _ = tick.tick() => {
                     self.save_cache(false);
@@ -177,6 +182,15 @@ impl Manager {
                 }
                 _ = self.shutdown.changed() => return Ok(SessionEnd::Shutdown),
             }
+        }
+    }
+
+    /// Tells the server which bundle this agent now trusts (best effort: a
+    /// server without the RPC, or a failure, only delays `ca activate`).
+    async fn ack_bundle(&self, client: &mut NodeClient<Channel>) {
+        let sequence = self.identity.bundle.sequence();
+        if let Err(s) = client.ack_bundle(pn::AckBundleRequest { sequence }).await {
+            tracing::debug!(sequence, error = %s.message(), "could not acknowledge the bundle");
         }
     }
 
@@ -236,6 +250,7 @@ impl Manager {
         pending: &mut Option<BTreeMap<String, Entry>>,
     ) -> bool {
         if !msg.bundle_jwks.is_empty() {
+            self.ack_due = true;
             let tainted: std::collections::BTreeSet<String> =
                 msg.tainted_authorities.iter().cloned().collect();
             if tainted != *self.tainted {

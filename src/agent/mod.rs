@@ -397,6 +397,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         svids: restored.svids,
         revision: restored.revision,
         tainted: Arc::default(),
+        ack_due: false,
         cache_dirty: false,
         cache_saved: None,
         state: state_tx,

@@ -163,6 +163,9 @@ pub enum CaCmd {
         /// Only this kind (default: both).
         #[arg(long, value_parser = ["x509", "jwt"])]
         kind: Option<String>,
+        /// Even if some recently active agents have not applied the bundle yet.
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -519,6 +522,7 @@ pub async fn ca(cmd: CaCmd) -> anyhow::Result<()> {
         CaCmd::Show { kind, admin } => {
             let req = pa::AuthorityKindRequest {
                 kind: kind.unwrap_or_default(),
+                force: false,
             };
             let r = rpc(client(&admin).await?.list_authorities(req).await)?;
             (admin, r)
@@ -526,13 +530,15 @@ pub async fn ca(cmd: CaCmd) -> anyhow::Result<()> {
         CaCmd::Prepare { kind, admin } => {
             let req = pa::AuthorityKindRequest {
                 kind: kind.unwrap_or_default(),
+                force: false,
             };
             let r = rpc(client(&admin).await?.prepare_authority(req).await)?;
             (admin, r)
         }
-        CaCmd::Activate { kind, admin } => {
+        CaCmd::Activate { kind, force, admin } => {
             let req = pa::AuthorityKindRequest {
                 kind: kind.unwrap_or_default(),
+                force,
             };
             let r = rpc(client(&admin).await?.activate_authority(req).await)?;
             (admin, r)
@@ -559,9 +565,11 @@ pub async fn ca(cmd: CaCmd) -> anyhow::Result<()> {
                 "not_before": rfc3339(a.not_before), "not_after": rfc3339(a.not_after),
                 "upstream": a.upstream,
             })).collect::<Vec<_>>(),
+            "bundle_sequence": response.bundle_sequence,
+            "agents": {"recent": response.agents_recent, "current": response.agents_current},
         })),
         OutputFormat::Text => {
-            let lines: Vec<String> = response
+            let mut lines: Vec<String> = response
                 .authorities
                 .iter()
                 .map(|a| {
@@ -575,6 +583,10 @@ pub async fn ca(cmd: CaCmd) -> anyhow::Result<()> {
                     )
                 })
                 .collect();
+            lines.push(format!(
+                "bundle sequence {}: {} of {} agents seen in the last hour have it",
+                response.bundle_sequence, response.agents_current, response.agents_recent
+            ));
             Output::line(&lines.join("\n"))
         }
     }

@@ -422,14 +422,16 @@ impl Admin for AdminService {
     ) -> Result<Response<pa::AuthoritiesResponse>, Status> {
         let kinds = authority_kinds(&req.get_ref().kind)?;
         let current = self.state.ca.current();
-        Ok(Response::new(pa::AuthoritiesResponse {
-            authorities: current
-                .list()
-                .iter()
-                .filter(|a| kinds.contains(&a.kind))
-                .map(authority_proto)
-                .collect(),
-        }))
+        Ok(Response::new(
+            self.with_agents(
+                current
+                    .list()
+                    .iter()
+                    .filter(|a| kinds.contains(&a.kind))
+                    .map(authority_proto)
+                    .collect(),
+            ),
+        ))
     }
 
     async fn prepare_authority(
@@ -447,6 +449,17 @@ impl Admin for AdminService {
         req: Request<pa::AuthorityKindRequest>,
     ) -> Result<Response<pa::AuthoritiesResponse>, Status> {
         let kinds = authority_kinds(&req.get_ref().kind)?;
+        // Activating before agents trust the prepared authority would hand
+        // them SVIDs they cannot verify each other with.
+        let sequence = self.state.ca.bundle().sequence();
+        let (recent, current) = self.state.agents_with_bundle(sequence);
+        if current < recent && !req.get_ref().force {
+            let s = Status::failed_precondition(format!(
+                "{} of {recent} recently active agents have not applied bundle sequence {sequence} yet, so they would not trust the prepared authority; wait for them (see `sigil ca show`) or use --force",
+                recent - current
+            ));
+            return audited("activate_authority", "", Err(s));
+        }
         self.by_kind("activate_authority", kinds, |ca, store, kind, now| {
             ca.activate(store, kind, now)
         })
@@ -476,6 +489,18 @@ impl Admin for AdminService {
 }
 
 impl AdminService {
+    /// A response with the agents' progress on the current bundle.
+    fn with_agents(&self, authorities: Vec<pa::Authority>) -> pa::AuthoritiesResponse {
+        let bundle_sequence = self.state.ca.bundle().sequence();
+        let (agents_recent, agents_current) = self.state.agents_with_bundle(bundle_sequence);
+        pa::AuthoritiesResponse {
+            authorities,
+            bundle_sequence,
+            agents_recent,
+            agents_current,
+        }
+    }
+
     /// Runs a transition on one authority by ID.
     fn by_id(
         &self,
@@ -490,9 +515,7 @@ impl AdminService {
     ) -> Result<Response<pa::AuthoritiesResponse>, Status> {
         let store = self.state.registry.store().clone();
         let result = run(&self.state.ca, store.as_ref(), id, self.state.clock.now())
-            .map(|a| pa::AuthoritiesResponse {
-                authorities: vec![authority_proto(&a)],
-            })
+            .map(|a| self.with_agents(vec![authority_proto(&a)]))
             .map_err(ca_status);
         self.state.registry.notify_committed();
         audited(action, id, result)
@@ -532,11 +555,7 @@ impl AdminService {
         }
         self.state.registry.notify_committed();
         let subject: Vec<String> = done.iter().map(|a| a.id.clone()).collect();
-        audited(
-            action,
-            &subject.join(","),
-            Ok(pa::AuthoritiesResponse { authorities: done }),
-        )
+        audited(action, &subject.join(","), Ok(self.with_agents(done)))
     }
 }
 

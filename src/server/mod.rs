@@ -226,6 +226,9 @@ pub struct ServerState {
     clock: Arc<dyn Clock>,
     options: ServerOptions,
     shutdown: watch::Receiver<bool>,
+    /// Per agent: the last bundle sequence it acknowledged, and when it was
+    /// last seen (ack or sync). In memory: agents re-acknowledge on connect.
+    bundle_acks: std::sync::Mutex<std::collections::HashMap<SpiffeId, (u64, std::time::Instant)>>,
     /// The last failure of the rotation schedule, until a step succeeds
     /// (health is unready meanwhile).
     rotation_error: std::sync::Mutex<Option<String>>,
@@ -286,6 +289,34 @@ impl ServerState {
             expires_at: convert::ts(not_after),
             bundle_jwks: self.bundle_jwks(),
         }
+    }
+
+    /// Notes that `agent` has applied bundle `sequence` (or, with `None`, was
+    /// seen without saying).
+    fn note_agent(&self, agent: &SpiffeId, sequence: Option<u64>) {
+        let mut acks = self.bundle_acks.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = acks
+            .entry(agent.clone())
+            .or_insert((0, std::time::Instant::now()));
+        if let Some(s) = sequence {
+            entry.0 = entry.0.max(s);
+        }
+        entry.1 = std::time::Instant::now();
+    }
+
+    /// (agents seen in the last hour, those of them with bundle `sequence`).
+    fn agents_with_bundle(&self, sequence: u64) -> (u32, u32) {
+        let acks = self.bundle_acks.lock().unwrap_or_else(|p| p.into_inner());
+        let recent: Vec<u64> = acks
+            .values()
+            .filter(|(_, seen)| seen.elapsed() < RECENT_AGENT)
+            .map(|(s, _)| *s)
+            .collect();
+        let current = recent.iter().filter(|s| **s >= sequence).count();
+        (
+            u32::try_from(recent.len()).unwrap_or(u32::MAX),
+            u32::try_from(current).unwrap_or(u32::MAX),
+        )
     }
 
     /// The tainted authorities as committed in the store (read there, like
@@ -441,6 +472,9 @@ async fn rotate_authorities(
 fn rotation_interval(ca_ttl: Duration) -> Duration {
     (ca_ttl / 100).clamp(Duration::from_secs(1), Duration::from_secs(60))
 }
+
+/// An agent seen this recently counts for `ca show` and the activate gate.
+const RECENT_AGENT: Duration = Duration::from_secs(3600);
 
 /// Events kept for agents to resume from; older ones are compacted away (an
 /// agent further behind gets a snapshot).
@@ -633,6 +667,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         shutdown: shutdown_rx.clone(),
         sync_streams: std::sync::Mutex::default(),
         rotation_error: std::sync::Mutex::default(),
+        bundle_acks: std::sync::Mutex::default(),
         signers: Arc::new(tokio::sync::Semaphore::new(
             std::thread::available_parallelism().map_or(1, |n| n.get()),
         )),

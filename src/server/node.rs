@@ -341,6 +341,15 @@ impl Node for NodeService {
         }))
     }
 
+    async fn ack_bundle(
+        &self,
+        req: Request<pn::AckBundleRequest>,
+    ) -> Result<Response<pn::AckBundleResponse>, Status> {
+        let agent = caller(&self.state, &req)?.id;
+        self.state.note_agent(&agent, Some(req.get_ref().sequence));
+        Ok(Response::new(pn::AckBundleResponse {}))
+    }
+
     type SyncEntriesStream = ReceiverStream<Result<pn::SyncEntriesResponse, Status>>;
 
     async fn sync_entries(
@@ -354,6 +363,7 @@ impl Node for NodeService {
         } = caller(&self.state, &req)?;
         let resume = req.get_ref().resume_from_revision;
         let slot = SyncSlot::take(self.state.clone(), &agent)?;
+        self.state.note_agent(&agent, None);
         let (tx, rx) = mpsc::channel(8);
         let state = self.state.clone();
         tracing::info!(target: "sigil::audit", event = "sync_entries", decision = "allow", agent = %agent, resume_from = resume);

@@ -120,9 +120,39 @@ async fn operators_rotate_the_ca_and_agents_follow() {
     .await
     .expect("the prepared CA never reached the workload's bundle");
 
+    // An agent that syncs but has not applied the new bundle holds the
+    // activation back; --force overrides.
+    let silent = crate::server::join(&server).await;
+    let mut silent_client = crate::server::agent_client(&server, &silent).await;
+    let _silent_stream = silent_client
+        .sync_entries(sigil::proto::node::SyncEntriesRequest {
+            resume_from_revision: 0,
+        })
+        .await
+        .unwrap();
+    let (ok, _, err) = ca(&sock, &["activate", "--kind", "x509"]);
+    assert!(
+        !ok && err.contains("have not applied bundle sequence"),
+        "{err}"
+    );
+    // The real agent acknowledges the bundle it applied; the silent one never does.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, shown, _) = ca(&sock, &["show"]);
+        assert_eq!(shown["agents"]["recent"], 2, "{shown}");
+        if shown["agents"]["current"] == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent never acknowledged: {shown}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     // Activate: new SVIDs chain to the new CA; the agent keeps talking to the
     // server (whose TLS certificate now comes from the new CA too).
-    let (ok, _, err) = ca(&sock, &["activate", "--kind", "x509"]);
+    let (ok, _, err) = ca(&sock, &["activate", "--kind", "x509", "--force"]);
     assert!(ok, "{err}");
     let (_, shown, _) = ca(&sock, &["show", "--kind", "x509"]);
     let now = states(&shown, "x509");
@@ -272,6 +302,7 @@ async fn server_ca(server: &sigil::server::ServerHandle) -> String {
         .await
         .list_authorities(pa::AuthorityKindRequest {
             kind: "x509".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
