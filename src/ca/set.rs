@@ -878,8 +878,10 @@ mod tests {
     fn ten_lifetimes_of_scheduled_rotation_never_break_trust() {
         // Tick every 1/20 of a lifetime for 10 lifetimes. At every step:
         // exactly one active authority per kind; the active one always has
-        // at least a sixth of its life left; and every SVID issued at any
-        // earlier step that has not expired verifies against the bundle now.
+        // at least a sixth of its life left; every SVID issued at any earlier
+        // step that has not expired verifies against the bundle now; and the
+        // new SVID verifies against the previous step's bundle (two workloads
+        // whose bundles are a step apart still trust each other).
         let store = MemoryStore::new().unwrap();
         let life = Duration::from_secs(3600);
         let start = SystemTime::now();
@@ -893,6 +895,7 @@ mod tests {
         };
         let mut issued: Vec<(Vec<u8>, SystemTime)> = Vec::new();
         let mut activations = 0;
+        let mut previous_roots: Option<Vec<Vec<u8>>> = None;
         let mut t = start;
         for _ in 0..200 {
             t += step;
@@ -918,6 +921,21 @@ mod tests {
             let left = set.x509().not_after().duration_since(t).unwrap();
             assert!(left >= life / 6 - step, "the active CA has {left:?} left");
             let svid = set.x509().issue_for_private_key(&key, &params, t).unwrap();
+            // A peer whose bundle is one step old (it has not seen this step's
+            // update yet) must already trust the SVID: the signing authority
+            // was published a step before it signed anything.
+            if let Some(previous) = &previous_roots {
+                let (_, leaf) = x509_parser::parse_x509_certificate(svid.cert_der()).unwrap();
+                let trusted = previous.iter().any(|r: &Vec<u8>| {
+                    let (_, ca) = x509_parser::parse_x509_certificate(r).unwrap();
+                    leaf.verify_signature(Some(ca.public_key())).is_ok()
+                });
+                assert!(
+                    trusted,
+                    "a fresh SVID is not trusted by last step's bundle at {t:?}"
+                );
+            }
+            previous_roots = Some(current.bundle().x509_authorities().to_vec());
             assert!(
                 svid.not_after() >= t + life / 6 - Duration::from_secs(1),
                 "SVID cut short"
