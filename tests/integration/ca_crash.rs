@@ -6,10 +6,10 @@
 //! acknowledged transition lost.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::io::Write;
+use std::time::{Duration, SystemTime};
+
+use crate::store_crash::{jitter_ms, run_until_killed};
 
 use sigil::ca::{CaOptions, CaSet};
 use sigil::store::{AuthorityKind, SlotState};
@@ -70,14 +70,6 @@ fn ca_crash_child() {
     }
 }
 
-fn jitter_ms(max: u64) -> u64 {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    u64::from(nanos) % max
-}
-
 /// How far along the slots a state is.
 fn rank(state: SlotState) -> u8 {
     match state {
@@ -92,41 +84,16 @@ fn rank(state: SlotState) -> u8 {
 #[test]
 fn ca_transitions_survive_sigkill() {
     let dir = tempfile::tempdir().unwrap();
-    let exe = std::env::current_exe().unwrap();
     // The furthest acknowledged state of every authority ever published.
     let mut acked: HashMap<String, SlotState> = HashMap::new();
     let mut transitions = 0;
     for round in 0..50 {
-        let mut child = Command::new(&exe)
-            .args([
-                "--ignored",
-                "--exact",
-                "ca_crash::ca_crash_child",
-                "--nocapture",
-            ])
-            .env(CHILD_ENV, dir.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let first = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("child never acknowledged a transition");
-        let mut lines = vec![first];
-        std::thread::sleep(Duration::from_millis(5 + jitter_ms(150)));
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
-        reader.join().unwrap();
-        lines.extend(rx.try_iter());
+        let lines = run_until_killed(
+            "ca_crash::ca_crash_child",
+            CHILD_ENV,
+            dir.path(),
+            5 + jitter_ms(150),
+        );
         for line in lines {
             let Some((what, id)) = line.split_once(' ') else {
                 continue;

@@ -50,7 +50,44 @@ fn store_crash_child() {
     }
 }
 
-fn jitter_ms(max: u64) -> u64 {
+/// Runs the ignored test `child` of this binary (with `env` naming `dir`),
+/// waits for its first line, lets it run `ms` more, SIGKILLs it, and returns
+/// every line it printed (its acknowledgements).
+pub(crate) fn run_until_killed(
+    child: &str,
+    env: &str,
+    dir: &std::path::Path,
+    ms: u64,
+) -> Vec<String> {
+    let mut process = Command::new(std::env::current_exe().unwrap())
+        .args(["--ignored", "--exact", child, "--nocapture"])
+        .env(env, dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = process.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let first = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("child never acknowledged");
+    let mut lines = vec![first];
+    std::thread::sleep(Duration::from_millis(ms));
+    process.kill().unwrap(); // SIGKILL
+    process.wait().unwrap();
+    reader.join().unwrap();
+    lines.extend(rx.try_iter());
+    lines
+}
+
+pub(crate) fn jitter_ms(max: u64) -> u64 {
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
@@ -61,41 +98,15 @@ fn jitter_ms(max: u64) -> u64 {
 #[test]
 fn store_survives_sigkill() {
     let dir = tempfile::tempdir().unwrap();
-    let exe = std::env::current_exe().unwrap();
     let mut acked: Vec<u64> = Vec::new();
     let mut acked_auth: Vec<u64> = Vec::new();
     for round in 0..8 {
-        let mut child = Command::new(&exe)
-            .args([
-                "--ignored",
-                "--exact",
-                "store_crash::store_crash_child",
-                "--nocapture",
-            ])
-            .env(CHILD_ENV, dir.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        // Wait for the first ack (the child is up), then kill at a random point.
-        let first = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("child never acknowledged");
-        let mut lines = vec![first];
-        std::thread::sleep(Duration::from_millis(20 + jitter_ms(300)));
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
-        reader.join().unwrap();
-        lines.extend(rx.try_iter());
+        let lines = run_until_killed(
+            "store_crash::store_crash_child",
+            CHILD_ENV,
+            dir.path(),
+            20 + jitter_ms(300),
+        );
         for line in lines {
             if let Some(n) = line.strip_prefix("ack ") {
                 acked.push(n.parse().unwrap());
