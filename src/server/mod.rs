@@ -295,6 +295,11 @@ impl ServerState {
     /// seen without saying).
     fn note_agent(&self, agent: &SpiffeId, sequence: Option<u64>) {
         let mut acks = self.bundle_acks.lock().unwrap_or_else(|p| p.into_inner());
+        // Agents come and go (a join token makes a new ID each time): forget
+        // those not seen for a while, so the map stays the fleet's size.
+        if acks.len() >= 1024 && acks.len().is_power_of_two() {
+            acks.retain(|_, (_, seen)| seen.elapsed() < RECENT_AGENT);
+        }
         let entry = acks
             .entry(agent.clone())
             .or_insert((0, std::time::Instant::now()));

@@ -227,7 +227,7 @@ async fn remote_jwks_is_cached_refetched_on_rotation_and_kept_through_failures()
     cache.kid_missing(&idp.url);
     let t = Instant::now();
     while idp.hits() < 3 {
-        assert!(t.elapsed() < Duration::from_secs(5), "no refetch");
+        assert!(t.elapsed() < Duration::from_secs(30), "no refetch");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -358,7 +358,7 @@ async fn server_ext_authz_and_policy_check_use_an_https_jwks_uri() {
         if crate::ext_authz::code(&r) == 0 {
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(2), "not reloaded: {r:?}");
+        assert!(t.elapsed() < Duration::from_secs(30), "not reloaded: {r:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(
