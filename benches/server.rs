@@ -9,6 +9,9 @@
 //!    100,000 and 500,000 entries.
 //! 4. On a 2-worker runtime: admin Health latency while 17,000 CSRs arrive at
 //!    once (34 concurrent batches of 500, the per-request cap).
+//! 5. On a 2-worker runtime with 100 real agents (in-process): `ca prepare`
+//!    returned → half, then all of the agents have acknowledged the new
+//!    bundle (as `ca show` reports it), over several rotations.
 //!
 //! Run: `cargo bench --bench server` (`-- --quick` for smaller numbers).
 #![allow(
@@ -370,14 +373,107 @@ async fn health_during_csr_storm(quick: bool) {
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
+/// What `ca show` says: (bundle sequence, agents current).
+async fn bundle_progress(
+    admin: &mut pa::admin_client::AdminClient<tonic::transport::Channel>,
+) -> (u64, u32) {
+    let r = admin
+        .list_authorities(pa::AuthorityKindRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    (r.bundle_sequence, r.agents_current)
+}
+
+async fn prepare_acknowledged(agents: usize, rounds: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(config(&dir.path().join("server"))).await.unwrap();
+    let mut admin = sigil::cli::connect_admin(server.admin_socket())
+        .await
+        .unwrap();
+    let mut running = Vec::new();
+    for i in 0..agents {
+        let token = admin
+            .generate_token(pa::GenerateTokenRequest { ttl_seconds: 600 })
+            .await
+            .unwrap()
+            .into_inner()
+            .token;
+        let d = dir.path().join(format!("agent{i}"));
+        running.push(
+            sigil::agent::start(sigil::agent::AgentConfig {
+                server: server.node_addr().to_string(),
+                trust_bundle_pem: server.bundle_pem().to_string(),
+                trust_domain: td(),
+                attestation: Some(Attestation::JoinToken(token)),
+                socket: d.join("api.sock"),
+                data_dir: d.join("data"),
+                log_format: sigil::config::LogFormat::Text,
+                unix: sigil::attest::UnixAttestor::default(),
+                policy: None,
+            })
+            .await
+            .unwrap(),
+        );
+    }
+    // Every agent is connected and has acknowledged the current bundle.
+    while bundle_progress(&mut admin).await.1 < agents as u32 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (mut half, mut all) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let t = Instant::now();
+        admin
+            .prepare_authority(pa::AuthorityKindRequest {
+                kind: "x509".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let mut half_at = None;
+        loop {
+            let (_, current) = bundle_progress(&mut admin).await;
+            if half_at.is_none() && current as usize >= agents / 2 {
+                half_at = Some(t.elapsed());
+            }
+            if current as usize == agents {
+                break;
+            }
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        all.push(t.elapsed());
+        half.push(half_at.unwrap());
+        admin
+            .activate_authority(pa::AuthorityKindRequest {
+                kind: "x509".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    half.sort();
+    all.sort();
+    println!(
+        "`ca prepare` returned -> acknowledged by {agents} agents ({rounds} rotations): half p50 {:?}, all p50 {:?}, all max {:?}",
+        percentile(&half, 0.5),
+        percentile(&all, 0.5),
+        all.last().unwrap()
+    );
+    for a in running {
+        a.shutdown(Duration::from_secs(2)).await;
+    }
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
-    tokio::runtime::Builder::new_multi_thread()
+    let two_workers = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .unwrap()
-        .block_on(health_during_csr_storm(quick));
+        .unwrap();
+    two_workers.block_on(prepare_acknowledged(100, if quick { 3 } else { 20 }));
+    two_workers.block_on(health_during_csr_storm(quick));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

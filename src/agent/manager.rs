@@ -72,6 +72,8 @@ pub struct Manager {
     pub(super) revision: u64,
     /// A bundle applied but not yet acknowledged to the server (its sequence).
     pub(super) ack_due: bool,
+    /// The count of SVIDs signed by tainted authorities last acknowledged.
+    pub(super) tainted_reported: u32,
     /// Authorities the server marked tainted (with the last bundle).
     pub(super) tainted: Arc<std::collections::BTreeSet<String>>,
     /// The SVID cache changed since it was last written to disk.
@@ -179,6 +181,9 @@ impl Manager {
                         return Ok(SessionEnd::Reconnect);
                     }
                     self.reconcile(&mut client).await;
+                    if self.tainted_svids() != self.tainted_reported {
+                        self.ack_bundle(&mut client).await;
+                    }
                 }
                 _ = self.shutdown.changed() => return Ok(SessionEnd::Shutdown),
             }
@@ -187,11 +192,34 @@ impl Manager {
 
     /// Tells the server which bundle this agent now trusts (best effort: a
     /// server without the RPC, or a failure, only delays `ca activate`).
-    async fn ack_bundle(&self, client: &mut NodeClient<Channel>) {
+    /// Also says how many SVIDs it still holds signed by tainted authorities
+    /// (the progress `sigil ca show` reports).
+    async fn ack_bundle(&mut self, client: &mut NodeClient<Channel>) {
         let sequence = self.identity.bundle.sequence();
-        if let Err(s) = client.ack_bundle(pn::AckBundleRequest { sequence }).await {
-            tracing::debug!(sequence, error = %s.message(), "could not acknowledge the bundle");
+        let tainted_svids = self.tainted_svids();
+        let ack = pn::AckBundleRequest {
+            sequence,
+            tainted_svids,
+        };
+        match client.ack_bundle(ack).await {
+            Ok(_) => self.tainted_reported = tainted_svids,
+            Err(s) => {
+                tracing::debug!(sequence, error = %s.message(), "could not acknowledge the bundle")
+            }
         }
+    }
+
+    /// SVIDs held, the agent's own included, signed by a tainted authority.
+    fn tainted_svids(&self) -> u32 {
+        if self.tainted.is_empty() {
+            return 0;
+        }
+        let workloads = self
+            .svids
+            .values()
+            .filter(|s| self.tainted.contains(&s.issuer))
+            .count();
+        u32::try_from(workloads + usize::from(self.own_svid_tainted())).unwrap_or(u32::MAX)
     }
 
     /// Whether the agent's own SVID was signed by a tainted authority.

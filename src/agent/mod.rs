@@ -398,6 +398,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         revision: restored.revision,
         tainted: Arc::default(),
         ack_due: false,
+        tainted_reported: 0,
         cache_dirty: false,
         cache_saved: None,
         state: state_tx,

@@ -18,8 +18,10 @@ use x509_parser::prelude::{FromDer, GeneralName, X509CertificationRequest};
 
 pub mod rotation;
 mod set;
+mod upstream;
 
 pub use set::{Authorities, AuthorityInfo, CaOptions, CaSet, CaSetError, state_name};
+pub use upstream::{Upstream, UpstreamChain, UpstreamError};
 
 use crate::jwt::{EcCurve, JwtError, JwtPublicKey, JwtSigner};
 use crate::spiffe::{SpiffeId, TrustDomain};
@@ -118,7 +120,8 @@ pub struct X509SvidParams {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IssuedX509 {
     spiffe_id: SpiffeId,
-    cert_der: Vec<u8>,
+    /// Leaf first, then any intermediates up to (not including) a root.
+    chain: Vec<Vec<u8>>,
     not_after: SystemTime,
 }
 
@@ -129,7 +132,11 @@ impl IssuedX509 {
     }
     /// The leaf certificate, DER.
     pub fn cert_der(&self) -> &[u8] {
-        &self.cert_der
+        &self.chain[0]
+    }
+    /// The leaf and the intermediates a verifier needs, DER, leaf first.
+    pub fn chain(&self) -> &[Vec<u8>] {
+        &self.chain
     }
     /// The certificate's NotAfter.
     pub fn not_after(&self) -> SystemTime {
@@ -183,6 +190,8 @@ pub struct X509Authority {
     issuer: Issuer<'static, KeyPair>,
     not_before: SystemTime,
     not_after: SystemTime,
+    /// Set when an upstream authority signed it (then it is an intermediate).
+    upstream: Option<UpstreamChain>,
 }
 
 impl std::fmt::Debug for X509Authority {
@@ -203,34 +212,75 @@ impl X509Authority {
         ttl: Duration,
         now: SystemTime,
     ) -> Result<Self, CaError> {
-        if ttl.is_zero() {
-            return Err(CaError::ZeroTtl);
-        }
-        let key = PrivateKey::generate(algorithm)?;
-        let key_pair = key.rcgen_key_pair()?;
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::OrganizationName, "Sigil");
-        dn.push(
-            DnType::CommonName,
-            format!("Sigil X.509 authority for {trust_domain}"),
-        );
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        params.subject_alt_names = vec![uri_san(&trust_domain.id())?];
-        params.serial_number = Some(random_serial()?);
-        params.not_before = (now - BACKDATE).into();
-        params.not_after = now.checked_add(ttl).ok_or(CaError::ZeroTtl)?.into();
-        params.use_authority_key_identifier_extension = true;
+        let not_after = now.checked_add(ttl).ok_or(CaError::ZeroTtl)?;
+        let (params, key, key_pair) =
+            authority_params(trust_domain, algorithm, ttl, now, not_after)?;
         let cert = params
             .self_signed(&key_pair)
             .map_err(|e| CaError::Sign(e.to_string()))?;
-        Self::from_parts(cert.der().to_vec(), key)
+        Self::from_parts(cert.der().to_vec(), key, None)
     }
 
-    /// Rebuilds an authority from its stored certificate and key, checking they match.
-    pub fn from_parts(cert_der: Vec<u8>, key: PrivateKey) -> Result<Self, CaError> {
+    /// Creates an intermediate for `trust_domain` signed by `upstream`, valid
+    /// for `ttl` from `now` but never past the upstream certificate, and
+    /// checks that an SVID it signs verifies against the upstream roots
+    /// before anything uses it.
+    pub fn signed_by_upstream(
+        trust_domain: &TrustDomain,
+        algorithm: KeyAlgorithm,
+        ttl: Duration,
+        now: SystemTime,
+        upstream: &Upstream,
+    ) -> Result<Self, CaError> {
+        let not_after = now
+            .checked_add(ttl)
+            .ok_or(CaError::ZeroTtl)?
+            .min(upstream.not_after());
+        if not_after <= now {
+            return Err(CaError::BadAuthorityCert(
+                "the upstream certificate has expired".into(),
+            ));
+        }
+        let (mut params, key, key_pair) =
+            authority_params(trust_domain, algorithm, ttl, now, not_after)?;
+        // It signs SVIDs only, never another CA.
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        let cert = params
+            .signed_by(&key_pair, upstream.issuer())
+            .map_err(|e| CaError::Sign(e.to_string()))?;
+        let authority = Self::from_parts(cert.der().to_vec(), key, Some(upstream.chain().clone()))?;
+        authority.verify_against_roots(now)?;
+        Ok(authority)
+    }
+
+    /// Signs a throwaway SVID and verifies its chain (webpki, as a TLS peer
+    /// would) against the roots this authority publishes.
+    pub fn verify_against_roots(&self, now: SystemTime) -> Result<(), CaError> {
+        let probe = PrivateKey::generate(KeyAlgorithm::EcP256)?;
+        let id = SpiffeId::new(&format!("{}/sigil/upstream-check", self.trust_domain.id()))
+            .map_err(|e| CaError::Sign(e.to_string()))?;
+        let params = X509SvidParams {
+            spiffe_id: id,
+            dns_names: Vec::new(),
+            ttl: Duration::from_secs(60),
+        };
+        let svid = self.issue_for_private_key(&probe, &params, now)?;
+        let roots: Vec<Vec<u8>> = self.roots().map(<[u8]>::to_vec).collect();
+        crate::attest::x509pop::verify_chain(&roots, svid.cert_der(), &svid.chain[1..], now)
+            .map_err(|e| {
+                CaError::BadAuthorityCert(format!(
+                    "an SVID it signs does not verify against the upstream roots: {e}"
+                ))
+            })
+    }
+
+    /// Rebuilds an authority from its stored certificate and key, checking
+    /// they match; `upstream` when an upstream authority signed it.
+    pub fn from_parts(
+        cert_der: Vec<u8>,
+        key: PrivateKey,
+        upstream: Option<UpstreamChain>,
+    ) -> Result<Self, CaError> {
         let bad = |m: &str| CaError::BadAuthorityCert(m.to_string());
         let (_, cert) =
             x509_parser::parse_x509_certificate(&cert_der).map_err(|e| bad(&e.to_string()))?;
@@ -279,7 +329,25 @@ impl X509Authority {
             issuer,
             not_before,
             not_after,
+            upstream,
         })
+    }
+
+    /// The certificates it publishes as trust anchors: its own when
+    /// self-signed, else the upstream roots.
+    pub fn roots(&self) -> impl Iterator<Item = &[u8]> {
+        let own = std::slice::from_ref(&self.cert_der);
+        match &self.upstream {
+            Some(u) => u.roots.as_slice(),
+            None => own,
+        }
+        .iter()
+        .map(Vec::as_slice)
+    }
+
+    /// The chain above it when an upstream authority signed it.
+    pub fn upstream(&self) -> Option<&UpstreamChain> {
+        self.upstream.as_ref()
     }
 
     /// The authority's ID: its SubjectKeyIdentifier in hex.
@@ -395,12 +463,49 @@ impl X509Authority {
             .map_err(|e| CaError::Sign(e.to_string()))?;
         // The certificate encodes whole seconds; report what it says.
         let not_after = UNIX_EPOCH + Duration::from_secs(secs(not_after));
+        let mut chain = vec![signed.der().to_vec()];
+        if let Some(up) = &self.upstream {
+            chain.push(self.cert_der.clone());
+            chain.extend(up.chain.iter().cloned());
+        }
         Ok(IssuedX509 {
             spiffe_id: params.spiffe_id.clone(),
-            cert_der: signed.der().to_vec(),
+            chain,
             not_after,
         })
     }
+}
+
+/// The certificate of a new X.509 authority (before it is signed), its key,
+/// and the key as rcgen uses it.
+fn authority_params(
+    trust_domain: &TrustDomain,
+    algorithm: KeyAlgorithm,
+    ttl: Duration,
+    now: SystemTime,
+    not_after: SystemTime,
+) -> Result<(CertificateParams, PrivateKey, KeyPair), CaError> {
+    if ttl.is_zero() {
+        return Err(CaError::ZeroTtl);
+    }
+    let key = PrivateKey::generate(algorithm)?;
+    let key_pair = key.rcgen_key_pair()?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "Sigil");
+    dn.push(
+        DnType::CommonName,
+        format!("Sigil X.509 authority for {trust_domain}"),
+    );
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params.subject_alt_names = vec![uri_san(&trust_domain.id())?];
+    params.serial_number = Some(random_serial()?);
+    params.not_before = (now - BACKDATE).into();
+    params.not_after = not_after.into();
+    params.use_authority_key_identifier_extension = true;
+    Ok((params, key, key_pair))
 }
 
 /// A critical basicConstraints with cA false, encoded as DER requires: an empty

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 
 use super::rotation::{Validity, should_activate, should_drop, should_prepare};
-use super::{CaError, JwtAuthority, X509Authority};
+use super::{CaError, JwtAuthority, Upstream, UpstreamChain, X509Authority};
 use crate::spiffe::TrustDomain;
 use crate::store::{AuthorityKind, AuthorityRecord, Commit, SlotState, Store, StoreError, Table};
 use crate::x509::{Bundle, KeyAlgorithm};
@@ -63,6 +63,8 @@ pub struct CaOptions {
     pub key_algorithm: KeyAlgorithm,
     /// Lifetime of new authorities.
     pub ca_ttl: Duration,
+    /// When set, new X.509 authorities are intermediates signed by it.
+    pub upstream: Option<Arc<Upstream>>,
 }
 
 /// One authority as `sigil ca show` reports it.
@@ -78,7 +80,7 @@ pub struct AuthorityInfo {
     pub not_before: SystemTime,
     /// Validity end.
     pub not_after: SystemTime,
-    /// Signed by an upstream authority (not yet supported: always false).
+    /// Signed by an upstream authority (an intermediate).
     pub upstream: bool,
 }
 
@@ -145,7 +147,9 @@ fn kind_name(kind: AuthorityKind) -> &'static str {
     }
 }
 
-/// A stored authority, parsed.
+/// A stored authority, parsed (a handful live briefly per transition, so
+/// their size does not matter).
+#[allow(clippy::large_enum_variant)]
 enum Parsed {
     X509(X509Authority),
     Jwt(JwtAuthority),
@@ -167,25 +171,29 @@ fn parse(
         source,
     };
     let not_after = UNIX_EPOCH + Duration::from_secs(record.not_after);
-    let (parsed, not_before) = match record.kind {
+    let (parsed, not_before, upstream) = match record.kind {
         AuthorityKind::X509 => {
             let cert = record.cert_der.clone().unwrap_or_default();
-            let a = X509Authority::from_parts(cert, record.key.clone()).map_err(wrap)?;
+            let upstream = (!record.upstream_roots.is_empty()).then(|| UpstreamChain {
+                chain: record.upstream_chain.clone(),
+                roots: record.upstream_roots.clone(),
+            });
+            let a = X509Authority::from_parts(cert, record.key.clone(), upstream).map_err(wrap)?;
             if a.trust_domain() != &opts.trust_domain {
                 return Err(CaSetError::TrustDomainMismatch {
                     stored: a.trust_domain().to_string(),
                     configured: opts.trust_domain.to_string(),
                 });
             }
-            let nb = a.not_before();
-            (Parsed::X509(a), nb)
+            let (nb, up) = (a.not_before(), a.upstream().is_some());
+            (Parsed::X509(a), nb, up)
         }
         AuthorityKind::Jwt => {
             let a = JwtAuthority::from_parts(record.id.clone(), record.key.clone(), not_after)
                 .map_err(wrap)?;
             // JWT keys carry no NotBefore: they were made with ca_ttl.
             let nb = not_after.checked_sub(opts.ca_ttl).unwrap_or(UNIX_EPOCH);
-            (Parsed::Jwt(a), nb)
+            (Parsed::Jwt(a), nb, false)
         }
     };
     let info = AuthorityInfo {
@@ -194,7 +202,7 @@ fn parse(
         state: record.state,
         not_before,
         not_after,
-        upstream: false,
+        upstream,
     };
     Ok((parsed, info))
 }
@@ -234,9 +242,13 @@ fn bundle_of(td: &TrustDomain, loaded: &[Loaded], now: SystemTime) -> Result<Bun
     let mut bundle = Bundle::new(td.clone());
     for l in loaded.iter().filter(|l| trusted(&l.info, now)) {
         match &l.parsed {
-            Parsed::X509(a) => bundle
-                .add_x509_authority(a.cert_der())
-                .map_err(|e| CaSetError::Ca(CaError::BadAuthorityCert(e)))?,
+            Parsed::X509(a) => {
+                for root in a.roots() {
+                    bundle
+                        .add_x509_authority(root)
+                        .map_err(|e| CaSetError::Ca(CaError::BadAuthorityCert(e)))?;
+                }
+            }
             Parsed::Jwt(a) => bundle.add_jwt_authority(a.kid().to_string(), a.public_key().clone()),
         }
     }
@@ -308,12 +320,12 @@ fn create(
 ) -> Result<AuthorityRecord, CaSetError> {
     Ok(match kind {
         AuthorityKind::X509 => {
-            let a = X509Authority::self_signed(
-                &opts.trust_domain,
-                opts.key_algorithm,
-                opts.ca_ttl,
-                now,
-            )?;
+            let (td, alg, ttl) = (&opts.trust_domain, opts.key_algorithm, opts.ca_ttl);
+            let a = match &opts.upstream {
+                Some(up) => X509Authority::signed_by_upstream(td, alg, ttl, now, up)?,
+                None => X509Authority::self_signed(td, alg, ttl, now)?,
+            };
+            let up = a.upstream().cloned().unwrap_or_default();
             AuthorityRecord {
                 id: a.id().to_string(),
                 kind,
@@ -321,6 +333,8 @@ fn create(
                 cert_der: Some(a.cert_der().to_vec()),
                 not_after: secs(a.not_after()),
                 key: a.key().clone(),
+                upstream_chain: up.chain,
+                upstream_roots: up.roots,
             }
         }
         AuthorityKind::Jwt => {
@@ -332,6 +346,8 @@ fn create(
                 cert_der: None,
                 not_after: secs(a.not_after()),
                 key: a.key().clone(),
+                upstream_chain: Vec::new(),
+                upstream_roots: Vec::new(),
             }
         }
     })
@@ -719,6 +735,7 @@ mod tests {
             trust_domain: TrustDomain::new(td).unwrap(),
             key_algorithm: KeyAlgorithm::EcP256,
             ca_ttl: Duration::from_secs(3600),
+            upstream: None,
         }
     }
 
@@ -852,6 +869,73 @@ mod tests {
         set.taint(&store, &kid, now).unwrap();
         set.revoke(&store, &kid, now).unwrap();
         assert_eq!(set.bundle().jwt_authorities().len(), 1);
+    }
+
+    #[test]
+    fn moving_to_an_upstream_root_and_rotating_its_intermediates() {
+        let store = MemoryStore::new().unwrap();
+        let now = SystemTime::now();
+        let set = CaSet::load_or_create(&store, &opts("example.org"), now).unwrap();
+        let own_root = set.x509().cert_der().to_vec();
+        let first = set.x509().id().to_string();
+
+        // Restarted with an upstream: the self-signed authority keeps signing
+        // (agents do not trust the upstream root yet).
+        let (up, upstream_root) = crate::ca::upstream::tests::root_upstream(now);
+        let with_up = CaOptions {
+            upstream: Some(Arc::new(up)),
+            ..opts("example.org")
+        };
+        let set = CaSet::load_or_create(&store, &with_up, now).unwrap();
+        assert_eq!(set.x509().id(), first);
+        assert_eq!(
+            set.bundle().x509_authorities(),
+            std::slice::from_ref(&own_root)
+        );
+
+        // Prepare: an intermediate; the bundle gains the upstream root.
+        let p = set.prepare(&store, AuthorityKind::X509, now).unwrap();
+        assert!(p.upstream);
+        let mut roots = set.bundle().x509_authorities().to_vec();
+        roots.sort();
+        let mut expected = vec![own_root.clone(), upstream_root.clone()];
+        expected.sort();
+        assert_eq!(roots, expected);
+        set.activate(&store, AuthorityKind::X509, now).unwrap();
+        assert!(set.x509().upstream().is_some());
+
+        // Retire the self-signed root for good: it leaves the bundle.
+        set.taint(&store, &first, now).unwrap();
+        set.revoke(&store, &first, now).unwrap();
+        assert_eq!(
+            set.bundle().x509_authorities(),
+            std::slice::from_ref(&upstream_root)
+        );
+
+        // Intermediates rotate, taint and revoke like any authority; the
+        // upstream root stays (the active intermediate still needs it).
+        let second = set.x509().id().to_string();
+        set.prepare(&store, AuthorityKind::X509, now).unwrap();
+        set.activate(&store, AuthorityKind::X509, now).unwrap();
+        set.taint(&store, &second, now).unwrap();
+        let seq = set.bundle().sequence();
+        set.revoke(&store, &second, now).unwrap();
+        assert_eq!(
+            set.bundle().x509_authorities(),
+            std::slice::from_ref(&upstream_root)
+        );
+        let listed = set.current().list().to_vec();
+        let revoked = listed.iter().find(|a| a.id == second).unwrap();
+        assert_eq!(
+            (revoked.state, revoked.upstream),
+            (SlotState::Revoked, true)
+        );
+        assert!(set.bundle().sequence() >= seq);
+
+        // A restart reads the chains back.
+        let again = CaSet::load_or_create(&store, &with_up, now).unwrap();
+        assert_eq!(again.x509().upstream(), set.x509().upstream());
+        assert_eq!(again.bundle().x509_authorities(), [upstream_root]);
     }
 
     #[test]

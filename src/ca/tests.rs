@@ -273,7 +273,7 @@ fn refuses_zero_ttl_foreign_ids_and_expired_authority() {
 #[test]
 fn authority_reloads_from_parts_and_rejects_mismatched_key() {
     let ca = authority();
-    let again = X509Authority::from_parts(ca.cert_der().to_vec(), ca.key().clone()).unwrap();
+    let again = X509Authority::from_parts(ca.cert_der().to_vec(), ca.key().clone(), None).unwrap();
     assert_eq!(again.id(), ca.id());
     assert_eq!(again.trust_domain(), &td());
     assert_eq!(again.not_after(), ca.not_after());
@@ -288,11 +288,11 @@ fn authority_reloads_from_parts_and_rejects_mismatched_key() {
     );
     let other = PrivateKey::generate(KeyAlgorithm::EcP256).unwrap();
     assert!(matches!(
-        X509Authority::from_parts(ca.cert_der().to_vec(), other),
+        X509Authority::from_parts(ca.cert_der().to_vec(), other, None),
         Err(CaError::BadAuthorityCert(m)) if m.contains("does not match")
     ));
     // A leaf is not an authority.
-    assert!(X509Authority::from_parts(svid.cert_der().to_vec(), key).is_err());
+    assert!(X509Authority::from_parts(svid.cert_der().to_vec(), key, None).is_err());
 }
 
 #[test]

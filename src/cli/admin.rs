@@ -566,7 +566,12 @@ pub async fn ca(cmd: CaCmd) -> anyhow::Result<()> {
                 "upstream": a.upstream,
             })).collect::<Vec<_>>(),
             "bundle_sequence": response.bundle_sequence,
-            "agents": {"recent": response.agents_recent, "current": response.agents_current},
+            "agents": {
+                "recent": response.agents_recent,
+                "current": response.agents_current,
+                "reissuing": response.agents_reissuing,
+                "svids_to_reissue": response.svids_to_reissue,
+            },
         })),
         OutputFormat::Text => {
             let mut lines: Vec<String> = response
@@ -587,6 +592,18 @@ pub async fn ca(cmd: CaCmd) -> anyhow::Result<()> {
                 "bundle sequence {}: {} of {} agents seen in the last hour have it",
                 response.bundle_sequence, response.agents_current, response.agents_recent
             ));
+            if response.authorities.iter().any(|a| a.state == "tainted") {
+                lines.push(match response.agents_reissuing {
+                    0 if response.agents_current == response.agents_recent => {
+                        "taint: every agent has replaced what the tainted authorities signed".into()
+                    }
+                    n => format!(
+                        "taint: {n} agents still re-issuing ({} SVIDs left), {} not yet heard from",
+                        response.svids_to_reissue,
+                        response.agents_recent - response.agents_current
+                    ),
+                });
+            }
             Output::line(&lines.join("\n"))
         }
     }

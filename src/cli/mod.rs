@@ -141,6 +141,16 @@ struct ServerArgs {
     /// Key algorithm of new authorities: ec-p256 or ec-p384 [default: ec-p256].
     #[arg(long)]
     key_algorithm: Option<String>,
+    /// Upstream CA certificate (PEM; may be followed by the chain above it):
+    /// Sigil's X.509 authorities become intermediates it signs.
+    #[arg(long)]
+    upstream_cert: Option<String>,
+    /// The upstream CA's private key (PEM, PKCS#8).
+    #[arg(long)]
+    upstream_key: Option<String>,
+    /// The root certificate(s) when the upstream CA is itself an intermediate (PEM).
+    #[arg(long)]
+    upstream_bundle: Option<String>,
     #[command(flatten)]
     policy: PolicyArgs,
 }
@@ -187,6 +197,9 @@ impl ServerArgs {
         raw.flag("x509pop_ca", self.x509pop_ca);
         raw.flag("jwt_issuer", self.jwt_issuer);
         raw.flag("key_algorithm", self.key_algorithm);
+        raw.flag("upstream_cert", self.upstream_cert);
+        raw.flag("upstream_key", self.upstream_key);
+        raw.flag("upstream_bundle", self.upstream_bundle);
         self.policy.apply(&mut raw);
         Ok(ServerConfig::from_raw(&raw)?)
     }

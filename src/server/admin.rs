@@ -333,7 +333,7 @@ impl Admin for AdminService {
                 .issue_for_private_key(&key, &params, self.state.clock.now())
                 .map_err(status)?;
             Ok(pa::MintX509svidResponse {
-                cert_chain: vec![svid.cert_der().to_vec()],
+                cert_chain: svid.chain().to_vec(),
                 private_key: key.pkcs8_der().to_vec(),
                 expires_at: ts(svid.not_after()),
             })
@@ -452,7 +452,8 @@ impl Admin for AdminService {
         // Activating before agents trust the prepared authority would hand
         // them SVIDs they cannot verify each other with.
         let sequence = self.state.ca.bundle().sequence();
-        let (recent, current) = self.state.agents_with_bundle(sequence);
+        let agents = self.state.agents_with_bundle(sequence);
+        let (recent, current) = (agents.recent, agents.current);
         if current < recent && !req.get_ref().force {
             let s = Status::failed_precondition(format!(
                 "{} of {recent} recently active agents have not applied bundle sequence {sequence} yet, so they would not trust the prepared authority; wait for them (see `sigil ca show`) or use --force",
@@ -492,12 +493,14 @@ impl AdminService {
     /// A response with the agents' progress on the current bundle.
     fn with_agents(&self, authorities: Vec<pa::Authority>) -> pa::AuthoritiesResponse {
         let bundle_sequence = self.state.ca.bundle().sequence();
-        let (agents_recent, agents_current) = self.state.agents_with_bundle(bundle_sequence);
+        let agents = self.state.agents_with_bundle(bundle_sequence);
         pa::AuthoritiesResponse {
             authorities,
             bundle_sequence,
-            agents_recent,
-            agents_current,
+            agents_recent: agents.recent,
+            agents_current: agents.current,
+            agents_reissuing: agents.reissuing,
+            svids_to_reissue: agents.svids_to_reissue,
         }
     }
 

@@ -100,10 +100,7 @@ pub(super) async fn attest(
         .registry
         .replace_agent(&seen, &record)
         .map_err(status)?;
-    Ok((
-        state.agent_svid(&agent_id, svid.cert_der(), svid.not_after()),
-        attestor,
-    ))
+    Ok((state.agent_svid(&agent_id, &svid), attestor))
 }
 
 /// Verifies the chain, runs the challenge, and returns the agent ID and selectors.

@@ -20,7 +20,7 @@ use tonic::Status;
 pub use admin::AdminService;
 pub use node::{MAX_SYNC_MESSAGE, MAX_SYNC_STREAMS_PER_AGENT, NodeService, SNAPSHOT_PAGE};
 
-use crate::ca::{CaOptions, CaSet, CaSetError, IssuedX509, VerifiedCsr, X509SvidParams};
+use crate::ca::{CaOptions, CaSet, CaSetError, IssuedX509, Upstream, VerifiedCsr, X509SvidParams};
 use crate::config::{ConfigError, LogFormat, RawConfig};
 use crate::policy::PolicyConfig;
 use crate::proto::admin::admin_server::AdminServer;
@@ -54,6 +54,9 @@ pub const SERVER_KEYS: &[&str] = &[
     "policy_dir",
     "policy_root_namespace",
     "jwks_ca_file",
+    "upstream_cert",
+    "upstream_key",
+    "upstream_bundle",
 ];
 
 /// Why the server could not start or stopped with an error.
@@ -121,6 +124,8 @@ pub struct ServerConfig {
     pub ca_ttl: Duration,
     /// Key algorithm of new authorities.
     pub key_algorithm: KeyAlgorithm,
+    /// The upstream CA that signs the X.509 authorities, when configured.
+    pub upstream: Option<Arc<Upstream>>,
     /// Service tunables.
     pub options: ServerOptions,
     /// Envoy ext_authz, when served.
@@ -141,6 +146,7 @@ impl ServerConfig {
             log_format: LogFormat::Text,
             ca_ttl: Duration::from_secs(24 * 3600),
             key_algorithm: KeyAlgorithm::EcP256,
+            upstream: None,
             options: ServerOptions {
                 default_x509_ttl: Duration::from_secs(3600),
                 default_jwt_ttl: Duration::from_secs(300),
@@ -201,6 +207,7 @@ impl ServerConfig {
             }
         }
         Ok(ServerConfig {
+            upstream: upstream_from_raw(raw)?,
             policy: PolicyConfig::from_raw(raw)?,
             bind: raw.socket_addr("bind", DEFAULT_BIND)?,
             admin_socket: PathBuf::from(raw.string_or("admin_socket", DEFAULT_ADMIN_SOCKET)?),
@@ -219,6 +226,71 @@ impl ServerConfig {
     }
 }
 
+/// `upstream_cert` and `upstream_key` (both or neither), and
+/// `upstream_bundle` only with them.
+fn upstream_from_raw(raw: &RawConfig) -> Result<Option<Arc<Upstream>>, ConfigError> {
+    let cert = raw.get("upstream_cert")?;
+    let key = raw.get("upstream_key")?;
+    let bundle = raw.get("upstream_bundle")?;
+    let (cert, key) = match (cert, key) {
+        (Some(c), Some(k)) => (c, k),
+        (None, None) => {
+            return match bundle {
+                Some(b) => Err(ConfigError::Invalid {
+                    key: "upstream_bundle",
+                    value: b,
+                    reason: "needs --upstream-cert and --upstream-key".into(),
+                }),
+                None => Ok(None),
+            };
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::Missing {
+                key: "upstream_cert",
+                flag: "upstream-cert (with --upstream-key)".into(),
+            });
+        }
+        (Some(_), None) => {
+            return Err(ConfigError::Missing {
+                key: "upstream_key",
+                flag: "upstream-key (with --upstream-cert)".into(),
+            });
+        }
+    };
+    let upstream = Upstream::load(
+        Path::new(&cert),
+        Path::new(&key),
+        bundle.as_deref().map(Path::new),
+        SystemTime::now(),
+    )?;
+    Ok(Some(Arc::new(upstream)))
+}
+
+/// What the server last heard from an agent (in memory: agents acknowledge
+/// again on connect).
+#[derive(Debug, Clone, Copy)]
+struct AgentSeen {
+    /// The last bundle sequence it applied.
+    sequence: u64,
+    /// SVIDs it still held, then, signed by tainted authorities.
+    tainted_svids: u32,
+    /// When it was last seen (ack or sync).
+    seen: std::time::Instant,
+}
+
+/// Recently seen agents against one bundle sequence (for `ca show`).
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct AgentsView {
+    /// Seen in the last hour.
+    pub recent: u32,
+    /// Of those, have applied the sequence.
+    pub current: u32,
+    /// Of those, still hold SVIDs signed by a tainted authority.
+    pub reissuing: u32,
+    /// How many such SVIDs, in all.
+    pub svids_to_reissue: u32,
+}
+
 /// State shared by the services.
 pub struct ServerState {
     registry: Registry,
@@ -226,9 +298,8 @@ pub struct ServerState {
     clock: Arc<dyn Clock>,
     options: ServerOptions,
     shutdown: watch::Receiver<bool>,
-    /// Per agent: the last bundle sequence it acknowledged, and when it was
-    /// last seen (ack or sync). In memory: agents re-acknowledge on connect.
-    bundle_acks: std::sync::Mutex<std::collections::HashMap<SpiffeId, (u64, std::time::Instant)>>,
+    /// Per agent: the last bundle it acknowledged and when it was seen.
+    bundle_acks: std::sync::Mutex<std::collections::HashMap<SpiffeId, AgentSeen>>,
     /// The last failure of the rotation schedule, until a step succeeds
     /// (health is unready meanwhile).
     rotation_error: std::sync::Mutex<Option<String>>,
@@ -282,46 +353,55 @@ impl ServerState {
             .map_err(convert::status)
     }
 
-    fn agent_svid(&self, id: &SpiffeId, cert: &[u8], not_after: SystemTime) -> pn::AgentSvid {
+    fn agent_svid(&self, id: &SpiffeId, svid: &IssuedX509) -> pn::AgentSvid {
         pn::AgentSvid {
             spiffe_id: id.to_string(),
-            cert_chain: vec![cert.to_vec()],
-            expires_at: convert::ts(not_after),
+            cert_chain: svid.chain().to_vec(),
+            expires_at: convert::ts(svid.not_after()),
             bundle_jwks: self.bundle_jwks(),
         }
     }
 
-    /// Notes that `agent` has applied bundle `sequence` (or, with `None`, was
+    /// Notes that `agent` has applied bundle `sequence` and still holds
+    /// `tainted_svids` signed by tainted authorities (or, with `None`, was
     /// seen without saying).
-    fn note_agent(&self, agent: &SpiffeId, sequence: Option<u64>) {
+    fn note_agent(&self, agent: &SpiffeId, ack: Option<(u64, u32)>) {
         let mut acks = self.bundle_acks.lock().unwrap_or_else(|p| p.into_inner());
         // Agents come and go (a join token makes a new ID each time): forget
         // those not seen for a while, so the map stays the fleet's size.
         if acks.len() >= 1024 && acks.len().is_power_of_two() {
-            acks.retain(|_, (_, seen)| seen.elapsed() < RECENT_AGENT);
+            acks.retain(|_, a| a.seen.elapsed() < RECENT_AGENT);
         }
-        let entry = acks
-            .entry(agent.clone())
-            .or_insert((0, std::time::Instant::now()));
-        if let Some(s) = sequence {
-            entry.0 = entry.0.max(s);
+        let now = std::time::Instant::now();
+        let entry = acks.entry(agent.clone()).or_insert(AgentSeen {
+            sequence: 0,
+            tainted_svids: 0,
+            seen: now,
+        });
+        if let Some((sequence, tainted)) = ack {
+            if sequence >= entry.sequence {
+                entry.sequence = sequence;
+                entry.tainted_svids = tainted;
+            }
         }
-        entry.1 = std::time::Instant::now();
+        entry.seen = now;
     }
 
-    /// (agents seen in the last hour, those of them with bundle `sequence`).
-    fn agents_with_bundle(&self, sequence: u64) -> (u32, u32) {
+    /// The agents seen in the last hour, against bundle `sequence`.
+    fn agents_with_bundle(&self, sequence: u64) -> AgentsView {
         let acks = self.bundle_acks.lock().unwrap_or_else(|p| p.into_inner());
-        let recent: Vec<u64> = acks
-            .values()
-            .filter(|(_, seen)| seen.elapsed() < RECENT_AGENT)
-            .map(|(s, _)| *s)
-            .collect();
-        let current = recent.iter().filter(|s| **s >= sequence).count();
-        (
-            u32::try_from(recent.len()).unwrap_or(u32::MAX),
-            u32::try_from(current).unwrap_or(u32::MAX),
-        )
+        let mut view = AgentsView::default();
+        for a in acks.values().filter(|a| a.seen.elapsed() < RECENT_AGENT) {
+            view.recent += 1;
+            if a.sequence >= sequence {
+                view.current += 1;
+                if a.tainted_svids > 0 {
+                    view.reissuing += 1;
+                    view.svids_to_reissue = view.svids_to_reissue.saturating_add(a.tainted_svids);
+                }
+            }
+        }
+        view
     }
 
     /// The tainted authorities as committed in the store (read there, like
@@ -332,7 +412,12 @@ impl ServerState {
             .authorities()
             .map(|all| {
                 all.into_iter()
-                    .filter(|a| a.state == crate::store::SlotState::Tainted)
+                    // A revoked intermediate is not in the bundle to leave
+                    // it: agents drop what it signed as for a tainted one.
+                    .filter(|a| {
+                        a.state == crate::store::SlotState::Tainted
+                            || a.state == crate::store::SlotState::Revoked
+                    })
                     .map(|a| a.id)
                     .collect()
             })
@@ -612,9 +697,10 @@ fn node_tls_acceptor(
         .map_err(|e| err(e.to_string()))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(
-            vec![rustls_pki_types::CertificateDer::from(
-                svid.cert_der().to_vec(),
-            )],
+            svid.chain()
+                .iter()
+                .map(|c| rustls_pki_types::CertificateDer::from(c.clone()))
+                .collect(),
             key_der,
         )
         .map_err(|e| err(e.to_string()))?;
@@ -638,6 +724,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
             trust_domain: config.trust_domain.clone(),
             key_algorithm: config.key_algorithm,
             ca_ttl: config.ca_ttl,
+            upstream: config.upstream.clone(),
         },
         now,
     )?;

@@ -113,7 +113,7 @@ fn sign_batch(
                         code: 0,
                         message: String::new(),
                         spiffe_id: svid.spiffe_id().to_string(),
-                        cert_chain: vec![svid.cert_der().to_vec()],
+                        cert_chain: svid.chain().to_vec(),
                         expires_at: ts(svid.not_after()),
                     }
                 }
@@ -182,6 +182,21 @@ fn caller<T>(state: &ServerState, req: &Request<T>) -> Result<Caller, Status> {
         return Err(Status::unauthenticated(format!(
             "the agent SVID of {id} expired at {not_after}; renew or attest again"
         )));
+    }
+    // TLS verified the chain against the bundle's roots; an intermediate
+    // signed by an upstream root stays valid there after it is revoked.
+    if let Some(issuer) = crate::x509::authority_key_id(leaf) {
+        let revoked = state
+            .ca
+            .current()
+            .list()
+            .iter()
+            .any(|a| a.id == issuer && a.state == crate::store::SlotState::Revoked);
+        if revoked {
+            return Err(Status::unauthenticated(format!(
+                "the agent SVID of {id} was signed by revoked authority {issuer}; attest again"
+            )));
+        }
     }
     state.check_agent(&id, &serial)?;
     Ok(Caller {
@@ -256,7 +271,7 @@ impl Node for NodeService {
             .map_err(status)?;
         tracing::info!(target: "sigil::audit", event = "renew_agent", decision = "allow", agent = %id, expires_at = record.svid_expires_at);
         Ok(Response::new(pn::RenewAgentResponse {
-            svid: Some(state.agent_svid(&id, svid.cert_der(), svid.not_after())),
+            svid: Some(state.agent_svid(&id, &svid)),
         }))
     }
 
@@ -346,7 +361,9 @@ impl Node for NodeService {
         req: Request<pn::AckBundleRequest>,
     ) -> Result<Response<pn::AckBundleResponse>, Status> {
         let agent = caller(&self.state, &req)?.id;
-        self.state.note_agent(&agent, Some(req.get_ref().sequence));
+        let ack = req.get_ref();
+        self.state
+            .note_agent(&agent, Some((ack.sequence, ack.tainted_svids)));
         Ok(Response::new(pn::AckBundleResponse {}))
     }
 

@@ -381,6 +381,12 @@ pub struct AuthorityRecord {
     pub not_after: u64,
     /// The private key.
     pub key: PrivateKey,
+    /// When an upstream authority signed this one: the certificates between
+    /// it and a root, nearest first.
+    pub upstream_chain: Vec<Vec<u8>>,
+    /// When an upstream authority signed this one: the roots it publishes
+    /// (empty for a self-signed authority).
+    pub upstream_roots: Vec<Vec<u8>>,
 }
 
 /// The plaintext form of a sealed record; wiped when dropped.
@@ -392,6 +398,10 @@ struct SealedForm {
     cert_der: Option<Vec<u8>>,
     not_after: u64,
     key_pkcs8: Vec<u8>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    upstream_chain: Vec<Vec<u8>>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    upstream_roots: Vec<Vec<u8>>,
 }
 
 impl AuthorityRecord {
@@ -407,6 +417,8 @@ impl AuthorityRecord {
             cert_der: self.cert_der.clone(),
             not_after: self.not_after,
             key_pkcs8: self.key.pkcs8_der().to_vec(),
+            upstream_chain: self.upstream_chain.clone(),
+            upstream_roots: self.upstream_roots.clone(),
         };
         let plain = zeroize::Zeroizing::new(
             serde_json::to_vec(&form).map_err(|e| StoreError::Crypto(e.to_string()))?,
@@ -432,6 +444,8 @@ impl AuthorityRecord {
             cert_der: form.cert_der.clone(),
             not_after: form.not_after,
             key,
+            upstream_chain: form.upstream_chain.clone(),
+            upstream_roots: form.upstream_roots.clone(),
         })
     }
 }

@@ -176,6 +176,8 @@ fn suite(store: &dyn Store) {
         cert_der: None,
         not_after: 123,
         key: key.clone(),
+        upstream_chain: Vec::new(),
+        upstream_roots: Vec::new(),
     };
     store.put_authority(&record).unwrap();
     let raw = store.get(Table::Authorities, b"auth-1").unwrap().unwrap();
@@ -215,6 +217,8 @@ fn sled_store_survives_reopen() {
             cert_der: Some(vec![1, 2, 3]),
             not_after: 9,
             key: key.clone(),
+            upstream_chain: Vec::new(),
+            upstream_roots: Vec::new(),
         })
         .unwrap();
     }

@@ -22,6 +22,7 @@ fn opts() -> CaOptions {
         trust_domain: TrustDomain::new("example.org").unwrap(),
         key_algorithm: KeyAlgorithm::EcP256,
         ca_ttl: Duration::from_secs(3600),
+        upstream: None,
     }
 }
 

@@ -12,4 +12,5 @@ mod openssl_verify;
 mod rotation;
 mod server;
 mod store_crash;
+mod upstream;
 mod workload_proto;

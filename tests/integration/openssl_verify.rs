@@ -8,7 +8,7 @@ use sigil::{
     Bundle, KeyAlgorithm, PrivateKey, SpiffeId, TrustDomain, X509Authority, X509SvidParams,
 };
 
-fn openssl_available() -> bool {
+pub(crate) fn openssl_available() -> bool {
     let found = Command::new("openssl")
         .arg("version")
         .output()

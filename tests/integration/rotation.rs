@@ -11,7 +11,7 @@ use sigil::server::start;
 use crate::agent::start_agent_with;
 use crate::server::{admin, server_config};
 
-fn ca(socket: &std::path::Path, args: &[&str]) -> (bool, serde_json::Value, String) {
+pub(crate) fn ca(socket: &std::path::Path, args: &[&str]) -> (bool, serde_json::Value, String) {
     let o = Command::new(env!("CARGO_BIN_EXE_sigil"))
         .arg("ca")
         .args(args)

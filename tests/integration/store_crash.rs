@@ -36,6 +36,8 @@ fn store_crash_child() {
                 cert_der: None,
                 not_after: i,
                 key: key.clone(),
+                upstream_chain: Vec::new(),
+                upstream_roots: Vec::new(),
             };
             store.put_authority(&record).unwrap();
             writeln!(out, "ack-auth {i}").unwrap();
