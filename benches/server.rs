@@ -420,7 +420,7 @@ async fn prepare_acknowledged(agents: usize, rounds: usize) {
     while bundle_progress(&mut admin).await.1 < agents as u32 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let (mut half, mut all) = (Vec::new(), Vec::new());
+    let (mut rpc, mut half, mut all) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds {
         let t = Instant::now();
         admin
@@ -430,6 +430,8 @@ async fn prepare_acknowledged(agents: usize, rounds: usize) {
             })
             .await
             .unwrap();
+        rpc.push(t.elapsed());
+        let t = Instant::now();
         let mut half_at = None;
         loop {
             let (_, current) = bundle_progress(&mut admin).await;
@@ -451,8 +453,14 @@ async fn prepare_acknowledged(agents: usize, rounds: usize) {
             .await
             .unwrap();
     }
+    rpc.sort();
     half.sort();
     all.sort();
+    println!(
+        "`ca prepare` RPC (new key, commit flushed): p50 {:?}, max {:?}",
+        percentile(&rpc, 0.5),
+        rpc.last().unwrap()
+    );
     println!(
         "`ca prepare` returned -> acknowledged by {agents} agents ({rounds} rotations): half p50 {:?}, all p50 {:?}, all max {:?}",
         percentile(&half, 0.5),

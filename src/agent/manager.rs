@@ -72,6 +72,8 @@ pub struct Manager {
     pub(super) revision: u64,
     /// A bundle applied but not yet acknowledged to the server (its sequence).
     pub(super) ack_due: bool,
+    /// The bundle changed and is not on disk yet.
+    pub(super) bundle_unsaved: bool,
     /// The count of SVIDs signed by tainted authorities last acknowledged.
     pub(super) tainted_reported: u32,
     /// Authorities the server marked tainted (with the last bundle).
@@ -95,6 +97,9 @@ impl Manager {
         loop {
             match self.session().await {
                 Ok(SessionEnd::Shutdown) => {
+                    if std::mem::take(&mut self.bundle_unsaved) {
+                        persist::save_bundle(&self.data_dir, &self.identity.bundle).await;
+                    }
                     self.save_cache(true);
                     return;
                 }
@@ -167,6 +172,11 @@ impl Manager {
                     }
                     if ready {
                         self.reconcile(&mut client).await;
+                    }
+                    // Durable before acknowledged: a restarted agent
+                    // still trusts what it told the server it has.
+                    if std::mem::take(&mut self.bundle_unsaved) {
+                        persist::save_bundle(&self.data_dir, &self.identity.bundle).await;
                     }
                     if std::mem::take(&mut self.ack_due) {
                         self.ack_bundle(&mut client).await;
@@ -294,7 +304,7 @@ impl Manager {
             {
                 Ok(b) if b != self.identity.bundle => {
                     self.identity.bundle = b;
-                    persist::save(&self.data_dir, &self.identity);
+                    self.bundle_unsaved = true;
                 }
                 Ok(_) => {}
                 Err(e) => {

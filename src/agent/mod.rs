@@ -399,6 +399,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         tainted: Arc::default(),
         ack_due: false,
         tainted_reported: 0,
+        bundle_unsaved: false,
         cache_dirty: false,
         cache_saved: None,
         state: state_tx,

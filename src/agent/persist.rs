@@ -29,6 +29,24 @@ pub fn save(dir: &Path, id: &AgentIdentity) {
     }
 }
 
+/// Saves only the bundle (what a bundle change alters); run it off the async
+/// workers, since it waits for the disk.
+pub async fn save_bundle(dir: &Path, bundle: &crate::x509::Bundle) {
+    let path = dir.join(BUNDLE);
+    let jwks = bundle.to_jwks();
+    let written = tokio::task::spawn_blocking(move || {
+        crate::runtime::files::write_atomic(&path, jwks.as_bytes(), 0o644)
+    })
+    .await;
+    match written {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::error!(dir = %dir.display(), error = %e, "cannot persist the bundle")
+        }
+        Err(e) => tracing::error!(error = %e, "the bundle writer failed"),
+    }
+}
+
 /// Loads a saved identity, if there is a complete one.
 pub fn load(dir: &Path, td: &TrustDomain) -> Result<Option<AgentIdentity>, String> {
     let read = |name: &str| std::fs::read_to_string(dir.join(name));

@@ -306,6 +306,8 @@ pub struct ServerState {
     /// Open SyncEntries streams per agent (capped: a runaway or hostile agent
     /// cannot pin unbounded server tasks).
     sync_streams: std::sync::Mutex<std::collections::HashMap<SpiffeId, usize>>,
+    /// `tainted_authorities` as of a store revision.
+    tainted_cache: std::sync::Mutex<(u64, Vec<String>)>,
     /// Signing runs on the blocking pool, this many batches at once (one per
     /// core), so a flood of CSRs never stalls the async workers that serve
     /// health, attestation and sync.
@@ -404,11 +406,22 @@ impl ServerState {
         view
     }
 
-    /// The tainted authorities as committed in the store (read there, like
-    /// the bundle, so a stream woken by the taint's commit sees it).
-    fn tainted_authorities(&self) -> Vec<String> {
-        self.registry
-            .store()
+    /// The tainted (and revoked) authorities as committed in the store at
+    /// revision `seen` or later: read there, like the bundle, so a stream
+    /// woken by the taint's commit sees it. Reading means unsealing every
+    /// authority, so the list is cached per revision: a commit wakes every
+    /// agent's stream, and only the first reads.
+    fn tainted_authorities(&self, seen: u64) -> Vec<String> {
+        let mut cache = self.tainted_cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.0 >= seen && seen > 0 {
+            return cache.1.clone();
+        }
+        let store = self.registry.store();
+        // The revision first: the list read after it is at least that new.
+        let Ok(revision) = store.revision() else {
+            return Vec::new();
+        };
+        let list: Vec<String> = store
             .authorities()
             .map(|all| {
                 all.into_iter()
@@ -421,7 +434,9 @@ impl ServerState {
                     .map(|a| a.id)
                     .collect()
             })
-            .unwrap_or_default()
+            .unwrap_or_default();
+        *cache = (revision, list.clone());
+        list
     }
 
     /// The bundle as committed in the store: what a sync stream woken by a
@@ -758,6 +773,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         options: config.options.clone(),
         shutdown: shutdown_rx.clone(),
         sync_streams: std::sync::Mutex::default(),
+        tainted_cache: std::sync::Mutex::default(),
         rotation_error: std::sync::Mutex::default(),
         bundle_acks: std::sync::Mutex::default(),
         signers: Arc::new(tokio::sync::Semaphore::new(

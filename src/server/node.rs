@@ -498,7 +498,7 @@ async fn sync(
                         Vec::new()
                     },
                     tainted_authorities: if bundle_changed && final_part {
-                        state.tainted_authorities()
+                        state.tainted_authorities(last)
                     } else {
                         Vec::new()
                     },
@@ -556,7 +556,7 @@ async fn send_snapshot(
                     Vec::new()
                 },
                 tainted_authorities: if first {
-                    state.tainted_authorities()
+                    state.tainted_authorities(revision)
                 } else {
                     Vec::new()
                 },

@@ -222,6 +222,39 @@ async fn operators_rotate_the_ca_and_agents_follow() {
     })
     .await
     .expect("SVIDs signed by the tainted authority were not re-issued");
+    // Progress: the real agent reports none left; an agent that says it still
+    // holds 7 shows up as re-issuing.
+    let (_, shown, _) = ca(&sock, &["show"]);
+    let sequence = shown["bundle_sequence"].as_u64().unwrap();
+    silent_client
+        .ack_bundle(sigil::proto::node::AckBundleRequest {
+            sequence,
+            tainted_svids: 7,
+        })
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, shown, _) = ca(&sock, &["show"]);
+        let agents = &shown["agents"];
+        if agents["current"] == 2 {
+            assert_eq!(agents["reissuing"], 1, "{shown}");
+            assert_eq!(agents["svids_to_reissue"], 7, "{shown}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{shown}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let text = Command::new(env!("CARGO_BIN_EXE_sigil"))
+        .args(["ca", "show", "--admin-socket"])
+        .arg(&sock)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("taint: 1 agents still re-issuing (7 SVIDs left), 0 not yet heard from"),
+        "{text}"
+    );
     // Then revoke it: it leaves the workload's bundle.
     let (ok, _, err) = ca(&sock, &["revoke", &first]);
     assert!(ok, "{err}");
@@ -312,4 +345,143 @@ async fn server_ca(server: &sigil::server::ServerHandle) -> String {
         .find(|a| a.state == "active")
         .unwrap()
         .id
+}
+
+/// The workload SVIDs' issuers and the agent's own SVID issuer, once every
+/// one of them is `issuer`.
+async fn wait_all_signed_by(
+    agent: &sigil::agent::AgentHandle,
+    dir: &std::path::Path,
+    issuer: &str,
+) {
+    let mut state = agent.state();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let workloads = {
+                let s = state.borrow_and_update();
+                !s.svids.is_empty() && s.svids.iter().all(|s| s.issuer == issuer)
+            };
+            let own = std::fs::read_to_string(dir.join("agent/agent-svid.pem"))
+                .ok()
+                .and_then(|p| sigil::x509::certs_from_pem(&p).ok())
+                .and_then(|c| sigil::x509::authority_key_id(&c[0]));
+            if workloads && own.as_deref() == Some(issuer) {
+                return;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(200), state.changed()).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("not everything was re-issued by {issuer}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_restarted_mid_rotation_and_an_agent_restarted_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(server_config(&dir.path().join("s"), vec![]))
+        .await
+        .unwrap();
+    let bootstrap = server.bundle_pem().to_string();
+    let node_addr = server.node_addr();
+    let agent = start_agent_with(&server, dir.path(), None).await;
+    let uid = sigil::attest::current_uid().unwrap();
+    admin(&server)
+        .await
+        .create_entry(pa::EntryParams {
+            spiffe_id: "spiffe://example.org/survivor".into(),
+            parent_id: agent.spiffe_id().to_string(),
+            selectors: vec![format!("unix:uid:{uid}")],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let first = server_ca(&server).await;
+    wait_all_signed_by(&agent, dir.path(), &first).await;
+    let (ok, prepared, err) = ca(server.admin_socket(), &["prepare", "--kind", "x509"]);
+    assert!(ok, "{err}");
+    let second = states(&prepared, "x509")[0].0.clone();
+
+    // The server stops between prepare and activate, and comes back on the
+    // same address with the slots as they were.
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+    let mut cfg = server_config(&dir.path().join("s"), vec![]);
+    cfg.bind = node_addr;
+    let server = start(cfg).await.unwrap();
+    let (_, shown, _) = ca(server.admin_socket(), &["show", "--kind", "x509"]);
+    let mut slots = states(&shown, "x509");
+    slots.sort();
+    let mut expected = vec![
+        (first.clone(), "active".to_string()),
+        (second.clone(), "prepared".to_string()),
+    ];
+    expected.sort();
+    assert_eq!(slots, expected);
+
+    // Finish the rotation and retire the first CA entirely; the agent
+    // reconnects by itself and replaces everything the first CA signed.
+    for args in [
+        vec!["activate", "--kind", "x509", "--force"],
+        vec!["taint", first.as_str()],
+    ] {
+        let (ok, _, err) = ca(server.admin_socket(), &args);
+        assert!(ok, "{args:?}: {err}");
+    }
+    wait_all_signed_by(&agent, dir.path(), &second).await;
+    let (ok, _, err) = ca(server.admin_socket(), &["revoke", &first]);
+    assert!(ok, "{err}");
+    // The revocation's bundle reaches the agent (it acknowledges it).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, shown, _) = ca(server.admin_socket(), &["show"]);
+        if shown["agents"]["current"] == shown["agents"]["recent"] && shown["agents"]["recent"] == 1
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{shown}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    agent.shutdown(Duration::from_secs(2)).await;
+
+    // Restarted with its original bootstrap bundle (the revoked CA only),
+    // the agent trusts the server through the bundle it saved.
+    let agent = sigil::agent::start(sigil::agent::AgentConfig {
+        server: node_addr.to_string(),
+        trust_bundle_pem: bootstrap,
+        trust_domain: crate::server::td(),
+        attestation: None,
+        socket: dir.path().join("api.sock"),
+        data_dir: dir.path().join("agent"),
+        log_format: sigil::config::LogFormat::Text,
+        unix: sigil::attest::UnixAttestor::default(),
+        policy: None,
+    })
+    .await
+    .unwrap();
+    admin(&server)
+        .await
+        .create_entry(pa::EntryParams {
+            spiffe_id: "spiffe://example.org/after-restart".into(),
+            parent_id: agent.spiffe_id().to_string(),
+            selectors: vec![format!("unix:uid:{uid}")],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut state = agent.state();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let found = state.borrow_and_update().svids.iter().any(|s| {
+                s.entry.spiffe_id.as_str() == "spiffe://example.org/after-restart"
+                    && s.issuer == second
+            });
+            if found {
+                return;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(200), state.changed()).await;
+        }
+    })
+    .await
+    .expect("the restarted agent did not reach the rotated server");
+    agent.shutdown(Duration::from_secs(2)).await;
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
