@@ -30,6 +30,7 @@ use crate::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 use crate::spiffe::{SpiffeId, TrustDomain};
 use crate::workload_api::WorkloadApi;
 use crate::x509::{Bundle, PrivateKey, certs_from_pem, svid_id};
+use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryServiceServer;
 
 /// Default Workload API socket.
 pub const DEFAULT_SOCKET: &str = "/tmp/sigil-agent/public/api.sock";
@@ -414,6 +415,8 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         config.unix.clone(),
         shutdown_rx.clone(),
     );
+    let sds =
+        crate::workload_api::Sds::new(state_rx.clone(), config.unix.clone(), shutdown_rx.clone());
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<SpiffeWorkloadApiServer<WorkloadApi>>()
@@ -433,6 +436,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         .add_service(health_service)
         .add_service(reflection)
         .add_service(SpiffeWorkloadApiServer::new(api))
+        .add_service(SecretDiscoveryServiceServer::new(sds))
         .serve_with_incoming_shutdown(
             crate::edge::unix_incoming("workload", listener, limits),
             async move {

@@ -20,7 +20,10 @@ use crate::spiffe::{Selector, SpiffeId};
 use crate::x509::Bundle;
 
 mod jwt_cache;
+mod sds;
 mod snapshot;
+
+pub use sds::{SECRET_TYPE, Sds};
 
 pub use snapshot::{AgentState, CachedSvid};
 
@@ -68,38 +71,7 @@ impl WorkloadApi {
                 "security header missing from request",
             ));
         }
-        let peer = req
-            .extensions()
-            .get::<UdsConnectInfo>()
-            .and_then(|i| i.peer_cred)
-            .ok_or_else(|| {
-                Status::unavailable("workload attestation failed: no peer credentials")
-            })?;
-        let creds = PeerCredentials {
-            pid: peer.pid(),
-            uid: peer.uid(),
-            gid: peer.gid(),
-        };
-        // Hashing the executable reads a whole file: keep it off the async
-        // workers (a cache hit is cheap, but the first call per binary is not).
-        let attested = if self.attestor.sha256 {
-            let attestor = self.attestor.clone();
-            tokio::task::spawn_blocking(move || attestor.attest(creds))
-                .await
-                .map_err(|e| Status::internal(format!("attestation task failed: {e}")))?
-        } else {
-            self.attestor.attest(creds)
-        };
-        match attested {
-            Ok(selectors) => {
-                tracing::debug!(rpc, pid = ?creds.pid, uid = creds.uid, "workload attested");
-                Ok(selectors)
-            }
-            Err(e) => {
-                tracing::warn!(target: "sigil::audit", event = "workload_attestation", rpc, decision = "deny", pid = ?creds.pid, uid = creds.uid, reason = ?e.to_string());
-                Err(Status::unavailable("workload attestation failed"))
-            }
-        }
+        attest_peer(&self.attestor, req, rpc).await
     }
 
     /// Why a caller gets nothing: the agent has never had anything to give
@@ -238,6 +210,45 @@ impl WorkloadApi {
 
     fn lock_jwts(&self) -> std::sync::MutexGuard<'_, JwtCache> {
         self.jwts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Attests the process at the other end of the socket from its peer
+/// credentials: its selectors.
+pub(crate) async fn attest_peer<T>(
+    attestor: &UnixAttestor,
+    req: &Request<T>,
+    rpc: &str,
+) -> Result<Vec<Selector>, Status> {
+    let peer = req
+        .extensions()
+        .get::<UdsConnectInfo>()
+        .and_then(|i| i.peer_cred)
+        .ok_or_else(|| Status::unavailable("workload attestation failed: no peer credentials"))?;
+    let creds = PeerCredentials {
+        pid: peer.pid(),
+        uid: peer.uid(),
+        gid: peer.gid(),
+    };
+    // Hashing the executable reads a whole file: keep it off the async
+    // workers (a cache hit is cheap, but the first call per binary is not).
+    let attested = if attestor.sha256 {
+        let attestor = attestor.clone();
+        tokio::task::spawn_blocking(move || attestor.attest(creds))
+            .await
+            .map_err(|e| Status::internal(format!("attestation task failed: {e}")))?
+    } else {
+        attestor.attest(creds)
+    };
+    match attested {
+        Ok(selectors) => {
+            tracing::debug!(rpc, pid = ?creds.pid, uid = creds.uid, "workload attested");
+            Ok(selectors)
+        }
+        Err(e) => {
+            tracing::warn!(target: "sigil::audit", event = "workload_attestation", rpc, decision = "deny", pid = ?creds.pid, uid = creds.uid, reason = ?e.to_string());
+            Err(Status::unavailable("workload attestation failed"))
+        }
     }
 }
 

@@ -10,6 +10,7 @@ mod interop;
 mod jwks_https;
 mod openssl_verify;
 mod rotation;
+mod sds;
 mod server;
 mod store_crash;
 mod upstream;
