@@ -31,7 +31,10 @@ fn python() -> PathBuf {
     let py = venv.join("bin/python");
     let usable = |py: &Path| {
         Command::new(py)
-            .args(["-c", "import spiffe, grpc, grpc_tools, cryptography"])
+            .args([
+                "-c",
+                "import spiffe, grpc, grpc_tools, cryptography, envoy.service.secret.v3.sds_pb2",
+            ])
             .status()
             .is_ok_and(|s| s.success())
     };
@@ -182,6 +185,8 @@ fn python_clients_against_sigil_dev() {
         "{out}"
     );
     clients(&["grpcio", &sock_s, &id]);
+    let out = clients(&["sds", &sock_s, &id]);
+    assert!(out.contains("ok: DeltaSecrets"), "{out}");
 
     // The files `sigil workload fetch-x509` writes, and the dev agent's own SVID.
     let out_dir = dir.path().join("svid");

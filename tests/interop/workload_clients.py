@@ -6,6 +6,7 @@ usage: workload_clients.py py-spiffe SOCKET SPIFFE_ID  py-spiffe, every Workload
        workload_clients.py admin SOCKET TRUST_DOMAIN   plain grpcio on the admin socket
        workload_clients.py certs FILE...               PEM files Sigil wrote: strict parse, LF
        workload_clients.py server-cert HOST:PORT       the certificate the node API presents
+       workload_clients.py sds SOCKET SPIFFE_ID        Envoy SDS v3 with grpcio and xds-protos
 
 (py-spiffe registers its own copy of the Workload API messages, so the
 py-spiffe and grpcio checks run in separate processes.)
@@ -245,6 +246,105 @@ def server_cert(addr):
     strict_any(x509.load_pem_x509_certificate(pem.encode()).public_bytes(serialization.Encoding.DER), "node API TLS certificate")
 
 
+def sds(socket, spiffe_id):
+    """Envoy's SDS protocol with Envoy's own generated messages (xds-protos)."""
+    import queue
+
+    from envoy.config.core.v3 import base_pb2
+    from envoy.extensions.transport_sockets.tls.v3 import secret_pb2, tls_spiffe_validator_config_pb2
+    from envoy.service.discovery.v3 import discovery_pb2
+    from envoy.service.secret.v3 import sds_pb2_grpc
+    from envoy.type.v3 import semantic_version_pb2
+
+    secret_type = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+    node = base_pb2.Node(
+        id="python-sidecar",
+        cluster="api",
+        user_agent_name="envoy",
+        user_agent_build_version=base_pb2.BuildVersion(
+            version=semantic_version_pb2.SemanticVersion(major_number=1, minor_number=30)
+        ),
+    )
+    stub = sds_pb2_grpc.SecretDiscoveryServiceStub(grpc.insecure_channel(f"unix:{socket}"))
+
+    def decode(resp):
+        out = {}
+        for any_msg in resp.resources:
+            check(any_msg.type_url == secret_type, "resource type is Secret")
+            secret = secret_pb2.Secret()
+            any_msg.Unpack(secret)
+            out[secret.name] = secret
+        return out
+
+    requests = queue.Queue()
+
+    def feed():
+        while True:
+            item = requests.get()
+            if item is None:
+                return
+            yield item
+
+    requests.put(discovery_pb2.DiscoveryRequest(node=node, type_url=secret_type, resource_names=["default", "ALL"]))
+    responses = stub.StreamSecrets(feed(), timeout=60)
+    first = next(responses)
+    secrets = decode(first)
+    check(sorted(secrets) == ["ALL", "default"], "StreamSecrets: default and ALL")
+    tls = secrets["default"].tls_certificate
+    chain = tls.certificate_chain.inline_bytes
+    check(b"\r" not in chain, "certificate chain PEM has LF line endings")
+    leaf = x509.load_pem_x509_certificates(chain)[0]
+    strict_leaf(leaf.public_bytes(serialization.Encoding.DER), spiffe_id)
+    key = serialization.load_pem_private_key(tls.private_key.inline_bytes, password=None)
+    check(
+        key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        == leaf.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo),
+        "the private key matches the certificate",
+    )
+    validator = secrets["ALL"].validation_context.custom_validator_config
+    check(validator.name == "envoy.tls.cert_validator.spiffe", "ALL is a SPIFFE validator config")
+    config = tls_spiffe_validator_config_pb2.SPIFFECertValidatorConfig()
+    validator.typed_config.Unpack(config)
+    domains = {td.name: td.trust_bundle.inline_bytes for td in config.trust_domains}
+    check(list(domains) == [spiffe_id.split("/")[2]], "ALL holds the workload's trust domain")
+    roots = x509.load_pem_x509_certificates(domains[spiffe_id.split("/")[2]])
+    check(any(leaf.verify_directly_issued_by(r) is None for r in roots), "the certificate chains to the ALL bundle")
+    # ACK, then ask for ROOTCA too: a new response with a new nonce.
+    requests.put(
+        discovery_pb2.DiscoveryRequest(
+            type_url=secret_type,
+            version_info=first.version_info,
+            response_nonce=first.nonce,
+            resource_names=["default", "ALL", "ROOTCA"],
+        )
+    )
+    second = next(responses)
+    check(sorted(decode(second)) == ["ALL", "ROOTCA", "default"], "a change of names is answered")
+    check(second.nonce != first.nonce and second.version_info != first.version_info, "new nonce and version")
+    requests.put(None)
+
+    fetched = stub.FetchSecrets(
+        discovery_pb2.DiscoveryRequest(node=node, type_url=secret_type, resource_names=["ROOTCA"]), timeout=20
+    )
+    check(list(decode(fetched)) == ["ROOTCA"], "FetchSecrets: ROOTCA")
+
+    delta_requests = queue.Queue()
+
+    def delta_feed():
+        while True:
+            item = delta_requests.get()
+            if item is None:
+                return
+            yield item
+
+    delta_requests.put(
+        discovery_pb2.DeltaDiscoveryRequest(node=node, type_url=secret_type, resource_names_subscribe=["default"])
+    )
+    delta = next(stub.DeltaSecrets(delta_feed(), timeout=60))
+    check([r.name for r in delta.resources] == ["default"] and delta.resources[0].version, "DeltaSecrets: default, versioned")
+    delta_requests.put(None)
+
+
 def main():
     mode, args = sys.argv[1], sys.argv[2:]
     if mode == "py-spiffe":
@@ -259,6 +359,8 @@ def main():
         pem_files(args)
     elif mode == "server-cert":
         server_cert(args[0])
+    elif mode == "sds":
+        sds(args[0], args[1])
     else:
         raise SystemExit(f"unknown mode {mode}")
     print("all checks passed")
