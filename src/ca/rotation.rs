@@ -63,10 +63,34 @@ pub fn max_svid_ttl(ca_ttl: Duration) -> Duration {
     ca_ttl / 6
 }
 
+/// The longest bundle refresh hint an authority lifetime supports: a quarter
+/// of the time between preparing a successor and activating it, so a peer
+/// polling at that hint sees the successor well before it signs anything.
+pub fn max_refresh_hint(ca_ttl: Duration) -> Duration {
+    let window = (ca_ttl / 2)
+        .min(MAX_PREPARE_LEAD)
+        .saturating_sub((ca_ttl / 6).min(MAX_ACTIVATE_LEAD));
+    window / 4
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::UNIX_EPOCH;
+
+    #[test]
+    fn refresh_hint_limit() {
+        let h = Duration::from_secs(3600);
+        // 24 h: prepared 12 h before expiry, active from 4 h: a quarter of 8 h.
+        assert_eq!(max_refresh_hint(24 * h), 2 * h);
+        // 90 s: 45 s - 15 s = 30 s, a quarter is 7.5 s.
+        assert_eq!(
+            max_refresh_hint(Duration::from_secs(90)),
+            Duration::from_millis(7500)
+        );
+        // A year: 30 d - 7 d = 23 d.
+        assert_eq!(max_refresh_hint(365 * 24 * h), 23 * 24 * h / 4);
+    }
 
     fn at(secs: u64) -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(secs)

@@ -65,6 +65,8 @@ pub struct CaOptions {
     pub ca_ttl: Duration,
     /// When set, new X.509 authorities are intermediates signed by it.
     pub upstream: Option<Arc<Upstream>>,
+    /// The bundle's `spiffe_refresh_hint`.
+    pub refresh_hint: Duration,
 }
 
 /// One authority as `sigil ca show` reports it.
@@ -260,13 +262,17 @@ type KeyValue = (Vec<u8>, Vec<u8>);
 
 /// The bundle write for a commit, with `spiffe_sequence` bumped when the
 /// authorities changed; `None` when the stored bundle is already this one.
-fn bundle_write(store: &dyn Store, bundle: &mut Bundle) -> Result<Option<KeyValue>, CaSetError> {
+fn bundle_write(
+    store: &dyn Store,
+    bundle: &mut Bundle,
+    refresh_hint: Duration,
+) -> Result<Option<KeyValue>, CaSetError> {
     let key = bundle.trust_domain().name().as_bytes().to_vec();
     let previous = store
         .get(Table::Bundle, &key)?
         .and_then(|b| String::from_utf8(b).ok())
         .and_then(|s| Bundle::from_jwks(bundle.trust_domain().clone(), &s).ok());
-    bundle.set_refresh_hint(Some(300));
+    bundle.set_refresh_hint(Some(refresh_hint.as_secs().max(1)));
     match previous {
         Some(prev) => {
             bundle.set_sequence(prev.sequence());
@@ -275,7 +281,9 @@ fn bundle_write(store: &dyn Store, bundle: &mut Bundle) -> Result<Option<KeyValu
                 v.sort();
                 v
             };
-            if sorted(&prev) == sorted(bundle) && prev.jwt_authorities() == bundle.jwt_authorities()
+            if sorted(&prev) == sorted(bundle)
+                && prev.jwt_authorities() == bundle.jwt_authorities()
+                && prev.refresh_hint() == bundle.refresh_hint()
             {
                 return Ok(None);
             }
@@ -412,11 +420,11 @@ impl CaSet {
         let loaded = load(store, opts)?;
         let mut bundle = bundle_of(&opts.trust_domain, &loaded, now)?;
         if publish {
-            if let Some((key, value)) = bundle_write(store, &mut bundle)? {
+            if let Some((key, value)) = bundle_write(store, &mut bundle, opts.refresh_hint)? {
                 store.commit(Commit::new().put(Table::Bundle, key, value))?;
             }
         } else {
-            bundle_write(store, &mut bundle)?;
+            bundle_write(store, &mut bundle, opts.refresh_hint)?;
         }
         let mut x509 = None;
         let mut jwt = None;
@@ -488,7 +496,7 @@ impl CaSet {
         force: bool,
     ) -> Result<Commit, CaSetError> {
         let mut bundle = bundle_of(&self.opts.trust_domain, after, now)?;
-        let write = match bundle_write(store, &mut bundle)? {
+        let write = match bundle_write(store, &mut bundle, self.opts.refresh_hint)? {
             None if force => {
                 bundle.set_sequence(bundle.sequence() + 1);
                 Some((
@@ -736,6 +744,7 @@ mod tests {
             key_algorithm: KeyAlgorithm::EcP256,
             ca_ttl: Duration::from_secs(3600),
             upstream: None,
+            refresh_hint: Duration::from_secs(300),
         }
     }
 

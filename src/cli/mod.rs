@@ -151,6 +151,22 @@ struct ServerArgs {
     /// The root certificate(s) when the upstream CA is itself an intermediate (PEM).
     #[arg(long)]
     upstream_bundle: Option<String>,
+    /// Serve the SPIFFE bundle endpoint (GET /, HTTPS) here, e.g. 127.0.0.1:8443.
+    #[arg(long)]
+    bundle_bind: Option<String>,
+    /// https_spiffe (the server SVID) or https_web (--bundle-cert/--bundle-key) [default: https_spiffe].
+    #[arg(long, value_parser = ["https_spiffe", "https_web"])]
+    bundle_profile: Option<String>,
+    /// PEM certificate chain for --bundle-profile https_web.
+    #[arg(long)]
+    bundle_cert: Option<String>,
+    /// PEM private key for --bundle-profile https_web.
+    #[arg(long)]
+    bundle_key: Option<String>,
+    /// The bundle's spiffe_refresh_hint (and the endpoint's max-age)
+    /// [default: 5m, or less for a short ca_ttl].
+    #[arg(long)]
+    bundle_refresh_hint: Option<String>,
     #[command(flatten)]
     policy: PolicyArgs,
 }
@@ -200,6 +216,11 @@ impl ServerArgs {
         raw.flag("upstream_cert", self.upstream_cert);
         raw.flag("upstream_key", self.upstream_key);
         raw.flag("upstream_bundle", self.upstream_bundle);
+        raw.flag("bundle_bind", self.bundle_bind);
+        raw.flag("bundle_profile", self.bundle_profile);
+        raw.flag("bundle_cert", self.bundle_cert);
+        raw.flag("bundle_key", self.bundle_key);
+        raw.flag("bundle_refresh_hint", self.bundle_refresh_hint);
         self.policy.apply(&mut raw);
         Ok(ServerConfig::from_raw(&raw)?)
     }

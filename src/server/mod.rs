@@ -4,8 +4,10 @@
 
 mod admin;
 mod attestation;
+pub mod bundle_endpoint;
 pub mod convert;
 mod node;
+mod tls;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -25,11 +27,11 @@ use crate::config::{ConfigError, LogFormat, RawConfig};
 use crate::policy::PolicyConfig;
 use crate::proto::admin::admin_server::AdminServer;
 use crate::proto::node::{self as pn, node_server::NodeServer};
-use crate::registry::{EntryValidation, Registry, SERVER_DNS_NAME};
+use crate::registry::{EntryValidation, Registry};
 use crate::runtime::{Clock, SystemClock};
 use crate::spiffe::{SpiffeId, TrustDomain};
 use crate::store::{Kek, SledStore, Store, StoreError};
-use crate::x509::{KeyAlgorithm, PrivateKey, certs_from_pem};
+use crate::x509::{KeyAlgorithm, certs_from_pem};
 
 /// Default node API address.
 pub const DEFAULT_BIND: &str = "127.0.0.1:8081";
@@ -57,6 +59,11 @@ pub const SERVER_KEYS: &[&str] = &[
     "upstream_cert",
     "upstream_key",
     "upstream_bundle",
+    "bundle_bind",
+    "bundle_profile",
+    "bundle_cert",
+    "bundle_key",
+    "bundle_refresh_hint",
 ];
 
 /// Why the server could not start or stopped with an error.
@@ -126,6 +133,10 @@ pub struct ServerConfig {
     pub key_algorithm: KeyAlgorithm,
     /// The upstream CA that signs the X.509 authorities, when configured.
     pub upstream: Option<Arc<Upstream>>,
+    /// The SPIFFE bundle endpoint, when served.
+    pub bundle_endpoint: Option<bundle_endpoint::BundleEndpointConfig>,
+    /// The bundle's `spiffe_refresh_hint`.
+    pub bundle_refresh_hint: Duration,
     /// Service tunables.
     pub options: ServerOptions,
     /// Envoy ext_authz, when served.
@@ -147,6 +158,8 @@ impl ServerConfig {
             ca_ttl: Duration::from_secs(24 * 3600),
             key_algorithm: KeyAlgorithm::EcP256,
             upstream: None,
+            bundle_endpoint: None,
+            bundle_refresh_hint: Duration::from_secs(300),
             options: ServerOptions {
                 default_x509_ttl: Duration::from_secs(3600),
                 default_jwt_ttl: Duration::from_secs(300),
@@ -208,6 +221,8 @@ impl ServerConfig {
         }
         Ok(ServerConfig {
             upstream: upstream_from_raw(raw)?,
+            bundle_endpoint: bundle_endpoint_from_raw(raw)?,
+            bundle_refresh_hint: refresh_hint_from_raw(raw, ca_ttl)?,
             policy: PolicyConfig::from_raw(raw)?,
             bind: raw.socket_addr("bind", DEFAULT_BIND)?,
             admin_socket: PathBuf::from(raw.string_or("admin_socket", DEFAULT_ADMIN_SOCKET)?),
@@ -224,6 +239,99 @@ impl ServerConfig {
             ca_ttl,
         })
     }
+}
+
+/// `bundle_refresh_hint`: 5m by default, or less when `ca_ttl` is short; an
+/// explicit value must leave peers time to see a prepared authority.
+fn refresh_hint_from_raw(raw: &RawConfig, ca_ttl: Duration) -> Result<Duration, ConfigError> {
+    let max = crate::ca::rotation::max_refresh_hint(ca_ttl).max(Duration::from_secs(1));
+    let Some(given) = raw.get("bundle_refresh_hint")? else {
+        return Ok(Duration::from_secs(300).min(max));
+    };
+    let hint = raw.duration("bundle_refresh_hint", "5m")?;
+    let bad = |reason: String| ConfigError::Invalid {
+        key: "bundle_refresh_hint",
+        value: given.clone(),
+        reason,
+    };
+    if hint < Duration::from_secs(1) {
+        return Err(bad("must be at least 1s".into()));
+    }
+    if hint > max {
+        return Err(bad(format!(
+            "must be at most {} (a quarter of the time between preparing and activating an authority with ca_ttl = {}), so peers see a new authority before it signs",
+            crate::config::format_duration(max),
+            crate::config::format_duration(ca_ttl)
+        )));
+    }
+    Ok(hint)
+}
+
+/// `bundle_bind` with `bundle_profile` (`https_spiffe` by default) and, for
+/// `https_web` only, `bundle_cert` and `bundle_key` (checked now).
+fn bundle_endpoint_from_raw(
+    raw: &RawConfig,
+) -> Result<Option<bundle_endpoint::BundleEndpointConfig>, ConfigError> {
+    use bundle_endpoint::{BundleEndpointConfig, BundleProfile};
+    let cert = raw.get("bundle_cert")?;
+    let key = raw.get("bundle_key")?;
+    let profile = raw.get("bundle_profile")?;
+    let Some(bind) = raw.get("bundle_bind")? else {
+        for (k, v) in [
+            ("bundle_profile", &profile),
+            ("bundle_cert", &cert),
+            ("bundle_key", &key),
+        ] {
+            if let Some(v) = v {
+                return Err(ConfigError::Invalid {
+                    key: k,
+                    value: v.clone(),
+                    reason: "needs --bundle-bind".into(),
+                });
+            }
+        }
+        return Ok(None);
+    };
+    let bind = raw.socket_addr("bundle_bind", &bind)?;
+    let profile = match profile.as_deref().unwrap_or("https_spiffe") {
+        "https_spiffe" => {
+            if let Some(c) = cert.or(key) {
+                return Err(ConfigError::Invalid {
+                    key: "bundle_cert",
+                    value: c,
+                    reason: "--bundle-cert and --bundle-key are for --bundle-profile https_web (https_spiffe serves with the server SVID)".into(),
+                });
+            }
+            BundleProfile::HttpsSpiffe
+        }
+        "https_web" => {
+            let (Some(cert), Some(key)) = (cert, key) else {
+                return Err(ConfigError::Missing {
+                    key: "bundle_cert",
+                    flag: "bundle-cert and --bundle-key (with --bundle-profile https_web)".into(),
+                });
+            };
+            tls::web_acceptor(Path::new(&cert), Path::new(&key)).map_err(|reason| {
+                ConfigError::Invalid {
+                    key: "bundle_cert",
+                    value: cert.clone(),
+                    reason,
+                }
+            })?;
+            BundleProfile::HttpsWeb {
+                cert: PathBuf::from(cert),
+                key: PathBuf::from(key),
+            }
+        }
+        other => {
+            return Err(ConfigError::Invalid {
+                key: "bundle_profile",
+                value: other.to_string(),
+                reason: "must be https_spiffe or https_web".into(),
+            });
+        }
+    };
+    Ok(Some(BundleEndpointConfig { bind, profile }))
 }
 
 /// `upstream_cert` and `upstream_key` (both or neither), and
@@ -454,6 +562,7 @@ impl ServerState {
 pub struct ServerHandle {
     node_addr: SocketAddr,
     ext_authz_addr: Option<SocketAddr>,
+    bundle_addr: Option<SocketAddr>,
     admin_socket: PathBuf,
     bundle_pem: String,
     trust_domain: TrustDomain,
@@ -469,6 +578,10 @@ impl ServerHandle {
     /// The ext_authz address, when served.
     pub fn ext_authz_addr(&self) -> Option<SocketAddr> {
         self.ext_authz_addr
+    }
+    /// The bundle endpoint's address, when served.
+    pub fn bundle_addr(&self) -> Option<SocketAddr> {
+        self.bundle_addr
     }
     /// The admin socket path.
     pub fn admin_socket(&self) -> &Path {
@@ -622,47 +735,34 @@ async fn wait_for(mut rx: watch::Receiver<bool>) {
     }
 }
 
-/// TLS for the node API: the server SVID; agents present theirs (mTLS), but
-/// attestation needs none, so a client certificate is optional here and each
-/// RPC decides.
-/// The node API's TLS from the authorities now: a fresh server SVID (its key
-/// lives only in this process) from the active X.509 authority, for the rest
-/// of that authority's life, and the bundle's roots to verify agents.
-fn server_tls(
-    ca: &crate::ca::Authorities,
-    td: &TrustDomain,
-    now: SystemTime,
-) -> Result<tokio_rustls::TlsAcceptor, ServerError> {
-    let err = |e: String| ServerError::ServerSvid(e);
-    let key = PrivateKey::generate(KeyAlgorithm::EcP256).map_err(|e| err(e.to_string()))?;
-    let id = td
-        .id_with_path("sigil/server")
-        .map_err(|e| err(e.to_string()))?;
-    let svid = ca
-        .x509()
-        .issue_for_private_key(
-            &key,
-            &X509SvidParams {
-                spiffe_id: id,
-                dns_names: vec![SERVER_DNS_NAME.to_string()],
-                ttl: ca
-                    .x509()
-                    .not_after()
-                    .duration_since(now)
-                    .unwrap_or_default(),
-            },
-            now,
-        )
-        .map_err(|e| err(e.to_string()))?;
-    node_tls_acceptor(&svid, &key, ca.bundle())
+/// What follows the authorities: watch senders the services read from.
+struct Followers {
+    /// The node API's TLS (server SVID and agent roots).
+    node_tls: watch::Sender<tokio_rustls::TlsAcceptor>,
+    /// HTTPS with the server SVID (the bundle endpoint's `https_spiffe`).
+    spiffe_tls: watch::Sender<tokio_rustls::TlsAcceptor>,
+    /// The ext_authz bundle.
+    bundle: watch::Sender<Option<crate::Bundle>>,
+    /// The bundle endpoint's document.
+    document: watch::Sender<Arc<bundle_endpoint::Document>>,
 }
 
-/// Keeps what depends on the authorities current: the node API's TLS (server
-/// SVID and agent roots) and the ext_authz bundle.
+/// The bundle as committed, as `sigil bundle show` prints it.
+fn stored_document(state: &ServerState) -> Arc<bundle_endpoint::Document> {
+    let td = state.registry.trust_domain().clone();
+    let stored = String::from_utf8(state.bundle_jwks())
+        .ok()
+        .and_then(|j| crate::Bundle::from_jwks(td, &j).ok());
+    match stored {
+        Some(b) => bundle_endpoint::Document::of(&b),
+        None => bundle_endpoint::Document::of(&state.ca.bundle()),
+    }
+}
+
+/// Keeps what depends on the authorities current.
 async fn follow_authorities(
     state: Arc<ServerState>,
-    tls: watch::Sender<tokio_rustls::TlsAcceptor>,
-    bundle: watch::Sender<Option<crate::Bundle>>,
+    followers: Followers,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut changes = state.ca.subscribe();
@@ -673,54 +773,20 @@ async fn follow_authorities(
         }
         let now = state.clock.now();
         let current = changes.borrow_and_update().clone();
-        match server_tls(&current, state.registry.trust_domain(), now) {
-            Ok(acceptor) => {
-                tls.send_replace(acceptor);
+        match tls::server_tls(&current, state.registry.trust_domain(), now) {
+            Ok(t) => {
+                followers.node_tls.send_replace(t.node);
+                followers.spiffe_tls.send_replace(t.https);
             }
             Err(e) => {
-                tracing::error!(error = %e, "cannot renew the node API's TLS after an authority change")
+                tracing::error!(error = %e, "cannot renew the server's TLS after an authority change")
             }
         }
-        bundle.send_replace(Some((**current.bundle()).clone()));
+        followers
+            .bundle
+            .send_replace(Some((**current.bundle()).clone()));
+        followers.document.send_replace(stored_document(&state));
     }
-}
-
-fn node_tls_acceptor(
-    svid: &crate::IssuedX509,
-    key: &PrivateKey,
-    bundle: &crate::Bundle,
-) -> Result<tokio_rustls::TlsAcceptor, ServerError> {
-    use tokio_rustls::rustls;
-    let err = |e: String| ServerError::Transport(format!("node API TLS: {e}"));
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    for der in bundle.x509_authorities() {
-        roots
-            .add(rustls_pki_types::CertificateDer::from(der.clone()))
-            .map_err(|e| err(e.to_string()))?;
-    }
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots),
-        provider.clone(),
-    )
-    .allow_unauthenticated()
-    .build()
-    .map_err(|e| err(e.to_string()))?;
-    let key_der = rustls_pki_types::PrivateKeyDer::Pkcs8(key.pkcs8_der().to_vec().into());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| err(e.to_string()))?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(
-            svid.chain()
-                .iter()
-                .map(|c| rustls_pki_types::CertificateDer::from(c.clone()))
-                .collect(),
-            key_der,
-        )
-        .map_err(|e| err(e.to_string()))?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 /// Opens the store and authorities, binds both listeners and starts serving.
@@ -740,6 +806,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
             key_algorithm: config.key_algorithm,
             ca_ttl: config.ca_ttl,
             upstream: config.upstream.clone(),
+            refresh_hint: config.bundle_refresh_hint,
         },
         now,
     )?;
@@ -750,7 +817,9 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     );
 
     let bundle_pem = ca.bundle().to_pem();
-    let (tls_tx, tls_rx) = watch::channel(server_tls(&ca.current(), &config.trust_domain, now)?);
+    let first_tls = tls::server_tls(&ca.current(), &config.trust_domain, now)?;
+    let (tls_tx, tls_rx) = watch::channel(first_tls.node);
+    let (spiffe_tls_tx, spiffe_tls_rx) = watch::channel(first_tls.https);
 
     let listener = TcpListener::bind(config.bind)
         .await
@@ -808,7 +877,48 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         }
         None => (None, None),
     };
-    let follower = follow_authorities(state_for_follow, tls_tx, bundle_tx, shutdown_rx.clone());
+    let (document_tx, document_rx) = watch::channel(stored_document(&state_for_follow));
+    let (bundle_addr, bundle_server) = match &config.bundle_endpoint {
+        Some(endpoint) => {
+            let listener =
+                TcpListener::bind(endpoint.bind)
+                    .await
+                    .map_err(|e| ServerError::Bind {
+                        addr: endpoint.bind.to_string(),
+                        reason: e.to_string(),
+                    })?;
+            let addr = listener.local_addr().map_err(|e| ServerError::Bind {
+                addr: endpoint.bind.to_string(),
+                reason: e.to_string(),
+            })?;
+            let tls = match &endpoint.profile {
+                bundle_endpoint::BundleProfile::HttpsSpiffe => spiffe_tls_rx,
+                bundle_endpoint::BundleProfile::HttpsWeb { cert, key } => {
+                    watch::channel(tls::web_acceptor(cert, key).map_err(|reason| {
+                        ServerError::Bind {
+                            addr: endpoint.bind.to_string(),
+                            reason,
+                        }
+                    })?)
+                    .1
+                }
+            };
+            tracing::info!(addr = %addr, profile = ?endpoint.profile, "serving the bundle endpoint");
+            let serving = bundle_endpoint::serve(listener, tls, document_rx, shutdown_rx.clone());
+            (Some(addr), Some(serving))
+        }
+        None => (None, None),
+    };
+    let follower = follow_authorities(
+        state_for_follow,
+        Followers {
+            node_tls: tls_tx,
+            spiffe_tls: spiffe_tls_tx,
+            bundle: bundle_tx,
+            document: document_tx,
+        },
+        shutdown_rx.clone(),
+    );
     let compactor = compact_events(state_for_compaction, shutdown_rx.clone());
     let rotator = rotate_authorities(
         state_for_rotation,
@@ -822,15 +932,21 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
                 None => Ok(()),
             }
         };
+        let bundle_endpoint = async {
+            if let Some(s) = bundle_server {
+                s.await;
+            }
+        };
         // The background jobs end on shutdown too, and are awaited, so the
         // store is closed when the server says it stopped.
-        let (node, admin, authz, (), (), ()) = tokio::join!(
+        let (node, admin, authz, (), (), (), ()) = tokio::join!(
             node_server,
             admin_server,
             ext_authz,
             compactor,
             follower,
-            rotator
+            rotator,
+            bundle_endpoint
         );
         node.and(admin)
             .and(authz)
@@ -846,6 +962,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     Ok(ServerHandle {
         node_addr,
         ext_authz_addr,
+        bundle_addr,
         admin_socket: config.admin_socket,
         bundle_pem,
         trust_domain: config.trust_domain,

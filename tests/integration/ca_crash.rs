@@ -23,6 +23,7 @@ fn opts() -> CaOptions {
         key_algorithm: KeyAlgorithm::EcP256,
         ca_ttl: Duration::from_secs(3600),
         upstream: None,
+        refresh_hint: Duration::from_secs(300),
     }
 }
 

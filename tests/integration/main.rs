@@ -2,6 +2,7 @@
 //! Integration tests: one binary, real files and processes in temp dirs.
 
 mod agent;
+mod bundle_endpoint;
 mod ca_crash;
 mod cli;
 mod ext_authz;
