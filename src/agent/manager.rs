@@ -48,6 +48,7 @@ pub fn entry_from_proto(e: &pn::Entry) -> Result<Entry, String> {
         dns_names: e.dns_names.clone(),
         hint: e.hint.clone(),
         admin: e.admin,
+        federates_with: e.federates_with.clone(),
         created_at_micros: u64::try_from(e.created_at_micros).unwrap_or(0),
     })
 }
@@ -78,6 +79,8 @@ pub struct Manager {
     pub(super) tainted_reported: u32,
     /// Authorities the server marked tainted (with the last bundle).
     pub(super) tainted: Arc<std::collections::BTreeSet<String>>,
+    /// Federated bundles by trust domain name (with the last bundle).
+    pub(super) federated: Arc<BTreeMap<String, Bundle>>,
     /// The SVID cache changed since it was last written to disk.
     pub(super) cache_dirty: bool,
     pub(super) cache_saved: Option<std::time::Instant>,
@@ -297,6 +300,28 @@ impl Manager {
                 }
                 self.tainted = Arc::new(tainted);
             }
+            let federated: BTreeMap<String, Bundle> = msg
+                .federated_bundles
+                .iter()
+                .filter_map(|(name, jwks)| {
+                    let parsed = crate::spiffe::TrustDomain::new(name)
+                        .map_err(|e| e.to_string())
+                        .and_then(|td| {
+                            Bundle::from_jwks(td, &String::from_utf8_lossy(jwks))
+                                .map_err(|e| e.to_string())
+                        });
+                    match parsed {
+                        Ok(b) => Some((name.clone(), b)),
+                        Err(e) => {
+                            tracing::warn!(trust_domain = %name, error = %e, "ignoring an unparsable federated bundle");
+                            None
+                        }
+                    }
+                })
+                .collect();
+            if federated != *self.federated {
+                self.federated = Arc::new(federated);
+            }
             let td = self.bundle().trust_domain().clone();
             match String::from_utf8(msg.bundle_jwks)
                 .map_err(|e| e.to_string())
@@ -473,6 +498,7 @@ impl Manager {
             entries,
             svids,
             tainted: self.tainted.clone(),
+            federated: self.federated.clone(),
         };
         let changed = self.state.send_if_modified(|cur| {
             let changed = !same_state(cur, &next);
@@ -496,6 +522,7 @@ fn same_issuance(old: &Entry, new: &Entry) -> bool {
 
 fn same_state(a: &AgentState, b: &AgentState) -> bool {
     a.tainted == b.tainted
+        && a.federated == b.federated
         && a.bundle == b.bundle
         && a.entries == b.entries
         && a.svids.len() == b.svids.len()

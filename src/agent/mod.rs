@@ -398,6 +398,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         svids: restored.svids,
         revision: restored.revision,
         tainted: Arc::default(),
+        federated: Arc::default(),
         ack_due: false,
         tainted_reported: 0,
         bundle_unsaved: false,

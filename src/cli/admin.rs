@@ -54,6 +54,9 @@ pub struct EntryFields {
     /// Mark the entry as admin.
     #[arg(long)]
     admin: bool,
+    /// A trust domain whose bundle its workloads receive (repeatable).
+    #[arg(long = "federates-with")]
+    federates_with: Vec<String>,
 }
 
 /// `sigil entry ...`
@@ -129,11 +132,41 @@ pub enum AgentCmd {
 /// `sigil bundle ...`
 #[derive(Debug, Subcommand)]
 pub enum BundleCmd {
-    /// Print the trust bundle.
+    /// Print a trust bundle: the server's own, or a federated one.
     Show {
+        /// A federated trust domain [default: the server's own].
+        #[arg(long)]
+        trust_domain: Option<String>,
         /// pem (X.509 authorities) or jwks (SPIFFE bundle format).
         #[arg(long, default_value = "pem", value_parser = ["pem", "jwks"])]
         format: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// List the bundles held: the server's own, then the federated ones.
+    List {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Set (create or replace) a federated trust domain's bundle by hand.
+    Set {
+        /// The federated trust domain.
+        #[arg(long)]
+        trust_domain: String,
+        /// The bundle file.
+        #[arg(long)]
+        file: PathBuf,
+        /// jwks (SPIFFE bundle JSON) or pem (X.509 authorities only).
+        #[arg(long, default_value = "jwks", value_parser = ["jwks", "pem"])]
+        format: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Delete a federated trust domain's bundle.
+    Delete {
+        /// The federated trust domain.
+        #[arg(long)]
+        trust_domain: String,
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -283,6 +316,7 @@ fn entry_params(f: &EntryFields) -> anyhow::Result<pa::EntryParams> {
         dns_names: f.dns_names.clone(),
         hint: f.hint.clone(),
         admin: f.admin,
+        federates_with: f.federates_with.clone(),
     })
 }
 
@@ -297,6 +331,7 @@ fn entry_json(e: &pn::Entry) -> Value {
         "dns_names": e.dns_names,
         "hint": e.hint,
         "admin": e.admin,
+        "federates_with": e.federates_with,
     })
 }
 
@@ -325,6 +360,9 @@ fn entry_text(e: &pn::Entry) -> String {
     }
     if e.admin {
         s.push_str("\nAdmin        : true");
+    }
+    if !e.federates_with.is_empty() {
+        s.push_str(&format!("\nFederates    : {}", e.federates_with.join(", ")));
     }
     s
 }
@@ -488,31 +526,132 @@ pub async fn agent(cmd: AgentCmd) -> anyhow::Result<()> {
 }
 
 async fn fetch_bundle(admin: &AdminArgs) -> anyhow::Result<Bundle> {
-    let r = rpc(client(admin)
-        .await?
-        .get_bundle(pa::GetBundleRequest {})
-        .await)?;
+    fetch_bundle_of(admin, String::new()).await
+}
+
+fn parse_bundle(r: pa::GetBundleResponse) -> anyhow::Result<Bundle> {
     let td = TrustDomain::new(&r.trust_domain)?;
     let jwks = String::from_utf8(r.bundle_jwks).context("bundle is not UTF-8")?;
     Ok(Bundle::from_jwks(td, &jwks)?)
 }
 
-/// `sigil bundle show`.
+async fn fetch_bundle_of(admin: &AdminArgs, trust_domain: String) -> anyhow::Result<Bundle> {
+    let r = rpc(client(admin)
+        .await?
+        .get_bundle(pa::GetBundleRequest { trust_domain })
+        .await)?;
+    parse_bundle(r)
+}
+
+fn bundle_summary(b: &Bundle) -> Value {
+    json!({
+        "trust_domain": b.trust_domain().to_string(),
+        "sequence": b.sequence(),
+        "x509_authorities": b.x509_authorities().len(),
+        "jwt_authorities": b.jwt_authorities().len(),
+        "refresh_hint_seconds": b.refresh_hint(),
+    })
+}
+
+/// `sigil bundle ...`.
 pub async fn bundle(cmd: BundleCmd) -> anyhow::Result<()> {
-    let BundleCmd::Show { format, admin } = cmd;
-    let b = fetch_bundle(&admin).await?;
-    let text = if format == "jwks" {
-        b.to_jwks()
-    } else {
-        b.to_pem()
-    };
-    match admin.output {
-        OutputFormat::Json => Output::json(&json!({
-            "trust_domain": b.trust_domain().to_string(),
-            "format": format,
-            "bundle": text,
-        })),
-        OutputFormat::Text => Output::line(text.trim_end()),
+    match cmd {
+        BundleCmd::Show {
+            trust_domain,
+            format,
+            admin,
+        } => {
+            let b = fetch_bundle_of(&admin, trust_domain.unwrap_or_default()).await?;
+            let text = if format == "jwks" {
+                b.to_jwks()
+            } else {
+                b.to_pem()
+            };
+            match admin.output {
+                OutputFormat::Json => Output::json(&json!({
+                    "trust_domain": b.trust_domain().to_string(),
+                    "format": format,
+                    "bundle": text,
+                })),
+                OutputFormat::Text => Output::line(text.trim_end()),
+            }
+        }
+        BundleCmd::List { admin } => {
+            let r = rpc(client(&admin)
+                .await?
+                .list_bundles(pa::ListBundlesRequest {})
+                .await)?;
+            let bundles = r
+                .bundles
+                .into_iter()
+                .map(parse_bundle)
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            match admin.output {
+                OutputFormat::Json => {
+                    Output::json(&Value::Array(bundles.iter().map(bundle_summary).collect()))
+                }
+                OutputFormat::Text => Output::line(
+                    &bundles
+                        .iter()
+                        .map(|b| {
+                            format!(
+                                "{:<30} sequence {:<5} {} X.509, {} JWT authorities",
+                                b.trust_domain().to_string(),
+                                b.sequence(),
+                                b.x509_authorities().len(),
+                                b.jwt_authorities().len()
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join("\n"),
+                ),
+            }
+        }
+        BundleCmd::Set {
+            trust_domain,
+            file,
+            format,
+            admin,
+        } => {
+            let bundle = std::fs::read(&file)
+                .with_context(|| format!("--file {}: cannot read", file.display()))?;
+            let r = rpc(client(&admin)
+                .await?
+                .set_bundle(pa::SetBundleRequest {
+                    trust_domain,
+                    bundle,
+                    format,
+                })
+                .await)?;
+            let b = parse_bundle(r)?;
+            match admin.output {
+                OutputFormat::Json => Output::json(&bundle_summary(&b)),
+                OutputFormat::Text => Output::line(&format!(
+                    "Set the bundle of {}: sequence {}, {} X.509 and {} JWT authorities",
+                    b.trust_domain(),
+                    b.sequence(),
+                    b.x509_authorities().len(),
+                    b.jwt_authorities().len()
+                )),
+            }
+        }
+        BundleCmd::Delete {
+            trust_domain,
+            admin,
+        } => {
+            rpc(client(&admin)
+                .await?
+                .delete_bundle(pa::DeleteBundleRequest {
+                    trust_domain: trust_domain.clone(),
+                })
+                .await)?;
+            match admin.output {
+                OutputFormat::Json => Output::json(&json!({"deleted": trust_domain})),
+                OutputFormat::Text => {
+                    Output::line(&format!("Deleted the bundle of {trust_domain}"))
+                }
+            }
+        }
     }
 }
 

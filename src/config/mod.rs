@@ -142,6 +142,22 @@ impl RawConfig {
         Ok(raw)
     }
 
+    /// The config file's array of tables under `key` (`[[key]]`); none when
+    /// absent. Tables have no command-line form.
+    pub fn tables(&self, key: &'static str) -> Result<Vec<toml::Value>, ConfigError> {
+        match self.file.get(key) {
+            None => Ok(Vec::new()),
+            Some(toml::Value::Array(items)) if items.iter().all(toml::Value::is_table) => {
+                Ok(items.clone())
+            }
+            Some(other) => Err(ConfigError::Invalid {
+                key,
+                value: other.to_string(),
+                reason: format!("expected [[{key}]] tables"),
+            }),
+        }
+    }
+
     /// Records a flag given on the command line (flags win over the file).
     pub fn flag(&mut self, key: &'static str, value: Option<String>) {
         if let Some(v) = value {

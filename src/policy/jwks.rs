@@ -13,15 +13,10 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt, Empty, Limited};
 use hyper::Uri;
-use hyper::body::Bytes;
-use hyper_util::rt::TokioIo;
-use rustls_pki_types::{CertificateDer, ServerName};
-use tokio::net::TcpStream;
+use rustls_pki_types::CertificateDer;
 use tokio::sync::{Notify, watch};
-use tokio_rustls::TlsConnector;
-use tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
+use tokio_rustls::rustls::{self, ClientConfig};
 
 use super::parse_jwks;
 use crate::jwt::JwtPublicKey;
@@ -100,20 +95,8 @@ impl RemoteJwks {
     /// A cache trusting the system's roots plus `extra_roots` (DER). Fails
     /// only on an unusable extra root.
     pub fn new(extra_roots: &[Vec<u8>]) -> Result<Self, String> {
-        let mut roots = RootCertStore::empty();
-        let native = rustls_native_certs::load_native_certs();
-        for e in &native.errors {
-            tracing::warn!(error = %e, "could not load some system CA certificates");
-        }
-        let (_, skipped) = roots.add_parsable_certificates(native.certs);
-        if skipped > 0 {
-            tracing::debug!(skipped, "system CA certificates rustls cannot use");
-        }
-        for (i, der) in extra_roots.iter().enumerate() {
-            roots
-                .add(CertificateDer::from(der.clone()))
-                .map_err(|e| format!("extra JWKS CA certificate #{}: {e}", i + 1))?;
-        }
+        let roots = crate::runtime::https::web_pki_roots(extra_roots)
+            .map_err(|e| format!("extra JWKS CA certificate {e}"))?;
         let no_roots = roots.is_empty();
         if no_roots {
             tracing::warn!(
@@ -352,49 +335,5 @@ async fn fetch(
 
 /// One HTTPS GET; the body of a 200 answer.
 async fn get(tls: Arc<ClientConfig>, url: &str) -> Result<Vec<u8>, String> {
-    let uri = https_url(url)?;
-    let authority = uri.authority().ok_or("the URL has no host")?.clone();
-    let host = authority
-        .host()
-        .trim_start_matches('[')
-        .trim_end_matches(']');
-    let port = authority.port_u16().unwrap_or(443);
-    let tcp = TcpStream::connect((host, port))
-        .await
-        .map_err(|e| format!("cannot connect to {host}:{port}: {e}"))?;
-    let _ = tcp.set_nodelay(true);
-    let name = ServerName::try_from(host.to_string())
-        .map_err(|e| format!("bad server name {host:?}: {e}"))?;
-    let stream = TlsConnector::from(tls)
-        .connect(name, tcp)
-        .await
-        .map_err(|e| format!("TLS with {host}:{port} failed: {e}"))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("HTTP handshake failed: {e}"))?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let path = uri.path_and_query().map_or("/", |p| p.as_str());
-    let request = hyper::Request::get(path)
-        .header(hyper::header::HOST, authority.as_str())
-        .header(hyper::header::ACCEPT, "application/json")
-        .header(
-            hyper::header::USER_AGENT,
-            concat!("sigil/", env!("CARGO_PKG_VERSION")),
-        )
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| e.to_string())?;
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| format!("request failed: {e}"))?;
-    if response.status() != hyper::StatusCode::OK {
-        return Err(format!("HTTP status {}", response.status()));
-    }
-    let body = Limited::new(response.into_body(), MAX_BODY)
-        .collect()
-        .await
-        .map_err(|e| format!("reading the body failed (limit {MAX_BODY} bytes): {e}"))?;
-    Ok(body.to_bytes().to_vec())
+    crate::runtime::https::get(tls, &https_url(url)?, MAX_BODY).await
 }

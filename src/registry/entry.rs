@@ -36,6 +36,9 @@ pub struct Entry {
     pub hint: String,
     /// May use the admin API (reserved for future use by workloads).
     pub admin: bool,
+    /// Trust domains (names) whose bundles the workload receives, sorted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub federates_with: Vec<String>,
     /// Creation time, microseconds since the epoch; orders a workload's
     /// SVIDs (the oldest entry gives the default SVID).
     pub created_at_micros: u64,
@@ -60,6 +63,8 @@ pub struct EntryParams {
     pub hint: String,
     /// `--admin`.
     pub admin: bool,
+    /// `--federates-with`, trust domain names.
+    pub federates_with: Vec<String>,
 }
 
 /// Server-wide bounds entries are validated against.
@@ -156,6 +161,14 @@ pub enum EntryError {
         /// How many were given.
         count: usize,
     },
+    /// A `federates_with` value that is not another trust domain.
+    #[error("federates_with[{index}]: {reason}")]
+    FederatesWith {
+        /// Index in the list.
+        index: usize,
+        /// Why.
+        reason: String,
+    },
     /// A DNS name that cannot go in a certificate.
     #[error("dns_names[{index}]: {name:?} is not a valid DNS name or is reserved")]
     DnsName {
@@ -211,6 +224,7 @@ impl EntryParams {
         for (field, count) in [
             ("selectors", self.selectors.len()),
             ("dns_names", self.dns_names.len()),
+            ("federates_with", self.federates_with.len()),
         ] {
             if count > MAX_LIST_LEN {
                 return Err(EntryError::TooMany { field, count });
@@ -243,6 +257,21 @@ impl EntryParams {
                 });
             }
         }
+        let mut federates_with = self
+            .federates_with
+            .iter()
+            .enumerate()
+            .map(|(index, name)| {
+                let bad = |reason: String| EntryError::FederatesWith { index, reason };
+                let other = TrustDomain::new(name).map_err(|e| bad(e.to_string()))?;
+                if &other == td {
+                    return Err(bad(format!("{name:?} is this server's own trust domain")));
+                }
+                Ok(other.name().to_string())
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        federates_with.sort();
+        federates_with.dedup();
         Ok(Entry {
             id: String::new(),
             spiffe_id,
@@ -253,6 +282,7 @@ impl EntryParams {
             dns_names: self.dns_names.clone(),
             hint: self.hint.clone(),
             admin: self.admin,
+            federates_with,
             created_at_micros: 0,
         })
     }
@@ -269,6 +299,7 @@ impl From<&Entry> for EntryParams {
             dns_names: e.dns_names.clone(),
             hint: e.hint.clone(),
             admin: e.admin,
+            federates_with: e.federates_with.clone(),
         }
     }
 }

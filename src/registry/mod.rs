@@ -2,7 +2,10 @@
 //! their validation and the authorization rules (who may get what). State
 //! lives in the [`Store`]; every mutation is one atomic commit.
 
+mod bundles;
 mod entry;
+
+pub use bundles::BundleError;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -536,3 +536,51 @@ fn listing_is_paged_in_id_order_with_filters() {
         assert_eq!(seen.len(), want, "{parent:?} {selector:?}");
     }
 }
+
+#[test]
+fn federated_bundles_refuse_going_backwards_and_the_own_trust_domain() {
+    use crate::registry::BundleError;
+    let registry = registry();
+    let other = TrustDomain::new("other.org").unwrap();
+    let mut b = crate::x509::Bundle::new(other.clone());
+    b.set_sequence(5);
+    assert!(registry.set_federated_bundle(&b, true).unwrap());
+    assert!(
+        !registry.set_federated_bundle(&b, true).unwrap(),
+        "unchanged"
+    );
+    let mut older = b.clone();
+    older.set_sequence(4);
+    older.set_refresh_hint(Some(60));
+    let err = registry.set_federated_bundle(&older, true).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            BundleError::SequenceBackwards {
+                got: 4,
+                held: 5,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        registry.bundle(&other).unwrap().unwrap().sequence(),
+        5,
+        "kept"
+    );
+    // An operator may set anything.
+    assert!(registry.set_federated_bundle(&older, false).unwrap());
+    assert_eq!(registry.federated_bundles().unwrap(), vec![older]);
+    let own = crate::x509::Bundle::new(TrustDomain::new("example.org").unwrap());
+    assert!(matches!(
+        registry.set_federated_bundle(&own, false).unwrap_err(),
+        BundleError::OwnTrustDomain(_)
+    ));
+    registry.delete_federated_bundle(&other).unwrap();
+    assert!(registry.federated_bundles().unwrap().is_empty());
+    assert!(matches!(
+        registry.delete_federated_bundle(&other).unwrap_err(),
+        BundleError::NotFound(_)
+    ));
+}

@@ -1,7 +1,9 @@
 //! Effects injected into the domain (the clock) and process-level safety
 //! (file modes, socket directories).
 
+pub mod backoff;
 pub mod files;
+pub mod https;
 
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};

@@ -103,6 +103,28 @@ fn mintable_id(td: &crate::spiffe::TrustDomain, value: &str) -> Result<SpiffeId,
     Ok(id)
 }
 
+fn trust_domain_arg(name: &str) -> Result<crate::spiffe::TrustDomain, Status> {
+    crate::spiffe::TrustDomain::new(name)
+        .map_err(|e| Status::invalid_argument(format!("trust_domain: {e}")))
+}
+
+fn bundle_proto(b: &crate::Bundle) -> pa::GetBundleResponse {
+    pa::GetBundleResponse {
+        bundle_jwks: b.to_jwks().into_bytes(),
+        trust_domain: b.trust_domain().to_string(),
+    }
+}
+
+fn bundle_status(e: crate::registry::BundleError) -> Status {
+    use crate::registry::BundleError as B;
+    match e {
+        B::OwnTrustDomain(_) => Status::invalid_argument(e.to_string()),
+        B::SequenceBackwards { .. } => Status::failed_precondition(e.to_string()),
+        B::NotFound(_) => Status::not_found(e.to_string()),
+        B::Registry(r) => status(r),
+    }
+}
+
 fn audited<T>(
     action: &str,
     target: &str,
@@ -290,12 +312,86 @@ impl Admin for AdminService {
 
     async fn get_bundle(
         &self,
-        _req: Request<pa::GetBundleRequest>,
+        req: Request<pa::GetBundleRequest>,
     ) -> Result<Response<pa::GetBundleResponse>, Status> {
-        Ok(Response::new(pa::GetBundleResponse {
+        let own = self.state.registry.trust_domain();
+        let asked = &req.get_ref().trust_domain;
+        let td = if asked.is_empty() {
+            own.clone()
+        } else {
+            trust_domain_arg(asked)?
+        };
+        if &td == own {
+            return Ok(Response::new(pa::GetBundleResponse {
+                bundle_jwks: self.state.bundle_jwks(),
+                trust_domain: own.to_string(),
+            }));
+        }
+        match self.state.registry.bundle(&td).map_err(status)? {
+            Some(b) => Ok(Response::new(bundle_proto(&b))),
+            None => Err(Status::not_found(
+                crate::registry::BundleError::NotFound(td.to_string()).to_string(),
+            )),
+        }
+    }
+
+    async fn list_bundles(
+        &self,
+        _req: Request<pa::ListBundlesRequest>,
+    ) -> Result<Response<pa::ListBundlesResponse>, Status> {
+        let mut bundles = vec![pa::GetBundleResponse {
             bundle_jwks: self.state.bundle_jwks(),
             trust_domain: self.state.registry.trust_domain().to_string(),
-        }))
+        }];
+        let federated = self.state.registry.federated_bundles().map_err(status)?;
+        bundles.extend(federated.iter().map(bundle_proto));
+        Ok(Response::new(pa::ListBundlesResponse { bundles }))
+    }
+
+    async fn set_bundle(
+        &self,
+        req: Request<pa::SetBundleRequest>,
+    ) -> Result<Response<pa::GetBundleResponse>, Status> {
+        let r = req.into_inner();
+        let result = (|| {
+            let td = trust_domain_arg(&r.trust_domain)?;
+            let text = String::from_utf8(r.bundle)
+                .map_err(|_| Status::invalid_argument("bundle: not UTF-8 text"))?;
+            let bundle = match r.format.as_str() {
+                "" | "jwks" => crate::Bundle::from_jwks(td.clone(), &text),
+                "pem" => crate::Bundle::from_pem(td.clone(), &text),
+                other => {
+                    return Err(Status::invalid_argument(format!(
+                        "format: {other:?} is not jwks or pem"
+                    )));
+                }
+            }
+            .map_err(|e| Status::invalid_argument(format!("bundle: {e}")))?;
+            self.state
+                .registry
+                .set_federated_bundle(&bundle, false)
+                .map_err(bundle_status)?;
+            Ok(bundle_proto(&bundle))
+        })();
+        audited("set_bundle", &r.trust_domain, result)
+    }
+
+    async fn delete_bundle(
+        &self,
+        req: Request<pa::DeleteBundleRequest>,
+    ) -> Result<Response<pa::DeleteBundleResponse>, Status> {
+        let r = req.into_inner();
+        let result = trust_domain_arg(&r.trust_domain).and_then(|td| {
+            self.state
+                .registry
+                .delete_federated_bundle(&td)
+                .map_err(bundle_status)
+        });
+        audited(
+            "delete_bundle",
+            &r.trust_domain,
+            result.map(|()| pa::DeleteBundleResponse {}),
+        )
     }
 
     async fn mint_x509svid(

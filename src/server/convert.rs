@@ -93,6 +93,7 @@ impl From<&Entry> for pn::Entry {
             hint: e.hint.clone(),
             admin: e.admin,
             revision: 0,
+            federates_with: e.federates_with.clone(),
             created_at_micros: i64::try_from(e.created_at_micros).unwrap_or(i64::MAX),
         }
     }
@@ -110,6 +111,7 @@ impl TryFrom<pa::EntryParams> for EntryParams {
             dns_names: p.dns_names,
             hint: p.hint,
             admin: p.admin,
+            federates_with: p.federates_with,
         })
     }
 }

@@ -6,6 +6,7 @@ mod admin;
 mod attestation;
 pub mod bundle_endpoint;
 pub mod convert;
+pub mod federation;
 mod node;
 mod tls;
 
@@ -64,6 +65,7 @@ pub const SERVER_KEYS: &[&str] = &[
     "bundle_cert",
     "bundle_key",
     "bundle_refresh_hint",
+    "federation",
 ];
 
 /// Why the server could not start or stopped with an error.
@@ -110,6 +112,9 @@ pub struct ServerOptions {
     pub x509pop_roots: Vec<Vec<u8>>,
     /// `iss` of minted JWT-SVIDs (none by default, as in SPIRE).
     pub jwt_issuer: Option<String>,
+    /// The shortest wait between two polls of a federated peer (1 min;
+    /// shorter only in tests).
+    pub federation_poll_floor: Duration,
 }
 
 /// Validated `sigil server` configuration.
@@ -137,6 +142,8 @@ pub struct ServerConfig {
     pub bundle_endpoint: Option<bundle_endpoint::BundleEndpointConfig>,
     /// The bundle's `spiffe_refresh_hint`.
     pub bundle_refresh_hint: Duration,
+    /// Peer trust domains whose bundles are polled.
+    pub federation: Vec<federation::FederationRelationship>,
     /// Service tunables.
     pub options: ServerOptions,
     /// Envoy ext_authz, when served.
@@ -160,12 +167,14 @@ impl ServerConfig {
             upstream: None,
             bundle_endpoint: None,
             bundle_refresh_hint: Duration::from_secs(300),
+            federation: Vec::new(),
             options: ServerOptions {
                 default_x509_ttl: Duration::from_secs(3600),
                 default_jwt_ttl: Duration::from_secs(300),
                 agent_ttl: Duration::from_secs(3600),
                 x509pop_roots: Vec::new(),
                 jwt_issuer: None,
+                federation_poll_floor: Duration::from_secs(60),
             },
             policy: None,
         }
@@ -198,6 +207,7 @@ impl ServerConfig {
                     Ok(v.to_string())
                 }
             })?,
+            federation_poll_floor: Duration::from_secs(60),
         };
         // SVID lifetimes must fit what an active authority always has left
         // (a sixth of its life): checked here, never silently capped later.
@@ -223,6 +233,7 @@ impl ServerConfig {
             upstream: upstream_from_raw(raw)?,
             bundle_endpoint: bundle_endpoint_from_raw(raw)?,
             bundle_refresh_hint: refresh_hint_from_raw(raw, ca_ttl)?,
+            federation: federation::relationships(&raw.tables("federation")?, &trust_domain)?,
             policy: PolicyConfig::from_raw(raw)?,
             bind: raw.socket_addr("bind", DEFAULT_BIND)?,
             admin_socket: PathBuf::from(raw.string_or("admin_socket", DEFAULT_ADMIN_SOCKET)?),
@@ -545,6 +556,21 @@ impl ServerState {
             .unwrap_or_default();
         *cache = (revision, list.clone());
         list
+    }
+
+    /// Every federated bundle as committed (trust domain name → JWKS).
+    fn federated_jwks(&self) -> std::collections::HashMap<String, Vec<u8>> {
+        let own = self.registry.trust_domain().name().as_bytes();
+        self.registry
+            .store()
+            .scan(crate::store::Table::Bundle, b"", None, usize::MAX)
+            .map(|all| {
+                all.into_iter()
+                    .filter(|(k, _)| k.as_slice() != own)
+                    .map(|(k, v)| (String::from_utf8_lossy(&k).into_owned(), v))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// The bundle as committed in the store: what a sync stream woken by a
@@ -909,6 +935,23 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         }
         None => (None, None),
     };
+    let pollers: Vec<_> = config
+        .federation
+        .iter()
+        .map(|rel| {
+            tokio::spawn(federation::run(
+                state_for_follow.clone(),
+                rel.clone(),
+                config.options.federation_poll_floor,
+                shutdown_rx.clone(),
+            ))
+        })
+        .collect();
+    let federation = async move {
+        for p in pollers {
+            let _ = p.await;
+        }
+    };
     let follower = follow_authorities(
         state_for_follow,
         Followers {
@@ -939,14 +982,15 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         };
         // The background jobs end on shutdown too, and are awaited, so the
         // store is closed when the server says it stopped.
-        let (node, admin, authz, (), (), (), ()) = tokio::join!(
+        let (node, admin, authz, (), (), (), (), ()) = tokio::join!(
             node_server,
             admin_server,
             ext_authz,
             compactor,
             follower,
             rotator,
-            bundle_endpoint
+            bundle_endpoint,
+            federation
         );
         node.and(admin)
             .and(authz)

@@ -502,6 +502,11 @@ async fn sync(
                     } else {
                         Vec::new()
                     },
+                    federated_bundles: if bundle_changed && final_part {
+                        state.federated_jwks()
+                    } else {
+                        Default::default()
+                    },
                 };
                 if tx.send(Ok(msg)).await.is_err() {
                     return Ok(());
@@ -559,6 +564,11 @@ async fn send_snapshot(
                     state.tainted_authorities(revision)
                 } else {
                     Vec::new()
+                },
+                federated_bundles: if first {
+                    state.federated_jwks()
+                } else {
+                    Default::default()
                 },
             };
             first = false;

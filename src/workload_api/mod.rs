@@ -2,7 +2,6 @@
 //! attested from the socket's peer credentials; a workload only ever sees
 //! SVIDs whose entry selectors are a subset of its own.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -274,33 +273,46 @@ fn x509_svids(state: &AgentState, selectors: &[Selector]) -> Option<pw::X509svid
             })
             .collect(),
         crl: Vec::new(),
-        federated_bundles: HashMap::new(),
+        federated_bundles: state
+            .federated_for(selectors)
+            .into_iter()
+            .map(|b| (b.trust_domain().id().to_string(), b.x509_der_concat()))
+            .collect(),
     })
 }
 
+/// The workload's bundles (its own and the federated ones it may have),
+/// keyed by trust domain ID (`spiffe://td`).
 fn x509_bundles(state: &AgentState, selectors: &[Selector]) -> Option<pw::X509BundlesResponse> {
     state.entries_for(selectors).next()?;
-    let b = state.bundle.as_ref()?;
+    state.bundle.as_ref()?;
     Some(pw::X509BundlesResponse {
         crl: Vec::new(),
-        bundles: [(b.trust_domain().id().to_string(), b.x509_der_concat())].into(),
+        bundles: state
+            .bundles_for(selectors)
+            .into_iter()
+            .map(|b| (b.trust_domain().id().to_string(), b.x509_der_concat()))
+            .collect(),
     })
 }
 
 fn jwt_bundles(state: &AgentState, selectors: &[Selector]) -> Option<pw::JwtBundlesResponse> {
     state.entries_for(selectors).next()?;
-    let b = state.bundle.as_ref()?;
-    let mut jwt_only = Bundle::new(b.trust_domain().clone());
-    for (kid, key) in b.jwt_authorities() {
-        jwt_only.add_jwt_authority(kid.clone(), key.clone());
-    }
-    jwt_only.set_sequence(b.sequence());
+    state.bundle.as_ref()?;
+    let jwt_only = |b: &Bundle| {
+        let mut only = Bundle::new(b.trust_domain().clone());
+        for (kid, key) in b.jwt_authorities() {
+            only.add_jwt_authority(kid.clone(), key.clone());
+        }
+        only.set_sequence(b.sequence());
+        only.to_jwks().into_bytes()
+    };
     Some(pw::JwtBundlesResponse {
-        bundles: [(
-            b.trust_domain().id().to_string(),
-            jwt_only.to_jwks().into_bytes(),
-        )]
-        .into(),
+        bundles: state
+            .bundles_for(selectors)
+            .into_iter()
+            .map(|b| (b.trust_domain().id().to_string(), jwt_only(b)))
+            .collect(),
     })
 }
 
@@ -413,7 +425,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<pw::ValidateJwtsvidRequest>,
     ) -> Result<Response<pw::ValidateJwtsvidResponse>, Status> {
-        self.caller(&req, "validate_jwt_svid").await?;
+        let selectors = self.caller(&req, "validate_jwt_svid").await?;
         let r = req.get_ref();
         crate::jwt::check_audiences(std::slice::from_ref(&r.audience))
             .map_err(|e| Status::invalid_argument(format!("audience: {e}")))?;
@@ -421,9 +433,21 @@ impl SpiffeWorkloadApi for WorkloadApi {
             return Err(Status::invalid_argument("svid must be specified"));
         }
         let state = self.state.borrow().clone();
-        let bundle = state
+        state
             .bundle
             .as_ref()
+            .ok_or_else(|| Status::unavailable("no bundle yet"))?;
+        // The subject's trust domain picks the bundle (verified below): the
+        // agent's own, or a federated one this workload may have.
+        let subject_td = crate::jwt::UnverifiedJwt::parse(&r.svid)
+            .ok()
+            .and_then(|j| j.claims.get("sub")?.as_str().map(str::to_string))
+            .and_then(|sub| SpiffeId::new(&sub).ok())
+            .map(|id| id.trust_domain());
+        let bundles = state.bundles_for(&selectors);
+        let bundle = subject_td
+            .and_then(|td| bundles.iter().find(|b| b.trust_domain() == &td).copied())
+            .or(state.bundle.as_ref())
             .ok_or_else(|| Status::unavailable("no bundle yet"))?;
         let v = crate::jwt::validate(
             &r.svid,

@@ -160,7 +160,7 @@ impl Entitled {
     fn of(state: &AgentState, selectors: &[Selector]) -> Self {
         Entitled {
             svids: state.svids_for(selectors),
-            bundles: state.bundle.iter().cloned().collect(),
+            bundles: state.bundles_for(selectors).into_iter().cloned().collect(),
         }
     }
 

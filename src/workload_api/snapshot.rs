@@ -42,9 +42,32 @@ pub struct AgentState {
     /// Authorities the server marked tainted: nothing they signed is served
     /// from a cache.
     pub tainted: Arc<std::collections::BTreeSet<String>>,
+    /// Federated bundles by trust domain name.
+    pub federated: Arc<std::collections::BTreeMap<String, Bundle>>,
 }
 
 impl AgentState {
+    /// The federated bundles a workload with `selectors` may have: those its
+    /// entries federate with, by trust domain name.
+    pub fn federated_for(&self, selectors: &[Selector]) -> Vec<&Bundle> {
+        let wanted: std::collections::BTreeSet<&str> = self
+            .entries_for(selectors)
+            .flat_map(|e| e.federates_with.iter().map(String::as_str))
+            .collect();
+        wanted
+            .into_iter()
+            .filter_map(|td| self.federated.get(td))
+            .collect()
+    }
+
+    /// The workload's own bundle, then the federated ones it may have.
+    pub fn bundles_for(&self, selectors: &[Selector]) -> Vec<&Bundle> {
+        self.bundle
+            .iter()
+            .chain(self.federated_for(selectors))
+            .collect()
+    }
+
     /// Entries a workload with `selectors` is entitled to: every selector of
     /// the entry must be among the workload's. Oldest first.
     pub fn entries_for<'a>(&'a self, selectors: &'a [Selector]) -> impl Iterator<Item = &'a Entry> {
