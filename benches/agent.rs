@@ -5,7 +5,8 @@
 //! 1. First FetchX509SVID response from a warm cache: a burst of 1,000
 //!    concurrent streams, then 200 new fetches while those 1,000 stay open.
 //! 2. Rotation push: the entry changes, the agent re-signs, and every one of
-//!    the 1,000 open streams receives the new SVID: p50/p99/max.
+//!    the 1,000 open streams receives the new SVID: p50/p99/max. 1,000 Envoy
+//!    SDS streams (`default` and `ROOTCA`) are open too and measured alike.
 //!    Then a CA authority is prepared: the new bundle on every open stream.
 //! 3. Agent RSS holding 1 SVID, then 10,000 SVIDs.
 //! 4. A taint: the old CA's 10,001 SVIDs re-issued by the agent.
@@ -27,6 +28,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient as SdsClient;
 use sigil::TrustDomain;
 use sigil::proto::admin as pa;
 use sigil::proto::workload as pw;
@@ -313,6 +316,53 @@ async fn main() {
         summary(warm)
     );
 
+    // SDS streams, as Envoy opens them, over 100 more connections.
+    let (sds_ready_tx, mut sds_ready_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (sds_push_tx, mut sds_push_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut sds_clients = Vec::new();
+    for _ in 0..100 {
+        sds_clients.push(SdsClient::new(
+            sigil::cli::unix_channel(&sock).await.unwrap(),
+        ));
+    }
+    for i in 0..streams {
+        let mut c = sds_clients[i % sds_clients.len()].clone();
+        let (ready, push) = (sds_ready_tx.clone(), sds_push_tx.clone());
+        tokio::spawn(async move {
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            tx.send(DiscoveryRequest {
+                resource_names: vec!["default".into(), "ROOTCA".into()],
+                type_url: sigil::workload_api::SECRET_TYPE.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+            let mut s = c
+                .stream_secrets(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .unwrap()
+                .into_inner();
+            let first = s.message().await.unwrap().unwrap();
+            // ACK, as Envoy does.
+            tx.send(DiscoveryRequest {
+                version_info: first.version_info.clone(),
+                resource_names: vec!["default".into(), "ROOTCA".into()],
+                type_url: sigil::workload_api::SECRET_TYPE.into(),
+                response_nonce: first.nonce.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+            ready.send(()).unwrap();
+            s.message().await.unwrap().unwrap();
+            push.send(Instant::now()).unwrap();
+            drop(tx);
+        });
+    }
+    for _ in 0..streams {
+        sds_ready_rx.recv().await.unwrap();
+    }
+
     // 2. Rotation: change the entry's TTL; the agent re-signs and pushes.
     let t = Instant::now();
     admin
@@ -335,6 +385,14 @@ async fn main() {
     println!(
         "rotation pushed to {streams} open streams (entry update -> new SVID on each stream): {}",
         summary(pushed)
+    );
+    let mut sds_pushed = Vec::new();
+    for _ in 0..streams {
+        sds_pushed.push(sds_push_rx.recv().await.unwrap().duration_since(t));
+    }
+    println!(
+        "rotation pushed to {streams} open SDS streams (same update -> new secret on each; Workload API streams open too): {}",
+        summary(sds_pushed)
     );
 
     // 2b. A CA authority prepared: the new bundle reaches every open stream.

@@ -9,6 +9,9 @@
 //!    100,000 and 500,000 entries.
 //! 4. On a 2-worker runtime: admin Health latency while 17,000 CSRs arrive at
 //!    once (34 concurrent batches of 500, the per-request cap).
+//! 6. The bundle endpoint (https_spiffe) on a 2-worker runtime: GET /
+//!    requests/s over 8 keep-alive TLS connections, full answers (200) and
+//!    `If-None-Match` revalidations (304), client in the same process.
 //! 5. On a 2-worker runtime with 100 real agents (in-process): `ca prepare`
 //!    returned → half, then all of the agents have acknowledged the new
 //!    bundle (as `ca show` reports it), over several rotations.
@@ -473,6 +476,86 @@ async fn prepare_acknowledged(agents: usize, rounds: usize) {
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
+async fn bundle_endpoint_rate(requests_per_conn: usize) {
+    use http_body_util::{BodyExt, Empty};
+    use tokio_rustls::rustls;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.bundle_endpoint = Some(sigil::server::bundle_endpoint::BundleEndpointConfig {
+        bind: "127.0.0.1:0".parse().unwrap(),
+        profile: sigil::server::bundle_endpoint::BundleProfile::HttpsSpiffe,
+    });
+    let server = start(cfg).await.unwrap();
+    let addr = server.bundle_addr().unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for der in sigil::x509::certs_from_pem(server.bundle_pem()).unwrap() {
+        roots.add(der.into()).unwrap();
+    }
+    let tls = Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    );
+    for revalidate in [false, true] {
+        let start_at = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let tls = tls.clone();
+            tasks.push(tokio::spawn(async move {
+                let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+                let stream = tokio_rustls::TlsConnector::from(tls)
+                    .connect("sigil-server".try_into().unwrap(), tcp)
+                    .await
+                    .unwrap();
+                let (mut send, conn) =
+                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                        .await
+                        .unwrap();
+                tokio::spawn(conn);
+                let mut etag = None::<String>;
+                for _ in 0..requests_per_conn {
+                    let mut req = hyper::Request::get("/").header("host", "sigil-server");
+                    if let (true, Some(tag)) = (revalidate, &etag) {
+                        req = req.header("if-none-match", tag.as_str());
+                    }
+                    let resp = send
+                        .send_request(req.body(Empty::<bytes::Bytes>::new()).unwrap())
+                        .await
+                        .unwrap();
+                    let expected = if revalidate && etag.is_some() {
+                        304
+                    } else {
+                        200
+                    };
+                    assert_eq!(resp.status().as_u16(), expected);
+                    etag = resp
+                        .headers()
+                        .get("etag")
+                        .map(|v| v.to_str().unwrap().to_string());
+                    resp.into_body().collect().await.unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let rate = (8 * requests_per_conn) as f64 / start_at.elapsed().as_secs_f64();
+        println!(
+            "bundle endpoint GET / over 8 keep-alive TLS connections, {}: {rate:>8.0} requests/s",
+            if revalidate {
+                "If-None-Match (304)"
+            } else {
+                "full answers (200)"
+            }
+        );
+    }
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let two_workers = tokio::runtime::Builder::new_multi_thread()
@@ -480,6 +563,7 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    two_workers.block_on(bundle_endpoint_rate(if quick { 500 } else { 5_000 }));
     two_workers.block_on(prepare_acknowledged(100, if quick { 3 } else { 20 }));
     two_workers.block_on(health_during_csr_storm(quick));
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -33,7 +33,7 @@ fn python() -> PathBuf {
         Command::new(py)
             .args([
                 "-c",
-                "import spiffe, grpc, grpc_tools, cryptography, envoy.service.secret.v3.sds_pb2",
+                "import spiffe, grpc, grpc_tools, cryptography, yaml, envoy.service.secret.v3.sds_pb2",
             ])
             .status()
             .is_ok_and(|s| s.success())
@@ -334,4 +334,24 @@ fn python_clients_against_server_and_agent() {
         admin(&admin_sock, &["entry", "delete", "--id", id]);
     }
     clients(&["denied", &sock_s]);
+}
+
+#[test]
+fn envoy_examples_parse_against_envoys_protos() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/envoy");
+    let examples: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .map(|p| p.display().to_string())
+        .collect();
+    assert!(!examples.is_empty(), "no examples in {}", dir.display());
+    let mut args = vec!["envoy-config"];
+    args.extend(examples.iter().map(String::as_str));
+    let out = clients(&args);
+    assert_eq!(
+        out.matches("a valid Envoy v3 bootstrap").count(),
+        examples.len(),
+        "{out}"
+    );
 }

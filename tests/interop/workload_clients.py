@@ -7,6 +7,7 @@ usage: workload_clients.py py-spiffe SOCKET SPIFFE_ID  py-spiffe, every Workload
        workload_clients.py certs FILE...               PEM files Sigil wrote: strict parse, LF
        workload_clients.py server-cert HOST:PORT       the certificate the node API presents
        workload_clients.py sds SOCKET SPIFFE_ID        Envoy SDS v3 with grpcio and xds-protos
+       workload_clients.py envoy-config FILE...        Envoy bootstraps parsed against Envoy's protos
 
 (py-spiffe registers its own copy of the Workload API messages, so the
 py-spiffe and grpcio checks run in separate processes.)
@@ -345,6 +346,63 @@ def sds(socket, spiffe_id):
     delta_requests.put(None)
 
 
+def envoy_config(paths):
+    """Parses Envoy bootstrap YAML strictly against Envoy's own protos
+    (xds-protos): unknown fields, wrong types and unknown @types fail."""
+    import yaml
+    from google.protobuf import json_format
+
+    from envoy.config.bootstrap.v3 import bootstrap_pb2
+
+    # The typed_config types the examples use (registering them for Any).
+    from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2  # noqa: F401
+    from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
+    from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2  # noqa: F401
+    from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2  # noqa: F401
+    from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401
+    from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
+
+    for path in paths:
+        with open(path) as f:
+            doc = yaml.safe_load(f)
+        bootstrap = json_format.ParseDict(doc, bootstrap_pb2.Bootstrap())
+        check(True, f"{path}: a valid Envoy v3 bootstrap")
+        clusters = {c.name: c for c in bootstrap.static_resources.clusters}
+        text = json_format.MessageToJson(bootstrap.static_resources)
+        refs = set()
+        for key in ("clusterName", "cluster"):
+            refs.update(v for k, v in _walk(json.loads(text)) if k == key and isinstance(v, str))
+        missing = refs - set(clusters)
+        check(not missing, f"{path}: every referenced cluster is defined ({sorted(refs)})")
+        sds = clusters.get("sigil_sds")
+        check(sds is not None, f"{path}: a sigil_sds cluster")
+        pipe = sds.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.pipe.path
+        check(pipe == "/tmp/sigil-agent/public/api.sock", f"{path}: SDS over the agent's default socket")
+        names = {v for k, v in _walk(json.loads(text)) if k == "name" and isinstance(v, str)}
+        secrets = [
+            v
+            for k, v in _walk(json.loads(text))
+            if k in ("tlsCertificateSdsSecretConfigs", "validationContextSdsSecretConfig")
+        ]
+        secret_names = set()
+        for s in secrets:
+            for item in s if isinstance(s, list) else [s]:
+                secret_names.add(item["name"])
+        ok_names = all(n in ("default", "ROOTCA", "ALL") or n.startswith("spiffe://") for n in secret_names)
+        check(secret_names and ok_names and names, f"{path}: SDS names Sigil serves ({sorted(secret_names)})")
+
+
+def _walk(value):
+    """Every (key, value) pair in a JSON document, depth first."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield k, v
+            yield from _walk(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _walk(v)
+
+
 def main():
     mode, args = sys.argv[1], sys.argv[2:]
     if mode == "py-spiffe":
@@ -361,6 +419,8 @@ def main():
         server_cert(args[0])
     elif mode == "sds":
         sds(args[0], args[1])
+    elif mode == "envoy-config":
+        envoy_config(args)
     else:
         raise SystemExit(f"unknown mode {mode}")
     print("all checks passed")
