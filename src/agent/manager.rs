@@ -481,6 +481,7 @@ impl Manager {
             self.revision,
             &self.entries,
             &self.svids,
+            &self.federated,
         );
         self.cache_dirty = false;
         self.cache_saved = Some(std::time::Instant::now());

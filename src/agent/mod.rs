@@ -388,6 +388,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         revision: 0,
         entries: BTreeMap::new(),
         svids: HashMap::new(),
+        federated: BTreeMap::new(),
     });
     let mut manager = manager::Manager {
         server: config.server.clone(),
@@ -398,7 +399,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         svids: restored.svids,
         revision: restored.revision,
         tainted: Arc::default(),
-        federated: Arc::default(),
+        federated: Arc::new(restored.federated),
         ack_due: false,
         tainted_reported: 0,
         bundle_unsaved: false,

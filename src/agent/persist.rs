@@ -91,6 +91,9 @@ struct CacheFile {
     revision: u64,
     entries: Vec<crate::registry::Entry>,
     svids: Vec<SavedSvid>,
+    /// Federated bundles: trust domain name → SPIFFE bundle JSON.
+    #[serde(default)]
+    federated: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -110,6 +113,8 @@ pub struct Restored {
     pub entries: std::collections::BTreeMap<String, crate::registry::Entry>,
     /// Still-valid SVIDs by entry ID.
     pub svids: std::collections::HashMap<String, std::sync::Arc<crate::workload_api::CachedSvid>>,
+    /// Federated bundles by trust domain name.
+    pub federated: std::collections::BTreeMap<String, Bundle>,
 }
 
 /// Saves the caches; failures are logged (the agent keeps running).
@@ -119,6 +124,7 @@ pub fn save_cache(
     revision: u64,
     entries: &std::collections::BTreeMap<String, crate::registry::Entry>,
     svids: &std::collections::HashMap<String, std::sync::Arc<crate::workload_api::CachedSvid>>,
+    federated: &std::collections::BTreeMap<String, Bundle>,
 ) {
     use base64::Engine;
     use base64::engine::general_purpose::STANDARD;
@@ -144,6 +150,10 @@ pub fn save_cache(
             revision,
             entries: entries.values().cloned().collect(),
             svids,
+            federated: federated
+                .iter()
+                .map(|(td, b)| (td.clone(), b.to_jwks()))
+                .collect(),
         };
         let json = serde_json::to_vec(&file).map_err(|e| e.to_string())?;
         crate::runtime::files::write_atomic(&dir.join(CACHE), &json, 0o600)
@@ -203,5 +213,13 @@ pub fn load_cache(dir: &Path, agent: &crate::spiffe::SpiffeId) -> Option<Restore
             .map(|e| (e.id.clone(), e))
             .collect(),
         svids,
+        federated: file
+            .federated
+            .iter()
+            .filter_map(|(name, jwks)| {
+                let td = TrustDomain::new(name).ok()?;
+                Some((name.clone(), Bundle::from_jwks(td, jwks).ok()?))
+            })
+            .collect(),
     })
 }

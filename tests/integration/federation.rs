@@ -279,6 +279,61 @@ async fn two_trust_domains_federate_and_follow_each_others_rotation() {
         &["bundle", "delete", "--trust-domain", "example.org"],
     );
     assert!(!ok && out.contains("own trust domain"), "{out}");
+    // A bundle set by hand (PEM), listed, shown, deleted.
+    let third = dir.path().join("third.pem");
+    std::fs::write(&third, b.bundle_pem()).unwrap();
+    let third_s = third.display().to_string();
+    let (ok, out) = sigil_cli(
+        a.admin_socket(),
+        &[
+            "bundle",
+            "set",
+            "--trust-domain",
+            "third.org",
+            "--file",
+            &third_s,
+            "--format",
+            "pem",
+        ],
+    );
+    assert!(ok && out.contains("Set the bundle of third.org"), "{out}");
+    let (ok, out) = sigil_cli(a.admin_socket(), &["bundle", "list", "--output", "json"]);
+    let listed: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let names: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["trust_domain"].as_str().unwrap())
+        .collect();
+    assert!(
+        ok && names == ["example.org", "other.org", "third.org"],
+        "{out}"
+    );
+    let (ok, out) = sigil_cli(
+        a.admin_socket(),
+        &[
+            "bundle",
+            "set",
+            "--trust-domain",
+            "third.org",
+            "--file",
+            "/nonexistent",
+        ],
+    );
+    assert!(!ok && out.contains("/nonexistent"), "{out}");
+    let (ok, out) = sigil_cli(
+        a.admin_socket(),
+        &["bundle", "delete", "--trust-domain", "third.org"],
+    );
+    assert!(ok, "{out}");
+    let (ok, out) = sigil_cli(
+        a.admin_socket(),
+        &["bundle", "show", "--trust-domain", "third.org"],
+    );
+    assert!(
+        !ok && out.contains("no bundle for trust domain third.org"),
+        "{out}"
+    );
 
     // other.org prepares its next authority: it reaches example.org's workload.
     sigil::cli::connect_admin(b.admin_socket())
