@@ -414,6 +414,7 @@ async fn prepare_acknowledged(agents: usize, rounds: usize) {
                 log_format: sigil::config::LogFormat::Text,
                 unix: sigil::attest::UnixAttestor::default(),
                 policy: None,
+                metrics_bind: None,
             })
             .await
             .unwrap(),

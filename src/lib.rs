@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod edge;
 pub mod jwt;
+pub mod metrics;
 pub mod policy;
 pub mod registry;
 pub mod runtime;

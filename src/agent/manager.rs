@@ -144,6 +144,17 @@ impl Manager {
                 resume_from_revision: self.revision,
             })
             .await;
+        if let Err(s) = &opened {
+            if matches!(
+                s.code(),
+                tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+            ) {
+                crate::metrics::metrics()
+                    .agent_refusals
+                    .get_or_create(&crate::metrics::label("code", format!("{:?}", s.code())))
+                    .inc();
+            }
+        }
         let mut stream = match opened {
             Ok(s) => s.into_inner(),
             // The server no longer knows this identity (evicted, or its SVID

@@ -51,6 +51,8 @@ pub const AGENT_KEYS: &[&str] = &[
     "policy_dir",
     "policy_root_namespace",
     "jwks_ca_file",
+    "metrics_bind",
+    "log_level",
 ];
 
 /// Why the agent could not start.
@@ -109,6 +111,8 @@ pub struct AgentConfig {
     pub unix: UnixAttestor,
     /// Envoy ext_authz beside the workloads, when served.
     pub policy: Option<PolicyConfig>,
+    /// `/metrics`, `/live` and `/ready`, when served.
+    pub metrics_bind: Option<SocketAddr>,
 }
 
 impl AgentConfig {
@@ -231,7 +235,43 @@ impl AgentConfig {
                 .unwrap_or(LogFormat::Text),
             unix: UnixAttestor::with_sha256(sha256),
             policy: PolicyConfig::from_raw(raw)?,
+            metrics_bind: match raw.get("metrics_bind")? {
+                Some(_) => Some(raw.socket_addr("metrics_bind", "127.0.0.1:0")?),
+                None => None,
+            },
         })
+    }
+}
+
+/// The agent's metrics gauges and readiness: it has a bundle, and either
+/// a session with the server or cached SVIDs to serve without one.
+fn agent_probes(
+    state: watch::Receiver<Arc<AgentState>>,
+    client: watch::Receiver<
+        Option<crate::proto::node::node_client::NodeClient<tonic::transport::Channel>>,
+    >,
+) -> crate::metrics::Probes {
+    let for_refresh = state.clone();
+    crate::metrics::Probes {
+        refresh: Box::new(move || {
+            let s = for_refresh.borrow().clone();
+            let m = crate::metrics::metrics();
+            for (cache, n) in [("entries", s.entries.len()), ("svids", s.svids.len())] {
+                m.cache_size
+                    .get_or_create(&crate::metrics::label("cache", cache))
+                    .set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
+        }),
+        ready: Arc::new(move || {
+            let s = state.borrow().clone();
+            if s.bundle.is_none() {
+                return Err("no trust bundle yet".into());
+            }
+            if client.borrow().is_none() && s.svids.is_empty() {
+                return Err("the server is unreachable and no cached SVID can be served".into());
+            }
+            Ok(())
+        }),
     }
 }
 
@@ -240,12 +280,17 @@ pub struct AgentHandle {
     spiffe_id: SpiffeId,
     socket: PathBuf,
     ext_authz_addr: Option<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
     state: watch::Receiver<Arc<AgentState>>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl AgentHandle {
+    /// The metrics listener's address, when served.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
     /// The agent's own SPIFFE ID.
     pub fn spiffe_id(&self) -> &SpiffeId {
         &self.spiffe_id
@@ -411,6 +456,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     };
     manager.publish();
     let sync_task = tokio::spawn(manager.run());
+    let client_for_probes = client_rx.clone();
     let api = WorkloadApi::new(
         state_rx.clone(),
         client_rx,
@@ -420,9 +466,17 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     let sds =
         crate::workload_api::Sds::new(state_rx.clone(), config.unix.clone(), shutdown_rx.clone());
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<SpiffeWorkloadApiServer<WorkloadApi>>()
-        .await;
+    let probes = agent_probes(state_rx.clone(), client_for_probes.clone());
+    let readiness = tokio::spawn(crate::metrics::follow_readiness(
+        probes.ready.clone(),
+        health,
+        vec![
+            "SpiffeWorkloadAPI".into(),
+            "envoy.service.secret.v3.SecretDiscoveryService".into(),
+        ],
+        Some(client_for_probes),
+        shutdown_rx.clone(),
+    ));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_file_descriptor_set(workload_descriptors())
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -435,6 +489,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     let limits = crate::edge::ConnLimits::WORKLOAD;
     let serve = limits
         .server_builder()
+        .layer(crate::metrics::RpcMetricsLayer)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(SpiffeWorkloadApiServer::new(api))
@@ -454,7 +509,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
             tracing::error!(error = %e, "workload API server failed");
         }
     });
-    let mut tasks = vec![sync_task, serve_task];
+    let mut tasks = vec![sync_task, serve_task, readiness];
     let mut ext_authz_addr = None;
     if let Some(policy) = &config.policy {
         let (addr, ext_authz) = serve_ext_authz(
@@ -470,11 +525,23 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
             }
         }));
     }
+    let mut metrics_addr = None;
+    if let Some(addr) = config.metrics_bind {
+        let (bound, serving) = crate::metrics::serve(addr, probes, shutdown_rx.clone())
+            .await
+            .map_err(|e| AgentError::Socket {
+                path: PathBuf::from(addr.to_string()),
+                reason: e.to_string(),
+            })?;
+        metrics_addr = Some(bound);
+        tasks.push(tokio::spawn(serving));
+    }
     tracing::info!(agent = %spiffe_id, socket = %config.socket.display(), server = %config.server, "sigil agent ready");
     Ok(AgentHandle {
         spiffe_id,
         socket: config.socket,
         ext_authz_addr,
+        metrics_addr,
         state: state_rx,
         shutdown: shutdown_tx,
         tasks,

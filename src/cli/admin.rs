@@ -27,6 +27,16 @@ pub struct AdminArgs {
     pub output: OutputFormat,
 }
 
+/// `sigil healthcheck`: the server by default, or an agent.
+#[derive(Debug, Args, Clone)]
+pub struct HealthcheckArgs {
+    /// Check the agent serving this Workload API socket instead of the server.
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
 /// Entry fields shared by create and update.
 #[derive(Debug, Args, Clone)]
 pub struct EntryFields {
@@ -823,16 +833,94 @@ pub async fn jwt(cmd: JwtCmd) -> anyhow::Result<()> {
 }
 
 /// `sigil healthcheck`.
-pub async fn healthcheck(args: &AdminArgs) -> anyhow::Result<()> {
-    let h = rpc(client(args).await?.health(pa::HealthRequest {}).await)?;
-    match args.output {
-        OutputFormat::Json => Output::json(&json!({
-            "healthy": true, "trust_domain": h.trust_domain, "revision": h.revision,
-            "x509_authority_expires_at": h.x509_authority_expires_at,
-        })),
-        OutputFormat::Text => Output::line(&format!(
-            "Server is healthy (trust domain {}).",
-            h.trust_domain
-        )),
+pub async fn healthcheck(args: &HealthcheckArgs) -> anyhow::Result<()> {
+    let (status, mut details) = match &args.socket {
+        Some(socket) => agent_health(socket).await,
+        None => server_health(&args.admin).await,
+    };
+    details["status"] = json!(status);
+    match args.admin.output {
+        OutputFormat::Json => Output::json(&details)?,
+        OutputFormat::Text => Output::line(&match (&args.socket, status) {
+            (Some(s), "SERVING") => format!("Agent is ready ({}).", s.display()),
+            (None, "SERVING") => format!(
+                "Server is ready (trust domain {}).",
+                details["trust_domain"].as_str().unwrap_or("")
+            ),
+            (_, _) => format!(
+                "{} is not ready: {}",
+                if args.socket.is_some() {
+                    "Agent"
+                } else {
+                    "Server"
+                },
+                details["reason"].as_str().unwrap_or("unknown")
+            ),
+        })?,
+    }
+    if status == "SERVING" {
+        Ok(())
+    } else {
+        std::process::exit(1)
+    }
+}
+
+/// The server's Health RPC: a store probe, the rotation schedule.
+async fn server_health(admin: &AdminArgs) -> (&'static str, Value) {
+    let answer = match client(admin).await {
+        Ok(mut c) => c.health(pa::HealthRequest {}).await.map_err(|s| {
+            (
+                if s.code() == tonic::Code::Unavailable {
+                    "NOT_SERVING"
+                } else {
+                    "UNKNOWN"
+                },
+                s.message().to_string(),
+            )
+        }),
+        Err(e) => Err(("UNKNOWN", format!("{e:#}"))),
+    };
+    match answer {
+        Ok(h) => {
+            let h = h.into_inner();
+            (
+                "SERVING",
+                json!({
+                    "target": "server",
+                    "trust_domain": h.trust_domain,
+                    "revision": h.revision,
+                    "x509_authority_expires_at": rfc3339(h.x509_authority_expires_at),
+                }),
+            )
+        }
+        Err((status, reason)) => (status, json!({"target": "server", "reason": reason})),
+    }
+}
+
+/// The agent's gRPC health on its Workload API socket.
+async fn agent_health(socket: &std::path::Path) -> (&'static str, Value) {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let path = socket.display().to_string();
+    let checked = match super::unix_channel(socket).await {
+        Ok(ch) => tonic_health::pb::health_client::HealthClient::new(ch)
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .map_err(|s| s.message().to_string()),
+        Err(e) => Err(format!("cannot connect to {path}: {e}")),
+    };
+    match checked.map(|r| r.into_inner().status) {
+        Ok(s) if s == ServingStatus::Serving as i32 => {
+            ("SERVING", json!({"target": "agent", "socket": path}))
+        }
+        Ok(_) => (
+            "NOT_SERVING",
+            json!({"target": "agent", "socket": path, "reason": "the agent reports not serving (no bundle yet, or the server is unreachable and it has no cached SVID)"}),
+        ),
+        Err(reason) => (
+            "UNKNOWN",
+            json!({"target": "agent", "socket": path, "reason": reason}),
+        ),
     }
 }

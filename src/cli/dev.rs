@@ -32,7 +32,10 @@ pub struct DevArgs {
 /// Runs the server and agent until SIGINT/SIGTERM.
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let log_format: LogFormat = args.log_format.parse().map_err(anyhow::Error::msg)?;
-    super::init_tracing(log_format);
+    super::init_tracing(
+        log_format,
+        &std::env::var("SIGIL_LOG").unwrap_or_else(|_| "info".into()),
+    );
     let td = TrustDomain::new("example.org")?;
     let data_dir = std::path::absolute(&args.data_dir).context("bad --data-dir")?;
     let mut server_config = ServerConfig::local(td.clone(), &data_dir.join("server"));
@@ -122,6 +125,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         log_format,
         unix: UnixAttestor::default(),
         policy: None,
+        metrics_bind: None,
     })
     .await?;
 

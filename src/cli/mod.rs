@@ -80,8 +80,8 @@ enum Command {
         #[command(subcommand)]
         cmd: admin::JwtCmd,
     },
-    /// Exit 0 when the server answers on its admin socket.
-    Healthcheck(admin::AdminArgs),
+    /// Exit 0 when the server (admin socket) or an agent (--socket) is ready.
+    Healthcheck(admin::HealthcheckArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -167,6 +167,16 @@ struct ServerArgs {
     /// [default: 5m, or less for a short ca_ttl].
     #[arg(long)]
     bundle_refresh_hint: Option<String>,
+    /// Serve /metrics (Prometheus), /live and /ready here, e.g. 127.0.0.1:9090.
+    #[arg(long)]
+    metrics_bind: Option<String>,
+    /// Log filter: a level (error, warn, info, debug, trace) or directives
+    /// such as `info,sigil::audit=warn` [default: info].
+    #[arg(long, env = "SIGIL_LOG")]
+    log_level: Option<String>,
+    /// Check the configuration (reading every file it names), bind nothing, exit.
+    #[arg(long)]
+    validate: bool,
     #[command(flatten)]
     policy: PolicyArgs,
 }
@@ -197,8 +207,27 @@ impl PolicyArgs {
     }
 }
 
+/// What both daemons take besides their own configuration.
+struct Run {
+    log_filter: String,
+    validate: bool,
+}
+
+/// `log_level`, checked.
+fn log_filter(raw: &RawConfig) -> Result<String, crate::config::ConfigError> {
+    let level = raw.get("log_level")?.unwrap_or_else(|| "info".into());
+    tracing_subscriber::EnvFilter::try_new(&level).map_err(|e| {
+        crate::config::ConfigError::Invalid {
+            key: "log_level",
+            value: level.clone(),
+            reason: format!("{e} (e.g. info, or info,sigil::audit=warn)"),
+        }
+    })?;
+    Ok(level)
+}
+
 impl ServerArgs {
-    fn into_config(self) -> anyhow::Result<ServerConfig> {
+    fn into_config(self) -> anyhow::Result<(ServerConfig, Run)> {
         let mut raw = RawConfig::load(self.config.as_deref(), SERVER_KEYS)?;
         raw.flag("trust_domain", self.trust_domain);
         raw.flag("data_dir", self.data_dir);
@@ -221,8 +250,14 @@ impl ServerArgs {
         raw.flag("bundle_cert", self.bundle_cert);
         raw.flag("bundle_key", self.bundle_key);
         raw.flag("bundle_refresh_hint", self.bundle_refresh_hint);
+        raw.flag("metrics_bind", self.metrics_bind);
+        raw.flag("log_level", self.log_level);
         self.policy.apply(&mut raw);
-        Ok(ServerConfig::from_raw(&raw)?)
+        let run = Run {
+            log_filter: log_filter(&raw)?,
+            validate: self.validate,
+        };
+        Ok((ServerConfig::from_raw(&raw)?, run))
     }
 }
 
@@ -266,12 +301,22 @@ struct AgentArgs {
     /// Add unix:sha256 selectors (hashes the caller's executable).
     #[arg(long)]
     unix_sha256: Option<String>,
+    /// Serve /metrics (Prometheus), /live and /ready here, e.g. 127.0.0.1:9090.
+    #[arg(long)]
+    metrics_bind: Option<String>,
+    /// Log filter: a level (error, warn, info, debug, trace) or directives
+    /// such as `info,sigil::audit=warn` [default: info].
+    #[arg(long, env = "SIGIL_LOG")]
+    log_level: Option<String>,
+    /// Check the configuration (reading every file it names), bind nothing, exit.
+    #[arg(long)]
+    validate: bool,
     #[command(flatten)]
     policy: PolicyArgs,
 }
 
 impl AgentArgs {
-    fn into_config(self) -> anyhow::Result<AgentConfig> {
+    fn into_config(self) -> anyhow::Result<(AgentConfig, Run)> {
         let mut raw = RawConfig::load(self.config.as_deref(), AGENT_KEYS)?;
         raw.flag("server", self.server);
         raw.flag("trust_bundle", self.trust_bundle);
@@ -284,13 +329,19 @@ impl AgentArgs {
         raw.flag("data_dir", self.data_dir);
         raw.flag("log_format", self.log_format);
         raw.flag("unix_sha256", self.unix_sha256);
+        raw.flag("metrics_bind", self.metrics_bind);
+        raw.flag("log_level", self.log_level);
         self.policy.apply(&mut raw);
-        Ok(AgentConfig::from_raw(&raw)?)
+        let run = Run {
+            log_filter: log_filter(&raw)?,
+            validate: self.validate,
+        };
+        Ok((AgentConfig::from_raw(&raw)?, run))
     }
 }
 
-async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
-    init_tracing(config.log_format);
+async fn run_agent(config: AgentConfig, log_filter: &str) -> anyhow::Result<()> {
+    init_tracing(config.log_format, log_filter);
     let handle = crate::agent::start(config).await?;
     shutdown_signal().await?;
     tracing::info!("shutdown signal received; stopping");
@@ -348,9 +399,10 @@ pub enum OutputFormat {
     Json,
 }
 
-pub(crate) fn init_tracing(format: LogFormat) {
+/// Logs to stderr in `format`, filtered by `filter` (checked already).
+pub(crate) fn init_tracing(format: LogFormat, filter: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("SIGIL_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -374,8 +426,8 @@ pub(crate) async fn shutdown_signal() -> anyhow::Result<()> {
 /// How long in-flight RPCs get to finish after SIGINT/SIGTERM.
 pub(crate) const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 
-async fn run_server(config: ServerConfig) -> anyhow::Result<()> {
-    init_tracing(config.log_format);
+async fn run_server(config: ServerConfig, log_filter: &str) -> anyhow::Result<()> {
+    init_tracing(config.log_format, log_filter);
     let mut handle = crate::server::start(config).await?;
     tokio::select! {
         r = shutdown_signal() => {
@@ -400,8 +452,17 @@ pub fn main() -> anyhow::Result<()> {
     };
     match cli.command {
         Command::Server(args) => {
-            let config = args.into_config()?;
-            runtime()?.block_on(run_server(config))
+            let (config, run) = args.into_config()?;
+            if run.validate {
+                println!(
+                    "configuration OK: server for {} (node API {}, data in {})",
+                    config.trust_domain,
+                    config.bind,
+                    config.data_dir.display()
+                );
+                return Ok(());
+            }
+            runtime()?.block_on(run_server(config, &run.log_filter))
         }
         Command::Token {
             cmd: TokenCmd::Generate { ttl, admin },
@@ -409,8 +470,17 @@ pub fn main() -> anyhow::Result<()> {
         Command::Entry { cmd } => runtime()?.block_on(admin::entry(cmd)),
         Command::Agent { cmd: Some(cmd), .. } => runtime()?.block_on(admin::agent(cmd)),
         Command::Agent { cmd: None, run } => {
-            let config = run.into_config()?;
-            runtime()?.block_on(run_agent(config))
+            let (config, run) = run.into_config()?;
+            if run.validate {
+                println!(
+                    "configuration OK: agent of {} (server {}, socket {})",
+                    config.trust_domain,
+                    config.server,
+                    config.socket.display()
+                );
+                return Ok(());
+            }
+            runtime()?.block_on(run_agent(config, &run.log_filter))
         }
         Command::Dev(args) => runtime()?.block_on(dev::run(args)),
         Command::Workload { cmd } => runtime()?.block_on(workload::run(cmd)),

@@ -129,6 +129,10 @@ impl<K: Hash + Eq + Copy + std::fmt::Debug> Limiter<K> {
     }
 
     fn refused(&self, peer: K, why: &'static str) {
+        crate::metrics::metrics()
+            .connections_refused
+            .get_or_create(&crate::metrics::label("listener", self.name))
+            .inc();
         let mut log = self.refusals.lock().unwrap_or_else(|e| e.into_inner());
         log.suppressed += 1;
         if log

@@ -173,6 +173,13 @@ impl Authorization for ExtAuthz {
         let r = request_from_check(req.get_ref());
         let evaluator = self.evaluator.borrow().clone();
         let d = evaluator.evaluate(&r);
+        crate::metrics::metrics()
+            .policy_decisions
+            .get_or_create(&crate::metrics::label(
+                "decision",
+                if d.allow { "allow" } else { "deny" },
+            ))
+            .inc();
         tracing::info!(
             target: "sigil::audit",
             event = "authorize",

@@ -428,6 +428,7 @@ impl Admin for AdminService {
                 .x509()
                 .issue_for_private_key(&key, &params, self.state.clock.now())
                 .map_err(status)?;
+            super::node::svid_issued("x509");
             Ok(pa::MintX509svidResponse {
                 cert_chain: svid.chain().to_vec(),
                 private_key: key.pkcs8_der().to_vec(),
@@ -465,6 +466,7 @@ impl Admin for AdminService {
                     self.state.options.jwt_issuer.as_deref(),
                 )
                 .map_err(status)?;
+            super::node::svid_issued("jwt");
             Ok(pa::MintJwtsvidResponse {
                 token,
                 expires_at: ts(now.checked_add(ttl).unwrap_or(now)).min(ts(self

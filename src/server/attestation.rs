@@ -42,12 +42,18 @@ pub(super) async fn attest(
     state: &ServerState,
     inbound: &mut Streaming<pn::AttestAgentRequest>,
     tx: &Sender<pn::AttestAgentResponse>,
+    tried: &mut &'static str,
 ) -> Result<(pn::AgentSvid, &'static str), Status> {
     use pn::attest_agent_request::Step;
     let Step::Params(params) = next_step(inbound).await? else {
         return Err(Status::invalid_argument(
             "the first attestation message must carry params",
         ));
+    };
+    *tried = match params.attestor.as_str() {
+        "join_token" => "join_token",
+        "x509pop" => "x509pop",
+        _ => "unknown",
     };
     // Check the CSR before consuming anything (a token is single-use).
     let csr = verify_csr(&params.csr).map_err(status)?;

@@ -66,6 +66,8 @@ pub const SERVER_KEYS: &[&str] = &[
     "bundle_key",
     "bundle_refresh_hint",
     "federation",
+    "metrics_bind",
+    "log_level",
 ];
 
 /// Why the server could not start or stopped with an error.
@@ -144,6 +146,8 @@ pub struct ServerConfig {
     pub bundle_refresh_hint: Duration,
     /// Peer trust domains whose bundles are polled.
     pub federation: Vec<federation::FederationRelationship>,
+    /// `/metrics`, `/live` and `/ready`, when served.
+    pub metrics_bind: Option<SocketAddr>,
     /// Service tunables.
     pub options: ServerOptions,
     /// Envoy ext_authz, when served.
@@ -168,6 +172,7 @@ impl ServerConfig {
             bundle_endpoint: None,
             bundle_refresh_hint: Duration::from_secs(300),
             federation: Vec::new(),
+            metrics_bind: None,
             options: ServerOptions {
                 default_x509_ttl: Duration::from_secs(3600),
                 default_jwt_ttl: Duration::from_secs(300),
@@ -234,6 +239,10 @@ impl ServerConfig {
             bundle_endpoint: bundle_endpoint_from_raw(raw)?,
             bundle_refresh_hint: refresh_hint_from_raw(raw, ca_ttl)?,
             federation: federation::relationships(&raw.tables("federation")?, &trust_domain)?,
+            metrics_bind: match raw.get("metrics_bind")? {
+                Some(_) => Some(raw.socket_addr("metrics_bind", "127.0.0.1:0")?),
+                None => None,
+            },
             policy: PolicyConfig::from_raw(raw)?,
             bind: raw.socket_addr("bind", DEFAULT_BIND)?,
             admin_socket: PathBuf::from(raw.string_or("admin_socket", DEFAULT_ADMIN_SOCKET)?),
@@ -589,6 +598,7 @@ pub struct ServerHandle {
     node_addr: SocketAddr,
     ext_authz_addr: Option<SocketAddr>,
     bundle_addr: Option<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
     admin_socket: PathBuf,
     bundle_pem: String,
     trust_domain: TrustDomain,
@@ -604,6 +614,10 @@ impl ServerHandle {
     /// The ext_authz address, when served.
     pub fn ext_authz_addr(&self) -> Option<SocketAddr> {
         self.ext_authz_addr
+    }
+    /// The metrics listener's address, when served.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
     /// The bundle endpoint's address, when served.
     pub fn bundle_addr(&self) -> Option<SocketAddr> {
@@ -761,6 +775,64 @@ async fn wait_for(mut rx: watch::Receiver<bool>) {
     }
 }
 
+/// The server's metrics gauges and readiness: the store readable, the
+/// active X.509 authority valid, the rotation schedule not failing.
+fn server_probes(state: Arc<ServerState>) -> crate::metrics::Probes {
+    let for_refresh = state.clone();
+    crate::metrics::Probes {
+        refresh: Box::new(move || {
+            let m = crate::metrics::metrics();
+            let store = for_refresh.registry.store();
+            if let Ok(r) = store.revision() {
+                m.store_revision.set(i64::try_from(r).unwrap_or(i64::MAX));
+            }
+            if let Some(size) = store.size_on_disk() {
+                m.store_size.set(i64::try_from(size).unwrap_or(i64::MAX));
+            }
+            let now = for_refresh.clock.now();
+            let current = for_refresh.ca.current();
+            m.authorities.clear();
+            for a in current.list() {
+                let kind = match a.kind {
+                    crate::store::AuthorityKind::X509 => "x509",
+                    crate::store::AuthorityKind::Jwt => "jwt",
+                };
+                m.authorities
+                    .get_or_create(&vec![
+                        ("kind", kind.to_string()),
+                        ("state", crate::ca::state_name(a.state).to_string()),
+                    ])
+                    .inc();
+                if a.state == crate::store::SlotState::Active {
+                    let left = a.not_after.duration_since(now).unwrap_or_default();
+                    m.authority_remaining
+                        .get_or_create(&crate::metrics::label("kind", kind))
+                        .set(left.as_secs_f64());
+                }
+            }
+        }),
+        ready: Arc::new(move || {
+            if let Some(why) = state
+                .rotation_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+            {
+                return Err(format!("CA rotation is failing: {why}"));
+            }
+            state
+                .registry
+                .store()
+                .revision()
+                .map_err(|e| format!("the store cannot be read: {e}"))?;
+            if state.ca.x509().not_after() <= state.clock.now() {
+                return Err("the active X.509 authority has expired".into());
+            }
+            Ok(())
+        }),
+    }
+}
+
 /// What follows the authorities: watch senders the services read from.
 struct Followers {
     /// The node API's TLS (server SVID and agent roots).
@@ -878,9 +950,20 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     let state_for_compaction = state.clone();
     let state_for_follow = state.clone();
     let state_for_rotation = state.clone();
+    let probes = server_probes(state.clone());
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let readiness = crate::metrics::follow_readiness(
+        probes.ready.clone(),
+        health_reporter,
+        vec!["sigil.node.v1.Node".into()],
+        None::<watch::Receiver<()>>,
+        shutdown_rx.clone(),
+    );
     let node_limits = crate::edge::ConnLimits::NODE;
     let node_server = node_limits
         .server_builder()
+        .layer(crate::metrics::RpcMetricsLayer)
+        .add_service(health_service)
         .add_service(NodeServer::new(NodeService::new(state.clone())))
         .serve_with_incoming_shutdown(
             crate::edge::tls_incoming("node", listener, tls_rx, node_limits),
@@ -889,6 +972,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     let admin_limits = crate::edge::ConnLimits::ADMIN;
     let admin_server = admin_limits
         .server_builder()
+        .layer(crate::metrics::RpcMetricsLayer)
         .add_service(AdminServer::new(AdminService::new(state)))
         .serve_with_incoming_shutdown(
             crate::edge::unix_incoming("admin", admin_listener, admin_limits),
@@ -952,6 +1036,23 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
             let _ = p.await;
         }
     };
+    let (metrics_addr, metrics_server) = match config.metrics_bind {
+        Some(addr) => {
+            let (bound, serving) = crate::metrics::serve(addr, probes, shutdown_rx.clone())
+                .await
+                .map_err(|e| ServerError::Bind {
+                    addr: addr.to_string(),
+                    reason: e.to_string(),
+                })?;
+            (Some(bound), Some(serving))
+        }
+        None => (None, None),
+    };
+    let metrics_task = async move {
+        if let Some(m) = metrics_server {
+            m.await;
+        }
+    };
     let follower = follow_authorities(
         state_for_follow,
         Followers {
@@ -982,7 +1083,8 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         };
         // The background jobs end on shutdown too, and are awaited, so the
         // store is closed when the server says it stopped.
-        let (node, admin, authz, (), (), (), (), ()) = tokio::join!(
+        let ((), node, admin, authz, (), (), (), (), (), ()) = tokio::join!(
+            readiness,
             node_server,
             admin_server,
             ext_authz,
@@ -990,7 +1092,8 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
             follower,
             rotator,
             bundle_endpoint,
-            federation
+            federation,
+            metrics_task
         );
         node.and(admin)
             .and(authz)
@@ -1007,6 +1110,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         node_addr,
         ext_authz_addr,
         bundle_addr,
+        metrics_addr,
         admin_socket: config.admin_socket,
         bundle_pem,
         trust_domain: config.trust_domain,

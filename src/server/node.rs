@@ -107,6 +107,7 @@ fn sign_batch(
                 });
             match outcome {
                 Ok(svid) => {
+                    svid_issued("x509");
                     tracing::info!(target: "sigil::audit", event = "new_x509_svid", decision = "allow", agent = %agent, entry = ?p.entry_id, spiffe_id = %svid.spiffe_id());
                     pn::X509svidResult {
                         entry_id: p.entry_id.clone(),
@@ -150,6 +151,14 @@ impl NodeService {
     pub fn new(state: Arc<ServerState>) -> Self {
         NodeService { state }
     }
+}
+
+/// Counts one signed SVID of `kind` (`x509` or `jwt`).
+pub(super) fn svid_issued(kind: &str) {
+    crate::metrics::metrics()
+        .svids_issued
+        .get_or_create(&crate::metrics::label("type", kind))
+        .inc();
 }
 
 /// The agent behind an mTLS request: who it is, and the SVID it presented.
@@ -219,7 +228,16 @@ impl Node for NodeService {
         let (tx, rx) = mpsc::channel(2);
         let state = self.state.clone();
         tokio::spawn(async move {
-            let outcome = attest(&state, &mut inbound, &tx).await;
+            let mut tried = "unknown";
+            let outcome = attest(&state, &mut inbound, &tx, &mut tried).await;
+            let result = if outcome.is_ok() { "allow" } else { "deny" };
+            crate::metrics::metrics()
+                .attestations
+                .get_or_create(&vec![
+                    ("attestor", tried.to_string()),
+                    ("result", result.to_string()),
+                ])
+                .inc();
             let reply = match outcome {
                 Ok((resp, attestor)) => {
                     let id = resp.spiffe_id.clone();
@@ -338,6 +356,7 @@ impl Node for NodeService {
         })();
         match &decision {
             Ok(resp) => {
+                svid_issued("jwt");
                 tracing::info!(target: "sigil::audit", event = "new_jwt_svid", decision = "allow", agent = %agent, entry = ?r.entry_id, spiffe_id = %resp.spiffe_id, audiences = r.audience.len())
             }
             Err(s) => {
@@ -386,6 +405,8 @@ impl Node for NodeService {
         tracing::info!(target: "sigil::audit", event = "sync_entries", decision = "allow", agent = %agent, resume_from = resume);
         tokio::spawn(async move {
             let _slot = slot;
+            let _open =
+                crate::metrics::GaugeGuard::new(crate::metrics::metrics().sync_streams.clone());
             if let Err(s) = sync(&state, (&agent, &serial), resume, expires, &tx).await {
                 tracing::info!(agent = %agent, reason = s.message(), "sync stream closed");
                 let _ = tx.send(Err(s)).await;
@@ -508,6 +529,7 @@ async fn sync(
                         Default::default()
                     },
                 };
+                crate::metrics::metrics().sync_messages.inc();
                 if tx.send(Ok(msg)).await.is_err() {
                     return Ok(());
                 }
@@ -572,6 +594,7 @@ async fn send_snapshot(
                 },
             };
             first = false;
+            crate::metrics::metrics().sync_messages.inc();
             if tx.send(Ok(msg)).await.is_err() {
                 return Ok(revision);
             }

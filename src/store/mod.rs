@@ -477,6 +477,11 @@ pub trait Store: Send + Sync {
     /// Events with revision > `after`, oldest first, at most `limit`.
     fn events_since(&self, after: u64, limit: usize) -> Result<EventsSince, StoreError>;
 
+    /// Bytes on disk, when the backend knows (metrics).
+    fn size_on_disk(&self) -> Option<u64> {
+        None
+    }
+
     /// Checks the store can be read and written now (health). The default
     /// reads the revision.
     fn probe(&self) -> Result<(), StoreError> {

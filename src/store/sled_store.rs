@@ -193,6 +193,10 @@ impl Store for SledStore {
         Ok(())
     }
 
+    fn size_on_disk(&self) -> Option<u64> {
+        self.db.size_on_disk().ok()
+    }
+
     fn revision(&self) -> Result<u64, StoreError> {
         Ok(u64_of(self.trees[META].get(META_REVISION)?))
     }

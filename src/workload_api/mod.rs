@@ -111,6 +111,7 @@ impl WorkloadApi {
         let (tx, out) = mpsc::channel(4);
         let mut shutdown = self.shutdown.clone();
         tokio::spawn(async move {
+            let _open = open_stream("workload");
             let mut last = first.clone();
             if tx.send(Ok(first)).await.is_err() {
                 return;
@@ -210,6 +211,16 @@ impl WorkloadApi {
     fn lock_jwts(&self) -> std::sync::MutexGuard<'_, JwtCache> {
         self.jwts.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Counts an open stream of `api` (`workload` or `sds`) while alive.
+pub(crate) fn open_stream(api: &str) -> crate::metrics::GaugeGuard {
+    crate::metrics::GaugeGuard::new(
+        crate::metrics::metrics()
+            .workload_streams
+            .get_or_create(&crate::metrics::label("api", api))
+            .clone(),
+    )
 }
 
 /// Attests the process at the other end of the socket from its peer

@@ -451,6 +451,7 @@ impl SecretDiscoveryService for Sds {
         let mut state = self.state.clone();
         let mut shutdown = self.shutdown.clone();
         tokio::spawn(async move {
+            let _open = super::open_stream("sds");
             // The first request names what is wanted and pins the node. Any
             // nonce it carries (Envoy reconnecting after an agent restart)
             // belongs to another stream: it is served, not ignored.
@@ -527,6 +528,7 @@ impl SecretDiscoveryService for Sds {
         let mut state = self.state.clone();
         let mut shutdown = self.shutdown.clone();
         tokio::spawn(async move {
+            let _open = super::open_stream("sds");
             let first = match inbound.message().await {
                 Ok(Some(r)) => r,
                 _ => return,

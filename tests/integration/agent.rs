@@ -46,6 +46,7 @@ pub(crate) async fn start_agent_with(
         log_format: LogFormat::Text,
         unix: UnixAttestor::default(),
         policy,
+        metrics_bind: None,
     })
     .await
     .unwrap()
@@ -472,6 +473,7 @@ async fn agent_restart_reuses_its_saved_identity() {
         log_format: LogFormat::Text,
         unix: UnixAttestor::default(),
         policy: None,
+        metrics_bind: None,
     })
     .await
     .unwrap();
@@ -533,6 +535,7 @@ async fn agent_renews_its_svid_and_reattests_with_x509pop_after_expiry() {
         log_format: LogFormat::Text,
         unix: UnixAttestor::default(),
         policy: None,
+        metrics_bind: None,
     };
     let me = format!("unix:uid:{}", my_uid());
 
@@ -659,6 +662,7 @@ async fn an_agent_restarted_while_the_server_is_down_serves_its_cached_svids() {
         log_format: LogFormat::Text,
         unix: UnixAttestor::default(),
         policy: None,
+        metrics_bind: None,
     };
     // The server is down: the restarted agent serves its cached SVID at once.
     let again = sigil::agent::start(config("agent", "again.sock"))

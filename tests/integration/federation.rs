@@ -42,6 +42,7 @@ async fn agent_of(server: &ServerHandle, td: &str, dir: &Path) -> AgentHandle {
         log_format: sigil::config::LogFormat::Text,
         unix: sigil::attest::UnixAttestor::default(),
         policy: None,
+        metrics_bind: None,
     })
     .await
     .unwrap()

@@ -11,6 +11,7 @@ mod hardening;
 mod interop;
 mod jwks_https;
 mod openssl_verify;
+mod operability;
 mod rotation;
 mod sds;
 mod server;

@@ -454,6 +454,7 @@ async fn a_server_restarted_mid_rotation_and_an_agent_restarted_after_it() {
         log_format: sigil::config::LogFormat::Text,
         unix: sigil::attest::UnixAttestor::default(),
         policy: None,
+        metrics_bind: None,
     })
     .await
     .unwrap();

@@ -323,6 +323,7 @@ async fn sds_streams_follow_the_xds_rules_and_push_on_changes() {
         log_format: sigil::config::LogFormat::Text,
         unix: sigil::attest::UnixAttestor::default(),
         policy: None,
+        metrics_bind: None,
     })
     .await
     .unwrap();

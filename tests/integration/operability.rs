@@ -1,0 +1,292 @@
+//! What an operator watches: `/metrics`, `/live` and `/ready` on server and
+//! agent, gRPC health on the node API, `sigil healthcheck` for both, and
+//! `--validate`.
+
+use std::process::Command;
+use std::time::Duration;
+
+use sigil::proto::admin as pa;
+use sigil::proto::workload as pw;
+use sigil::server::start;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::server::{admin, server_config, td};
+
+/// One plain HTTP GET: (status, body).
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).await.unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, body.to_string())
+}
+
+fn sigil(args: &[&str]) -> (i32, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_sigil"))
+        .args(args)
+        .env_remove("SIGIL_ADMIN_SOCKET")
+        .output()
+        .unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+    )
+}
+
+/// Waits until `/metrics` at `addr` contains every one of `wanted`.
+async fn metrics_with(addr: std::net::SocketAddr, wanted: &[&str]) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = http_get(addr, "/metrics").await;
+        assert_eq!(status, 200);
+        if wanted.iter().all(|w| body.contains(w)) {
+            return body;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "missing {:?} in\n{body}",
+            wanted
+                .iter()
+                .filter(|w| !body.contains(**w))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_health_and_readiness_on_server_and_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = server_config(&dir.path().join("s"), vec![]);
+    cfg.metrics_bind = Some("127.0.0.1:0".parse().unwrap());
+    let server = start(cfg).await.unwrap();
+    let server_metrics = server.metrics_addr().unwrap();
+    assert_eq!(http_get(server_metrics, "/live").await.0, 200);
+    assert_eq!(
+        http_get(server_metrics, "/ready").await,
+        (200, "ready\n".into())
+    );
+    assert_eq!(http_get(server_metrics, "/nope").await.0, 404);
+
+    let token = admin(&server)
+        .await
+        .generate_token(pa::GenerateTokenRequest { ttl_seconds: 600 })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let agent = sigil::agent::start(sigil::agent::AgentConfig {
+        server: server.node_addr().to_string(),
+        trust_bundle_pem: server.bundle_pem().to_string(),
+        trust_domain: td(),
+        attestation: Some(sigil::agent::Attestation::JoinToken(token)),
+        socket: dir.path().join("api.sock"),
+        data_dir: dir.path().join("agent"),
+        log_format: sigil::config::LogFormat::Text,
+        unix: sigil::attest::UnixAttestor::default(),
+        policy: None,
+        metrics_bind: Some("127.0.0.1:0".parse().unwrap()),
+    })
+    .await
+    .unwrap();
+    let uid = sigil::attest::current_uid().unwrap();
+    admin(&server)
+        .await
+        .create_entry(pa::EntryParams {
+            spiffe_id: "spiffe://example.org/metered".into(),
+            parent_id: agent.spiffe_id().to_string(),
+            selectors: vec![format!("unix:uid:{uid}")],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut state = agent.state();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while state.borrow_and_update().svids.is_empty() {
+            state.changed().await.unwrap();
+        }
+    })
+    .await
+    .unwrap();
+    // An open Workload API stream.
+    let mut c = sigil::cli::connect_workload(agent.socket()).await.unwrap();
+    let mut req = tonic::Request::new(pw::X509svidRequest {});
+    req.metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().unwrap());
+    let mut stream = c.fetch_x509svid(req).await.unwrap().into_inner();
+    stream.message().await.unwrap().unwrap();
+
+    metrics_with(
+        server_metrics,
+        &[
+            "sigil_svids_issued_total{type=\"x509\"}",
+            "sigil_attestations_total{attestor=\"join_token\",result=\"allow\"}",
+            "sigil_authority_remaining_seconds{kind=\"x509\"}",
+            "sigil_authorities{kind=\"jwt\",state=\"active\"} 1",
+            "sigil_rpc_duration_seconds_count{service=\"sigil.node.v1.Node\",method=\"BatchNewX509SVID\",code=\"OK\"}",
+            "sigil_rpc_duration_seconds_count{service=\"sigil.admin.v1.Admin\",method=\"CreateEntry\",code=\"OK\"}",
+            "sigil_store_revision ",
+            "sigil_store_size_bytes ",
+            "sigil_sync_streams ",
+            "sigil_sync_messages_total ",
+        ],
+    )
+    .await;
+    let agent_metrics = agent.metrics_addr().unwrap();
+    metrics_with(
+        agent_metrics,
+        &[
+            "sigil_workload_streams{api=\"workload\"} ",
+            "sigil_cache_size{cache=\"svids\"} 1",
+            "sigil_cache_size{cache=\"entries\"} 1",
+            "sigil_rpc_duration_seconds_count{service=\"SpiffeWorkloadAPI\",method=\"FetchX509SVID\",code=\"OK\"}",
+        ],
+    )
+    .await;
+    assert_eq!(http_get(agent_metrics, "/ready").await.0, 200);
+
+    // An unknown method never becomes a label value.
+    let ch = sigil::cli::unix_channel(agent.socket()).await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(ch);
+    grpc.ready().await.unwrap();
+    let _ = grpc
+        .unary::<(), (), _>(
+            tonic::Request::new(()),
+            "/Made.Up/Method".parse().unwrap(),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await;
+    let body = metrics_with(
+        agent_metrics,
+        &["service=\"unknown\",method=\"unknown\",code=\"Unimplemented\""],
+    )
+    .await;
+    assert!(!body.contains("Made.Up"));
+
+    // gRPC health on the node API (TLS), and `sigil healthcheck` for both.
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(server.bundle_pem()))
+        .domain_name("sigil-server");
+    let node = tonic::transport::Endpoint::from_shared(format!("https://{}", server.node_addr()))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let h = tonic_health::pb::health_client::HealthClient::new(node)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "sigil.node.v1.Node".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        h.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+
+    let admin_socket = server.admin_socket().display().to_string();
+    let (code, out) = sigil(&[
+        "healthcheck",
+        "--admin-socket",
+        &admin_socket,
+        "--output",
+        "json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((code, v["status"].as_str()), (0, Some("SERVING")), "{out}");
+    assert!(
+        v["x509_authority_expires_at"]
+            .as_str()
+            .unwrap()
+            .ends_with('Z'),
+        "{out}"
+    );
+    let agent_socket = agent.socket().display().to_string();
+    let (code, out) = sigil(&["healthcheck", "--socket", &agent_socket, "--output", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (code, v["status"].as_str(), v["target"].as_str()),
+        (0, Some("SERVING"), Some("agent")),
+        "{out}"
+    );
+    let missing = dir.path().join("no.sock").display().to_string();
+    let (code, out) = sigil(&["healthcheck", "--socket", &missing, "--output", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((code, v["status"].as_str()), (1, Some("UNKNOWN")), "{out}");
+    let (code, out) = sigil(&["healthcheck", "--socket", &missing]);
+    assert!(code == 1 && out.contains("Agent is not ready"), "{out}");
+
+    drop(stream);
+    agent.shutdown(Duration::from_secs(2)).await;
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+#[test]
+fn validate_checks_a_config_and_binds_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data_s = data.display().to_string();
+    let (code, out) = sigil(&[
+        "server",
+        "--trust-domain",
+        "example.org",
+        "--data-dir",
+        &data_s,
+        "--bind",
+        "127.0.0.1:1",
+        "--metrics-bind",
+        "127.0.0.1:1",
+        "--log-level",
+        "info,sigil::audit=warn",
+        "--validate",
+    ]);
+    assert!(
+        code == 0 && out.contains("configuration OK: server for example.org"),
+        "{out}"
+    );
+    assert!(!data.exists(), "validate creates nothing");
+    for (args, says) in [
+        (vec!["--log-level", "loud=!"], "log_level"),
+        (vec!["--metrics-bind", "nowhere"], "metrics_bind"),
+        (
+            vec!["--ca-ttl", "1h", "--default-x509-ttl", "1h"],
+            "default_x509_ttl",
+        ),
+    ] {
+        let mut all = vec![
+            "server",
+            "--trust-domain",
+            "example.org",
+            "--data-dir",
+            &data_s,
+            "--validate",
+        ];
+        all.extend(args.iter().copied());
+        let (code, out) = sigil(&all);
+        assert!(code != 0 && out.contains(says), "{args:?}: {out}");
+    }
+    let bundle = dir.path().join("bundle.pem");
+    std::fs::write(&bundle, "not a bundle").unwrap();
+    let bundle_s = bundle.display().to_string();
+    let (code, out) = sigil(&[
+        "agent",
+        "--server",
+        "127.0.0.1:1",
+        "--trust-bundle",
+        &bundle_s,
+        "--join-token",
+        "t",
+        "--validate",
+    ]);
+    assert!(code != 0 && out.contains("trust_bundle"), "{out}");
+}
