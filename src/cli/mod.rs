@@ -454,13 +454,12 @@ pub fn main() -> anyhow::Result<()> {
         Command::Server(args) => {
             let (config, run) = args.into_config()?;
             if run.validate {
-                println!(
+                return admin::Output::line(&format!(
                     "configuration OK: server for {} (node API {}, data in {})",
                     config.trust_domain,
                     config.bind,
                     config.data_dir.display()
-                );
-                return Ok(());
+                ));
             }
             runtime()?.block_on(run_server(config, &run.log_filter))
         }
@@ -472,13 +471,12 @@ pub fn main() -> anyhow::Result<()> {
         Command::Agent { cmd: None, run } => {
             let (config, run) = run.into_config()?;
             if run.validate {
-                println!(
+                return admin::Output::line(&format!(
                     "configuration OK: agent of {} (server {}, socket {})",
                     config.trust_domain,
                     config.server,
                     config.socket.display()
-                );
-                return Ok(());
+                ));
             }
             runtime()?.block_on(run_agent(config, &run.log_filter))
         }
