@@ -839,24 +839,24 @@ pub async fn healthcheck(args: &HealthcheckArgs) -> anyhow::Result<()> {
         None => server_health(&args.admin).await,
     };
     details["status"] = json!(status);
-    match args.admin.output {
-        OutputFormat::Json => Output::json(&details)?,
-        OutputFormat::Text => Output::line(&match (&args.socket, status) {
-            (Some(s), "SERVING") => format!("Agent is ready ({}).", s.display()),
-            (None, "SERVING") => format!(
-                "Server is ready (trust domain {}).",
-                details["trust_domain"].as_str().unwrap_or("")
-            ),
-            (_, _) => format!(
+    match (args.admin.output, &args.socket, status) {
+        (OutputFormat::Json, _, _) => Output::json(&details)?,
+        (OutputFormat::Text, Some(s), "SERVING") => {
+            Output::line(&format!("Agent is ready ({}).", s.display()))?
+        }
+        (OutputFormat::Text, None, "SERVING") => Output::line(&format!(
+            "Server is ready (trust domain {}).",
+            details["trust_domain"].as_str().unwrap_or("")
+        ))?,
+        (OutputFormat::Text, _, _) => {
+            // Not ready is a failure: said on stderr, like every error.
+            let _ = writeln!(
+                std::io::stderr(),
                 "{} is not ready: {}",
-                if args.socket.is_some() {
-                    "Agent"
-                } else {
-                    "Server"
-                },
+                if args.socket.is_some() { "Agent" } else { "Server" },
                 details["reason"].as_str().unwrap_or("unknown")
-            ),
-        })?,
+            );
+        }
     }
     if status == "SERVING" {
         Ok(())

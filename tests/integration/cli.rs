@@ -344,10 +344,12 @@ fn admin_commands_against_a_running_server() {
     let mut log = String::new();
     std::io::Read::read_to_string(&mut server.stderr.take().unwrap(), &mut log).unwrap();
     // JSON audit lines for the admin changes.
+    // The caller is the admin socket's peer: this test's uid.
+    let caller = format!("\"caller\":\"uid={}", sigil::attest::current_uid().unwrap());
     assert!(
-        log.lines().any(
-            |l| l.contains("\"event\":\"create_entry\"") && l.contains("\"decision\":\"deny\"")
-        ),
+        log.lines().any(|l| l.contains("\"event\":\"create_entry\"")
+            && l.contains("\"decision\":\"deny\"")
+            && l.contains(&caller)),
         "{log}"
     );
 }
