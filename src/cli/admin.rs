@@ -37,6 +37,100 @@ pub struct HealthcheckArgs {
     pub admin: AdminArgs,
 }
 
+/// The fields `entry update` may change: only those given change.
+#[derive(Debug, Args, Clone)]
+pub struct EntryPatch {
+    /// A new SPIFFE ID.
+    #[arg(long)]
+    spiffe_id: Option<String>,
+    /// A new parent.
+    #[arg(long)]
+    parent_id: Option<String>,
+    /// Replace the selectors (repeat for several).
+    #[arg(long = "selector")]
+    selectors: Vec<String>,
+    /// X509-SVID TTL, or `default` for the server's default.
+    #[arg(long)]
+    x509_ttl: Option<String>,
+    /// JWT-SVID TTL, or `default` for the server's default.
+    #[arg(long)]
+    jwt_ttl: Option<String>,
+    /// Replace the DNS SANs (repeat for several).
+    #[arg(long = "dns-name", conflicts_with = "clear_dns_names")]
+    dns_names: Vec<String>,
+    /// Remove every DNS SAN.
+    #[arg(long)]
+    clear_dns_names: bool,
+    /// A new hint (`--hint ""` removes it).
+    #[arg(long)]
+    hint: Option<String>,
+    /// Mark (true) or unmark (false) the entry as admin.
+    #[arg(long)]
+    admin: Option<bool>,
+    /// Replace the federated trust domains (repeat for several).
+    #[arg(long = "federates-with", conflicts_with = "clear_federates_with")]
+    federates_with: Vec<String>,
+    /// Remove every federated trust domain.
+    #[arg(long)]
+    clear_federates_with: bool,
+}
+
+impl EntryPatch {
+    /// `current` with the given fields changed.
+    fn apply(self, current: pn::Entry) -> anyhow::Result<pa::EntryParams> {
+        let ttl = |flag: &str, v: Option<String>, old: i64| match v.as_deref() {
+            None => Ok(old),
+            Some("default") => Ok(0),
+            Some(v) => {
+                let secs = seconds(flag, Some(&v.to_string()))?;
+                anyhow::ensure!(
+                    secs > 0,
+                    "--{flag} {v:?}: must be greater than zero (or `default`)"
+                );
+                Ok(secs)
+            }
+        };
+        let changes = self.spiffe_id.is_some()
+            || self.parent_id.is_some()
+            || !self.selectors.is_empty()
+            || self.x509_ttl.is_some()
+            || self.jwt_ttl.is_some()
+            || !self.dns_names.is_empty()
+            || self.clear_dns_names
+            || self.hint.is_some()
+            || self.admin.is_some()
+            || !self.federates_with.is_empty()
+            || self.clear_federates_with;
+        anyhow::ensure!(
+            changes,
+            "nothing to update: give at least one field to change (see --help)"
+        );
+        Ok(pa::EntryParams {
+            x509_ttl_seconds: ttl("x509-ttl", self.x509_ttl, current.x509_ttl_seconds)?,
+            jwt_ttl_seconds: ttl("jwt-ttl", self.jwt_ttl, current.jwt_ttl_seconds)?,
+            spiffe_id: self.spiffe_id.unwrap_or(current.spiffe_id),
+            parent_id: self.parent_id.unwrap_or(current.parent_id),
+            selectors: if self.selectors.is_empty() {
+                current.selectors
+            } else {
+                self.selectors
+            },
+            dns_names: match (self.clear_dns_names, self.dns_names.is_empty()) {
+                (true, _) => Vec::new(),
+                (false, true) => current.dns_names,
+                (false, false) => self.dns_names,
+            },
+            hint: self.hint.unwrap_or(current.hint),
+            admin: self.admin.unwrap_or(current.admin),
+            federates_with: match (self.clear_federates_with, self.federates_with.is_empty()) {
+                (true, _) => Vec::new(),
+                (false, true) => current.federates_with,
+                (false, false) => self.federates_with,
+            },
+        })
+    }
+}
+
 /// Entry fields shared by create and update.
 #[derive(Debug, Args, Clone)]
 pub struct EntryFields {
@@ -96,13 +190,16 @@ pub enum EntryCmd {
         #[command(flatten)]
         admin: AdminArgs,
     },
-    /// Replace an entry's fields.
+    /// Change some of an entry's fields; the others stay as they are.
+    #[command(
+        after_help = "Examples:\n  sigil entry update --id ID --jwt-ttl 10m\n  sigil entry update --id ID --dns-name api.example.org --dns-name api\n  sigil entry update --id ID --clear-dns-names --x509-ttl default"
+    )]
     Update {
         /// The entry to update.
         #[arg(long)]
         id: String,
         #[command(flatten)]
-        fields: EntryFields,
+        patch: EntryPatch,
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -436,10 +533,14 @@ pub async fn entry(cmd: EntryCmd) -> anyhow::Result<()> {
                 .await)?;
             print_entries(admin.output, std::slice::from_ref(&e))
         }
-        EntryCmd::Update { id, fields, admin } => {
+        EntryCmd::Update { id, patch, admin } => {
+            let current = rpc(client(&admin)
+                .await?
+                .get_entry(pa::EntryIdRequest { id: id.clone() })
+                .await)?;
             let req = pa::UpdateEntryRequest {
                 id,
-                params: Some(entry_params(&fields)?),
+                params: Some(patch.apply(current)?),
             };
             let e = rpc(client(&admin).await?.update_entry(req).await)?;
             print_entries(admin.output, std::slice::from_ref(&e))
@@ -853,7 +954,11 @@ pub async fn healthcheck(args: &HealthcheckArgs) -> anyhow::Result<()> {
             let _ = writeln!(
                 std::io::stderr(),
                 "{} is not ready: {}",
-                if args.socket.is_some() { "Agent" } else { "Server" },
+                if args.socket.is_some() {
+                    "Agent"
+                } else {
+                    "Server"
+                },
                 details["reason"].as_str().unwrap_or("unknown")
             );
         }

@@ -972,9 +972,11 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     let admin_limits = crate::edge::ConnLimits::ADMIN;
     let admin_server = admin_limits
         .server_builder()
-        .layer(tower::ServiceBuilder::new()
-            .layer(crate::metrics::RpcMetricsLayer)
-            .layer(admin::AdminCallerLayer))
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(crate::metrics::RpcMetricsLayer)
+                .layer(admin::AdminCallerLayer),
+        )
         .add_service(AdminServer::new(AdminService::new(state)))
         .serve_with_incoming_shutdown(
             crate::edge::unix_incoming("admin", admin_listener, admin_limits),

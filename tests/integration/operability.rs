@@ -290,3 +290,83 @@ fn validate_checks_a_config_and_binds_nothing() {
     ]);
     assert!(code != 0 && out.contains("trust_bundle"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entry_update_changes_only_what_is_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(server_config(&dir.path().join("s"), vec![]))
+        .await
+        .unwrap();
+    let socket = server.admin_socket().display().to_string();
+    let cli = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--admin-socket", &socket, "--output", "json"]);
+        let (code, out) = sigil(&all);
+        (
+            code,
+            serde_json::from_str::<serde_json::Value>(&out)
+                .unwrap_or(serde_json::Value::String(out)),
+        )
+    };
+    let (code, created) = cli(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/patched",
+        "--parent-id",
+        "spiffe://example.org/sigil/agent/join_token/x",
+        "--selector",
+        "unix:uid:1000",
+        "--jwt-ttl",
+        "2m",
+        "--dns-name",
+        "a.example.org",
+        "--hint",
+        "h",
+    ]);
+    assert_eq!(code, 0, "{created}");
+    let id = created[0]["id"].as_str().unwrap().to_string();
+
+    let (code, e) = cli(&["entry", "update", "--id", &id, "--x509-ttl", "30m"]);
+    assert_eq!(code, 0, "{e}");
+    assert_eq!(e[0]["x509_ttl_seconds"], 1800);
+    assert_eq!(e[0]["jwt_ttl_seconds"], 120, "untouched: {e}");
+    assert_eq!(e[0]["dns_names"], serde_json::json!(["a.example.org"]));
+    assert_eq!(e[0]["hint"], "h");
+
+    let (code, e) = cli(&[
+        "entry",
+        "update",
+        "--id",
+        &id,
+        "--clear-dns-names",
+        "--jwt-ttl",
+        "default",
+    ]);
+    assert_eq!(code, 0, "{e}");
+    assert_eq!(e[0]["dns_names"], serde_json::json!([]));
+    assert_eq!(e[0]["jwt_ttl_seconds"], 0);
+    assert_eq!(e[0]["x509_ttl_seconds"], 1800);
+
+    for (args, says) in [
+        (
+            vec!["entry", "update", "--id", id.as_str()],
+            "nothing to update",
+        ),
+        (
+            vec!["entry", "update", "--id", id.as_str(), "--x509-ttl", "0s"],
+            "greater than zero",
+        ),
+        (
+            vec!["entry", "update", "--id", "nope", "--hint", "x"],
+            "not found",
+        ),
+    ] {
+        let (code, out) = cli(&args);
+        assert!(
+            code != 0 && out.to_string().contains(says),
+            "{args:?}: {out}"
+        );
+    }
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
