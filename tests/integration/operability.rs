@@ -370,3 +370,35 @@ async fn entry_update_changes_only_what_is_given() {
     }
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
+
+#[test]
+fn every_config_key_is_in_the_examples_and_the_docs() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let docs = std::fs::read_to_string(root.join("docs/configuration.md")).unwrap();
+    for (keys, example) in [
+        (sigil::server::SERVER_KEYS, "deploy/config/server.toml"),
+        (sigil::agent::AGENT_KEYS, "deploy/config/agent.toml"),
+    ] {
+        let text = std::fs::read_to_string(root.join(example)).unwrap();
+        for key in keys {
+            let in_example = text.lines().any(|l| {
+                let l = l.trim_start_matches(['#', ' ']);
+                l.starts_with(&format!("{key} =")) || l.starts_with(&format!("[[{key}]]"))
+            });
+            assert!(in_example, "{key} is missing from {example}");
+            assert!(
+                docs.contains(&format!("`{key}`")),
+                "{key} is missing from docs/configuration.md"
+            );
+        }
+        // The example itself loads (commented keys aside).
+        sigil::config::RawConfig::load(Some(&root.join(example)), keys).unwrap();
+    }
+    let raw = sigil::config::RawConfig::load(
+        Some(&root.join("deploy/config/server.toml")),
+        sigil::server::SERVER_KEYS,
+    )
+    .unwrap();
+    sigil::server::ServerConfig::from_raw(&raw)
+        .expect("the server example is a valid configuration");
+}
