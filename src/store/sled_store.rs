@@ -75,6 +75,15 @@ impl SledStore {
         }));
         let (db, trees) = match opened {
             Ok(Ok(t)) => t,
+            // sled holds an exclusive lock on its files while open.
+            Ok(Err(sled::Error::Io(e)))
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.to_string().contains("could not acquire lock") =>
+            {
+                return Err(open_err(
+                    "another sigil process is using this data directory (stop it, or give this one its own --data-dir)".into(),
+                ));
+            }
             Ok(Err(e)) => return Err(open_err(format!("cannot open (corrupt?): {e}"))),
             Err(panic) => {
                 let what = panic

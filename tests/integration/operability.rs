@@ -402,3 +402,29 @@ fn every_config_key_is_in_the_examples_and_the_docs() {
     sigil::server::ServerConfig::from_raw(&raw)
         .expect("the server example is a valid configuration");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_server_on_the_same_data_dir_is_told_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = server_config(&dir.path().join("s"), vec![]);
+    let data = cfg.data_dir.display().to_string();
+    let server = start(cfg).await.unwrap();
+    let other_socket = dir.path().join("other.sock").display().to_string();
+    let (code, out) = sigil(&[
+        "server",
+        "--trust-domain",
+        "example.org",
+        "--data-dir",
+        &data,
+        "--bind",
+        "127.0.0.1:0",
+        "--admin-socket",
+        &other_socket,
+    ]);
+    assert!(
+        code != 0 && out.contains("another sigil process is using this data directory"),
+        "{out}"
+    );
+    assert!(!out.contains("WouldBlock"), "{out}");
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
