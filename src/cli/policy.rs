@@ -139,7 +139,7 @@ pub async fn run(cmd: PolicyCmd) -> anyhow::Result<()> {
     let d = Evaluator::new(set, a.root_namespace)
         .with_remote_jwks(jwks)
         .evaluate(&request);
-    match a.output {
+    let printed = match a.output {
         OutputFormat::Json => Output::json(&json!({
             "decision": if d.allow { "allow" } else { "deny" },
             "status": d.status,
@@ -161,5 +161,11 @@ pub async fn run(cmd: PolicyCmd) -> anyhow::Result<()> {
             lines.extend(d.explanation.iter().map(|e| format!("  - {e}")));
             Output::line(&lines.join("\n"))
         }
+    };
+    printed?;
+    // A deny exits 1, so `policy check` can gate a script (errors exit 2).
+    if !d.allow {
+        std::process::exit(1);
     }
+    Ok(())
 }

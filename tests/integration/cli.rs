@@ -497,8 +497,11 @@ fn policy_check_explains_and_names_bad_fields() {
             ])
             .output()
             .unwrap();
-        assert!(o.status.success(), "{}", stderr(&o));
-        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
+        let v = serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap();
+        // It gates scripts: 0 on allow, 1 on deny.
+        let expected = if v["decision"] == "allow" { 0 } else { 1 };
+        assert_eq!(o.status.code(), Some(expected), "{}", stderr(&o));
+        v
     };
     let allow = check("GET");
     assert_eq!(allow["decision"], "allow");
@@ -531,12 +534,30 @@ fn policy_check_explains_and_names_bad_fields() {
         ])
         .output()
         .unwrap();
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(2), "an error, not a deny");
     let e = stderr(&o);
     assert!(
         e.contains("q.yaml") && e.contains("document 0") && e.contains("rules[0].to[0].operation"),
         "{e}"
     );
+    // With --output json the error is JSON too.
+    let o = sigil()
+        .args(["policy", "check", "--policy-dir"])
+        .arg(dir.path())
+        .args([
+            "--destination",
+            "spiffe://x/ns/foo/sa/y",
+            "--method",
+            "GET",
+            "--path",
+            "/",
+        ])
+        .args(["--output", "json"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["error"].as_str().unwrap().contains("q.yaml"), "{v}");
 }
 
 /// Starts `sigil dev` and waits for its instructions; returns the process

@@ -361,11 +361,6 @@ async fn server_ext_authz_and_policy_check_use_an_https_jwks_uri() {
         assert!(t.elapsed() < Duration::from_secs(30), "not reloaded: {r:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(
-        t.elapsed() < Duration::from_secs(1),
-        "took {:?}",
-        t.elapsed()
-    );
     assert_eq!(idp.hits(), 2, "only the new URL was fetched");
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 
@@ -389,7 +384,12 @@ async fn server_ext_authz_and_policy_check_use_an_https_jwks_uri() {
             .args(extra)
             .output()
             .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        // 0 on allow, 1 on deny; never 2 (an error).
+        assert!(
+            matches!(o.status.code(), Some(0 | 1)),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
     };
     let ca = ca_file.to_str().unwrap();
