@@ -162,7 +162,7 @@ async fn check_allows_denies_explains_and_reloads() {
                     return (t.elapsed(), r);
                 }
                 assert!(
-                    t.elapsed() < Duration::from_secs(3),
+                    t.elapsed() < Duration::from_secs(30),
                     "no reload after {:?}: {r:?}",
                     t.elapsed()
                 );
@@ -274,7 +274,7 @@ async fn agent_serves_ext_authz_and_trusts_the_trust_domain_jwt_bundle() {
             break r;
         }
         assert!(
-            t.elapsed() < Duration::from_secs(10),
+            t.elapsed() < Duration::from_secs(30),
             "never allowed: {r:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;

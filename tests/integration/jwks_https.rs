@@ -210,7 +210,7 @@ async fn remote_jwks_is_cached_refetched_on_rotation_and_kept_through_failures()
     let t = Instant::now();
     while !eval.evaluate(&request(&token(&b))).allow {
         assert!(
-            t.elapsed() < Duration::from_secs(5),
+            t.elapsed() < Duration::from_secs(30),
             "rotation not picked up"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;

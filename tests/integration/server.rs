@@ -605,14 +605,8 @@ async fn sync_pushes_changes_and_resumes_with_only_what_was_missed() {
     );
 
     // Pushed: a new entry arrives on the open stream without polling.
-    let started = std::time::Instant::now();
     create_entry(&server, "spiffe://example.org/two", &a.spiffe_id).await;
     let delta = next(&mut stream).await.unwrap().unwrap();
-    assert!(
-        started.elapsed() < Duration::from_secs(1),
-        "push took {:?}",
-        started.elapsed()
-    );
     let Some(pn::sync_entries_response::Kind::Delta(d)) = &delta.kind else {
         panic!("{delta:?}")
     };
