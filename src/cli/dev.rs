@@ -27,6 +27,9 @@ pub struct DevArgs {
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+    /// The trust domain (a data directory keeps the one it was created with).
+    #[arg(long, default_value = "example.org")]
+    trust_domain: String,
 }
 
 /// Runs the server and agent until SIGINT/SIGTERM.
@@ -36,7 +39,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         log_format,
         &std::env::var("SIGIL_LOG").unwrap_or_else(|_| "info".into()),
     );
-    let td = TrustDomain::new("example.org")?;
+    let td = TrustDomain::new(&args.trust_domain)
+        .with_context(|| format!("--trust-domain {:?}", args.trust_domain))?;
     let data_dir = std::path::absolute(&args.data_dir).context("bad --data-dir")?;
     let mut server_config = ServerConfig::local(td.clone(), &data_dir.join("server"));
     server_config.log_format = log_format;
@@ -79,21 +83,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             }
         })
         .collect();
-    let workload_id = format!("spiffe://example.org/user/{name}");
-    let created = admin
-        .create_entry(pa::EntryParams {
-            spiffe_id: workload_id.clone(),
-            parent_id: agent_id.to_string(),
-            selectors: vec![format!("unix:uid:{uid}")],
-            ..Default::default()
-        })
-        .await;
-    match created {
-        Ok(_) => {}
-        Err(s) if s.code() == tonic::Code::AlreadyExists => {}
-        Err(s) => anyhow::bail!("cannot register {workload_id}: {}", s.message()),
-    }
-    // Entries of earlier dev agents for the same user are stale: drop them.
+    let workload_id = format!("{}/user/{name}", td.id());
+    // Entries of earlier dev agents for the same user are stale: drop them;
+    // an entry for this agent is kept (so a restart audits no refused create).
+    let selector = format!("unix:uid:{uid}");
     let listed = admin
         .list_entries(pa::ListEntriesRequest {
             spiffe_id: workload_id.clone(),
@@ -102,17 +95,27 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?
         .into_inner();
-    for stale in listed
-        .entries
-        .iter()
-        .filter(|e| e.parent_id != agent_id.as_str())
-    {
+    let mut registered = false;
+    for e in &listed.entries {
+        if e.parent_id == agent_id.as_str() && e.selectors == [selector.clone()] {
+            registered = true;
+        } else if e.parent_id != agent_id.as_str() {
+            admin
+                .delete_entry(pa::EntryIdRequest { id: e.id.clone() })
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+        }
+    }
+    if !registered {
         admin
-            .delete_entry(pa::EntryIdRequest {
-                id: stale.id.clone(),
+            .create_entry(pa::EntryParams {
+                spiffe_id: workload_id.clone(),
+                parent_id: agent_id.to_string(),
+                selectors: vec![selector],
+                ..Default::default()
             })
             .await
-            .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+            .map_err(|s| anyhow::anyhow!("cannot register {workload_id}: {}", s.message()))?;
     }
 
     let agent = crate::agent::start(AgentConfig {
