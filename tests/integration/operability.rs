@@ -428,3 +428,129 @@ async fn a_second_server_on_the_same_data_dir_is_told_so() {
     assert!(!out.contains("WouldBlock"), "{out}");
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
+
+/// Every flag a deployment example passes must exist in `sigil SUB --help`.
+fn flags_exist(sub: &str, args: &[String], origin: &str) {
+    let (_, help) = sigil(&[sub, "--help"]);
+    for a in args.iter().filter(|a| a.starts_with("--")) {
+        let flag = a.split('=').next().unwrap();
+        assert!(help.contains(flag), "{origin}: `sigil {sub}` has no {flag}");
+    }
+}
+
+#[test]
+fn deployment_examples_parse_and_use_real_flags_and_keys() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tmp = tempfile::tempdir().unwrap();
+    let mut kinds = Vec::new();
+    for entry in std::fs::read_dir(root.join("deploy/kubernetes")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|x| x != "yaml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        for doc in serde_norway::Deserializer::from_str(&text) {
+            let v: serde_json::Value = serde::Deserialize::deserialize(doc)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let kind = v["kind"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{}: no kind", path.display()));
+            assert!(
+                v["apiVersion"].is_string() && v["metadata"]["name"].is_string(),
+                "{}: {v}",
+                path.display()
+            );
+            kinds.push(kind.to_string());
+            // Embedded configs load with the daemon's keys.
+            for (file, keys) in [
+                ("server.toml", sigil::server::SERVER_KEYS),
+                ("agent.toml", sigil::agent::AGENT_KEYS),
+            ] {
+                if let Some(toml) = v["data"][file].as_str() {
+                    let f = tmp.path().join(file);
+                    std::fs::write(&f, toml).unwrap();
+                    sigil::config::RawConfig::load(Some(&f), keys)
+                        .unwrap_or_else(|e| panic!("{}: {file}: {e}", path.display()));
+                }
+            }
+            // Container arguments are real flags.
+            let containers = v["spec"]["template"]["spec"]["containers"]
+                .as_array()
+                .cloned();
+            for c in containers.into_iter().flatten() {
+                let args: Vec<String> = c["args"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|a| a.as_str().map(str::to_string))
+                    .collect();
+                if let Some(sub) = args.first().filter(|s| *s == "server" || *s == "agent") {
+                    flags_exist(sub, &args, &path.display().to_string());
+                }
+            }
+        }
+    }
+    for want in [
+        "StatefulSet",
+        "DaemonSet",
+        "Service",
+        "ConfigMap",
+        "Deployment",
+    ] {
+        assert!(
+            kinds.iter().any(|k| k == want),
+            "no {want} in deploy/kubernetes"
+        );
+    }
+
+    for (unit, sub) in [
+        ("sigil-server.service", "server"),
+        ("sigil-agent.service", "agent"),
+    ] {
+        let text = std::fs::read_to_string(root.join("deploy/systemd").join(unit)).unwrap();
+        let joined = text.replace("\\\n", " ");
+        let mut section = String::new();
+        let mut keys = Vec::new();
+        for line in joined
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        {
+            if line.starts_with('[') {
+                section = line.to_string();
+                continue;
+            }
+            let (k, v) = line
+                .split_once('=')
+                .unwrap_or_else(|| panic!("{unit}: bad line {line:?}"));
+            assert!(!section.is_empty(), "{unit}: {line:?} outside a section");
+            keys.push((k.to_string(), v.to_string()));
+        }
+        let get = |k: &str| {
+            keys.iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.clone())
+        };
+        let exec = get("ExecStart").unwrap();
+        let args: Vec<String> = exec
+            .split_whitespace()
+            .skip(1)
+            .map(str::to_string)
+            .collect();
+        assert_eq!(args[0], sub, "{unit}");
+        flags_exist(sub, &args, unit);
+        for required in [
+            "StateDirectory",
+            "RuntimeDirectory",
+            "ProtectSystem",
+            "LimitNOFILE",
+        ] {
+            assert!(get(required).is_some(), "{unit} lacks {required}");
+        }
+        assert!(
+            get("ReadWritePaths").is_none(),
+            "{unit}: ReadWritePaths may name a missing path"
+        );
+        assert!(!exec.contains("/tmp/"), "{unit} should not use /tmp");
+    }
+}
