@@ -493,7 +493,7 @@ fn agent_json(a: &pa::Agent) -> Value {
         "attestor": a.attestor,
         "selectors": a.selectors,
         "attested_at": a.attested_at,
-        "svid_expires_at": a.svid_expires_at,
+        "svid_expires_at": rfc3339(a.svid_expires_at),
         "banned": a.banned,
     })
 }
@@ -514,11 +514,13 @@ pub async fn token_generate(args: &AdminArgs, ttl: &str) -> anyhow::Result<()> {
         .await)?;
     match args.output {
         OutputFormat::Json => Output::json(&json!({
-            "token": t.token, "agent_id": t.agent_id, "expires_at": t.expires_at,
+            "token": t.token, "agent_id": t.agent_id, "expires_at": rfc3339(t.expires_at),
         })),
         OutputFormat::Text => Output::line(&format!(
-            "Token: {}\nAgent ID: {}\nExpires at: {} (unix seconds)",
-            t.token, t.agent_id, t.expires_at
+            "Token: {}\nAgent ID: {}\nExpires at: {}",
+            t.token,
+            t.agent_id,
+            rfc3339(t.expires_at)
         )),
     }
 }
@@ -610,7 +612,7 @@ pub async fn agent(cmd: AgentCmd) -> anyhow::Result<()> {
                                 "{}  attestor={} svid_expires_at={}{}",
                                 a.spiffe_id,
                                 a.attestor,
-                                a.svid_expires_at,
+                                rfc3339(a.svid_expires_at),
                                 if a.banned { " BANNED" } else { "" }
                             )
                         })
@@ -860,7 +862,7 @@ pub async fn ca(cmd: CaCmd) -> anyhow::Result<()> {
 }
 
 /// Seconds since the epoch as RFC 3339 (UTC).
-fn rfc3339(secs: i64) -> String {
+pub(crate) fn rfc3339(secs: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(secs)
         .ok()
         .and_then(|t| {
@@ -894,18 +896,18 @@ pub async fn x509(cmd: X509Cmd) -> anyhow::Result<()> {
         return match admin.output {
             OutputFormat::Json => Output::json(&json!({
                 "svid": dir.join("svid.pem"), "key": dir.join("svid.key"),
-                "bundle": dir.join("bundle.pem"), "expires_at": r.expires_at,
+                "bundle": dir.join("bundle.pem"), "expires_at": rfc3339(r.expires_at),
             })),
             OutputFormat::Text => Output::line(&format!(
                 "Wrote {0}/svid.pem, {0}/svid.key and {0}/bundle.pem (expires at {1})",
                 dir.display(),
-                r.expires_at
+                rfc3339(r.expires_at)
             )),
         };
     }
     match admin.output {
         OutputFormat::Json => Output::json(&json!({
-            "svid": cert_pem, "key": key_pem.as_str(), "bundle": bundle.to_pem(), "expires_at": r.expires_at,
+            "svid": cert_pem, "key": key_pem.as_str(), "bundle": bundle.to_pem(), "expires_at": rfc3339(r.expires_at),
         })),
         OutputFormat::Text => Output::line(&format!("{cert_pem}{}", key_pem.as_str())),
     }
@@ -927,7 +929,7 @@ pub async fn jwt(cmd: JwtCmd) -> anyhow::Result<()> {
     let r = rpc(client(&admin).await?.mint_jwtsvid(req).await)?;
     match admin.output {
         OutputFormat::Json => {
-            Output::json(&json!({ "token": r.token, "expires_at": r.expires_at }))
+            Output::json(&json!({ "token": r.token, "expires_at": rfc3339(r.expires_at) }))
         }
         OutputFormat::Text => Output::line(&r.token),
     }

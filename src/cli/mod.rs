@@ -300,7 +300,7 @@ struct AgentArgs {
     log_format: Option<String>,
     /// Add unix:sha256 selectors (hashes the caller's executable).
     #[arg(long)]
-    unix_sha256: Option<String>,
+    unix_sha256: bool,
     /// Serve /metrics (Prometheus), /live and /ready here, e.g. 127.0.0.1:9090.
     #[arg(long)]
     metrics_bind: Option<String>,
@@ -328,7 +328,7 @@ impl AgentArgs {
         raw.flag("socket", self.socket);
         raw.flag("data_dir", self.data_dir);
         raw.flag("log_format", self.log_format);
-        raw.flag("unix_sha256", self.unix_sha256);
+        raw.flag("unix_sha256", self.unix_sha256.then(|| "true".to_string()));
         raw.flag("metrics_bind", self.metrics_bind);
         raw.flag("log_level", self.log_level);
         self.policy.apply(&mut raw);

@@ -60,9 +60,17 @@ pub struct CheckArgs {
     /// PEM CA certificates to trust for jwksUri HTTPS servers, beside the system's.
     #[arg(long)]
     jwks_ca_file: Option<PathBuf>,
-    /// The mesh-wide root namespace.
-    #[arg(long, default_value = "istio-system")]
+    /// The mesh-wide root namespace (the same name as the server's flag).
+    #[arg(
+        long = "policy-root-namespace",
+        alias = "root-namespace",
+        default_value = "istio-system"
+    )]
     root_namespace: String,
+    /// The trust domain's bundle (SPIFFE JSON or PEM, e.g. from `sigil bundle
+    /// show --format jwks`), for jwtRules that rely on its JWT keys.
+    #[arg(long)]
+    bundle: Option<PathBuf>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     output: OutputFormat,
@@ -136,9 +144,13 @@ pub async fn run(cmd: PolicyCmd) -> anyhow::Result<()> {
         sni: None,
         auth: None,
     };
-    let d = Evaluator::new(set, a.root_namespace)
-        .with_remote_jwks(jwks)
-        .evaluate(&request);
+    let mut evaluator = Evaluator::new(set, a.root_namespace).with_remote_jwks(jwks);
+    if let Some(path) = &a.bundle {
+        let bundle = crate::server::federation::read_bundle_file(&destination.trust_domain(), path)
+            .map_err(|e| anyhow::anyhow!("--bundle {}: {e}", path.display()))?;
+        evaluator = evaluator.with_trust_bundle(bundle);
+    }
+    let d = evaluator.evaluate(&request);
     let printed = match a.output {
         OutputFormat::Json => Output::json(&json!({
             "decision": if d.allow { "allow" } else { "deny" },

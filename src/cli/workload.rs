@@ -121,7 +121,7 @@ fn describe(svid: &pw::X509svid) -> serde_json::Value {
     let expires = split_certs(&svid.x509_svid).first().and_then(|c| {
         x509_parser::parse_x509_certificate(c)
             .ok()
-            .map(|(_, x)| x.validity().not_after.timestamp())
+            .map(|(_, x)| super::admin::rfc3339(x.validity().not_after.timestamp()))
     });
     json!({ "spiffe_id": svid.spiffe_id, "hint": svid.hint, "expires_at": expires })
 }

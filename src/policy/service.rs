@@ -191,7 +191,7 @@ impl Authorization for ExtAuthz {
             method = ?r.method,
             path = ?r.path,
             policy = d.policy.as_deref().unwrap_or(""),
-            rule = ?d.rule,
+            rule = d.rule.map_or(-1, |r| i64::try_from(r).unwrap_or(i64::MAX)),
             audit = d.audit,
             explanation = ?d.explanation,
         );

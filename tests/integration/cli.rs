@@ -309,7 +309,13 @@ fn admin_commands_against_a_running_server() {
         &socket,
     );
     let minted: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let ttl = minted["expires_at"].as_i64().unwrap()
+    let expires = time::OffsetDateTime::parse(
+        minted["expires_at"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap()
+    .unix_timestamp();
+    let ttl = expires
         - std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
@@ -539,6 +545,32 @@ fn policy_check_explains_and_names_bad_fields() {
     assert!(
         e.contains("q.yaml") && e.contains("document 0") && e.contains("rules[0].to[0].operation"),
         "{e}"
+    );
+    // --bundle must read; --policy-root-namespace is the server's flag name.
+    let o = sigil()
+        .args(["policy", "check", "--policy-dir"])
+        .arg(dir.path())
+        .args([
+            "--destination",
+            "spiffe://x/ns/foo/sa/y",
+            "--method",
+            "GET",
+            "--path",
+            "/",
+        ])
+        .args([
+            "--policy-root-namespace",
+            "mesh",
+            "--bundle",
+            "/nonexistent.json",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("q.yaml") || stderr(&o).contains("--bundle"),
+        "{}",
+        stderr(&o)
     );
     // With --output json the error is JSON too.
     let o = sigil()
