@@ -172,7 +172,21 @@ pub(super) struct Caller {
 
 /// The agent behind an mTLS request: its SVID verified by TLS and still
 /// valid, its record present and not banned, and the SVID not superseded.
-fn caller<T>(state: &ServerState, req: &Request<T>) -> Result<Caller, Status> {
+fn caller<T>(state: &ServerState, req: &Request<T>, rpc: &str) -> Result<Caller, Status> {
+    let found = authenticate(state, req);
+    if let Err(s) = &found {
+        let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let presented = req
+            .peer_certs()
+            .and_then(|c| c.first().and_then(|l| svid_id(l).ok()))
+            .map(|id| id.to_string())
+            .unwrap_or_default();
+        tracing::warn!(target: "sigil::audit", event = rpc, caller = %peer, subject = %presented, decision = "deny", reason = s.message());
+    }
+    found
+}
+
+fn authenticate<T>(state: &ServerState, req: &Request<T>) -> Result<Caller, Status> {
     let certs = req.peer_certs().ok_or_else(|| {
         Status::unauthenticated("this RPC requires the agent SVID as TLS client certificate")
     })?;
@@ -262,7 +276,7 @@ impl Node for NodeService {
         req: Request<pn::RenewAgentRequest>,
     ) -> Result<Response<pn::RenewAgentResponse>, Status> {
         let state = &self.state;
-        let id = match caller(state, &req) {
+        let id = match caller(state, &req, "renew_agent") {
             Ok(c) => c.id,
             Err(s) => {
                 tracing::warn!(target: "sigil::audit", event = "renew_agent", decision = "deny", reason = s.message());
@@ -298,7 +312,7 @@ impl Node for NodeService {
         req: Request<pn::BatchNewX509svidRequest>,
     ) -> Result<Response<pn::BatchNewX509svidResponse>, Status> {
         let state = self.state.clone();
-        let agent = caller(&state, &req)?.id;
+        let agent = caller(&state, &req, "new_x509_svid")?.id;
         let params = req.into_inner().params;
         if params.len() > MAX_BATCH {
             return Err(Status::invalid_argument(format!(
@@ -323,7 +337,7 @@ impl Node for NodeService {
         req: Request<pn::NewJwtsvidRequest>,
     ) -> Result<Response<pn::NewJwtsvidResponse>, Status> {
         let state = &self.state;
-        let agent = caller(state, &req)?.id;
+        let agent = caller(state, &req, "new_jwt_svid")?.id;
         let r = req.get_ref();
         let decision = (|| -> Result<pn::NewJwtsvidResponse, Status> {
             crate::jwt::check_audiences(&r.audience)
@@ -379,7 +393,7 @@ impl Node for NodeService {
         &self,
         req: Request<pn::AckBundleRequest>,
     ) -> Result<Response<pn::AckBundleResponse>, Status> {
-        let agent = caller(&self.state, &req)?.id;
+        let agent = caller(&self.state, &req, "ack_bundle")?.id;
         let ack = req.get_ref();
         self.state
             .note_agent(&agent, Some((ack.sequence, ack.tainted_svids)));
@@ -396,7 +410,7 @@ impl Node for NodeService {
             id: agent,
             not_after: expires,
             serial,
-        } = caller(&self.state, &req)?;
+        } = caller(&self.state, &req, "sync_entries")?;
         let resume = req.get_ref().resume_from_revision;
         let slot = SyncSlot::take(self.state.clone(), &agent)?;
         self.state.note_agent(&agent, None);
