@@ -1,6 +1,7 @@
 //! `sigil workload ...`: a Workload API client that honours
 //! `SPIFFE_ENDPOINT_SOCKET`, for scripts and for checking an agent by hand.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -150,6 +151,37 @@ pub async fn run(cmd: WorkloadCmd) -> anyhow::Result<()> {
                     &key.to_pem(),
                     &certs_to_pem(&split_certs(&first.bundle)),
                 )?;
+                // The default SVID is svid.pem; every other one is
+                // svid.<hint or index>.pem with its key beside it.
+                for (i, s) in resp.svids.iter().enumerate().skip(1) {
+                    let name: String = if s.hint.is_empty() {
+                        i.to_string()
+                    } else {
+                        s.hint
+                            .chars()
+                            .map(|c| {
+                                if c.is_ascii_alphanumeric() || "-_".contains(c) {
+                                    c
+                                } else {
+                                    '_'
+                                }
+                            })
+                            .collect()
+                    };
+                    let key = PrivateKey::from_pkcs8_der(&s.x509_svid_key)?;
+                    for (file, data, mode) in [
+                        (format!("svid.{name}.key"), key.to_pem().to_string(), 0o600),
+                        (
+                            format!("svid.{name}.pem"),
+                            certs_to_pem(&split_certs(&s.x509_svid)),
+                            0o644,
+                        ),
+                    ] {
+                        let path = dir.join(&file);
+                        crate::runtime::files::write_atomic(&path, data.as_bytes(), mode)
+                            .with_context(|| format!("cannot write {}", path.display()))?;
+                    }
+                }
             }
             match args.output {
                 OutputFormat::Json => Output::json(&serde_json::Value::Array(
@@ -190,7 +222,11 @@ pub async fn run(cmd: WorkloadCmd) -> anyhow::Result<()> {
                     r.svids.iter().map(|s| json!({ "spiffe_id": s.spiffe_id, "token": s.svid, "hint": s.hint })).collect(),
                 )),
                 OutputFormat::Text => {
-                    let lines: Vec<String> = r.svids.iter().map(|s| s.svid.clone()).collect();
+                    let lines: Vec<String> = r
+                        .svids
+                        .iter()
+                        .map(|s| format!("SPIFFE ID: {}\nToken: {}", s.spiffe_id, s.svid))
+                        .collect();
                     Output::line(&lines.join("\n"))
                 }
             }
@@ -217,32 +253,57 @@ pub async fn run(cmd: WorkloadCmd) -> anyhow::Result<()> {
             }
         }
         WorkloadCmd::Watch(args) => {
-            let mut c = connect(&socket_path(args.socket.as_deref())?).await?;
-            let mut stream = c
-                .fetch_x509svid(request(pw::X509svidRequest {}))
-                .await
-                .map_err(status)?
-                .into_inner();
-            while let Some(resp) = stream.message().await.map_err(status)? {
-                let svids: Vec<serde_json::Value> = resp.svids.iter().map(describe).collect();
-                match args.output {
-                    OutputFormat::Json => Output::line(&serde_json::to_string(&svids)?)?,
-                    OutputFormat::Text => {
-                        let ids: Vec<String> = svids
-                            .iter()
-                            .map(|s| {
-                                format!(
-                                    "{} (expires_at {})",
-                                    s["spiffe_id"].as_str().unwrap_or_default(),
-                                    s["expires_at"]
-                                )
-                            })
-                            .collect();
-                        Output::line(&format!("update: {}", ids.join(", ")))?;
-                    }
-                }
+            // Runs until interrupted: when the agent goes away (restart,
+            // crash), says so on stderr and reconnects with backoff.
+            let path = socket_path(args.socket.as_deref())?;
+            let mut backoff = crate::runtime::backoff::Backoff::new(
+                std::time::Duration::from_millis(200),
+                std::time::Duration::from_secs(10),
+            );
+            loop {
+                let ended = watch_once(&path, args.output).await;
+                let why = match ended {
+                    Ok(()) => "the agent closed the stream".to_string(),
+                    Err(e) => format!("{e:#}"),
+                };
+                let delay = backoff.next_delay();
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "watch: {why}; reconnecting in {:.1}s",
+                    delay.as_secs_f64()
+                );
+                tokio::time::sleep(delay).await;
             }
-            Ok(())
         }
     }
+}
+
+/// One watch session: prints every update until the stream ends.
+async fn watch_once(path: &std::path::Path, output: OutputFormat) -> anyhow::Result<()> {
+    let mut c = connect(path).await?;
+    let mut stream = c
+        .fetch_x509svid(request(pw::X509svidRequest {}))
+        .await
+        .map_err(status)?
+        .into_inner();
+    while let Some(resp) = stream.message().await.map_err(status)? {
+        let svids: Vec<serde_json::Value> = resp.svids.iter().map(describe).collect();
+        match output {
+            OutputFormat::Json => Output::line(&serde_json::to_string(&svids)?)?,
+            OutputFormat::Text => {
+                let ids: Vec<String> = svids
+                    .iter()
+                    .map(|s| {
+                        format!(
+                            "{} (expires_at {})",
+                            s["spiffe_id"].as_str().unwrap_or_default(),
+                            s["expires_at"].as_str().unwrap_or_default()
+                        )
+                    })
+                    .collect();
+                Output::line(&format!("update: {}", ids.join(", ")))?;
+            }
+        }
+    }
+    Ok(())
 }

@@ -429,7 +429,18 @@ fn dev_then_workload_fetch_as_the_readme_says() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
-    let token = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    // Text output names the SVID's ID beside its token.
+    let printed = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        printed.contains("SPIFFE ID: spiffe://example.org/user/"),
+        "{printed}"
+    );
+    let token = printed
+        .lines()
+        .find_map(|l| l.strip_prefix("Token: "))
+        .unwrap()
+        .trim()
+        .to_string();
     let o = sigil()
         .args([
             "workload",

@@ -554,3 +554,64 @@ fn deployment_examples_parse_and_use_real_flags_and_keys() {
         assert!(!exec.contains("/tmp/"), "{unit} should not use /tmp");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_x509_out_writes_every_svid() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(server_config(&dir.path().join("s"), vec![]))
+        .await
+        .unwrap();
+    let agent = crate::agent::start_agent_with(&server, dir.path(), None).await;
+    let uid = sigil::attest::current_uid().unwrap();
+    for (id, hint) in [
+        ("spiffe://example.org/first", ""),
+        ("spiffe://example.org/second", "db/primary"),
+    ] {
+        admin(&server)
+            .await
+            .create_entry(pa::EntryParams {
+                spiffe_id: id.into(),
+                parent_id: agent.spiffe_id().to_string(),
+                selectors: vec![format!("unix:uid:{uid}")],
+                hint: hint.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let mut state = agent.state();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while state.borrow_and_update().svids.len() < 2 {
+            state.changed().await.unwrap();
+        }
+    })
+    .await
+    .unwrap();
+    let out = dir.path().join("out");
+    let socket = format!("unix://{}", agent.socket().display());
+    let (code, printed) = sigil(&[
+        "workload",
+        "fetch-x509",
+        "--out",
+        out.to_str().unwrap(),
+        "--socket",
+        &socket,
+    ]);
+    assert_eq!(code, 0, "{printed}");
+    let id_of = |file: &str| {
+        let pem = std::fs::read_to_string(out.join(file)).unwrap();
+        let certs = sigil::x509::certs_from_pem(&pem).unwrap();
+        sigil::x509::svid_id(&certs[0]).unwrap().to_string()
+    };
+    assert_eq!(id_of("svid.pem"), "spiffe://example.org/first");
+    assert_eq!(id_of("svid.db_primary.pem"), "spiffe://example.org/second");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(out.join("svid.db_primary.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert!(out.join("bundle.pem").exists());
+    agent.shutdown(Duration::from_secs(2)).await;
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
