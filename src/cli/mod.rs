@@ -29,19 +29,29 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the server: CA, registry, node API and admin API.
+    #[command(
+        after_help = "Examples:\n  sigil server --trust-domain example.org --data-dir /var/lib/sigil\n  sigil server --config /etc/sigil/server.toml --validate\n  sigil server --config server.toml --metrics-bind 127.0.0.1:9091 --bundle-bind 0.0.0.0:8443"
+    )]
     Server(ServerArgs),
     /// Join tokens for agent attestation.
+    #[command(after_help = "Example:\n  sigil token generate --ttl 10m")]
     Token {
         #[command(subcommand)]
         cmd: TokenCmd,
     },
     /// Registration entries.
+    #[command(
+        after_help = "Examples:\n  sigil entry create --spiffe-id spiffe://example.org/web \\\n      --parent-id spiffe://example.org/sigil/agent/join_token/ID --selector unix:uid:1000\n  sigil entry show --spiffe-id spiffe://example.org/web --output json\n  sigil entry update --id ID --jwt-ttl 10m\n  sigil entry delete --id ID"
+    )]
     Entry {
         #[command(subcommand)]
         cmd: admin::EntryCmd,
     },
     /// Run the agent (with --server ...), or manage agents (list, ban, evict).
-    #[command(args_conflicts_with_subcommands = true)]
+    #[command(
+        args_conflicts_with_subcommands = true,
+        after_help = "Examples:\n  sigil agent --server 127.0.0.1:8081 --trust-bundle bundle.pem --join-token-file token\n  sigil agent --config /etc/sigil/agent.toml --validate\n  sigil agent list\n  sigil agent ban spiffe://example.org/sigil/agent/join_token/ID"
+    )]
     Agent {
         #[command(subcommand)]
         cmd: Option<admin::AgentCmd>,
@@ -49,39 +59,70 @@ enum Command {
         run: AgentArgs,
     },
     /// A server and an agent in one process, registering the calling user.
+    #[command(
+        after_help = "Example:\n  sigil dev --data-dir .sigil/dev --trust-domain example.org"
+    )]
     Dev(dev::DevArgs),
     /// Istio-style authorization policies.
+    #[command(
+        after_help = "Example:\n  sigil policy check --policy-dir ./policies --principal spiffe://cluster.local/ns/foo/sa/sleep \\\n      --destination spiffe://cluster.local/ns/foo/sa/httpbin --method GET --path /api"
+    )]
     Policy {
         #[command(subcommand)]
         cmd: policy::PolicyCmd,
     },
     /// A Workload API client (honours SPIFFE_ENDPOINT_SOCKET).
+    #[command(
+        after_help = "Examples:\n  sigil workload fetch-x509 --out ./svid\n  sigil workload fetch-jwt --audience db\n  sigil workload validate-jwt --audience db TOKEN\n  sigil workload watch"
+    )]
     Workload {
         #[command(subcommand)]
         cmd: workload::WorkloadCmd,
     },
-    /// The trust bundle.
+    /// Trust bundles: this trust domain's and federated ones.
+    #[command(
+        after_help = "Examples:\n  sigil bundle show --format jwks\n  sigil bundle list\n  sigil bundle set --trust-domain other.org --file other.json\n  sigil bundle delete --trust-domain other.org"
+    )]
     Bundle {
         #[command(subcommand)]
         cmd: admin::BundleCmd,
     },
     /// CA authorities: show, prepare, activate, taint, revoke.
+    #[command(
+        after_help = "Examples:\n  sigil ca show --output json\n  sigil ca prepare --kind x509 && sigil ca activate --kind x509\n  sigil ca taint ID && sigil ca revoke ID"
+    )]
     Ca {
         #[command(subcommand)]
         cmd: admin::CaCmd,
     },
     /// Operator-minted X509-SVIDs.
+    #[command(
+        after_help = "Example:\n  sigil x509 mint --spiffe-id spiffe://example.org/batch --ttl 1h --out ./svid"
+    )]
     X509 {
         #[command(subcommand)]
         cmd: admin::X509Cmd,
     },
     /// Operator-minted JWT-SVIDs.
+    #[command(
+        after_help = "Example:\n  sigil jwt mint --spiffe-id spiffe://example.org/batch --audience db"
+    )]
     Jwt {
         #[command(subcommand)]
         cmd: admin::JwtCmd,
     },
     /// Exit 0 when the server (admin socket) or an agent (--socket) is ready.
+    #[command(
+        after_help = "Examples:\n  sigil healthcheck\n  sigil healthcheck --socket /tmp/sigil-agent/public/api.sock --output json"
+    )]
     Healthcheck(admin::HealthcheckArgs),
+    /// Print a shell completion script.
+    #[command(after_help = "Example:\n  sigil completions bash > /etc/bash_completion.d/sigil")]
+    Completions {
+        /// bash, zsh or fish.
+        #[arg(value_parser = ["bash", "zsh", "fish"])]
+        shell: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -488,5 +529,16 @@ pub fn main() -> anyhow::Result<()> {
         Command::X509 { cmd } => runtime()?.block_on(admin::x509(cmd)),
         Command::Jwt { cmd } => runtime()?.block_on(admin::jwt(cmd)),
         Command::Healthcheck(args) => runtime()?.block_on(admin::healthcheck(&args)),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let shell = match shell.as_str() {
+                "zsh" => clap_complete::Shell::Zsh,
+                "fish" => clap_complete::Shell::Fish,
+                _ => clap_complete::Shell::Bash,
+            };
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "sigil", &mut out);
+            admin::Output::line(String::from_utf8_lossy(&out).trim_end())
+        }
     }
 }

@@ -615,3 +615,37 @@ async fn fetch_x509_out_writes_every_svid() {
     agent.shutdown(Duration::from_secs(2)).await;
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
+
+#[test]
+fn completions_and_examples_in_help() {
+    for shell in ["bash", "zsh", "fish"] {
+        let (code, out) = sigil(&["completions", shell]);
+        assert!(
+            code == 0 && out.contains("sigil") && out.contains("healthcheck"),
+            "{shell}: {out}"
+        );
+    }
+    let (code, _) = sigil(&["completions", "tcsh"]);
+    assert_ne!(code, 0);
+    for cmd in [
+        "server",
+        "token",
+        "entry",
+        "agent",
+        "dev",
+        "policy",
+        "workload",
+        "bundle",
+        "ca",
+        "x509",
+        "jwt",
+        "healthcheck",
+        "completions",
+    ] {
+        let (code, out) = sigil(&[cmd, "--help"]);
+        assert!(
+            code == 0 && out.contains("Example"),
+            "`sigil {cmd} --help` has no example:\n{out}"
+        );
+    }
+}
