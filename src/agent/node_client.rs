@@ -87,18 +87,47 @@ pub async fn connect(
         .connect_timeout(std::time::Duration::from_secs(10))
         .connect()
         .await
-        .map_err(|e| err(format!("{e}: {}", source_chain(&e))))?;
+        .map_err(|e| err(explain_connect_error(&e)))?;
     Ok(NodeClient::new(channel))
 }
 
-fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut parts = Vec::new();
-    let mut cur = e.source();
+/// A connection failure in words an operator can act on, each cause once
+/// (transport errors repeat their source in their own message).
+pub(crate) fn explain_connect_error(e: &dyn std::error::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cur: Option<&dyn std::error::Error> = Some(e);
     while let Some(s) = cur {
-        parts.push(s.to_string());
+        let text = s.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.retain(|p| !text.contains(p.as_str()));
+            parts.push(text);
+        }
         cur = s.source();
     }
-    parts.join(": ")
+    let chain = parts.join(": ");
+    let bundle = ["BadSignature", "UnknownIssuer", "certificate verify failed"];
+    let not_tls = [
+        "InvalidContentType",
+        "corrupt message",
+        "wrong version number",
+    ];
+    let hint = if bundle.iter().any(|k| chain.contains(k)) {
+        Some(
+            "the trust bundle does not match this server (its certificate is not signed by a CA in the bundle given)",
+        )
+    } else if not_tls.iter().any(|k| chain.contains(k)) {
+        Some(
+            "this address does not speak TLS as a Sigil node API does; is it the server's --bind address?",
+        )
+    } else if chain.contains("Connection refused") {
+        Some("nothing listens there; is `sigil server` running, and is this its --bind address?")
+    } else {
+        None
+    };
+    match hint {
+        Some(h) => format!("{h} ({chain})"),
+        None => chain,
+    }
 }
 
 fn identity_from(

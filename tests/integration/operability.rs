@@ -649,3 +649,68 @@ fn completions_and_examples_in_help() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_errors_say_what_is_wrong_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = server_config(&dir.path().join("s"), vec![]);
+    cfg.metrics_bind = Some("127.0.0.1:0".parse().unwrap());
+    let server = start(cfg).await.unwrap();
+    let other = sigil::X509Authority::self_signed(
+        &td(),
+        sigil::KeyAlgorithm::EcP256,
+        Duration::from_secs(3600),
+        std::time::SystemTime::now(),
+    )
+    .unwrap();
+    let wrong = dir.path().join("wrong.pem");
+    std::fs::write(
+        &wrong,
+        sigil::x509::certs_to_pem([&other.cert_der().to_vec()]),
+    )
+    .unwrap();
+    let right = dir.path().join("right.pem");
+    std::fs::write(&right, server.bundle_pem()).unwrap();
+    let base = dir.path().to_path_buf();
+    let agent = move |addr: String, bundle: &std::path::Path| {
+        let data = base.join("agent-data").display().to_string();
+        let sock = base.join("a.sock").display().to_string();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sigil"))
+            .args(["agent", "--server", &addr, "--trust-bundle"])
+            .arg(bundle)
+            .args([
+                "--join-token",
+                "unused",
+                "--data-dir",
+                &data,
+                "--socket",
+                &sock,
+            ])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let err = tokio::task::spawn_blocking({
+        let addr = server.node_addr().to_string();
+        let wrong = wrong.clone();
+        let agent = agent.clone();
+        move || agent(addr, &wrong)
+    })
+    .await
+    .unwrap();
+    assert!(
+        err.contains("the trust bundle does not match this server"),
+        "{err}"
+    );
+    assert_eq!(err.matches("BadSignature").count(), 1, "said once: {err}");
+    // The metrics port speaks plain HTTP, not the node API's TLS.
+    let err = tokio::task::spawn_blocking({
+        let addr = server.metrics_addr().unwrap().to_string();
+        move || agent(addr, &right)
+    })
+    .await
+    .unwrap();
+    assert!(err.contains("does not speak TLS"), "{err}");
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
