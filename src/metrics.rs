@@ -377,9 +377,17 @@ pub async fn follow_readiness<T: Send + Sync + 'static>(
 pub async fn serve(
     addr: SocketAddr,
     probes: Probes,
+    shutdown: watch::Receiver<bool>,
+) -> std::io::Result<(SocketAddr, impl Future<Output = ()>)> {
+    serve_on(TcpListener::bind(addr).await?, probes, shutdown)
+}
+
+/// As [`serve`], on a listener bound earlier.
+pub fn serve_on(
+    listener: TcpListener,
+    probes: Probes,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<(SocketAddr, impl Future<Output = ()>)> {
-    let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let probes = Arc::new(probes);
     let serving = async move {

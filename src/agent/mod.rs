@@ -378,6 +378,22 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     if let Some(limit) = crate::edge::raise_fd_limit() {
         tracing::debug!(open_files = limit, "open-file limit");
     }
+    // Bind first: a start that cannot serve must not spend a join token or
+    // attest an agent it will never run.
+    let listener = bind_socket(&config.socket)?;
+    let metrics_listener = match config.metrics_bind {
+        Some(addr) => {
+            Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| AgentError::Socket {
+                        path: PathBuf::from(addr.to_string()),
+                        reason: format!("metrics_bind: {e}"),
+                    })?,
+            )
+        }
+        None => None,
+    };
     let saved = persist::load(&config.data_dir, &config.trust_domain).map_err(|reason| {
         AgentError::Persisted {
             dir: config.data_dir.clone(),
@@ -414,7 +430,6 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
             id
         }
     };
-    let listener = bind_socket(&config.socket)?;
     let (state_tx, state_rx) = watch::channel(Arc::new(AgentState::default()));
     let (client_tx, client_rx) = watch::channel(None);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -526,11 +541,10 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         }));
     }
     let mut metrics_addr = None;
-    if let Some(addr) = config.metrics_bind {
-        let (bound, serving) = crate::metrics::serve(addr, probes, shutdown_rx.clone())
-            .await
+    if let Some(listener) = metrics_listener {
+        let (bound, serving) = crate::metrics::serve_on(listener, probes, shutdown_rx.clone())
             .map_err(|e| AgentError::Socket {
-                path: PathBuf::from(addr.to_string()),
+                path: PathBuf::from("metrics_bind"),
                 reason: e.to_string(),
             })?;
         metrics_addr = Some(bound);

@@ -893,6 +893,18 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     if let Some(limit) = crate::edge::raise_fd_limit() {
         tracing::debug!(open_files = limit, "open-file limit");
     }
+    // Bind before creating any state: a start that cannot serve leaves no
+    // KEK, store or CA behind.
+    let listener = TcpListener::bind(config.bind)
+        .await
+        .map_err(|e| ServerError::Bind {
+            addr: config.bind.to_string(),
+            reason: e.to_string(),
+        })?;
+    let node_addr = listener.local_addr().map_err(|e| ServerError::Bind {
+        addr: config.bind.to_string(),
+        reason: e.to_string(),
+    })?;
     let kek = Kek::load_or_create(&config.kek_file)?;
     let store: Arc<dyn Store> = Arc::new(SledStore::open(&config.data_dir, kek)?);
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
@@ -919,16 +931,6 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     let (tls_tx, tls_rx) = watch::channel(first_tls.node);
     let (spiffe_tls_tx, spiffe_tls_rx) = watch::channel(first_tls.https);
 
-    let listener = TcpListener::bind(config.bind)
-        .await
-        .map_err(|e| ServerError::Bind {
-            addr: config.bind.to_string(),
-            reason: e.to_string(),
-        })?;
-    let node_addr = listener.local_addr().map_err(|e| ServerError::Bind {
-        addr: config.bind.to_string(),
-        reason: e.to_string(),
-    })?;
     let admin_listener = bind_admin_socket(&config.admin_socket)?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

@@ -714,3 +714,28 @@ async fn connection_errors_say_what_is_wrong_once() {
     assert!(err.contains("does not speak TLS"), "{err}");
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
+
+#[test]
+fn a_server_that_cannot_bind_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let data = dir.path().join("data");
+    let (code, out) = sigil(&[
+        "server",
+        "--trust-domain",
+        "example.org",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--bind",
+        &addr,
+        "--admin-socket",
+        dir.path().join("admin.sock").to_str().unwrap(),
+    ]);
+    assert!(code != 0 && out.contains(&addr), "{out}");
+    assert!(
+        !data.exists(),
+        "no store, KEK or CA created: {:?}",
+        std::fs::read_dir(dir.path()).unwrap().collect::<Vec<_>>()
+    );
+}
