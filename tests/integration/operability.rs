@@ -739,3 +739,66 @@ fn a_server_that_cannot_bind_leaves_nothing_behind() {
         std::fs::read_dir(dir.path()).unwrap().collect::<Vec<_>>()
     );
 }
+
+#[test]
+fn example_policies_load_and_decide_as_documented() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/policies");
+    let check = |principal: Option<&str>, dest: &str, label: &str, method: &str, path: &str| {
+        let mut args = vec!["policy", "check", "--policy-dir", dir];
+        if let Some(p) = principal {
+            args.extend(["--principal", p]);
+        }
+        args.extend([
+            "--destination",
+            dest,
+            "--label",
+            label,
+            "--method",
+            method,
+            "--path",
+            path,
+        ]);
+        args.extend(["--output", "json"]);
+        let (code, out) = sigil(&args);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|_| panic!("{out}"));
+        assert_eq!(code, if v["decision"] == "allow" { 0 } else { 1 }, "{out}");
+        v
+    };
+    let sleep = Some("spiffe://cluster.local/ns/foo/sa/sleep");
+    let httpbin = "spiffe://cluster.local/ns/foo/sa/httpbin";
+    let api = "spiffe://cluster.local/ns/foo/sa/api";
+    let v = check(sleep, httpbin, "app=httpbin", "GET", "/status/200");
+    assert_eq!(
+        (v["decision"].as_str(), v["policy"].as_str()),
+        (Some("allow"), Some("foo/httpbin-get")),
+        "{v}"
+    );
+    assert_eq!(
+        check(sleep, httpbin, "app=httpbin", "POST", "/status/200")["decision"],
+        "deny"
+    );
+    assert_eq!(
+        check(
+            Some("spiffe://cluster.local/ns/foo/sa/other"),
+            httpbin,
+            "app=httpbin",
+            "GET",
+            "/headers"
+        )["decision"],
+        "deny"
+    );
+    let v = check(sleep, httpbin, "app=httpbin", "GET", "/admin");
+    assert_eq!(
+        (v["decision"].as_str(), v["policy"].as_str()),
+        (Some("deny"), Some("foo/deny-admin")),
+        "{v}"
+    );
+    assert_eq!(
+        check(sleep, api, "app=api", "GET", "/items")["decision"],
+        "allow"
+    );
+    assert_eq!(
+        check(sleep, api, "app=api", "POST", "/items")["decision"],
+        "deny"
+    );
+}

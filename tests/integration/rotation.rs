@@ -20,12 +20,15 @@ pub(crate) fn ca(socket: &std::path::Path, args: &[&str]) -> (bool, serde_json::
         .env_remove("SIGIL_ADMIN_SOCKET")
         .output()
         .unwrap();
-    let json = serde_json::from_slice(&o.stdout).unwrap_or(serde_json::Value::Null);
-    (
-        o.status.success(),
-        json,
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
+    let json: serde_json::Value =
+        serde_json::from_slice(&o.stdout).unwrap_or(serde_json::Value::Null);
+    // With --output json an error comes as {"error": ...} on stdout.
+    let err = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stderr),
+        json["error"].as_str().unwrap_or_default()
+    );
+    (o.status.success(), json, err)
 }
 
 fn states(v: &serde_json::Value, kind: &str) -> Vec<(String, String)> {
@@ -404,9 +407,20 @@ async fn a_server_restarted_mid_rotation_and_an_agent_restarted_after_it() {
     // The server stops between prepare and activate, and comes back on the
     // same address with the slots as they were.
     server.shutdown(Duration::from_secs(5)).await.unwrap();
-    let mut cfg = server_config(&dir.path().join("s"), vec![]);
-    cfg.bind = node_addr;
-    let server = start(cfg).await.unwrap();
+    // The old accept loop lets go of the port just after shutdown returns.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let server = loop {
+        let mut cfg = server_config(&dir.path().join("s"), vec![]);
+        cfg.bind = node_addr;
+        match start(cfg).await {
+            Ok(s) => break s,
+            Err(e) if std::time::Instant::now() < deadline => {
+                eprintln!("restart: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
     let (_, shown, _) = ca(server.admin_socket(), &["show", "--kind", "x509"]);
     let mut slots = states(&shown, "x509");
     slots.sort();
