@@ -12,7 +12,7 @@ use crate::jwt::{JwkParams, JwtPublicKey};
 
 /// Why a policy file was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{file}: document {document}: {path}: {reason}")]
+#[error("{file}: document {document}: {}{reason}", if path.is_empty() { String::new() } else { format!("{path}: ") }, file = file.display())]
 pub struct PolicyError {
     /// The file.
     pub file: PathBuf,

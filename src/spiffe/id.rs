@@ -21,6 +21,9 @@ pub enum IdError {
     /// The input does not start with `spiffe://`.
     #[error("SPIFFE ID {0:?} must start with \"spiffe://\"")]
     WrongScheme(String),
+    /// A trust domain given as an empty string.
+    #[error("trust domain is empty (e.g. example.org)")]
+    EmptyTrustDomain,
     /// Nothing between `spiffe://` and the path.
     #[error("SPIFFE ID {0:?} has no trust domain")]
     MissingTrustDomain(String),
@@ -107,6 +110,9 @@ impl TrustDomain {
                 return Err(IdError::NotATrustDomain(input.to_string()));
             }
             return Ok(id.trust_domain());
+        }
+        if input.is_empty() {
+            return Err(IdError::EmptyTrustDomain);
         }
         validate_trust_domain(input, input)
     }

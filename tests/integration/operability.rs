@@ -802,3 +802,27 @@ fn example_policies_load_and_decide_as_documented() {
         "deny"
     );
 }
+
+#[test]
+fn small_messages_read_well() {
+    let (code, out) = sigil(&["server", "--trust-domain", "", "--validate"]);
+    assert!(code != 0 && out.contains("trust domain is empty"), "{out}");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("x.yaml"), "a: [\n").unwrap();
+    let (code, out) = sigil(&[
+        "policy",
+        "check",
+        "--policy-dir",
+        dir.path().to_str().unwrap(),
+        "--destination",
+        "spiffe://x/ns/a/sa/b",
+        "--method",
+        "GET",
+        "--path",
+        "/",
+    ]);
+    assert!(
+        code == 2 && out.contains("document 0: not YAML") && !out.contains(": :"),
+        "{out}"
+    );
+}
