@@ -504,7 +504,11 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     let limits = crate::edge::ConnLimits::WORKLOAD;
     let serve = limits
         .server_builder()
-        .layer(crate::metrics::RpcMetricsLayer)
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(crate::metrics::RpcMetricsLayer)
+                .layer(crate::edge::PeerCallerLayer),
+        )
         .add_service(health_service)
         .add_service(reflection)
         .add_service(SpiffeWorkloadApiServer::new(api))

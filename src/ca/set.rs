@@ -399,7 +399,7 @@ impl CaSet {
                 store.seal_authority(&record)?,
             );
             store.commit(commit)?;
-            tracing::info!(target: "sigil::audit", event = "authority_activated", kind = kind_name(kind), id = %id, not_after = record.not_after);
+            tracing::info!(target: "sigil::audit", event = "authority_activated", decision = "allow", subject = %id, kind = kind_name(kind), not_after = record.not_after);
         }
         let set = CaSet {
             opts: opts.clone(),
@@ -550,7 +550,7 @@ impl CaSet {
         sort_loaded(&mut loaded);
         let commit = self.with_bundle(store, commit, &loaded, now, false)?;
         self.apply(store, commit, now)?;
-        tracing::info!(target: "sigil::audit", event = "authority_prepared", kind = kind_name(kind), id = %info.id);
+        tracing::info!(target: "sigil::audit", event = "authority_prepared", decision = "allow", subject = %info.id, kind = kind_name(kind));
         Ok(info)
     }
 
@@ -595,7 +595,7 @@ impl CaSet {
                 store.seal_authority(&active)?,
             );
         self.apply(store, commit, now)?;
-        tracing::info!(target: "sigil::audit", event = "authority_activated", kind = kind_name(kind), id = %active.id);
+        tracing::info!(target: "sigil::audit", event = "authority_activated", decision = "allow", subject = %active.id, kind = kind_name(kind));
         Ok(AuthorityInfo {
             state: SlotState::Active,
             ..prepared.info.clone()
@@ -675,7 +675,7 @@ impl CaSet {
         // of it: the bundle is rewritten with its sequence bumped.
         let commit = self.with_bundle(store, commit, &loaded, now, to == SlotState::Tainted)?;
         self.apply(store, commit, now)?;
-        tracing::warn!(target: "sigil::audit", event = "authority_state", state = event, id = %id);
+        tracing::warn!(target: "sigil::audit", event = "authority_state", decision = "allow", subject = %id, state = event);
         Ok(loaded[at].info.clone())
     }
 }

@@ -57,9 +57,11 @@ macro_rules! forward_write_and_connect_info {
 
 mod accept;
 mod authority;
+mod caller;
 
 pub use accept::{Admitted, ConnLimits, raise_fd_limit};
 pub use authority::{AuthorityFix, MAX_HEADER_BLOCK, MAX_HEADER_LIST};
+pub use caller::{PeerCaller, PeerCallerLayer, as_caller, peer_caller};
 
 use std::io;
 use std::net::IpAddr;

@@ -103,69 +103,6 @@ fn mintable_id(td: &crate::spiffe::TrustDomain, value: &str) -> Result<SpiffeId,
     Ok(id)
 }
 
-tokio::task_local! {
-    /// Who is calling the admin API: `uid=U pid=P` from the socket's peer
-    /// credentials, set around each call by [`AdminCallerLayer`].
-    static CALLER: String;
-}
-
-fn admin_caller() -> String {
-    CALLER
-        .try_with(Clone::clone)
-        .unwrap_or_else(|_| "unknown".into())
-}
-
-/// Names each admin call's caller (for the audit log) from the peer
-/// credentials of the admin socket connection.
-#[derive(Debug, Clone, Copy, Default)]
-pub(super) struct AdminCallerLayer;
-
-impl<S> tower::Layer<S> for AdminCallerLayer {
-    type Service = AdminCaller<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        AdminCaller { inner }
-    }
-}
-
-/// See [`AdminCallerLayer`].
-#[derive(Debug, Clone)]
-pub(super) struct AdminCaller<S> {
-    inner: S,
-}
-
-impl<S, B> tower::Service<http::Request<B>> for AdminCaller<S>
-where
-    S: tower::Service<http::Request<B>>,
-    S::Future: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future =
-        std::pin::Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let caller = req
-            .extensions()
-            .get::<tonic::transport::server::UdsConnectInfo>()
-            .and_then(|i| i.peer_cred)
-            .map_or_else(
-                || "unknown".to_string(),
-                |c| match c.pid() {
-                    Some(pid) => format!("uid={} pid={pid}", c.uid()),
-                    None => format!("uid={}", c.uid()),
-                },
-            );
-        Box::pin(CALLER.scope(caller, self.inner.call(req)))
-    }
-}
-
 fn trust_domain_arg(name: &str) -> Result<crate::spiffe::TrustDomain, Status> {
     crate::spiffe::TrustDomain::new(name)
         .map_err(|e| Status::invalid_argument(format!("trust_domain: {e}")))
@@ -195,10 +132,10 @@ fn audited<T>(
 ) -> Result<Response<T>, Status> {
     match &result {
         Ok(_) => {
-            tracing::info!(target: "sigil::audit", event = action, caller = %admin_caller(), decision = "allow", subject = target)
+            tracing::info!(target: "sigil::audit", event = action, caller = %crate::edge::peer_caller(), decision = "allow", subject = target)
         }
         Err(s) => {
-            tracing::warn!(target: "sigil::audit", event = action, caller = %admin_caller(), decision = "deny", subject = target, reason = s.message())
+            tracing::warn!(target: "sigil::audit", event = action, caller = %crate::edge::peer_caller(), decision = "deny", subject = target, reason = s.message())
         }
     }
     result.map(Response::new)

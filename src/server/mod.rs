@@ -977,7 +977,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         .layer(
             tower::ServiceBuilder::new()
                 .layer(crate::metrics::RpcMetricsLayer)
-                .layer(admin::AdminCallerLayer),
+                .layer(crate::edge::PeerCallerLayer),
         )
         .add_service(AdminServer::new(AdminService::new(state)))
         .serve_with_incoming_shutdown(

@@ -108,7 +108,7 @@ fn sign_batch(
             match outcome {
                 Ok(svid) => {
                     svid_issued("x509");
-                    tracing::info!(target: "sigil::audit", event = "new_x509_svid", decision = "allow", agent = %agent, entry = ?p.entry_id, spiffe_id = %svid.spiffe_id());
+                    tracing::info!(target: "sigil::audit", event = "new_x509_svid", caller = %agent, decision = "allow", subject = %svid.spiffe_id(), entry = ?p.entry_id);
                     pn::X509svidResult {
                         entry_id: p.entry_id.clone(),
                         code: 0,
@@ -132,7 +132,7 @@ fn sign_batch(
         .collect();
     if !denied.is_empty() {
         let first: Vec<_> = denied.iter().take(5).collect();
-        tracing::warn!(target: "sigil::audit", event = "new_x509_svid", decision = "deny", agent = %agent, denied = denied.len(), of = params.len(), first = ?first);
+        tracing::warn!(target: "sigil::audit", event = "new_x509_svid", caller = %agent, decision = "deny", denied = denied.len(), of = params.len(), first = ?first);
     }
     results
 }
@@ -255,13 +255,13 @@ impl Node for NodeService {
             let reply = match outcome {
                 Ok((resp, attestor)) => {
                     let id = resp.spiffe_id.clone();
-                    tracing::info!(target: "sigil::audit", event = "attest_agent", decision = "allow", agent = %id, attestor, peer = %peer);
+                    tracing::info!(target: "sigil::audit", event = "attest_agent", caller = %peer, decision = "allow", subject = %id, attestor);
                     Ok(pn::AttestAgentResponse {
                         step: Some(pn::attest_agent_response::Step::Result(resp)),
                     })
                 }
                 Err(s) => {
-                    tracing::warn!(target: "sigil::audit", event = "attest_agent", decision = "deny", reason = s.message(), peer = %peer);
+                    tracing::warn!(target: "sigil::audit", event = "attest_agent", caller = %peer, decision = "deny", attestor = tried, reason = s.message());
                     Err(s)
                 }
             };
@@ -276,13 +276,7 @@ impl Node for NodeService {
         req: Request<pn::RenewAgentRequest>,
     ) -> Result<Response<pn::RenewAgentResponse>, Status> {
         let state = &self.state;
-        let id = match caller(state, &req, "renew_agent") {
-            Ok(c) => c.id,
-            Err(s) => {
-                tracing::warn!(target: "sigil::audit", event = "renew_agent", decision = "deny", reason = s.message());
-                return Err(s);
-            }
-        };
+        let id = caller(state, &req, "renew_agent")?.id;
         let csr = verify_csr(&req.get_ref().csr).map_err(status)?;
         let seen = state.registry.agent_snapshot(&id).map_err(status)?;
         let Some(mut record) = seen.record.clone() else {
@@ -301,7 +295,7 @@ impl Node for NodeService {
             .registry
             .replace_agent(&seen, &record)
             .map_err(status)?;
-        tracing::info!(target: "sigil::audit", event = "renew_agent", decision = "allow", agent = %id, expires_at = record.svid_expires_at);
+        tracing::info!(target: "sigil::audit", event = "renew_agent", caller = %id, decision = "allow", expires_at = record.svid_expires_at);
         Ok(Response::new(pn::RenewAgentResponse {
             svid: Some(state.agent_svid(&id, &svid)),
         }))
@@ -371,10 +365,10 @@ impl Node for NodeService {
         match &decision {
             Ok(resp) => {
                 svid_issued("jwt");
-                tracing::info!(target: "sigil::audit", event = "new_jwt_svid", decision = "allow", agent = %agent, entry = ?r.entry_id, spiffe_id = %resp.spiffe_id, audiences = r.audience.len())
+                tracing::info!(target: "sigil::audit", event = "new_jwt_svid", caller = %agent, decision = "allow", subject = %resp.spiffe_id, entry = ?r.entry_id, audiences = r.audience.len())
             }
             Err(s) => {
-                tracing::warn!(target: "sigil::audit", event = "new_jwt_svid", decision = "deny", agent = %agent, entry = ?r.entry_id, reason = s.message())
+                tracing::warn!(target: "sigil::audit", event = "new_jwt_svid", caller = %agent, decision = "deny", entry = ?r.entry_id, reason = s.message())
             }
         }
         decision.map(Response::new)
@@ -416,7 +410,7 @@ impl Node for NodeService {
         self.state.note_agent(&agent, None);
         let (tx, rx) = mpsc::channel(8);
         let state = self.state.clone();
-        tracing::info!(target: "sigil::audit", event = "sync_entries", decision = "allow", agent = %agent, resume_from = resume);
+        tracing::info!(target: "sigil::audit", event = "sync_entries", caller = %agent, decision = "allow", resume_from = resume);
         tokio::spawn(async move {
             let _slot = slot;
             let _open =

@@ -79,7 +79,7 @@ impl WorkloadApi {
     fn no_identity(&self, rpc: &str, selectors: &[Selector]) -> Status {
         let unreachable = self.client.borrow().is_none() && self.state.borrow().entries.is_empty();
         if unreachable {
-            tracing::info!(target: "sigil::audit", event = rpc, decision = "deny", reason = "server unreachable, no cached identity");
+            tracing::info!(target: "sigil::audit", event = rpc, caller = %crate::edge::peer_caller(), decision = "deny", reason = "server unreachable, no cached identity");
             return Status::unavailable(
                 "the server is unreachable and this agent holds no cached identity yet; retry",
             );
@@ -88,7 +88,7 @@ impl WorkloadApi {
     }
 
     fn no_entry(rpc: &str, selectors: &[Selector]) -> Status {
-        tracing::info!(target: "sigil::audit", event = rpc, decision = "deny", reason = "no entry matches", selectors = ?selectors.iter().map(Selector::as_str).collect::<Vec<_>>());
+        tracing::info!(target: "sigil::audit", event = rpc, caller = %crate::edge::peer_caller(), decision = "deny", reason = "no entry matches", selectors = ?selectors.iter().map(Selector::as_str).collect::<Vec<_>>());
         Status::permission_denied("no identity issued: no registration entry matches this workload")
     }
 
@@ -107,10 +107,10 @@ impl WorkloadApi {
         let mut rx = self.state.clone();
         let first = build(&rx.borrow_and_update(), &selectors)
             .ok_or_else(|| self.no_identity(rpc, &selectors))?;
-        tracing::info!(target: "sigil::audit", event = rpc, decision = "allow", selectors = ?selectors.iter().map(Selector::as_str).collect::<Vec<_>>());
+        tracing::info!(target: "sigil::audit", event = rpc, caller = %crate::edge::peer_caller(), decision = "allow", selectors = ?selectors.iter().map(Selector::as_str).collect::<Vec<_>>());
         let (tx, out) = mpsc::channel(4);
         let mut shutdown = self.shutdown.clone();
-        tokio::spawn(async move {
+        tokio::spawn(crate::edge::as_caller(async move {
             let _open = open_stream("workload");
             let mut last = first.clone();
             if tx.send(Ok(first)).await.is_err() {
@@ -137,7 +137,7 @@ impl WorkloadApi {
                     }
                 }
             }
-        });
+        }));
         Ok(ReceiverStream::new(out))
     }
 
@@ -256,7 +256,7 @@ pub(crate) async fn attest_peer<T>(
             Ok(selectors)
         }
         Err(e) => {
-            tracing::warn!(target: "sigil::audit", event = "workload_attestation", rpc, decision = "deny", pid = ?creds.pid, uid = creds.uid, reason = ?e.to_string());
+            tracing::warn!(target: "sigil::audit", event = "workload_attestation", rpc, caller = %crate::edge::peer_caller(), decision = "deny", reason = ?e.to_string());
             Err(Status::unavailable("workload attestation failed"))
         }
     }
@@ -408,7 +408,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let mut svids = Vec::with_capacity(entries.len());
         for e in entries {
             let token = self.jwt_for(&e.id, &e.spiffe_id, &r.audience).await?;
-            tracing::info!(target: "sigil::audit", event = "fetch_jwt_svid", decision = "allow", spiffe_id = %e.spiffe_id, audiences = r.audience.len());
+            tracing::info!(target: "sigil::audit", event = "fetch_jwt_svid", caller = %crate::edge::peer_caller(), decision = "allow", subject = %e.spiffe_id, audiences = r.audience.len());
             svids.push(pw::Jwtsvid {
                 spiffe_id: e.spiffe_id.to_string(),
                 svid: token,
@@ -468,10 +468,10 @@ impl SpiffeWorkloadApi for WorkloadApi {
             SystemTime::now(),
         )
         .map_err(|e| {
-            tracing::info!(target: "sigil::audit", event = "validate_jwt_svid", decision = "deny", reason = ?e.to_string());
+            tracing::info!(target: "sigil::audit", event = "validate_jwt_svid", caller = %crate::edge::peer_caller(), decision = "deny", reason = ?e.to_string());
             Status::invalid_argument(e.to_string())
         })?;
-        tracing::info!(target: "sigil::audit", event = "validate_jwt_svid", decision = "allow", spiffe_id = %v.spiffe_id);
+        tracing::info!(target: "sigil::audit", event = "validate_jwt_svid", caller = %crate::edge::peer_caller(), decision = "allow", subject = %v.spiffe_id);
         Ok(Response::new(pw::ValidateJwtsvidResponse {
             spiffe_id: v.spiffe_id.to_string(),
             claims: Some(Struct {

@@ -262,7 +262,7 @@ fn nonce() -> String {
 
 fn log_missing(rpc: &str, missing: &[String], selectors: &[Selector]) {
     if !missing.is_empty() {
-        tracing::warn!(target: "sigil::audit", event = rpc, decision = "omit", names = ?missing, selectors = ?selectors.iter().map(Selector::as_str).collect::<Vec<_>>(), "SDS resources this workload has no entry for are left out until one appears");
+        tracing::warn!(target: "sigil::audit", event = rpc, caller = %crate::edge::peer_caller(), decision = "omit", names = ?missing, selectors = ?selectors.iter().map(Selector::as_str).collect::<Vec<_>>(), "SDS resources this workload has no entry for are left out until one appears");
     }
 }
 
@@ -290,7 +290,7 @@ impl Sds {
 
     async fn attest<T>(&self, req: &Request<T>, rpc: &str) -> Result<Vec<Selector>, Status> {
         let selectors = attest_peer(&self.attestor, req, rpc).await?;
-        tracing::info!(target: "sigil::audit", event = rpc, decision = "allow", selectors = ?selectors.iter().map(Selector::as_str).collect::<Vec<_>>());
+        tracing::info!(target: "sigil::audit", event = rpc, caller = %crate::edge::peer_caller(), decision = "allow", selectors = ?selectors.iter().map(Selector::as_str).collect::<Vec<_>>());
         Ok(selectors)
     }
 }
@@ -450,7 +450,7 @@ impl SecretDiscoveryService for Sds {
         let (tx, out) = mpsc::channel(4);
         let mut state = self.state.clone();
         let mut shutdown = self.shutdown.clone();
-        tokio::spawn(async move {
+        tokio::spawn(crate::edge::as_caller(async move {
             let _open = super::open_stream("sds");
             // The first request names what is wanted and pins the node. Any
             // nonce it carries (Envoy reconnecting after an agent restart)
@@ -492,7 +492,7 @@ impl SecretDiscoveryService for Sds {
                     _ = shutdown.changed() => return,
                 }
             }
-        });
+        }));
         Ok(Response::new(ReceiverStream::new(out)))
     }
 
@@ -527,7 +527,7 @@ impl SecretDiscoveryService for Sds {
         let (tx, out) = mpsc::channel(4);
         let mut state = self.state.clone();
         let mut shutdown = self.shutdown.clone();
-        tokio::spawn(async move {
+        tokio::spawn(crate::edge::as_caller(async move {
             let _open = super::open_stream("sds");
             let first = match inbound.message().await {
                 Ok(Some(r)) => r,
@@ -564,7 +564,7 @@ impl SecretDiscoveryService for Sds {
                     _ = shutdown.changed() => return,
                 }
             }
-        });
+        }));
         Ok(Response::new(ReceiverStream::new(out)))
     }
 }
