@@ -19,7 +19,10 @@ use tokio::task::JoinHandle;
 
 pub use crate::workload_api::{AgentState, CachedSvid};
 pub use manager::entry_from_proto;
-pub use node_client::{AgentIdentity, Attestation, NodeClientError, attest, connect, renew};
+pub use node_client::{
+    AgentIdentity, Attestation, NodeClientError, attest, connect, error_chain,
+    explain_connect_error, renew,
+};
 pub use persist::saved_identity;
 pub use state::{Backoff, rotation_time};
 

@@ -91,9 +91,9 @@ pub async fn connect(
     Ok(NodeClient::new(channel))
 }
 
-/// A connection failure in words an operator can act on, each cause once
-/// (transport errors repeat their source in their own message).
-pub(crate) fn explain_connect_error(e: &dyn std::error::Error) -> String {
+/// An error and its causes, each said once (transport errors repeat their
+/// source in their own message).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut parts: Vec<String> = Vec::new();
     let mut cur: Option<&dyn std::error::Error> = Some(e);
     while let Some(s) = cur {
@@ -104,7 +104,12 @@ pub(crate) fn explain_connect_error(e: &dyn std::error::Error) -> String {
         }
         cur = s.source();
     }
-    let chain = parts.join(": ");
+    parts.join(": ")
+}
+
+/// A failure to reach the node API in words an operator can act on.
+pub fn explain_connect_error(e: &dyn std::error::Error) -> String {
+    let chain = error_chain(e);
     let bundle = ["BadSignature", "UnknownIssuer", "certificate verify failed"];
     let not_tls = [
         "InvalidContentType",

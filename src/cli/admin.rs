@@ -394,9 +394,17 @@ pub async fn connect_admin(path: &Path) -> anyhow::Result<AdminClient<Channel>> 
             path.display()
         );
     }
-    let channel = super::unix_channel(&path)
-        .await
-        .with_context(|| format!("cannot connect to the admin socket {}", path.display()))?;
+    let channel = super::unix_channel(&path).await.map_err(|e| {
+        let why = crate::agent::error_chain(&e);
+        if why.contains("Connection refused") {
+            anyhow::anyhow!(
+                "the admin socket {} exists but nothing answers on it: the server that made it has stopped (a stale socket); is `sigil server` running?",
+                path.display()
+            )
+        } else {
+            anyhow::anyhow!("cannot connect to the admin socket {}: {why}", path.display())
+        }
+    })?;
     Ok(AdminClient::new(channel))
 }
 

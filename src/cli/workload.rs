@@ -83,10 +83,11 @@ pub fn socket_path(value: Option<&str>) -> anyhow::Result<PathBuf> {
 
 /// Connects to a Workload API socket.
 pub async fn connect(path: &Path) -> anyhow::Result<SpiffeWorkloadApiClient<Channel>> {
-    let channel = super::unix_channel(path).await.with_context(|| {
-        format!(
-            "cannot connect to the Workload API at {} (is the agent running?)",
-            path.display()
+    let channel = super::unix_channel(path).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot connect to the Workload API at {} (is the agent running?): {}",
+            path.display(),
+            crate::agent::error_chain(&e)
         )
     })?;
     Ok(SpiffeWorkloadApiClient::new(channel))

@@ -826,3 +826,13 @@ fn small_messages_read_well() {
         "{out}"
     );
 }
+
+#[test]
+fn a_stale_admin_socket_is_named_as_such() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    let (code, out) = sigil(&["entry", "show", "--admin-socket", path.to_str().unwrap()]);
+    assert!(code != 0 && out.contains("stale socket"), "{out}");
+    assert_eq!(out.matches("Connection refused").count(), 0, "{out}");
+}
