@@ -50,6 +50,14 @@ impl JwtCache {
     }
 
     pub(super) fn insert(&mut self, key: Key, jwt: CachedJwt, now: SystemTime) {
+        self.insert_bounded(key, jwt, now);
+        crate::metrics::metrics()
+            .cache_size
+            .get_or_create(&crate::metrics::label("cache", "jwt"))
+            .set(i64::try_from(self.slots.len()).unwrap_or(i64::MAX));
+    }
+
+    fn insert_bounded(&mut self, key: Key, jwt: CachedJwt, now: SystemTime) {
         self.clock += 1;
         self.slots.insert(
             key,
