@@ -128,6 +128,7 @@ enum Command {
 #[derive(Debug, Subcommand)]
 enum TokenCmd {
     /// Generate a single-use join token.
+    #[command(after_help = "Example:\n  sigil token generate --ttl 10m --output json")]
     Generate {
         /// How long the token is valid (e.g. 90s, 10m, 1h).
         #[arg(long, default_value = "10m")]

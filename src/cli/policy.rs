@@ -18,6 +18,9 @@ use crate::spiffe::SpiffeId;
 #[derive(Debug, Subcommand)]
 pub enum PolicyCmd {
     /// Decide one request offline and explain the decision.
+    #[command(
+        after_help = "Example:\n  sigil policy check --policy-dir ./policies --principal spiffe://cluster.local/ns/foo/sa/sleep --destination spiffe://cluster.local/ns/foo/sa/httpbin --label app=httpbin --method GET --path /status/200"
+    )]
     Check(CheckArgs),
 }
 

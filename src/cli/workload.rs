@@ -31,6 +31,9 @@ pub struct WorkloadArgs {
 #[derive(Debug, Subcommand)]
 pub enum WorkloadCmd {
     /// Fetch this process's X509-SVIDs (and write them with --out).
+    #[command(
+        after_help = "Example:\n  SPIFFE_ENDPOINT_SOCKET=unix:///tmp/sigil-agent/public/api.sock sigil workload fetch-x509 --out ./svid"
+    )]
     FetchX509 {
         /// Write svid.pem, svid.key (0600) and bundle.pem here.
         #[arg(long)]
@@ -39,6 +42,7 @@ pub enum WorkloadCmd {
         args: WorkloadArgs,
     },
     /// Fetch a JWT-SVID.
+    #[command(after_help = "Example:\n  sigil workload fetch-jwt --audience db --output json")]
     FetchJwt {
         /// Audience (repeatable).
         #[arg(long = "audience", required = true)]
@@ -50,6 +54,7 @@ pub enum WorkloadCmd {
         args: WorkloadArgs,
     },
     /// Validate a JWT-SVID against the trust domain's JWT bundle.
+    #[command(after_help = "Example:\n  sigil workload validate-jwt --audience db \"$TOKEN\"")]
     ValidateJwt {
         /// The audience the token must carry.
         #[arg(long)]
@@ -60,6 +65,7 @@ pub enum WorkloadCmd {
         args: WorkloadArgs,
     },
     /// Print every X509-SVID update as it is pushed.
+    #[command(after_help = "Example:\n  sigil workload watch --output json")]
     Watch(WorkloadArgs),
 }
 
