@@ -648,6 +648,40 @@ fn completions_and_examples_in_help() {
             "`sigil {cmd} --help` has no example:\n{out}"
         );
     }
+    for sub in [
+        ["entry", "create"],
+        ["entry", "show"],
+        ["entry", "update"],
+        ["entry", "delete"],
+        ["agent", "list"],
+        ["agent", "ban"],
+        ["agent", "evict"],
+        ["bundle", "show"],
+        ["bundle", "list"],
+        ["bundle", "set"],
+        ["bundle", "delete"],
+        ["ca", "show"],
+        ["ca", "prepare"],
+        ["ca", "activate"],
+        ["ca", "taint"],
+        ["ca", "revoke"],
+        ["x509", "mint"],
+        ["jwt", "mint"],
+        ["token", "generate"],
+        ["workload", "fetch-x509"],
+        ["workload", "fetch-jwt"],
+        ["workload", "validate-jwt"],
+        ["workload", "watch"],
+        ["policy", "check"],
+    ] {
+        let (code, out) = sigil(&[sub[0], sub[1], "--help"]);
+        assert!(
+            code == 0 && out.contains("Example"),
+            "`sigil {} {} --help` has no example:\n{out}",
+            sub[0],
+            sub[1]
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
