@@ -109,7 +109,7 @@ fn grpc(eval: Evaluator, requests: &[(Request, bool)]) {
         let addr = listener.local_addr().unwrap();
         tokio::spawn(
             tonic::transport::Server::builder()
-                .add_service(envoy_types::ext_authz::v3::pb::AuthorizationServer::new(sigil::policy::ExtAuthz::new(rx)))
+                .add_service(envoy_types::ext_authz::v3::pb::AuthorizationServer::new(sigil::policy::ExtAuthz::new(rx, 0)))
                 .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))),
         );
         let client = AuthorizationClient::connect(format!("http://{addr}")).await.unwrap();

@@ -54,6 +54,7 @@ pub const AGENT_KEYS: &[&str] = &[
     "policy_dir",
     "policy_root_namespace",
     "jwks_ca_file",
+    "policy_trusted_proxies",
     "metrics_bind",
     "log_level",
 ];

@@ -238,6 +238,10 @@ struct PolicyArgs {
     /// PEM CA certificates to trust for jwksUri HTTPS servers, beside the system's.
     #[arg(long)]
     jwks_ca_file: Option<String>,
+    /// Proxies in front of Envoy whose X-Forwarded-For entries are trusted for
+    /// remote.ip and remoteIpBlocks [default: 0, the peer is the client].
+    #[arg(long)]
+    policy_trusted_proxies: Option<String>,
 }
 
 impl PolicyArgs {
@@ -246,6 +250,7 @@ impl PolicyArgs {
         raw.flag("policy_dir", self.policy_dir);
         raw.flag("policy_root_namespace", self.policy_root_namespace);
         raw.flag("jwks_ca_file", self.jwks_ca_file);
+        raw.flag("policy_trusted_proxies", self.policy_trusted_proxies);
     }
 }
 

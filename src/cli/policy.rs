@@ -70,6 +70,13 @@ pub struct CheckArgs {
         default_value = "istio-system"
     )]
     root_namespace: String,
+    /// The destination's address (`destination.ip`).
+    #[arg(long)]
+    destination_ip: Option<std::net::IpAddr>,
+    /// Proxies in front whose X-Forwarded-For entries are trusted for
+    /// `remote.ip` (give the header with --header x-forwarded-for=...).
+    #[arg(long = "policy-trusted-proxies", default_value_t = 0)]
+    trusted_proxies: usize,
     /// The trust domain's bundle (SPIFFE JSON or PEM, e.g. from `sigil bundle
     /// show --format jwks`), for jwtRules that rely on its JWT keys.
     #[arg(long)]
@@ -132,9 +139,15 @@ pub async fn run(cmd: PolicyCmd) -> anyhow::Result<()> {
     if let Some(token) = a.jwt {
         headers.insert("authorization".into(), format!("Bearer {token}"));
     }
+    let remote_ip = crate::policy::remote_from_xff(
+        headers.get("x-forwarded-for").map(String::as_str),
+        a.trusted_proxies,
+    );
     let request = Request {
         source_principal: principal,
         source_ip: a.source_ip,
+        remote_ip,
+        destination_ip: a.destination_ip,
         destination_principal: Some(destination.to_string()),
         destination_labels: pairs("label", &a.labels, false)?,
         destination_port: a.port,

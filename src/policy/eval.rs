@@ -39,6 +39,11 @@ pub struct Request {
     pub source_principal: Option<String>,
     /// The peer's address.
     pub source_ip: Option<IpAddr>,
+    /// The original client's address as the trusted proxies reported it
+    /// (`remote.ip`); the peer's when there are none.
+    pub remote_ip: Option<IpAddr>,
+    /// The destination's address.
+    pub destination_ip: Option<IpAddr>,
     /// The destination workload's SPIFFE ID.
     pub destination_principal: Option<String>,
     /// The destination workload's labels.
@@ -59,6 +64,25 @@ pub struct Request {
     pub sni: Option<String>,
     /// The validated end-user JWT, if any.
     pub auth: Option<RequestAuth>,
+}
+
+impl Request {
+    /// `remote.ip`: what the trusted proxies reported, else the peer.
+    pub fn remote_ip(&self) -> Option<IpAddr> {
+        self.remote_ip.or(self.source_ip)
+    }
+}
+
+/// The original client from `X-Forwarded-For` with `trusted` proxies in
+/// front (Envoy's `xff_num_trusted_hops`): the address `trusted` places left
+/// of the right end; with none trusted, `None` (the peer is the client).
+pub fn remote_from_xff(xff: Option<&str>, trusted: usize) -> Option<IpAddr> {
+    if trusted == 0 {
+        return None;
+    }
+    let hops: Vec<&str> = xff?.split(',').map(str::trim).collect();
+    let at = hops.len().checked_sub(trusted)?;
+    hops.get(at)?.parse().ok()
 }
 
 /// Splits `/p?a=1&b` into the path, normalized for matching, and its query
@@ -211,10 +235,28 @@ fn source_matches(s: &Source, r: &Request) -> Result<(), String> {
     )?;
     let ns = r.source_principal.as_deref().and_then(namespace_of);
     field_matches("namespaces", &s.namespaces, ns, m(false))?;
+    let in_cidr = |c: &Cidr, v: &str| v.parse().is_ok_and(|ip| c.contains(ip));
     let ip = r.source_ip.map(|i| i.to_string());
-    field_matches("ipBlocks", &s.ip_blocks, ip.as_deref(), |c: &Cidr, v| {
-        v.parse().is_ok_and(|ip| c.contains(ip))
-    })
+    field_matches("ipBlocks", &s.ip_blocks, ip.as_deref(), in_cidr)?;
+    let remote = r.remote_ip().map(|i| i.to_string());
+    field_matches(
+        "remoteIpBlocks",
+        &s.remote_ip_blocks,
+        remote.as_deref(),
+        in_cidr,
+    )?;
+    // `ns/sa` from a principal `td/ns/<ns>/sa/<sa>`.
+    let sa = principal.and_then(|p| {
+        let rest = p.split_once("/ns/")?.1;
+        let (ns, sa) = rest.split_once("/sa/")?;
+        (!sa.contains('/')).then(|| format!("{ns}/{sa}"))
+    });
+    field_matches(
+        "serviceAccounts",
+        &s.service_accounts,
+        sa.as_deref(),
+        m(false),
+    )
 }
 
 fn operation_matches(o: &Operation, r: &Request) -> Result<(), String> {
@@ -257,6 +299,12 @@ fn condition_matches(c: &Condition, r: &Request) -> Result<(), String> {
     let values: Vec<String> = match &c.key {
         ConditionKey::Header(h) => r.headers.get(h).cloned().into_iter().collect(),
         ConditionKey::SourceIp => r.source_ip.map(|i| i.to_string()).into_iter().collect(),
+        ConditionKey::RemoteIp => r.remote_ip().map(|i| i.to_string()).into_iter().collect(),
+        ConditionKey::DestinationIp => r
+            .destination_ip
+            .map(|i| i.to_string())
+            .into_iter()
+            .collect(),
         ConditionKey::SourceNamespace => r
             .source_principal
             .as_deref()
@@ -282,7 +330,7 @@ fn condition_matches(c: &Condition, r: &Request) -> Result<(), String> {
         ConditionKey::ConnectionSni => r.sni.clone().into_iter().collect(),
     };
     let name = format!("when {}", c.key_text);
-    let is_ip = c.key == ConditionKey::SourceIp;
+    let is_ip = c.key.is_ip();
     let check = |m: &Matcher, v: &str| {
         if is_ip {
             // Values were validated as CIDRs at load time.
@@ -360,14 +408,34 @@ pub struct Evaluator {
 
 impl Evaluator {
     /// An evaluator over `set`; policies in `root_namespace` apply mesh-wide.
-    pub fn new(set: PolicySet, root_namespace: impl Into<String>) -> Self {
+    pub fn new(mut set: PolicySet, root_namespace: impl Into<String>) -> Self {
+        let root_namespace = root_namespace.into();
+        // Istio ignores a PeerAuthentication with a selector in the root
+        // namespace; so does Sigil, saying so.
+        set.peer.retain(|p| {
+            let ignored = p.namespace == root_namespace && p.selector.is_some();
+            if ignored {
+                tracing::warn!(policy = %p.id(), "a PeerAuthentication with a selector in the root namespace is ignored (as in Istio): move it to the workload's namespace");
+            }
+            !ignored
+        });
+        // Among conflicting PeerAuthentications the oldest wins (Istio's
+        // rule); those without a creationTimestamp come after, by name.
+        set.peer.sort_by(|a, b| {
+            (a.created.is_none(), &a.created, &a.namespace, &a.name).cmp(&(
+                b.created.is_none(),
+                &b.created,
+                &b.namespace,
+                &b.name,
+            ))
+        });
         let mut by_namespace: HashMap<String, Vec<usize>> = HashMap::new();
         for (i, p) in set.authorization.iter().enumerate() {
             by_namespace.entry(p.namespace.clone()).or_default().push(i);
         }
         Evaluator {
             set,
-            root_namespace: root_namespace.into(),
+            root_namespace,
             by_namespace,
             trust_bundle: None,
             remote_jwks: None,

@@ -172,6 +172,10 @@ pub struct Source {
     pub namespaces: Field<Matcher>,
     /// Peer IP blocks.
     pub ip_blocks: Field<Cidr>,
+    /// The original client's IP blocks (`remote.ip`).
+    pub remote_ip_blocks: Field<Cidr>,
+    /// Peer service accounts, `ns/sa`.
+    pub service_accounts: Field<Matcher>,
 }
 
 /// `rules[].to[].operation`.
@@ -194,6 +198,10 @@ pub enum ConditionKey {
     Header(String),
     /// `source.ip`.
     SourceIp,
+    /// `remote.ip`: the original client (X-Forwarded-For, trusted hops).
+    RemoteIp,
+    /// `destination.ip`.
+    DestinationIp,
     /// `source.namespace`.
     SourceNamespace,
     /// `source.principal`.
@@ -213,6 +221,14 @@ pub enum ConditionKey {
 }
 
 impl ConditionKey {
+    /// Whether its values are IP addresses or CIDR blocks.
+    pub fn is_ip(&self) -> bool {
+        matches!(
+            self,
+            ConditionKey::SourceIp | ConditionKey::RemoteIp | ConditionKey::DestinationIp
+        )
+    }
+
     /// Parses a condition key, or explains which keys exist.
     pub fn parse(key: &str) -> Result<Self, String> {
         let bracketed = |rest: &str| -> Option<Vec<String>> {
@@ -232,6 +248,13 @@ impl ConditionKey {
         };
         Ok(match key {
             "source.ip" => ConditionKey::SourceIp,
+            "remote.ip" => ConditionKey::RemoteIp,
+            "destination.ip" => ConditionKey::DestinationIp,
+            k if k.starts_with("experimental.envoy.filters.") => {
+                return Err(format!(
+                    "{k:?}: experimental.envoy.filters.* keys read Envoy filter metadata that ext_authz does not receive; Sigil cannot honour them"
+                ));
+            }
             "source.namespace" => ConditionKey::SourceNamespace,
             "source.principal" => ConditionKey::SourcePrincipal,
             "request.auth.principal" => ConditionKey::AuthPrincipal,
@@ -257,7 +280,7 @@ impl ConditionKey {
             }
             other => {
                 return Err(format!(
-                    "unknown condition key {other:?} (supported: request.headers[..], source.ip, source.namespace, \
+                    "unknown condition key {other:?} (supported: request.headers[..], source.ip, remote.ip, destination.ip, source.namespace, \
                      source.principal, request.auth.principal, request.auth.audiences, request.auth.presenter, \
                      request.auth.claims[..], destination.port, connection.sni)"
                 ));
@@ -322,6 +345,10 @@ struct RawDoc {
     metadata: RawMeta,
     #[serde(default)]
     spec: Option<serde_norway::Value>,
+    /// What a cluster reports (`kubectl get -o yaml`); not policy.
+    #[serde(default)]
+    #[expect(dead_code, reason = "Kubernetes status, ignored")]
+    status: Option<serde_norway::Value>,
 }
 
 #[derive(Deserialize)]
@@ -338,6 +365,44 @@ struct RawMeta {
         reason = "valid Kubernetes metadata that authorization does not use"
     )]
     labels: BTreeMap<String, String>,
+    /// When the object was created (orders conflicting PeerAuthentications).
+    #[serde(default, rename = "creationTimestamp")]
+    creation_timestamp: Option<String>,
+    /// The rest of standard object metadata, as `kubectl get -o yaml`
+    /// exports it: accepted and ignored.
+    #[serde(default, flatten)]
+    #[expect(dead_code, reason = "standard Kubernetes metadata, ignored")]
+    other: KubeMeta,
+}
+
+/// Standard Kubernetes object metadata a policy does not use.
+#[derive(Deserialize, Default)]
+#[allow(
+    dead_code,
+    reason = "standard Kubernetes metadata, accepted and ignored"
+)]
+#[serde(rename_all = "camelCase")]
+struct KubeMeta {
+    #[serde(default)]
+    resource_version: Option<serde_norway::Value>,
+    #[serde(default)]
+    uid: Option<serde_norway::Value>,
+    #[serde(default)]
+    generation: Option<serde_norway::Value>,
+    #[serde(default)]
+    managed_fields: Option<serde_norway::Value>,
+    #[serde(default)]
+    finalizers: Option<serde_norway::Value>,
+    #[serde(default)]
+    owner_references: Option<serde_norway::Value>,
+    #[serde(default)]
+    self_link: Option<serde_norway::Value>,
+    #[serde(default)]
+    generate_name: Option<serde_norway::Value>,
+    #[serde(default)]
+    deletion_timestamp: Option<serde_norway::Value>,
+    #[serde(default)]
+    deletion_grace_period_seconds: Option<serde_norway::Value>,
 }
 
 #[derive(Deserialize, Default)]
@@ -351,6 +416,10 @@ struct RawAuthzSpec {
     rules: Option<Vec<RawRule>>,
     #[serde(default)]
     provider: Option<serde_norway::Value>,
+    #[serde(default)]
+    target_ref: Option<serde_norway::Value>,
+    #[serde(default)]
+    target_refs: Option<serde_norway::Value>,
 }
 
 #[derive(Deserialize)]
@@ -402,6 +471,16 @@ struct RawSource {
     ip_blocks: Vec<String>,
     #[serde(default)]
     not_ip_blocks: Vec<String>,
+    #[serde(default)]
+    remote_ip_blocks: Vec<String>,
+    #[serde(default)]
+    not_remote_ip_blocks: Vec<String>,
+    #[serde(default)]
+    service_accounts: Vec<String>,
+    #[serde(default)]
+    not_service_accounts: Vec<String>,
+    #[serde(default)]
+    trust_domains: Option<serde_norway::Value>,
 }
 
 #[derive(Deserialize, Default)]
@@ -461,6 +540,9 @@ pub struct PeerAuthentication {
     pub mode: MtlsMode,
     /// `spec.portLevelMtls`.
     pub port_modes: BTreeMap<u16, MtlsMode>,
+    /// `metadata.creationTimestamp` (RFC 3339), if exported with it: among
+    /// conflicting policies the oldest wins, as in Istio.
+    pub created: Option<String>,
 }
 
 impl PeerAuthentication {
@@ -744,6 +826,7 @@ fn peer_authentication(
         selector: spec.selector.map(|s| s.match_labels),
         mode,
         port_modes,
+        created: meta.creation_timestamp.clone(),
     })
 }
 
@@ -802,6 +885,22 @@ fn ports(ctx: &Ctx<'_>, path: &str, v: &[String]) -> Result<Vec<u16>, PolicyErro
         .collect()
 }
 
+/// `serviceAccounts` entries: `namespace/name`, matched exactly.
+fn service_accounts(ctx: &Ctx<'_>, at: &str, v: &[String]) -> Result<Vec<Matcher>, PolicyError> {
+    v.iter()
+        .enumerate()
+        .map(|(i, sa)| match sa.split_once('/') {
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+                Ok(Matcher::Exact(sa.clone()))
+            }
+            _ => Err(ctx.err(
+                format!("{at}[{i}]"),
+                format!("{sa:?} must be NAMESPACE/SERVICE_ACCOUNT"),
+            )),
+        })
+        .collect()
+}
+
 fn convert_rule(ctx: &Ctx<'_>, r: &RawRule, at: &str) -> Result<Rule, PolicyError> {
     let mut rule = Rule::default();
     for (i, f) in r.from.iter().enumerate() {
@@ -824,11 +923,39 @@ fn convert_rule(ctx: &Ctx<'_>, r: &RawRule, at: &str) -> Result<Rule, PolicyErro
                 values: cidrs(ctx, &format!("{p}.ipBlocks"), &s.ip_blocks)?,
                 not_values: cidrs(ctx, &format!("{p}.notIpBlocks"), &s.not_ip_blocks)?,
             },
+            remote_ip_blocks: Field {
+                values: cidrs(ctx, &format!("{p}.remoteIpBlocks"), &s.remote_ip_blocks)?,
+                not_values: cidrs(
+                    ctx,
+                    &format!("{p}.notRemoteIpBlocks"),
+                    &s.not_remote_ip_blocks,
+                )?,
+            },
+            service_accounts: Field {
+                values: service_accounts(
+                    ctx,
+                    &format!("{p}.serviceAccounts"),
+                    &s.service_accounts,
+                )?,
+                not_values: service_accounts(
+                    ctx,
+                    &format!("{p}.notServiceAccounts"),
+                    &s.not_service_accounts,
+                )?,
+            },
         };
+        if s.trust_domains.is_some() {
+            return Err(ctx.err(
+                format!("{p}.trustDomains"),
+                "deprecated and removed from Istio; name the trust domain in principals instead",
+            ));
+        }
         if !(source.principals.is_set()
             || source.request_principals.is_set()
             || source.namespaces.is_set()
-            || source.ip_blocks.is_set())
+            || source.ip_blocks.is_set()
+            || source.remote_ip_blocks.is_set()
+            || source.service_accounts.is_set())
         {
             return Err(ctx.err(p, "a source must set at least one field"));
         }
@@ -866,7 +993,7 @@ fn convert_rule(ctx: &Ctx<'_>, r: &RawRule, at: &str) -> Result<Rule, PolicyErro
         if c.values.is_empty() && c.not_values.is_empty() {
             return Err(ctx.err(p, "a condition needs values or notValues"));
         }
-        if key == ConditionKey::SourceIp {
+        if key.is_ip() {
             cidrs(ctx, &format!("{p}.values"), &c.values)?;
             cidrs(ctx, &format!("{p}.notValues"), &c.not_values)?;
         }
@@ -911,6 +1038,17 @@ fn authorization(
             ));
         }
     };
+    for (field, set) in [
+        ("spec.targetRef", spec.target_ref.is_some()),
+        ("spec.targetRefs", spec.target_refs.is_some()),
+    ] {
+        if set {
+            return Err(ctx.err(
+                field,
+                "Gateway API targets are not supported: select the workloads with spec.selector.matchLabels instead",
+            ));
+        }
+    }
     if spec.provider.is_some() {
         return Err(ctx.err(
             "spec.provider",
@@ -944,7 +1082,8 @@ fn authorization(
     })
 }
 
-/// Parses every document of one YAML file into `set`.
+/// Parses every document of one YAML file into `set`. A `kind: List` (as
+/// `kubectl get -o yaml` prints several objects) contributes its `items`.
 pub fn parse_file(file: &Path, text: &str, set: &mut PolicySet) -> Result<(), PolicyError> {
     for (document, de) in serde_norway::Deserializer::from_str(text).enumerate() {
         let ctx = Ctx { file, document };
@@ -953,39 +1092,62 @@ pub fn parse_file(file: &Path, text: &str, set: &mut PolicySet) -> Result<(), Po
         if value.is_null() {
             continue; // an empty document (e.g. a trailing `---`)
         }
-        let doc: RawDoc = serde_path_to_error::deserialize(value)
-            .map_err(|e| ctx.err(e.path().to_string(), e.into_inner().to_string()))?;
-        if !matches!(
-            doc.api_version.as_str(),
-            "security.istio.io/v1" | "security.istio.io/v1beta1"
-        ) {
-            return Err(ctx.err(
-                "apiVersion",
-                format!(
-                    "{:?} is not security.istio.io/v1 or v1beta1",
-                    doc.api_version
-                ),
-            ));
+        let kind = value.get("kind").and_then(serde_norway::Value::as_str);
+        if kind.is_some_and(|k| k == "List" || k.ends_with("List")) {
+            let items = value
+                .get("items")
+                .and_then(serde_norway::Value::as_sequence)
+                .ok_or_else(|| ctx.err("items", "a List needs an items sequence"))?;
+            for (i, item) in items.iter().enumerate() {
+                parse_doc(&ctx, item.clone(), &format!("items[{i}]."), set)?;
+            }
+            continue;
         }
-        match doc.kind.as_str() {
-            "AuthorizationPolicy" => {
-                set.authorization
-                    .push(authorization(&ctx, &doc.metadata, doc.spec)?)
-            }
-            "PeerAuthentication" => {
-                set.peer
-                    .push(peer_authentication(&ctx, &doc.metadata, doc.spec)?)
-            }
-            "RequestAuthentication" => {
-                set.request
-                    .push(request_authentication(&ctx, &doc.metadata, doc.spec)?)
-            }
-            other => {
-                return Err(ctx.err(
-                    "kind",
-                    format!("unknown kind {other:?} (AuthorizationPolicy, PeerAuthentication, RequestAuthentication)"),
-                ));
-            }
+        parse_doc(&ctx, value, "", set)?;
+    }
+    Ok(())
+}
+
+/// One policy object; error paths start with `prefix` (e.g. `items[2].`).
+fn parse_doc(
+    ctx: &Ctx<'_>,
+    value: serde_norway::Value,
+    prefix: &str,
+    set: &mut PolicySet,
+) -> Result<(), PolicyError> {
+    let doc: RawDoc = serde_path_to_error::deserialize(value)
+        .map_err(|e| ctx.err(format!("{prefix}{}", e.path()), e.into_inner().to_string()))?;
+    if !matches!(
+        doc.api_version.as_str(),
+        "security.istio.io/v1" | "security.istio.io/v1beta1"
+    ) {
+        return Err(ctx.err(
+            format!("{prefix}apiVersion"),
+            format!(
+                "{:?} is not security.istio.io/v1 or v1beta1",
+                doc.api_version
+            ),
+        ));
+    }
+    let with_prefix = |e: PolicyError| PolicyError {
+        path: format!("{prefix}{}", e.path),
+        ..e
+    };
+    match doc.kind.as_str() {
+        "AuthorizationPolicy" => set
+            .authorization
+            .push(authorization(ctx, &doc.metadata, doc.spec).map_err(with_prefix)?),
+        "PeerAuthentication" => set
+            .peer
+            .push(peer_authentication(ctx, &doc.metadata, doc.spec).map_err(with_prefix)?),
+        "RequestAuthentication" => set
+            .request
+            .push(request_authentication(ctx, &doc.metadata, doc.spec).map_err(with_prefix)?),
+        other => {
+            return Err(ctx.err(
+                format!("{prefix}kind"),
+                format!("unknown kind {other:?} (AuthorizationPolicy, PeerAuthentication, RequestAuthentication)"),
+            ));
         }
     }
     Ok(())

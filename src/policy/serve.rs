@@ -40,6 +40,9 @@ pub struct PolicyConfig {
     pub root_namespace: String,
     /// Extra CA certificates (DER) for `jwksUri` servers, beside the system's.
     pub jwks_roots: Vec<Vec<u8>>,
+    /// Proxies in front of Envoy whose `X-Forwarded-For` entries are trusted
+    /// for `remote.ip` (0: the peer is the client).
+    pub trusted_proxies: usize,
 }
 
 impl PolicyConfig {
@@ -50,6 +53,7 @@ impl PolicyConfig {
             policy_dir,
             root_namespace: "istio-system".into(),
             jwks_roots: Vec::new(),
+            trusted_proxies: 0,
         }
     }
 
@@ -63,11 +67,16 @@ impl PolicyConfig {
         })?;
         let root_namespace = raw.get("policy_root_namespace")?;
         let jwks_roots = raw.parsed("jwks_ca_file", None, |path| load_ca_file(Path::new(path)))?;
+        let trusted_proxies = raw.parsed("policy_trusted_proxies", None, |v| {
+            v.parse::<usize>()
+                .map_err(|_| "expected a number of proxy hops (0 or more)".to_string())
+        })?;
         let Some(dir) = raw.get("policy_dir")?.map(PathBuf::from) else {
             let given = [
                 ("ext_authz_bind", bind.is_some()),
                 ("policy_root_namespace", root_namespace.is_some()),
                 ("jwks_ca_file", jwks_roots.is_some()),
+                ("policy_trusted_proxies", trusted_proxies.is_some()),
             ];
             return match given.iter().find(|(_, set)| *set) {
                 Some((key, _)) => Err(ConfigError::Missing {
@@ -82,6 +91,7 @@ impl PolicyConfig {
             policy_dir: dir,
             root_namespace: root_namespace.unwrap_or_else(|| "istio-system".into()),
             jwks_roots: jwks_roots.unwrap_or_default(),
+            trusted_proxies: trusted_proxies.unwrap_or(0),
         }))
     }
 }
@@ -135,7 +145,10 @@ pub async fn serve_ext_authz(
     let addr = listener.local_addr().map_err(bind_error)?;
     let mut stop = shutdown;
     let serving = Server::builder()
-        .add_service(AuthorizationServer::new(ExtAuthz::new(evaluator)))
+        .add_service(AuthorizationServer::new(ExtAuthz::new(
+            evaluator,
+            config.trusted_proxies,
+        )))
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
             async move {

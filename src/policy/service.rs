@@ -24,8 +24,9 @@ const FIRST_FETCH_WAIT: Duration = Duration::from_secs(6);
 /// How long a reload waits for a newly named `jwksUri` (keeps reloads under 1 s).
 const RELOAD_FETCH_WAIT: Duration = Duration::from_millis(600);
 
-/// Converts an Envoy CheckRequest into a domain request.
-pub fn request_from_check(c: &CheckRequest) -> Request {
+/// Converts an Envoy CheckRequest into a domain request; `remote.ip` comes
+/// from `X-Forwarded-For` past `trusted_proxies` hops.
+pub fn request_from_check(c: &CheckRequest, trusted_proxies: usize) -> Request {
     let attrs = c.attributes.clone().unwrap_or_default();
     let source = attrs.source.unwrap_or_default();
     let destination = attrs.destination.unwrap_or_default();
@@ -48,9 +49,16 @@ pub fn request_from_check(c: &CheckRequest) -> Request {
             }
         })
     };
+    let xff = http
+        .headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("x-forwarded-for"))
+        .map(|(_, v)| v.clone());
     Request {
         source_principal: principal(source.principal),
         source_ip: src_socket.as_ref().and_then(|s| s.address.parse().ok()),
+        remote_ip: crate::policy::remote_from_xff(xff.as_deref(), trusted_proxies),
+        destination_ip: dst_socket.as_ref().and_then(|s| s.address.parse().ok()),
         destination_principal: principal(destination.principal),
         destination_labels: destination.labels.into_iter().collect(),
         destination_port: dst_socket.and_then(|s| match s.port_specifier {
@@ -155,12 +163,17 @@ pub fn response_for(d: &Decision, peer: Option<&str>) -> CheckResponse {
 /// The ext_authz service over a hot-reloaded evaluator.
 pub struct ExtAuthz {
     evaluator: watch::Receiver<Arc<Evaluator>>,
+    trusted_proxies: usize,
 }
 
 impl ExtAuthz {
-    /// A service reading the current evaluator.
-    pub fn new(evaluator: watch::Receiver<Arc<Evaluator>>) -> Self {
-        ExtAuthz { evaluator }
+    /// A service reading the current evaluator; `remote.ip` trusts
+    /// `trusted_proxies` hops of `X-Forwarded-For`.
+    pub fn new(evaluator: watch::Receiver<Arc<Evaluator>>, trusted_proxies: usize) -> Self {
+        ExtAuthz {
+            evaluator,
+            trusted_proxies,
+        }
     }
 }
 
@@ -170,7 +183,7 @@ impl Authorization for ExtAuthz {
         &self,
         req: GrpcRequest<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
-        let r = request_from_check(req.get_ref());
+        let r = request_from_check(req.get_ref(), self.trusted_proxies);
         let evaluator = self.evaluator.borrow().clone();
         let d = evaluator.evaluate(&r);
         crate::metrics::metrics()

@@ -628,3 +628,141 @@ fn uri_templates_are_refused_at_load() {
         );
     }
 }
+
+#[test]
+fn kubectl_exports_load_with_their_metadata_and_lists() {
+    let exported = r#"apiVersion: v1
+kind: List
+metadata:
+  resourceVersion: ""
+items:
+- apiVersion: security.istio.io/v1
+  kind: AuthorizationPolicy
+  metadata:
+    annotations:
+      kubectl.kubernetes.io/last-applied-configuration: |
+        {"apiVersion":"security.istio.io/v1"}
+    creationTimestamp: "2026-01-02T03:04:05Z"
+    generation: 3
+    name: get-only
+    namespace: foo
+    resourceVersion: "123456"
+    uid: 0d3c8f5e-1111-2222-3333-444455556666
+    managedFields:
+    - manager: kubectl-client-side-apply
+      operation: Update
+  spec:
+    rules:
+    - to:
+      - operation:
+          methods: ["GET"]
+  status:
+    validationMessages: []
+"#;
+    let s = set(exported);
+    assert_eq!(s.authorization.len(), 1);
+    assert!(
+        Evaluator::new(s, "istio-system")
+            .evaluate(&req(SLEEP, "GET", "/"))
+            .allow
+    );
+    // Unknown fields inside spec are still refused, with the item's path.
+    let bad = exported.replace("methods: [\"GET\"]", "method: [\"GET\"]");
+    let e = err(&bad);
+    assert!(e.path.starts_with("items[0].spec.rules[0]"), "{e}");
+}
+
+#[test]
+fn service_accounts_remote_ips_and_ip_conditions() {
+    let yaml = policy(
+        "  rules:\n  - from:\n    - source:\n        serviceAccounts: [\"foo/sleep\"]\n        remoteIpBlocks: [\"203.0.113.0/24\"]\n    when:\n    - key: destination.ip\n      values: [\"10.0.0.0/8\"]\n",
+    );
+    let mut r = req(SLEEP, "GET", "/");
+    r.destination_ip = Some("10.9.9.9".parse().unwrap());
+    r.remote_ip = Some("203.0.113.7".parse().unwrap());
+    assert!(decide(&yaml, &r).allow);
+    // Another service account, another client, or another destination: no.
+    assert!(!decide(&yaml, &req(OTHER, "GET", "/")).allow);
+    let mut far = r.clone();
+    far.remote_ip = Some("198.51.100.1".parse().unwrap());
+    assert!(!decide(&yaml, &far).allow);
+    let mut elsewhere = r.clone();
+    elsewhere.destination_ip = Some("192.168.0.1".parse().unwrap());
+    assert!(!decide(&yaml, &elsewhere).allow);
+    // With no trusted proxy, remote.ip is the peer.
+    assert_eq!(remote_from_xff(Some("203.0.113.7, 10.0.0.2"), 0), None);
+    assert_eq!(
+        remote_from_xff(Some("203.0.113.7, 10.0.0.2"), 1),
+        Some("10.0.0.2".parse().unwrap())
+    );
+    assert_eq!(
+        remote_from_xff(Some("203.0.113.7, 10.0.0.2"), 2),
+        Some("203.0.113.7".parse().unwrap())
+    );
+    assert_eq!(remote_from_xff(Some("203.0.113.7"), 3), None);
+    let deny = policy(
+        "  action: DENY\n  rules:\n  - when:\n    - key: remote.ip\n      values: [\"203.0.113.0/24\"]\n",
+    );
+    let mut peer_only = req(SLEEP, "GET", "/");
+    peer_only.source_ip = Some("203.0.113.9".parse().unwrap());
+    assert!(
+        !decide(&deny, &peer_only).allow,
+        "remote.ip falls back to the peer"
+    );
+    let e = err(&policy(
+        "  rules:\n  - from:\n    - source:\n        serviceAccounts: [\"sleep\"]\n",
+    ));
+    assert!(e.to_string().contains("NAMESPACE/SERVICE_ACCOUNT"), "{e}");
+}
+
+#[test]
+fn what_cannot_be_honoured_is_refused_by_name() {
+    for (spec, path, says) in [
+        (
+            "  targetRefs:\n  - kind: Gateway\n    name: gw\n",
+            "spec.targetRefs",
+            "selector",
+        ),
+        (
+            "  rules:\n  - from:\n    - source:\n        trustDomains: [\"td\"]\n",
+            "trustDomains",
+            "deprecated",
+        ),
+        (
+            "  rules:\n  - when:\n    - key: experimental.envoy.filters.network.mysql_proxy[db.table]\n      values: [\"t\"]\n",
+            "when[0].key",
+            "experimental.envoy.filters",
+        ),
+    ] {
+        let e = err(&policy(spec));
+        assert!(e.path.contains(path) && e.to_string().contains(says), "{e}");
+    }
+}
+
+#[test]
+fn peer_authentication_precedence_follows_istio() {
+    let pa = |name: &str, ns: &str, created: Option<&str>, extra: &str, mode: &str| {
+        let ts = created.map_or(String::new(), |c| format!("  creationTimestamp: \"{c}\"\n"));
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: {name}\n  namespace: {ns}\n{ts}spec:\n{extra}  mtls:\n    mode: {mode}\n"
+        )
+    };
+    // Two namespace-wide policies: the oldest wins, whatever the file order.
+    let yaml = format!(
+        "{}---\n{}",
+        pa("newer", "foo", Some("2026-02-01T00:00:00Z"), "", "DISABLE"),
+        pa("older", "foo", Some("2026-01-01T00:00:00Z"), "", "STRICT")
+    );
+    let (mode, by) = Evaluator::new(set(&yaml), "istio-system").mtls_mode(&req(SLEEP, "GET", "/"));
+    assert_eq!((mode, by.as_deref()), (MtlsMode::Strict, Some("foo/older")));
+    // A selector policy in the root namespace is ignored.
+    let yaml = pa(
+        "rooted",
+        "istio-system",
+        None,
+        "  selector:\n    matchLabels:\n      app: httpbin\n",
+        "STRICT",
+    );
+    let (mode, by) = Evaluator::new(set(&yaml), "istio-system").mtls_mode(&req(SLEEP, "GET", "/"));
+    assert_eq!((mode, by), (MtlsMode::Permissive, None));
+}

@@ -57,6 +57,7 @@ pub const SERVER_KEYS: &[&str] = &[
     "policy_dir",
     "policy_root_namespace",
     "jwks_ca_file",
+    "policy_trusted_proxies",
     "upstream_cert",
     "upstream_key",
     "upstream_bundle",

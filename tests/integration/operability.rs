@@ -870,3 +870,44 @@ fn a_stale_admin_socket_is_named_as_such() {
     assert!(code != 0 && out.contains("stale socket"), "{out}");
     assert_eq!(out.matches("Connection refused").count(), 0, "{out}");
 }
+
+#[test]
+fn policy_check_reads_remote_ip_through_trusted_proxies() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("p.yaml"),
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: office\n  namespace: foo\nspec:\n  rules:\n  - from:\n    - source:\n        remoteIpBlocks: [\"203.0.113.0/24\"]\n",
+    )
+    .unwrap();
+    let check = |hops: &str| {
+        sigil(&[
+            "policy",
+            "check",
+            "--policy-dir",
+            dir.path().to_str().unwrap(),
+            "--destination",
+            "spiffe://cluster.local/ns/foo/sa/api",
+            "--method",
+            "GET",
+            "--path",
+            "/",
+            "--source-ip",
+            "10.0.0.2",
+            "--header",
+            "x-forwarded-for=203.0.113.7",
+            "--policy-trusted-proxies",
+            hops,
+        ])
+        .0
+    };
+    assert_eq!(
+        check("1"),
+        0,
+        "the client behind one trusted proxy is in the block"
+    );
+    assert_eq!(
+        check("0"),
+        1,
+        "without trusted proxies the peer (10.0.0.2) is the client"
+    );
+}
