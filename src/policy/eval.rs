@@ -28,6 +28,54 @@ pub struct RequestAuth {
     pub presenter: Option<String>,
     /// All claims.
     pub claims: serde_json::Map<String, serde_json::Value>,
+    /// What the upstream request gets on allow (the jwtRule's outputs, and
+    /// the token removed unless `forwardOriginalToken`).
+    pub rewrite: Rewrite,
+}
+
+/// Changes to the request forwarded upstream, applied on allow.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rewrite {
+    /// Headers to set (name, value).
+    pub set_headers: Vec<(String, String)>,
+    /// Headers to remove.
+    pub remove_headers: Vec<String>,
+    /// Query parameters to remove.
+    pub remove_params: Vec<String>,
+}
+
+/// Where a token was found.
+enum TokenAt {
+    Header(String),
+    Param(String),
+    Cookie(String),
+}
+
+/// The cookies of a `Cookie` header: name → value.
+fn cookies(header: Option<&String>) -> Vec<(String, String)> {
+    header
+        .map(|h| {
+            h.split(';')
+                .filter_map(|c| c.trim().split_once('='))
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A claim by dotted path (`a.b`), as header text.
+fn claim_text(claims: &serde_json::Map<String, serde_json::Value>, path: &str) -> Option<String> {
+    let mut parts = path.split('.');
+    let mut cur = claims.get(parts.next()?)?;
+    for p in parts {
+        cur = cur.get(p)?;
+    }
+    match cur {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        serde_json::Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
 }
 
 /// What is known about a request, in domain terms.
@@ -193,6 +241,8 @@ pub struct Decision {
     pub audit: bool,
     /// The authenticated end user (`iss/sub`), when a valid JWT was presented.
     pub request_principal: Option<String>,
+    /// Changes to the forwarded request, on allow.
+    pub rewrite: Rewrite,
 }
 
 fn field_matches<T>(
@@ -484,6 +534,7 @@ impl Evaluator {
             .iter()
             .flat_map(|p| p.rules.iter().map(move |rule| (*p, rule)))
             .collect();
+        let jar = cookies(r.headers.get("cookie"));
         let token = rules.iter().find_map(|(_, rule)| {
             let (headers, params) = rule.locations();
             headers
@@ -492,18 +543,29 @@ impl Evaluator {
                     r.headers
                         .get(name)
                         .and_then(|v| v.strip_prefix(prefix.as_str()))
+                        .map(|t| (t.to_string(), TokenAt::Header(name.clone())))
                 })
                 .or_else(|| {
-                    params
-                        .iter()
-                        .find_map(|p| r.query.get(p).map(String::as_str))
+                    params.iter().find_map(|p| {
+                        r.query
+                            .get(p)
+                            .map(|t| (t.clone(), TokenAt::Param(p.clone())))
+                    })
                 })
-                .map(str::trim)
-                .filter(|t| !t.is_empty())
+                .or_else(|| {
+                    rule.from_cookies.iter().find_map(|c| {
+                        jar.iter()
+                            .find(|(k, _)| k == c)
+                            .map(|(_, v)| (v.clone(), TokenAt::Cookie(c.clone())))
+                    })
+                })
+                .map(|(t, at)| (t.trim().to_string(), at))
+                .filter(|(t, _)| !t.is_empty())
         });
-        let Some(token) = token else {
+        let Some((token, found_at)) = token else {
             return Ok(None);
         };
+        let token = token.as_str();
         let first = policies.first().map(|p| p.id()).unwrap_or_default();
         let jwt =
             UnverifiedJwt::parse_third_party(token).map_err(|e| (first.clone(), e.to_string()))?;
@@ -582,7 +644,36 @@ impl Evaluator {
             .get("sub")
             .and_then(|v| v.as_str())
             .unwrap_or_default();
+        let mut rewrite = Rewrite::default();
+        if let Some(h) = &rule.output_payload_to_header {
+            let payload = token.split('.').nth(1).unwrap_or_default();
+            rewrite.set_headers.push((h.clone(), payload.to_string()));
+        }
+        for (h, c) in &rule.output_claim_to_headers {
+            if let Some(v) = claim_text(&jwt.claims, c) {
+                rewrite.set_headers.push((h.clone(), v));
+            }
+        }
+        if !rule.forward_original_token {
+            match found_at {
+                TokenAt::Header(h) => rewrite.remove_headers.push(h),
+                TokenAt::Param(p) => rewrite.remove_params.push(p),
+                TokenAt::Cookie(c) => {
+                    let kept: Vec<String> = jar
+                        .iter()
+                        .filter(|(k, _)| *k != c)
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect();
+                    if kept.is_empty() {
+                        rewrite.remove_headers.push("cookie".into());
+                    } else {
+                        rewrite.set_headers.push(("cookie".into(), kept.join("; ")));
+                    }
+                }
+            }
+        }
         Ok(Some(RequestAuth {
+            rewrite,
             principal: format!("{iss}/{sub}"),
             audiences,
             presenter: jwt
@@ -669,15 +760,20 @@ impl Evaluator {
                 rule: None,
                 audit: false,
                 request_principal: None,
+                rewrite: Rewrite::default(),
             };
         }
         match self.authenticate(r, now) {
             Ok(Some(auth)) => {
                 let principal = auth.principal.clone();
+                let rewrite = auth.rewrite.clone();
                 let mut with_auth = r.clone();
                 with_auth.auth = Some(auth);
                 let mut d = self.decide(&with_auth);
                 d.request_principal = Some(principal);
+                if d.allow {
+                    d.rewrite = rewrite;
+                }
                 d
             }
             Ok(None) => self.decide(r),
@@ -691,6 +787,7 @@ impl Evaluator {
                 rule: None,
                 audit: false,
                 request_principal: None,
+                rewrite: Rewrite::default(),
             },
         }
     }
@@ -712,6 +809,7 @@ impl Evaluator {
                 explanation,
                 audit,
                 request_principal: None,
+                rewrite: Rewrite::default(),
             };
         }
         let first_match = |p: &AuthorizationPolicy| {
@@ -748,6 +846,7 @@ impl Evaluator {
                     explanation,
                     audit,
                     request_principal: None,
+                    rewrite: Rewrite::default(),
                 };
             }
         }
@@ -777,6 +876,7 @@ impl Evaluator {
                 explanation,
                 audit,
                 request_principal: None,
+                rewrite: Rewrite::default(),
             };
         }
         for p in &allows {
@@ -790,6 +890,7 @@ impl Evaluator {
                     explanation,
                     audit,
                     request_principal: None,
+                    rewrite: Rewrite::default(),
                 };
             }
         }
@@ -812,6 +913,7 @@ impl Evaluator {
             explanation,
             audit,
             request_principal: None,
+            rewrite: Rewrite::default(),
         }
     }
 }

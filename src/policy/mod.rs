@@ -13,8 +13,8 @@ mod serve;
 mod service;
 
 pub use eval::{
-    Decision, Evaluator, Request, RequestAuth, namespace_of, normalize_path, remote_from_xff,
-    rule_matches, split_path_query,
+    Decision, Evaluator, Request, RequestAuth, Rewrite, namespace_of, normalize_path,
+    remote_from_xff, rule_matches, split_path_query,
 };
 pub use model::{
     Action, AuthorizationPolicy, Cidr, Condition, ConditionKey, Field, JwksSource, JwtRule,

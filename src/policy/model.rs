@@ -576,13 +576,24 @@ pub struct JwtRule {
     pub from_headers: Vec<(String, String)>,
     /// Query parameters to read the token from.
     pub from_params: Vec<String>,
+    /// Cookies to read the token from.
+    pub from_cookies: Vec<String>,
+    /// Copy the token's payload (base64url) to this header on allow.
+    pub output_payload_to_header: Option<String>,
+    /// Copy claims (dotted paths) to headers on allow: (header, claim).
+    pub output_claim_to_headers: Vec<(String, String)>,
+    /// Keep the token on the request to the upstream (default: removed).
+    pub forward_original_token: bool,
 }
 
 impl JwtRule {
     /// Where to look for a token: the rule's own locations, or
     /// `Authorization: Bearer` and `access_token` by default.
     pub fn locations(&self) -> (Vec<(String, String)>, Vec<String>) {
-        if self.from_headers.is_empty() && self.from_params.is_empty() {
+        if self.from_headers.is_empty()
+            && self.from_params.is_empty()
+            && self.from_cookies.is_empty()
+        {
             (
                 vec![("authorization".into(), "Bearer ".into())],
                 vec!["access_token".into()],
@@ -661,6 +672,21 @@ struct RawJwtRule {
     from_headers: Vec<RawFromHeader>,
     #[serde(default)]
     from_params: Vec<String>,
+    #[serde(default)]
+    from_cookies: Vec<String>,
+    #[serde(default)]
+    output_payload_to_header: Option<String>,
+    #[serde(default)]
+    output_claim_to_headers: Vec<RawClaimToHeader>,
+    #[serde(default)]
+    forward_original_token: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClaimToHeader {
+    header: String,
+    claim: String,
 }
 
 #[derive(Deserialize)]
@@ -751,6 +777,17 @@ fn request_authentication(
                 .map(|h| (h.name.to_ascii_lowercase(), h.prefix.clone()))
                 .collect(),
             from_params: r.from_params.clone(),
+            from_cookies: r.from_cookies.clone(),
+            output_payload_to_header: r
+                .output_payload_to_header
+                .as_ref()
+                .map(|h| h.to_ascii_lowercase()),
+            output_claim_to_headers: r
+                .output_claim_to_headers
+                .iter()
+                .map(|c| (c.header.to_ascii_lowercase(), c.claim.clone()))
+                .collect(),
+            forward_original_token: r.forward_original_token,
         });
     }
     Ok(RequestAuthentication {

@@ -116,6 +116,9 @@ pub fn response_for(d: &Decision, peer: Option<&str>) -> CheckResponse {
                 None => headers_to_remove.push(name.to_string()),
             }
         }
+        // The jwtRule's outputs, and the token removed (forwardOriginalToken).
+        headers.extend(d.rewrite.set_headers.iter().map(|(k, v)| header(k, v)));
+        headers_to_remove.extend(d.rewrite.remove_headers.iter().cloned());
         return CheckResponse {
             status: Some(rpc::Status {
                 code: tonic::Code::Ok as i32,
@@ -124,6 +127,7 @@ pub fn response_for(d: &Decision, peer: Option<&str>) -> CheckResponse {
             http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
                 headers,
                 headers_to_remove,
+                query_parameters_to_remove: d.rewrite.remove_params.clone(),
                 ..Default::default()
             })),
             ..Default::default()

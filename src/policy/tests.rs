@@ -372,14 +372,14 @@ mod jwt_rules {
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
     use std::time::{SystemTime, UNIX_EPOCH};
 
-    const ISS: &str = "https://issuer.example";
+    pub(super) const ISS: &str = "https://issuer.example";
 
-    struct Keys {
+    pub(super) struct Keys {
         signer: JwtSigner,
-        jwks: String,
+        pub(super) jwks: String,
     }
 
-    fn keys(kid: &str) -> Keys {
+    pub(super) fn keys(kid: &str) -> Keys {
         let key = PrivateKey::generate(KeyAlgorithm::EcP256).unwrap();
         let public = JwtPublicKey::ec(EcCurve::P256, key.public_key_point().unwrap()).unwrap();
         let p = public.to_jwk();
@@ -393,26 +393,26 @@ mod jwt_rules {
         }
     }
 
-    fn now() -> u64 {
+    pub(super) fn now() -> u64 {
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap()
             .as_secs()
     }
 
-    fn token(k: &Keys, iss: &str, aud: &str, exp: u64) -> String {
+    pub(super) fn token(k: &Keys, iss: &str, aud: &str, exp: u64) -> String {
         k.signer
             .sign_claims(&serde_json::json!({"iss": iss, "sub": "alice", "aud": aud, "exp": exp, "iat": now()}))
             .unwrap()
     }
 
-    fn request_auth(jwks: &str, extra: &str) -> String {
+    pub(super) fn request_auth(jwks: &str, extra: &str) -> String {
         format!(
             "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata:\n  name: jwt\n  namespace: foo\nspec:\n  jwtRules:\n  - issuer: \"{ISS}\"\n    audiences: [\"api\"]\n    jwks: '{jwks}'\n{extra}---\n"
         )
     }
 
-    fn with_bearer(t: &str) -> Request {
+    pub(super) fn with_bearer(t: &str) -> Request {
         let mut r = req(SLEEP, "GET", "/");
         r.headers
             .insert("authorization".into(), format!("Bearer {t}"));
@@ -765,4 +765,51 @@ fn peer_authentication_precedence_follows_istio() {
     );
     let (mode, by) = Evaluator::new(set(&yaml), "istio-system").mtls_mode(&req(SLEEP, "GET", "/"));
     assert_eq!((mode, by), (MtlsMode::Permissive, None));
+}
+
+mod jwt_outputs {
+    use super::jwt_rules::{ISS, keys, now, request_auth, token, with_bearer};
+    use super::*;
+
+    #[test]
+    fn token_from_a_cookie_outputs_and_removal() {
+        let k = keys("k1");
+        let extra = "    fromCookies: [\"session\"]\n    outputPayloadToHeader: x-jwt-payload\n    outputClaimToHeaders:\n    - header: x-user\n      claim: sub\n";
+        let yaml = request_auth(&k.jwks, extra);
+        let t = token(&k, ISS, "api", now() + 60);
+        let mut r = req(SLEEP, "GET", "/");
+        r.headers
+            .insert("cookie".into(), format!("theme=dark; session={t}"));
+        let d = decide(&yaml, &r);
+        assert!(d.allow, "{:?}", d.explanation);
+        assert_eq!(
+            d.request_principal.as_deref(),
+            Some("https://issuer.example/alice")
+        );
+        let set: std::collections::BTreeMap<_, _> = d.rewrite.set_headers.iter().cloned().collect();
+        assert_eq!(set.get("x-user").map(String::as_str), Some("alice"));
+        assert_eq!(
+            set.get("x-jwt-payload").map(String::as_str),
+            t.split('.').nth(1),
+            "the base64url payload"
+        );
+        // The token cookie is removed, the others kept.
+        assert_eq!(set.get("cookie").map(String::as_str), Some("theme=dark"));
+
+        // From a header: removed unless forwardOriginalToken.
+        let d = decide(&request_auth(&k.jwks, ""), &with_bearer(&t));
+        assert_eq!(d.rewrite.remove_headers, ["authorization"]);
+        let d = decide(
+            &request_auth(&k.jwks, "    forwardOriginalToken: true\n"),
+            &with_bearer(&t),
+        );
+        assert!(d.rewrite.remove_headers.is_empty());
+        // A denied request changes nothing upstream.
+        let deny = policy("  action: DENY\n  rules:\n  - {}\n");
+        let d = decide(
+            &format!("{}{deny}", request_auth(&k.jwks, "")),
+            &with_bearer(&t),
+        );
+        assert!(!d.allow && d.rewrite == Rewrite::default());
+    }
 }
