@@ -70,6 +70,9 @@ pub struct CheckArgs {
         default_value = "istio-system"
     )]
     root_namespace: String,
+    /// The destination's namespace, when its SPIFFE ID has no `/ns/<ns>/`.
+    #[arg(long)]
+    destination_namespace: Option<String>,
     /// The destination's address (`destination.ip`).
     #[arg(long)]
     destination_ip: Option<std::net::IpAddr>,
@@ -148,6 +151,7 @@ pub async fn run(cmd: PolicyCmd) -> anyhow::Result<()> {
         source_ip: a.source_ip,
         remote_ip,
         destination_ip: a.destination_ip,
+        destination_ns: a.destination_namespace.clone(),
         destination_principal: Some(destination.to_string()),
         destination_labels: pairs("label", &a.labels, false)?,
         destination_port: a.port,

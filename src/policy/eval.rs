@@ -92,6 +92,9 @@ pub struct Request {
     pub remote_ip: Option<IpAddr>,
     /// The destination's address.
     pub destination_ip: Option<IpAddr>,
+    /// The destination's namespace when given explicitly (an ext_authz
+    /// context extension `namespace`, `--destination-namespace`).
+    pub destination_ns: Option<String>,
     /// The destination workload's SPIFFE ID.
     pub destination_principal: Option<String>,
     /// The destination workload's labels.
@@ -115,6 +118,21 @@ pub struct Request {
 }
 
 impl Request {
+    /// The destination's namespace: given explicitly, else from its SPIFFE
+    /// ID (`/ns/<ns>/`), else from its `namespace` label.
+    pub fn destination_namespace(&self) -> Option<&str> {
+        self.destination_ns
+            .as_deref()
+            .or_else(|| self.destination_principal.as_deref().and_then(namespace_of))
+            .or_else(|| self.destination_labels.get("namespace").map(String::as_str))
+    }
+
+    /// A request without HTTP attributes (plain TCP through Envoy's network
+    /// ext_authz filter).
+    pub fn is_tcp(&self) -> bool {
+        self.method.is_empty() && self.path.is_empty()
+    }
+
     /// `remote.ip`: what the trusted proxies reported, else the peer.
     pub fn remote_ip(&self) -> Option<IpAddr> {
         self.remote_ip.or(self.source_ip)
@@ -413,6 +431,27 @@ fn condition_matches(c: &Condition, r: &Request) -> Result<(), String> {
 }
 
 /// Whether a rule matches; on failure, the first reason.
+/// Istio's TCP semantics: on a request without HTTP attributes, a rule
+/// that names HTTP-only fields never matches in an ALLOW (or AUDIT)
+/// policy, and matches on its other fields in a DENY policy.
+fn rule_matches_as(action: Action, rule: &Rule, r: &Request) -> Result<(), String> {
+    if !r.is_tcp() {
+        return rule_matches(rule, r);
+    }
+    let http = rule.http_only_fields();
+    if http.is_empty() {
+        return rule_matches(rule, r);
+    }
+    match action {
+        Action::Deny => rule_matches(&rule.without_http(), r)
+            .map_err(|e| format!("{e} (HTTP-only fields {http:?} ignored: the request is TCP)")),
+        _ => Err(format!(
+            "names HTTP-only fields {http:?} and the request is TCP: such a rule never matches in an {action:?} policy"
+        )),
+    }
+}
+
+/// Matches one rule against a request (HTTP semantics).
 pub fn rule_matches(rule: &Rule, r: &Request) -> Result<(), String> {
     if !rule.from.is_empty() {
         let reasons: Vec<String> = rule
@@ -511,7 +550,7 @@ impl Evaluator {
         selector: Option<&BTreeMap<String, String>>,
         r: &Request,
     ) -> bool {
-        let dest_ns = r.destination_principal.as_deref().and_then(namespace_of);
+        let dest_ns = r.destination_namespace();
         (namespace == self.root_namespace || Some(namespace) == dest_ns)
             && selector.is_none_or(|labels| labels_match(labels, r))
     }
@@ -688,7 +727,7 @@ impl Evaluator {
     /// Policies that apply to the request's destination, in file order:
     /// the root namespace's and the destination namespace's, selector permitting.
     fn applicable(&self, r: &Request) -> Vec<&AuthorizationPolicy> {
-        let dest_ns = r.destination_principal.as_deref().and_then(namespace_of);
+        let dest_ns = r.destination_namespace();
         let mut idx: Vec<usize> = self
             .by_namespace
             .get(&self.root_namespace)
@@ -716,7 +755,7 @@ impl Evaluator {
     /// workload policy (port level first) over namespace over mesh; UNSET
     /// inherits; PERMISSIVE when nothing is set. Returns the deciding policy.
     pub fn mtls_mode(&self, r: &Request) -> (MtlsMode, Option<String>) {
-        let dest_ns = r.destination_principal.as_deref().and_then(namespace_of);
+        let dest_ns = r.destination_namespace();
         let root = self.root_namespace.as_str();
         let peer = &self.set.peer;
         let mesh = peer
@@ -812,10 +851,33 @@ impl Evaluator {
                 rewrite: Rewrite::default(),
             };
         }
+        // Namespaced policies cannot be scoped without the destination's
+        // namespace: deny rather than guess (Istio always knows it).
+        if r.destination_namespace().is_none()
+            && self
+                .set
+                .authorization
+                .iter()
+                .any(|p| p.namespace != self.root_namespace)
+        {
+            explanation.push(
+                "the destination's namespace is unknown (no /ns/<ns>/ in its SPIFFE ID, no `namespace` context extension or label), so namespaced policies cannot be applied: denied rather than guessed".into(),
+            );
+            return Decision {
+                allow: false,
+                status: 403,
+                policy: None,
+                rule: None,
+                explanation,
+                audit,
+                request_principal: None,
+                rewrite: Rewrite::default(),
+            };
+        }
         let first_match = |p: &AuthorizationPolicy| {
             p.rules
                 .iter()
-                .position(|rule| rule_matches(rule, r).is_ok())
+                .position(|rule| rule_matches_as(p.action, rule, r).is_ok())
         };
         let applicable = self.applicable(r);
 
@@ -900,7 +962,7 @@ impl Evaluator {
                 explanation.push(format!("{}: has no rules (allows nothing)", p.id()));
             }
             for (i, rule) in p.rules.iter().enumerate() {
-                if let Err(why) = rule_matches(rule, r) {
+                if let Err(why) = rule_matches_as(p.action, rule, r) {
                     explanation.push(format!("{} rule {i}: {why}", p.id()));
                 }
             }

@@ -221,6 +221,18 @@ pub enum ConditionKey {
 }
 
 impl ConditionKey {
+    /// Whether it reads HTTP request attributes (absent on TCP traffic).
+    pub fn is_http_only(&self) -> bool {
+        matches!(
+            self,
+            ConditionKey::Header(_)
+                | ConditionKey::AuthPrincipal
+                | ConditionKey::AuthAudiences
+                | ConditionKey::AuthPresenter
+                | ConditionKey::AuthClaim(_)
+        )
+    }
+
     /// Whether its values are IP addresses or CIDR blocks.
     pub fn is_ip(&self) -> bool {
         matches!(
@@ -309,6 +321,44 @@ pub struct Rule {
     pub to: Vec<Operation>,
     /// Conditions (all must hold).
     pub when: Vec<Condition>,
+}
+
+impl Rule {
+    /// The HTTP-only fields it names (meaningless for TCP traffic).
+    pub fn http_only_fields(&self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if self.from.iter().any(|s| s.request_principals.is_set()) {
+            out.push("requestPrincipals");
+        }
+        for (name, set) in [
+            ("hosts", self.to.iter().any(|o| o.hosts.is_set())),
+            ("methods", self.to.iter().any(|o| o.methods.is_set())),
+            ("paths", self.to.iter().any(|o| o.paths.is_set())),
+        ] {
+            if set {
+                out.push(name);
+            }
+        }
+        if self.when.iter().any(|c| c.key.is_http_only()) {
+            out.push("when (request.*)");
+        }
+        out
+    }
+
+    /// The rule with its HTTP-only fields dropped (DENY rules on TCP).
+    pub fn without_http(&self) -> Rule {
+        let mut r = self.clone();
+        for s in &mut r.from {
+            s.request_principals = Field::default();
+        }
+        for o in &mut r.to {
+            o.hosts = Field::default();
+            o.methods = Field::default();
+            o.paths = Field::default();
+        }
+        r.when.retain(|c| !c.key.is_http_only());
+        r
+    }
 }
 
 /// A validated AuthorizationPolicy.

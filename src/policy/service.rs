@@ -59,6 +59,11 @@ pub fn request_from_check(c: &CheckRequest, trusted_proxies: usize) -> Request {
         source_ip: src_socket.as_ref().and_then(|s| s.address.parse().ok()),
         remote_ip: crate::policy::remote_from_xff(xff.as_deref(), trusted_proxies),
         destination_ip: dst_socket.as_ref().and_then(|s| s.address.parse().ok()),
+        destination_ns: attrs
+            .context_extensions
+            .get("namespace")
+            .filter(|n| !n.is_empty())
+            .cloned(),
         destination_principal: principal(destination.principal),
         destination_labels: destination.labels.into_iter().collect(),
         destination_port: dst_socket.and_then(|s| match s.port_specifier {

@@ -813,3 +813,55 @@ mod jwt_outputs {
         assert!(!d.allow && d.rewrite == Rewrite::default());
     }
 }
+
+#[test]
+fn tcp_requests_follow_istios_http_only_field_rules() {
+    let mut tcp = req(SLEEP, "", "");
+    tcp.host = String::new();
+    // ALLOW with methods: never matches TCP, so nothing is allowed.
+    let allow = policy("  rules:\n  - to:\n    - operation:\n        methods: [\"GET\"]\n");
+    let d = decide(&allow, &tcp);
+    assert!(!d.allow);
+    assert!(
+        d.explanation
+            .iter()
+            .any(|e| e.contains("HTTP-only") && e.contains("TCP")),
+        "{:?}",
+        d.explanation
+    );
+    assert!(decide(&allow, &req(SLEEP, "GET", "/")).allow);
+    // DENY with paths and a port: on TCP the paths are ignored, so it denies.
+    let deny = format!(
+        "{}---\n{}",
+        policy("  rules:\n  - {}\n"),
+        policy("  action: DENY\n  rules:\n  - to:\n    - operation:\n        ports: [\"8080\"]\n        paths: [\"/admin\"]\n")
+            .replace("name: p", "name: d")
+    );
+    let d = decide(&deny, &tcp);
+    assert!(!d.allow && d.policy.as_deref() == Some("foo/d"), "{d:?}");
+    assert!(
+        decide(&deny, &req(SLEEP, "GET", "/public")).allow,
+        "HTTP: paths apply"
+    );
+}
+
+#[test]
+fn an_unknown_destination_namespace_denies_with_a_reason() {
+    let yaml = policy("  rules:\n  - {}\n");
+    let mut r = req(SLEEP, "GET", "/");
+    r.destination_principal = Some("spiffe://cluster.local/web".into());
+    let d = decide(&yaml, &r);
+    assert!(!d.allow);
+    assert!(d.explanation[0].contains("namespace is unknown"), "{d:?}");
+    // Given explicitly (context extension / flag), or by a label: decided.
+    let mut explicit = r.clone();
+    explicit.destination_ns = Some("foo".into());
+    assert!(decide(&yaml, &explicit).allow);
+    let mut labelled = r.clone();
+    labelled
+        .destination_labels
+        .insert("namespace".into(), "foo".into());
+    assert!(decide(&yaml, &labelled).allow);
+    // With no namespaced policy there is nothing to scope.
+    assert!(decide("", &r).allow);
+}
