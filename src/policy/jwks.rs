@@ -321,16 +321,41 @@ impl RemoteJwks {
     }
 }
 
-/// Fetches and parses the JWKS at `url`.
+/// Fetches and parses the JWKS at `url`; an `oidc-discovery:<issuer>`
+/// first reads the issuer's OpenID configuration for its `jwks_uri`.
 async fn fetch(
     tls: Arc<ClientConfig>,
     url: &str,
 ) -> Result<Vec<(Option<String>, JwtPublicKey)>, String> {
-    let body = tokio::time::timeout(FETCH_TIMEOUT, get(tls, url))
+    let url = match url.strip_prefix(super::model::OIDC_PREFIX) {
+        Some(issuer) => discover(tls.clone(), issuer).await?,
+        None => url.to_string(),
+    };
+    let body = tokio::time::timeout(FETCH_TIMEOUT, get(tls, &url))
         .await
         .map_err(|_| format!("no answer within {FETCH_TIMEOUT:?}"))??;
     let text = String::from_utf8(body).map_err(|_| "the body is not UTF-8".to_string())?;
     parse_jwks(&text)
+}
+
+/// The `jwks_uri` of `issuer`'s OpenID configuration (an https:// URL).
+async fn discover(tls: Arc<ClientConfig>, issuer: &str) -> Result<String, String> {
+    let config = format!(
+        "{}/.well-known/openid-configuration",
+        issuer.trim_end_matches('/')
+    );
+    let body = tokio::time::timeout(FETCH_TIMEOUT, get(tls, &config))
+        .await
+        .map_err(|_| format!("{config}: no answer within {FETCH_TIMEOUT:?}"))?
+        .map_err(|e| format!("OIDC discovery at {config}: {e}"))?;
+    let doc: serde_json::Value =
+        serde_json::from_slice(&body).map_err(|e| format!("{config}: not JSON: {e}"))?;
+    let uri = doc
+        .get("jwks_uri")
+        .and_then(serde_json::Value::as_str)
+        .ok_or_else(|| format!("{config} has no jwks_uri"))?;
+    check_url(uri).map_err(|e| format!("{config}: jwks_uri {uri:?}: {e}"))?;
+    Ok(uri.to_string())
 }
 
 /// One HTTPS GET; the body of a 200 answer.

@@ -654,6 +654,10 @@ impl JwtRule {
     }
 }
 
+/// How a remote JWKS "URL" names an issuer whose keys are found by OIDC
+/// discovery (`<issuer>/.well-known/openid-configuration` → `jwks_uri`).
+pub const OIDC_PREFIX: &str = "oidc-discovery:";
+
 /// A validated RequestAuthentication.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestAuthentication {
@@ -814,6 +818,12 @@ fn request_authentication(
                 JwksSource::Keys(
                     parse_jwks(&text).map_err(|e| ctx.err(format!("{at}.jwksUri"), e))?,
                 )
+            }
+            // Issuer only: OIDC discovery for an https:// issuer (as Istio
+            // does); any other issuer (e.g. a JWT-SVID's) uses the trust
+            // domain's own JWT bundle.
+            (None, None) if r.issuer.starts_with("https://") => {
+                JwksSource::Remote(format!("{OIDC_PREFIX}{}", r.issuer))
             }
             (None, None) => JwksSource::TrustDomainBundle,
         };

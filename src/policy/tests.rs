@@ -539,8 +539,17 @@ mod jwt_rules {
             assert!(e.to_string().contains(bad), "{e}");
         }
 
-        // No JWKS named: the trust domain's JWT bundle.
-        let td_yaml = file_yaml.replace("    jwksUri: keys.json\n", "");
+        // Issuer only, an https:// issuer: OIDC discovery (as Istio).
+        let discovered = file_yaml.replace("    jwksUri: keys.json\n", "");
+        assert!(
+            set(&discovered)
+                .remote_jwks_urls()
+                .contains("oidc-discovery:https://issuer.example"),
+            "{:?}",
+            set(&discovered).remote_jwks_urls()
+        );
+        // Issuer only, not a URL: the trust domain's JWT bundle.
+        let td_yaml = discovered.replace(ISS, "spiffe://cluster.local");
         let mut bundle =
             crate::x509::Bundle::new(crate::spiffe::TrustDomain::new("cluster.local").unwrap());
         let key = PrivateKey::generate(KeyAlgorithm::EcP256).unwrap();
@@ -552,7 +561,7 @@ mod jwt_rules {
             signer: JwtSigner::new("td".into(), &key).unwrap(),
             jwks: String::new(),
         };
-        let td_token = token(&td_signer, ISS, "api", now() + 60);
+        let td_token = token(&td_signer, "spiffe://cluster.local", "api", now() + 60);
         let without =
             Evaluator::new(set(&td_yaml), "istio-system").evaluate(&with_bearer(&td_token));
         assert_eq!(without.status, 401, "{:?}", without.explanation);

@@ -86,12 +86,19 @@ impl JwksServer {
         let answer = Arc::new(Mutex::new((200, body.to_string())));
         let hits = Arc::new(AtomicUsize::new(0));
         let (a, h) = (answer.clone(), hits.clone());
+        let base = format!("https://{}", listener.local_addr().unwrap());
+        let discovery = serde_json::json!({
+            "issuer": base,
+            "jwks_uri": format!("{base}/.well-known/jwks.json"),
+        })
+        .to_string();
         tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     return;
                 };
                 let (acceptor, a, h) = (acceptor.clone(), a.clone(), h.clone());
+                let discovery = discovery.clone();
                 tokio::spawn(async move {
                     let Ok(mut s) = acceptor.accept(tcp).await else {
                         return;
@@ -105,7 +112,14 @@ impl JwksServer {
                         }
                     }
                     h.fetch_add(1, Ordering::SeqCst);
-                    let (status, body) = a.lock().unwrap().clone();
+                    // The OpenID configuration names the JWKS; every other
+                    // path gets the current answer.
+                    let (status, body) =
+                        if req.starts_with(b"GET /.well-known/openid-configuration ") {
+                            (200, discovery)
+                        } else {
+                            a.lock().unwrap().clone()
+                        };
                     let head = format!(
                         "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
                         body.len()
@@ -401,5 +415,51 @@ async fn server_ext_authz_and_policy_check_use_an_https_jwks_uri() {
     assert!(
         why.contains("TLS") || why.contains("no trusted CA"),
         "{untrusted}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_issuer_only_rule_finds_its_keys_by_oidc_discovery() {
+    let a = idp_key("a");
+    let idp = JwksServer::start(&a.jwks).await;
+    let issuer = idp
+        .url
+        .trim_end_matches("/.well-known/jwks.json")
+        .to_string();
+    let yaml = format!(
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata:\n  name: oidc\n  namespace: foo\nspec:\n  jwtRules:\n  - issuer: \"{issuer}\"\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: need-alice\n  namespace: foo\nspec:\n  rules:\n  - from:\n    - source:\n        requestPrincipals: [\"{issuer}/alice\"]\n"
+    );
+    let mut set = sigil::policy::PolicySet::default();
+    sigil::policy::parse_file(std::path::Path::new("oidc.yaml"), &yaml, &mut set).unwrap();
+    let jwks = Arc::new(sigil::policy::RemoteJwks::new(std::slice::from_ref(&idp.ca_der)).unwrap());
+    jwks.track(&set.remote_jwks_urls());
+    jwks.refresh_due().await;
+    assert!(idp.hits() >= 2, "the configuration, then the JWKS");
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let token = a
+        .signer
+        .sign_claims(
+            &serde_json::json!({"iss": issuer, "sub": "alice", "iat": now, "exp": now + 300}),
+        )
+        .unwrap();
+    let mut r = sigil::policy::Request {
+        source_principal: Some("spiffe://cluster.local/ns/foo/sa/sleep".into()),
+        destination_principal: Some("spiffe://cluster.local/ns/foo/sa/api".into()),
+        method: "GET".into(),
+        path: "/".into(),
+        ..Default::default()
+    };
+    r.headers
+        .insert("authorization".into(), format!("Bearer {token}"));
+    let d = sigil::policy::Evaluator::new(set, "istio-system")
+        .with_remote_jwks(jwks)
+        .evaluate(&r);
+    assert!(d.allow, "{:?}", d.explanation);
+    assert_eq!(
+        d.request_principal.as_deref(),
+        Some(format!("{issuer}/alice").as_str())
     );
 }
