@@ -866,7 +866,25 @@ struct RawPeerSpec {
     #[serde(default)]
     mtls: Option<RawMtls>,
     #[serde(default)]
-    port_level_mtls: BTreeMap<String, RawMtls>,
+    port_level_mtls: BTreeMap<PortKey, RawMtls>,
+}
+
+/// A `portLevelMtls` key: Istio's examples write it as a number, YAML
+/// written by hand or tools may quote it.
+#[derive(Debug, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(untagged)]
+enum PortKey {
+    Number(i64),
+    Text(String),
+}
+
+impl std::fmt::Display for PortKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PortKey::Number(n) => write!(f, "{n}"),
+            PortKey::Text(t) => f.write_str(t),
+        }
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -911,9 +929,16 @@ fn peer_authentication(
     let mut port_modes = BTreeMap::new();
     for (port, m) in &spec.port_level_mtls {
         let path = format!("spec.portLevelMtls[{port}]");
-        let p =
-            port.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| {
-                ctx.err(path.clone(), format!("{port:?} is not a port (1..=65535)"))
+        let p = port
+            .to_string()
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| {
+                ctx.err(
+                    path.clone(),
+                    format!("\"{port}\" is not a port (1..=65535)"),
+                )
             })?;
         port_modes.insert(p, mtls_mode(ctx, &format!("{path}.mode"), Some(m))?);
     }

@@ -39,7 +39,13 @@ pub fn request_from_check(c: &CheckRequest, trusted_proxies: usize) -> Request {
     let src_socket = socket(source.address);
     let dst_socket = socket(destination.address);
     let http = attrs.request.and_then(|r| r.http).unwrap_or_default();
-    let (path, query) = split_path_query(&http.path);
+    // No HTTP attributes: TCP traffic (Envoy's network ext_authz filter),
+    // which has no path to normalize.
+    let (path, query) = if http.method.is_empty() && http.path.is_empty() {
+        (Ok(String::new()), Default::default())
+    } else {
+        split_path_query(&http.path)
+    };
     let principal = |p: String| {
         (!p.is_empty()).then(|| {
             if p.contains("://") {

@@ -9,6 +9,7 @@ mod ext_authz;
 mod federation;
 mod hardening;
 mod interop;
+mod istio_parity;
 mod jwks_https;
 mod openssl_verify;
 mod operability;
