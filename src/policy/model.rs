@@ -156,7 +156,7 @@ impl<T> Default for Field<T> {
 }
 
 impl<T> Field<T> {
-    fn is_set(&self) -> bool {
+    pub fn is_set(&self) -> bool {
         !self.values.is_empty() || !self.not_values.is_empty()
     }
 }
