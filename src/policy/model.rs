@@ -156,6 +156,7 @@ impl<T> Default for Field<T> {
 }
 
 impl<T> Field<T> {
+    /// Whether the policy names any value (or excluded value) for it.
     pub fn is_set(&self) -> bool {
         !self.values.is_empty() || !self.not_values.is_empty()
     }
