@@ -272,6 +272,28 @@ fn cases() -> Vec<Case> {
     );
     admin_elsewhere.headers = &[("x-token", "admin")];
     v.push(admin_elsewhere);
+    // Ingress access control: remote.ip behind one trusted proxy.
+    for (name, xff, want) in [
+        ("a client in the allowed range", "203.0.113.7", 200),
+        ("a client outside it", "198.51.100.9", 403),
+        ("the blocked client inside it", "203.0.113.66", 403),
+    ] {
+        let mut c = case(
+            "ingress",
+            name,
+            None,
+            "cluster.local/ns/istio-system/sa/istio-ingressgateway",
+            "istio-ingressgateway",
+            ("GET", "/productpage", 8080),
+            want,
+        );
+        c.headers = match xff {
+            "203.0.113.7" => &[("x-forwarded-for", "203.0.113.7")],
+            "198.51.100.9" => &[("x-forwarded-for", "198.51.100.9")],
+            _ => &[("x-forwarded-for", "203.0.113.66")],
+        };
+        v.push(c);
+    }
     // JWT.
     for (name, token, path, want) in [
         (
@@ -309,6 +331,11 @@ fn cases() -> Vec<Case> {
         v.push(c);
     }
     v
+}
+
+/// Proxies trusted for X-Forwarded-For in a scenario.
+fn trusted_proxies(scenario: &str) -> usize {
+    usize::from(scenario == "ingress")
 }
 
 fn fixtures() -> PathBuf {
@@ -361,7 +388,11 @@ fn cli_status(c: &Case, jwt: Option<&str>) -> u16 {
             "--path",
             c.path,
         ])
-        .args(["--port", &port, "--output", "json"]);
+        .args(["--port", &port, "--output", "json"])
+        .args([
+            "--policy-trusted-proxies",
+            &trusted_proxies(c.scenario).to_string(),
+        ]);
     if let Some(from) = c.from {
         cmd.args(["--principal", &format!("spiffe://{from}")]);
     }
@@ -428,13 +459,13 @@ fn check_request(c: &Case, jwt: Option<&str>) -> CheckRequest {
 async fn istio_task_scenarios_decide_as_documented_in_cli_and_ext_authz() {
     let all = cases();
     let mut failures = Vec::new();
-    for scenario in ["http", "deny", "mtls", "tcp", "jwt"] {
+    for scenario in ["http", "deny", "mtls", "tcp", "jwt", "ingress"] {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = server_config(&dir.path().join("s"), vec![]);
-        cfg.policy = Some(PolicyConfig::new(
-            "127.0.0.1:0".parse().unwrap(),
-            fixtures().join(scenario),
-        ));
+        let mut policy =
+            PolicyConfig::new("127.0.0.1:0".parse().unwrap(), fixtures().join(scenario));
+        policy.trusted_proxies = trusted_proxies(scenario);
+        cfg.policy = Some(policy);
         let server = start(cfg).await.unwrap();
         let mut client =
             AuthorizationClient::connect(format!("http://{}", server.ext_authz_addr().unwrap()))
