@@ -148,7 +148,7 @@ async fn check_allows_denies_explains_and_reloads() {
     // A RequestAuthentication: a bad JWT is a 401.
     std::fs::write(
         policies.join("jwt.yaml"),
-        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata:\n  name: jwt\n  namespace: foo\nspec:\n  jwtRules:\n  - issuer: https://issuer.example\n",
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata:\n  name: jwt\n  namespace: foo\nspec:\n  jwtRules:\n  - issuer: issuer.example\n",
     )
     .unwrap();
     let waiter = c.clone();
@@ -226,7 +226,9 @@ async fn server_refuses_to_start_with_a_bad_policy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_serves_ext_authz_and_trusts_the_trust_domain_jwt_bundle() {
-    const ISSUER: &str = "https://sigil.example.org";
+    // Not an https:// URL: the trust domain's own JWT bundle (an https://
+    // issuer alone would mean OIDC discovery).
+    const ISSUER: &str = "spiffe://example.org";
     let dir = tempfile::tempdir().unwrap();
     let policies = dir.path().join("policies");
     std::fs::create_dir_all(&policies).unwrap();
@@ -281,7 +283,7 @@ async fn agent_serves_ext_authz_and_trusts_the_trust_domain_jwt_bundle() {
     };
     assert_eq!(
         header(&ok, "x-sigil-request-principal"),
-        Some("https://sigil.example.org/spiffe://example.org/ns/foo/sa/sleep")
+        Some("spiffe://example.org/spiffe://example.org/ns/foo/sa/sleep")
     );
     let none = c.check(check("GET", "", &[])).await.unwrap().into_inner();
     assert_eq!(code(&none), tonic::Code::PermissionDenied as i32);
