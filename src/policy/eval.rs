@@ -502,6 +502,8 @@ pub struct Evaluator {
     by_namespace: HashMap<String, Vec<usize>>,
     trust_bundle: Option<Bundle>,
     remote_jwks: Option<Arc<RemoteJwks>>,
+    /// Tokens already verified (shared by clones; reset on policy reload).
+    verified: Arc<super::verified::VerifiedTokens>,
 }
 
 impl Evaluator {
@@ -537,6 +539,7 @@ impl Evaluator {
             by_namespace,
             trust_bundle: None,
             remote_jwks: None,
+            verified: Arc::default(),
         }
     }
 
@@ -676,10 +679,26 @@ impl Evaluator {
             }
             return Err(fail(format!("no key with kid {:?} in the JWKS", jwt.kid)));
         }
-        if !candidates.iter().any(|k| jwt.verify_signature(k).is_ok()) {
-            return Err(fail("signature does not verify with the JWKS".into()));
-        }
-        crate::jwt::check_time(&jwt.claims, now).map_err(|e| fail(e.to_string()))?;
+        // A token verified before by a key still in the JWKS skips the
+        // signature check; everything else (time, audiences) runs each time.
+        let now_secs = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let digest = super::verified::VerifiedTokens::digest(token);
+        let cached = self
+            .verified
+            .verified_with(&digest, now_secs)
+            .filter(|k| candidates.contains(&k));
+        let verified_by = match cached {
+            Some(k) => k,
+            None => candidates
+                .iter()
+                .find(|k| jwt.verify_signature(k).is_ok())
+                .map(|k| (*k).clone())
+                .ok_or_else(|| fail("signature does not verify with the JWKS".into()))?,
+        };
+        let exp = crate::jwt::check_time(&jwt.claims, now).map_err(|e| fail(e.to_string()))?;
+        self.verified.insert(digest, verified_by, exp, now_secs);
         let audiences = crate::jwt::audiences(&jwt.claims).unwrap_or_default();
         if !rule.audiences.is_empty() && !audiences.iter().any(|a| rule.audiences.contains(a)) {
             return Err(fail(format!(

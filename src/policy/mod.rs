@@ -11,6 +11,7 @@ mod jwks;
 mod model;
 mod serve;
 mod service;
+mod verified;
 
 pub use eval::{
     Decision, Evaluator, Request, RequestAuth, Rewrite, namespace_of, normalize_path,

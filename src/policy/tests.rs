@@ -874,3 +874,35 @@ fn an_unknown_destination_namespace_denies_with_a_reason() {
     // With no namespaced policy there is nothing to scope.
     assert!(decide("", &r).allow);
 }
+
+mod verified_tokens {
+    use super::jwt_rules::{ISS, keys, now, request_auth, token, with_bearer};
+    use super::*;
+    use std::time::{Duration, SystemTime};
+
+    #[test]
+    fn a_repeated_token_decides_the_same_and_time_is_still_checked() {
+        let k = keys("k1");
+        let yaml = request_auth(&k.jwks, "");
+        let eval = Evaluator::new(set(&yaml), "istio-system");
+        let t = token(&k, ISS, "api", now() + 60);
+        for _ in 0..3 {
+            let d = eval.evaluate(&with_bearer(&t));
+            assert!(d.allow, "{:?}", d.explanation);
+            assert_eq!(
+                d.request_principal.as_deref(),
+                Some("https://issuer.example/alice")
+            );
+        }
+        // Cached or not, a token past its exp is refused.
+        let later = SystemTime::now() + Duration::from_secs(120);
+        let d = eval.evaluate_at(&with_bearer(&t), later);
+        assert_eq!(d.status, 401, "{:?}", d.explanation);
+        // A tampered token (another digest) is verified, and fails.
+        let mut parts: Vec<&str> = t.split('.').collect();
+        let other = token(&keys("k2"), ISS, "api", now() + 60);
+        parts[2] = other.split('.').nth(2).unwrap();
+        let d = eval.evaluate(&with_bearer(&parts.join(".")));
+        assert_eq!(d.status, 401);
+    }
+}
