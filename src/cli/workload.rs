@@ -202,7 +202,7 @@ pub async fn run(cmd: WorkloadCmd) -> anyhow::Result<()> {
                             format!(
                                 "SPIFFE ID: {}  expires_at: {}",
                                 s.spiffe_id,
-                                describe(s)["expires_at"]
+                                describe(s)["expires_at"].as_str().unwrap_or_default()
                             )
                         })
                         .collect();
