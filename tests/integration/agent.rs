@@ -52,6 +52,18 @@ pub(crate) async fn start_agent_with(
     .unwrap()
 }
 
+/// Waits (generously) until `agent` holds at least `n` SVIDs.
+pub(crate) async fn wait_for_svids(agent: &AgentHandle, n: usize) {
+    let mut state = agent.state();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while state.borrow_and_update().svids.len() < n {
+            state.changed().await.unwrap();
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the agent never held {n} SVIDs"));
+}
+
 async fn register(
     server: &ServerHandle,
     id: &str,
@@ -68,18 +80,6 @@ async fn register(
     };
     admin(server).await.create_entry(p.clone()).await.unwrap();
     p
-}
-
-/// Waits until the agent holds SVIDs for `n` entries.
-async fn wait_for_svids(agent: &AgentHandle, n: usize) {
-    let mut rx = agent.state();
-    tokio::time::timeout(Duration::from_secs(15), async {
-        while rx.borrow_and_update().svids.len() < n {
-            rx.changed().await.unwrap();
-        }
-    })
-    .await
-    .expect("the agent never got its SVIDs");
 }
 
 async fn raw_client(

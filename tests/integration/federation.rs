@@ -133,14 +133,7 @@ async fn two_trust_domains_federate_and_follow_each_others_rotation() {
     entry(&b, "spiffe://other.org/server", agent_b.spiffe_id(), &[]).await;
 
     for agent in [&agent_a, &agent_b] {
-        let mut state = agent.state();
-        tokio::time::timeout(Duration::from_secs(30), async {
-            while state.borrow_and_update().svids.is_empty() {
-                state.changed().await.unwrap();
-            }
-        })
-        .await
-        .expect("no SVID");
+        crate::agent::wait_for_svids(agent, 1).await;
     }
 
     // The client's stream carries other.org's bundle (keyed spiffe://other.org).

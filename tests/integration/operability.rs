@@ -108,14 +108,7 @@ async fn metrics_health_and_readiness_on_server_and_agent() {
         })
         .await
         .unwrap();
-    let mut state = agent.state();
-    tokio::time::timeout(Duration::from_secs(20), async {
-        while state.borrow_and_update().svids.is_empty() {
-            state.changed().await.unwrap();
-        }
-    })
-    .await
-    .unwrap();
+    crate::agent::wait_for_svids(&agent, 1).await;
     // An open Workload API stream.
     let mut c = sigil::cli::connect_workload(agent.socket()).await.unwrap();
     let mut req = tonic::Request::new(pw::X509svidRequest {});
@@ -579,14 +572,7 @@ async fn fetch_x509_out_writes_every_svid() {
             .await
             .unwrap();
     }
-    let mut state = agent.state();
-    tokio::time::timeout(Duration::from_secs(20), async {
-        while state.borrow_and_update().svids.len() < 2 {
-            state.changed().await.unwrap();
-        }
-    })
-    .await
-    .unwrap();
+    crate::agent::wait_for_svids(&agent, 2).await;
     let out = dir.path().join("out");
     let socket = format!("unix://{}", agent.socket().display());
     let (code, printed) = sigil(&[

@@ -142,14 +142,7 @@ async fn sds_streams_follow_the_xds_rules_and_push_on_changes() {
     let agent = start_agent_with(&server, dir.path(), None).await;
     let parent = agent.spiffe_id().to_string();
     entry(&server, "spiffe://example.org/envoy", &parent).await;
-    let mut state = agent.state();
-    tokio::time::timeout(Duration::from_secs(20), async {
-        while state.borrow_and_update().svids.is_empty() {
-            state.changed().await.unwrap();
-        }
-    })
-    .await
-    .unwrap();
+    crate::agent::wait_for_svids(&agent, 1).await;
     let channel = sigil::cli::unix_channel(agent.socket()).await.unwrap();
     let mut client = SecretDiscoveryServiceClient::new(channel);
 
