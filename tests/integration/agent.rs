@@ -52,6 +52,20 @@ pub(crate) async fn start_agent_with(
     .unwrap()
 }
 
+/// Registers `spiffe_id` for this test process (its uid) under `agent`.
+pub(crate) async fn register_me(server: &ServerHandle, spiffe_id: &str, agent: &AgentHandle) {
+    admin(server)
+        .await
+        .create_entry(pa::EntryParams {
+            spiffe_id: spiffe_id.into(),
+            parent_id: agent.spiffe_id().to_string(),
+            selectors: vec![format!("unix:uid:{}", my_uid())],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
 /// Waits (generously) until `agent` holds at least `n` SVIDs.
 pub(crate) async fn wait_for_svids(agent: &AgentHandle, n: usize) {
     let mut state = agent.state();

@@ -615,16 +615,26 @@ fn start_dev(data: &Path, sock: &Path) -> (Child, String) {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut out = std::io::BufReader::new(dev.stdout.take().unwrap());
-    let mut printed = String::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !printed.contains("Stop with Ctrl-C") {
-        assert!(Instant::now() < deadline, "sigil dev printed: {printed}");
-        let mut line = String::new();
-        if std::io::BufRead::read_line(&mut out, &mut line).unwrap() == 0 {
-            panic!("sigil dev exited: {printed}");
+    // Read on a thread: a blocking read cannot time out, a channel can.
+    let out = std::io::BufReader::new(dev.stdout.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(out) {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
         }
-        printed.push_str(&line);
+    });
+    let mut printed = String::new();
+    while !printed.contains("Stop with Ctrl-C") {
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) => {
+                printed.push_str(&line);
+                printed.push('\n');
+            }
+            Err(_) => panic!("sigil dev exited or stalled after printing: {printed}"),
+        }
     }
     (dev, printed)
 }

@@ -19,3 +19,22 @@ mod server;
 mod store_crash;
 mod upstream;
 mod workload_proto;
+
+/// Polls `check` until it yields a value, giving up (with `what`) after a
+/// generous 30 s: waits for an event, never asserts how fast it came.
+pub(crate) async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        loop {
+            if let Some(v) = check().await {
+                return v;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("gave up waiting: {what}"))
+}

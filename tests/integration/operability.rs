@@ -97,17 +97,7 @@ async fn metrics_health_and_readiness_on_server_and_agent() {
     })
     .await
     .unwrap();
-    let uid = sigil::attest::current_uid().unwrap();
-    admin(&server)
-        .await
-        .create_entry(pa::EntryParams {
-            spiffe_id: "spiffe://example.org/metered".into(),
-            parent_id: agent.spiffe_id().to_string(),
-            selectors: vec![format!("unix:uid:{uid}")],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    crate::agent::register_me(&server, "spiffe://example.org/metered", &agent).await;
     crate::agent::wait_for_svids(&agent, 1).await;
     // An open Workload API stream.
     let mut c = sigil::cli::connect_workload(agent.socket()).await.unwrap();

@@ -66,17 +66,7 @@ async fn operators_rotate_the_ca_and_agents_follow() {
         .unwrap();
     let sock = server.admin_socket().to_path_buf();
     let agent = start_agent_with(&server, dir.path(), None).await;
-    let uid = sigil::attest::current_uid().unwrap();
-    admin(&server)
-        .await
-        .create_entry(pa::EntryParams {
-            spiffe_id: "spiffe://example.org/rotating".into(),
-            parent_id: agent.spiffe_id().to_string(),
-            selectors: vec![format!("unix:uid:{uid}")],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    crate::agent::register_me(&server, "spiffe://example.org/rotating", &agent).await;
 
     let (ok, shown, err) = ca(&sock, &["show"]);
     assert!(ok, "{err}");
@@ -161,16 +151,7 @@ async fn operators_rotate_the_ca_and_agents_follow() {
     let now = states(&shown, "x509");
     assert!(now.contains(&(first.clone(), "old".into())), "{now:?}");
     assert!(now.contains(&(second.clone(), "active".into())), "{now:?}");
-    admin(&server)
-        .await
-        .create_entry(pa::EntryParams {
-            spiffe_id: "spiffe://example.org/after-rotation".into(),
-            parent_id: agent.spiffe_id().to_string(),
-            selectors: vec![format!("unix:uid:{uid}")],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    crate::agent::register_me(&server, "spiffe://example.org/after-rotation", &agent).await;
     let mut state = agent.state();
     let issued_by = tokio::time::timeout(Duration::from_secs(20), async {
         loop {
@@ -236,18 +217,13 @@ async fn operators_rotate_the_ca_and_agents_follow() {
         })
         .await
         .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
+    let shown = crate::eventually("both agents acknowledging the taint", || async {
         let (_, shown, _) = ca(&sock, &["show"]);
-        let agents = &shown["agents"];
-        if agents["current"] == 2 {
-            assert_eq!(agents["reissuing"], 1, "{shown}");
-            assert_eq!(agents["svids_to_reissue"], 7, "{shown}");
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{shown}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        (shown["agents"]["current"] == 2).then_some(shown)
+    })
+    .await;
+    assert_eq!(shown["agents"]["reissuing"], 1, "{shown}");
+    assert_eq!(shown["agents"]["svids_to_reissue"], 7, "{shown}");
     let text = Command::new(env!("CARGO_BIN_EXE_sigil"))
         .args(["ca", "show", "--admin-socket"])
         .arg(&sock)
@@ -287,17 +263,7 @@ async fn the_schedule_rotates_on_its_own_and_an_agent_keeps_its_identity() {
     let server = start(cfg).await.unwrap();
     let first = server_ca(&server).await;
     let agent = start_agent_with(&server, dir.path(), None).await;
-    let uid = sigil::attest::current_uid().unwrap();
-    admin(&server)
-        .await
-        .create_entry(pa::EntryParams {
-            spiffe_id: "spiffe://example.org/scheduled".into(),
-            parent_id: agent.spiffe_id().to_string(),
-            selectors: vec![format!("unix:uid:{uid}")],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    crate::agent::register_me(&server, "spiffe://example.org/scheduled", &agent).await;
     // Wait for two activations (two full hand-overs), generously.
     let mut seen = vec![first];
     tokio::time::timeout(Duration::from_secs(60), async {
@@ -387,17 +353,7 @@ async fn a_server_restarted_mid_rotation_and_an_agent_restarted_after_it() {
     let bootstrap = server.bundle_pem().to_string();
     let node_addr = server.node_addr();
     let agent = start_agent_with(&server, dir.path(), None).await;
-    let uid = sigil::attest::current_uid().unwrap();
-    admin(&server)
-        .await
-        .create_entry(pa::EntryParams {
-            spiffe_id: "spiffe://example.org/survivor".into(),
-            parent_id: agent.spiffe_id().to_string(),
-            selectors: vec![format!("unix:uid:{uid}")],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    crate::agent::register_me(&server, "spiffe://example.org/survivor", &agent).await;
     let first = server_ca(&server).await;
     wait_all_signed_by(&agent, dir.path(), &first).await;
     let (ok, prepared, err) = ca(server.admin_socket(), &["prepare", "--kind", "x509"]);
@@ -472,16 +428,7 @@ async fn a_server_restarted_mid_rotation_and_an_agent_restarted_after_it() {
     })
     .await
     .unwrap();
-    admin(&server)
-        .await
-        .create_entry(pa::EntryParams {
-            spiffe_id: "spiffe://example.org/after-restart".into(),
-            parent_id: agent.spiffe_id().to_string(),
-            selectors: vec![format!("unix:uid:{uid}")],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    crate::agent::register_me(&server, "spiffe://example.org/after-restart", &agent).await;
     let mut state = agent.state();
     tokio::time::timeout(Duration::from_secs(30), async {
         loop {

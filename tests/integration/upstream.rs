@@ -9,11 +9,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use sigil::ca::Upstream;
-use sigil::proto::admin as pa;
 use sigil::server::start;
 
 use crate::agent::start_agent_with;
-use crate::server::{admin, server_config};
+use crate::server::server_config;
 
 fn openssl(dir: &Path, args: &[&str]) {
     let o = Command::new("openssl")
@@ -202,17 +201,7 @@ async fn an_upstream_pki_signs_sigils_intermediates_and_openssl_verifies_the_cha
     // The agent bootstraps from the upstream root; the server's TLS chain and
     // the agent's own chain both carry the intermediates.
     let agent = start_agent_with(&server, dir.path(), None).await;
-    let uid = sigil::attest::current_uid().unwrap();
-    admin(&server)
-        .await
-        .create_entry(pa::EntryParams {
-            spiffe_id: "spiffe://example.org/upstream".into(),
-            parent_id: agent.spiffe_id().to_string(),
-            selectors: vec![format!("unix:uid:{uid}")],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    crate::agent::register_me(&server, "spiffe://example.org/upstream", &agent).await;
     let mut state = agent.state();
     tokio::time::timeout(Duration::from_secs(30), async {
         while state.borrow_and_update().svids.is_empty() {
