@@ -61,6 +61,8 @@ pub struct Metrics {
     pub sync_streams: Gauge,
     /// `sigil_sync_messages_total`: messages pushed on sync streams (server).
     pub sync_messages: Counter,
+    /// `sigil_sync_wakeups_total`: a sync stream woke with work to do (server).
+    pub sync_wakeups: Counter,
     /// `sigil_cache_size{cache}`: entries, SVIDs and JWT-SVIDs held (agent).
     pub cache_size: Family<Labels, Gauge>,
     /// `sigil_connections_refused_total{listener}`: refused by connection limits.
@@ -85,6 +87,7 @@ impl Metrics {
             store_size: Gauge::default(),
             sync_streams: Gauge::default(),
             sync_messages: Counter::default(),
+            sync_wakeups: Counter::default(),
             cache_size: Family::default(),
             connections_refused: Family::default(),
             agent_refusals: Family::default(),
@@ -140,6 +143,11 @@ impl Metrics {
             "sigil_sync_messages",
             "Messages pushed on SyncEntries streams",
             m.sync_messages.clone(),
+        );
+        registry.register(
+            "sigil_sync_wakeups",
+            "Times a SyncEntries stream woke for a commit that concerns its agent",
+            m.sync_wakeups.clone(),
         );
         registry.register(
             "sigil_cache_size",

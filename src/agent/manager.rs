@@ -84,6 +84,9 @@ pub struct Manager {
     /// The SVID cache changed since it was last written to disk.
     pub(super) cache_dirty: bool,
     pub(super) cache_saved: Option<std::time::Instant>,
+    /// The server asked us to hold signing requests until then
+    /// (RESOURCE_EXHAUSTED with a retry-after).
+    pub(super) sign_after: Option<std::time::Instant>,
     pub(super) state: watch::Sender<Arc<AgentState>>,
     pub(super) client: watch::Sender<Option<NodeClient<Channel>>>,
     pub(super) shutdown: watch::Receiver<bool>,
@@ -398,8 +401,23 @@ impl Manager {
             })
             .cloned()
             .collect();
-        for chunk in due.chunks(SIGN_BATCH) {
+        let held = self
+            .sign_after
+            .is_some_and(|t| std::time::Instant::now() < t);
+        for chunk in due.chunks(SIGN_BATCH).take_while(|_| !held) {
             if let Err(e) = self.sign(client, chunk).await {
+                let asked = match &e {
+                    NodeClientError::Status(s) => crate::server::limits::retry_after(s),
+                    _ => None,
+                };
+                if let Some(wait) = asked {
+                    // Come back when asked, spread over half as much again
+                    // so refused agents do not return together.
+                    let wait = wait.mul_f64(1.25 + random_jitter() / 4.0);
+                    self.sign_after = Some(std::time::Instant::now() + wait);
+                    tracing::info!(wait = ?wait, pending = due.len(), error = %e, "the server is busy; holding signing requests");
+                    break;
+                }
                 tracing::warn!(error = %e, pending = due.len(), "signing SVIDs failed; will retry");
                 break;
             }

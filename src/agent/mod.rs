@@ -469,6 +469,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         bundle_unsaved: false,
         cache_dirty: false,
         cache_saved: None,
+        sign_after: None,
         state: state_tx,
         client: client_tx,
         shutdown: shutdown_rx.clone(),

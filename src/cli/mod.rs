@@ -32,7 +32,7 @@ enum Command {
     #[command(
         after_help = "Examples:\n  sigil server --trust-domain example.org --data-dir /var/lib/sigil\n  sigil server --config /etc/sigil/server.toml --validate\n  sigil server --config server.toml --metrics-bind 127.0.0.1:9091 --bundle-bind 0.0.0.0:8443"
     )]
-    Server(ServerArgs),
+    Server(Box<ServerArgs>),
     /// Join tokens for agent attestation.
     #[command(after_help = "Example:\n  sigil token generate --ttl 10m")]
     Token {
@@ -216,6 +216,15 @@ struct ServerArgs {
     /// such as `info,sigil::audit=warn` [default: info].
     #[arg(long, env = "SIGIL_LOG")]
     log_level: Option<String>,
+    /// X509-SVID CSRs and JWT-SVIDs each agent may have signed per second;
+    /// above it the server answers RESOURCE_EXHAUSTED with a retry-after
+    /// (0: no per-agent limit) [default: 1000].
+    #[arg(long)]
+    agent_csr_rate: Option<String>,
+    /// How many signings an agent may ask for at once (at least 500)
+    /// [default: 10000].
+    #[arg(long)]
+    agent_csr_burst: Option<String>,
     /// Check the configuration (reading every file it names), bind nothing, exit.
     #[arg(long)]
     validate: bool,
@@ -299,6 +308,8 @@ impl ServerArgs {
         raw.flag("bundle_refresh_hint", self.bundle_refresh_hint);
         raw.flag("metrics_bind", self.metrics_bind);
         raw.flag("log_level", self.log_level);
+        raw.flag("agent_csr_rate", self.agent_csr_rate);
+        raw.flag("agent_csr_burst", self.agent_csr_burst);
         self.policy.apply(&mut raw);
         let run = Run {
             log_filter: log_filter(&raw)?,

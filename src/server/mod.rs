@@ -7,7 +7,9 @@ mod attestation;
 pub mod bundle_endpoint;
 pub mod convert;
 pub mod federation;
+pub mod limits;
 mod node;
+mod sync_hub;
 mod tls;
 
 use std::net::SocketAddr;
@@ -69,7 +71,21 @@ pub const SERVER_KEYS: &[&str] = &[
     "federation",
     "metrics_bind",
     "log_level",
+    "agent_csr_rate",
+    "agent_csr_burst",
 ];
+
+/// Default `agent_csr_rate`: signings per second per agent.
+pub const DEFAULT_AGENT_CSR_RATE: u32 = 1_000;
+/// Default `agent_csr_burst`: an agent may re-sign this many at once (a
+/// taint re-issues everything it holds).
+pub const DEFAULT_AGENT_CSR_BURST: u32 = 10_000;
+
+fn parse_count(v: &str) -> Result<u32, String> {
+    v.trim()
+        .parse::<u32>()
+        .map_err(|_| "must be a whole number (e.g. 1000)".to_string())
+}
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -118,7 +134,16 @@ pub struct ServerOptions {
     /// The shortest wait between two polls of a federated peer (1 min;
     /// shorter only in tests).
     pub federation_poll_floor: Duration,
+    /// X509-SVID CSRs (and JWT-SVIDs) each agent may have signed per second
+    /// (0: no per-agent limit).
+    pub agent_csr_rate: u32,
+    /// How many of them an agent may ask for at once.
+    pub agent_csr_burst: u32,
 }
+
+/// CSRs the server holds queued per signing thread before it answers
+/// RESOURCE_EXHAUSTED (at ≈7k CSRs/s per core, about half a second).
+pub const SIGNING_QUEUE_PER_WORKER: usize = 4_000;
 
 /// Validated `sigil server` configuration.
 #[derive(Debug, Clone)]
@@ -181,6 +206,8 @@ impl ServerConfig {
                 x509pop_roots: Vec::new(),
                 jwt_issuer: None,
                 federation_poll_floor: Duration::from_secs(60),
+                agent_csr_rate: DEFAULT_AGENT_CSR_RATE,
+                agent_csr_burst: DEFAULT_AGENT_CSR_BURST,
             },
             policy: None,
         }
@@ -214,6 +241,23 @@ impl ServerConfig {
                 }
             })?,
             federation_poll_floor: Duration::from_secs(60),
+            agent_csr_rate: raw
+                .parsed("agent_csr_rate", None, parse_count)?
+                .unwrap_or(DEFAULT_AGENT_CSR_RATE),
+            agent_csr_burst: raw
+                .parsed("agent_csr_burst", None, |v| {
+                    parse_count(v).and_then(|n| {
+                        if n < node::MAX_BATCH as u32 {
+                            Err(format!(
+                                "must be at least {} (one full signing batch)",
+                                node::MAX_BATCH
+                            ))
+                        } else {
+                            Ok(n)
+                        }
+                    })
+                })?
+                .unwrap_or(DEFAULT_AGENT_CSR_BURST),
         };
         // SVID lifetimes must fit what an active authority always has left
         // (a sixth of its life): checked here, never silently capped later.
@@ -441,6 +485,10 @@ pub struct ServerState {
     /// core), so a flood of CSRs never stalls the async workers that serve
     /// health, attestation and sync.
     signers: Arc<tokio::sync::Semaphore>,
+    /// Hands each commit to the sync streams it concerns.
+    sync_hub: Arc<sync_hub::SyncHub>,
+    /// Per-agent signing rate and the bound on queued CSRs.
+    limits: limits::SigningLimits,
 }
 
 impl ServerState {
@@ -935,6 +983,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     let admin_listener = bind_admin_socket(&config.admin_socket)?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     let bundle_for_policies = ca.bundle().clone();
     let state = Arc::new(ServerState {
         registry,
@@ -946,10 +995,20 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         tainted_cache: std::sync::Mutex::default(),
         rotation_error: std::sync::Mutex::default(),
         bundle_acks: std::sync::Mutex::default(),
-        signers: Arc::new(tokio::sync::Semaphore::new(
-            std::thread::available_parallelism().map_or(1, |n| n.get()),
-        )),
+        signers: Arc::new(tokio::sync::Semaphore::new(workers)),
+        sync_hub: Arc::default(),
+        limits: limits::SigningLimits::new(
+            config.options.agent_csr_rate,
+            config.options.agent_csr_burst,
+            SIGNING_QUEUE_PER_WORKER * workers,
+            workers,
+        ),
     });
+    tokio::spawn(state.sync_hub.clone().run(
+        state.registry.store().clone(),
+        state.registry.subscribe(),
+        shutdown_rx.clone(),
+    ));
     let state_for_compaction = state.clone();
     let state_for_follow = state.clone();
     let state_for_rotation = state.clone();

@@ -1,7 +1,7 @@
 //! The node API service: attestation, signing and the push sync stream.
 //! Every decision is written to the audit log (target `sigil::audit`).
 
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -314,15 +314,36 @@ impl Node for NodeService {
                 params.len()
             )));
         }
+        // Queue room first, then the agent's tokens: a refusal by the queue
+        // costs the agent nothing.
+        let admitted = self
+            .state
+            .limits
+            .admit(params.len())
+            .and_then(|a| {
+                state
+                    .limits
+                    .take(&agent, params.len(), std::time::Instant::now())
+                    .map(|()| a)
+            })
+            .inspect_err(|s| {
+                tracing::warn!(target: "sigil::audit", event = "new_x509_svid", caller = %agent, decision = "deny", csrs = params.len(), reason = s.message());
+            })?;
         let _permit = state
             .signers
             .clone()
             .acquire_owned()
             .await
             .map_err(|_| Status::unavailable("the server is shutting down"))?;
-        let results = tokio::task::spawn_blocking(move || sign_batch(&state, &agent, &params))
-            .await
-            .map_err(|e| Status::internal(format!("signing task failed: {e}")))?;
+        let results = tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            let results = sign_batch(&state, &agent, &params);
+            state.limits.record(params.len(), started.elapsed());
+            results
+        })
+        .await
+        .map_err(|e| Status::internal(format!("signing task failed: {e}")))?;
+        drop(admitted);
         Ok(Response::new(pn::BatchNewX509svidResponse { results }))
     }
 
@@ -334,6 +355,7 @@ impl Node for NodeService {
         let agent = caller(state, &req, "new_jwt_svid")?.id;
         let r = req.get_ref();
         let decision = (|| -> Result<pn::NewJwtsvidResponse, Status> {
+            state.limits.take(&agent, 1, std::time::Instant::now())?;
             crate::jwt::check_audiences(&r.audience)
                 .map_err(|e| Status::invalid_argument(format!("audience: {e}")))?;
             let entry = state
@@ -427,10 +449,12 @@ impl Node for NodeService {
 /// The sync stream: a paged snapshot (or the missed deltas), then a delta
 /// for every commit that touches this agent's entries or the bundle.
 ///
-/// Which entries changed for this agent is read from the event log alone:
-/// every create, update, move and delete of an entry rewrites its parent
-/// index key `p/<parent>\0<id>`, so keys under this agent's prefix give the
-/// net effect, and no per-stream memory of what was sent is needed.
+/// The stream registers with the server's [`SyncHub`](super::sync_hub),
+/// which reads each commit once and hands this stream only the IDs of its
+/// agent's entries that changed; other agents' commits never wake it. Every
+/// create, update, move and delete of an entry rewrites its parent index key
+/// `p/<parent>\0<id>`, so those keys give the net effect, and the current
+/// state of each ID is read before it is sent.
 async fn sync(
     state: &ServerState,
     (agent, serial): (&SpiffeId, &str),
@@ -444,114 +468,155 @@ async fn sync(
         .unwrap_or(0)
         .saturating_sub(unix(state.clock.now()));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(left);
-    let mut revisions = state.registry.subscribe();
+    // Registered before the revision is read: every later commit arrives.
+    let sub = state.sync_hub.subscribe(agent);
     let mut shutdown = state.shutdown.clone();
-    let store = state.registry.store().clone();
-    let store_err = |e| status(crate::registry::RegistryError::from(e));
-    let prefix = crate::registry::parent_prefix(agent);
-    let current = store.revision().map_err(store_err)?;
-    let resumable = resume > 0
-        && resume <= current
-        && matches!(
-            store.events_since(resume, 0).map_err(store_err)?,
-            EventsSince::Events(_)
-        );
-    let mut last = if resumable {
-        resume
-    } else {
-        send_snapshot(state, agent, tx).await?
+    let mut last = match catch_up(state, agent, resume)? {
+        Some((ids, bundle, upto)) => {
+            if !send_delta(state, agent, ids, bundle, (resume, upto), tx).await? {
+                return Ok(());
+            }
+            upto
+        }
+        None => send_snapshot(state, agent, tx).await?,
     };
     loop {
-        // Drain everything after `last`, then wait for the next commit.
-        loop {
-            state.check_agent(agent, serial)?;
-            let events = match store.events_since(last, EVENT_BATCH).map_err(store_err)? {
-                EventsSince::Events(ev) if ev.is_empty() => break,
-                EventsSince::Events(ev) => ev,
-                EventsSince::Compacted { .. } => {
-                    last = send_snapshot(state, agent, tx).await?;
-                    continue;
-                }
-            };
-            // Net effect per entry ID, in commit order: present or gone.
-            let mut net: BTreeMap<String, bool> = BTreeMap::new();
-            let mut bundle_changed = false;
-            for change in events.iter().flat_map(|e| &e.changes) {
-                match change.table {
-                    Table::EntriesByParent => {
-                        if let Some(id) = change.key.strip_prefix(prefix.as_slice()) {
-                            net.insert(String::from_utf8_lossy(id).into_owned(), !change.deleted);
-                        }
-                    }
-                    Table::Bundle => bundle_changed = true,
-                    _ => {}
-                }
-            }
-            let before = last;
-            last = events.last().map_or(last, |e| e.revision);
-            let mut upserted = Vec::new();
-            let mut deleted = Vec::new();
-            for (id, present) in net {
-                // Read the current state: a later commit may have moved it on.
-                match state.registry.entry(&id).map_err(status)? {
-                    Some(e) if present && &e.parent_id == agent => {
-                        upserted.push(pn::Entry::from(&e))
-                    }
-                    _ => deleted.push(id),
-                }
-            }
-            if upserted.is_empty() && deleted.is_empty() && !bundle_changed {
-                continue;
-            }
-            // Large deltas go in several messages. All but the final one carry
-            // the revision before this batch, so an agent cut off midway
-            // resumes from there and receives the rest again.
-            let chunks = by_size(upserted);
-            let n = chunks.len();
-            let mut deleted = Some(deleted);
-            for (i, upserted) in chunks.into_iter().enumerate() {
-                let final_part = i + 1 == n;
-                let msg = pn::SyncEntriesResponse {
-                    revision: if final_part { last } else { before },
-                    kind: Some(pn::sync_entries_response::Kind::Delta(pn::Delta {
-                        upserted,
-                        deleted: if final_part {
-                            deleted.take().unwrap_or_default()
-                        } else {
-                            Vec::new()
-                        },
-                    })),
-                    bundle_jwks: if bundle_changed && final_part {
-                        state.bundle_jwks()
-                    } else {
-                        Vec::new()
-                    },
-                    tainted_authorities: if bundle_changed && final_part {
-                        state.tainted_authorities(last)
-                    } else {
-                        Vec::new()
-                    },
-                    federated_bundles: if bundle_changed && final_part {
-                        state.federated_jwks()
-                    } else {
-                        Default::default()
-                    },
-                };
-                crate::metrics::metrics().sync_messages.inc();
-                if tx.send(Ok(msg)).await.is_err() {
-                    return Ok(());
-                }
-            }
-        }
-        tokio::select! {
-            changed = revisions.changed() => if changed.is_err() { return Ok(()) },
+        state.check_agent(agent, serial)?;
+        let pending = tokio::select! {
+            p = sub.inbox.next() => p,
             _ = shutdown.changed() => return Err(Status::unavailable("server is shutting down")),
             _ = tokio::time::sleep_until(deadline) => {
                 return Err(Status::unauthenticated("the agent SVID this stream was opened with has expired"));
             }
             _ = tx.closed() => return Ok(()),
+        };
+        if pending.resnapshot {
+            last = send_snapshot(state, agent, tx).await?;
+            continue;
+        }
+        // Already covered by the snapshot or the catch-up.
+        if pending.revision <= last {
+            continue;
+        }
+        let before = std::mem::replace(&mut last, pending.revision);
+        if !send_delta(
+            state,
+            agent,
+            pending.entries,
+            pending.bundle,
+            (before, last),
+            tx,
+        )
+        .await?
+        {
+            return Ok(());
         }
     }
+}
+
+/// What changed for `agent` after `resume`, read from the event log: the
+/// entry IDs, whether the bundle changed, and the revision read up to. None
+/// when the agent must start from a snapshot (no resume point, or the log no
+/// longer reaches back to it).
+type CaughtUp = (BTreeSet<String>, bool, u64);
+
+fn catch_up(
+    state: &ServerState,
+    agent: &SpiffeId,
+    resume: u64,
+) -> Result<Option<CaughtUp>, Status> {
+    let store = state.registry.store();
+    let store_err = |e| status(crate::registry::RegistryError::from(e));
+    if resume == 0 || resume > store.revision().map_err(store_err)? {
+        return Ok(None);
+    }
+    let prefix = crate::registry::parent_prefix(agent);
+    let (mut ids, mut bundle, mut last) = (BTreeSet::new(), false, resume);
+    loop {
+        let events = match store.events_since(last, EVENT_BATCH).map_err(store_err)? {
+            EventsSince::Events(ev) if ev.is_empty() => return Ok(Some((ids, bundle, last))),
+            EventsSince::Events(ev) => ev,
+            EventsSince::Compacted { .. } => return Ok(None),
+        };
+        for change in events.iter().flat_map(|e| &e.changes) {
+            match change.table {
+                Table::EntriesByParent => {
+                    if let Some(id) = change.key.strip_prefix(prefix.as_slice()) {
+                        ids.insert(String::from_utf8_lossy(id).into_owned());
+                    }
+                }
+                Table::Bundle | Table::Authorities => bundle = true,
+                _ => {}
+            }
+        }
+        last = events.last().map_or(last, |e| e.revision);
+    }
+}
+
+/// Sends the current state of `ids` (upserted if still this agent's, else
+/// deleted), with the bundle when it changed. Returns false when the agent
+/// has gone away. `before` is the revision the agent had; `last` the one
+/// this delta brings it to.
+async fn send_delta(
+    state: &ServerState,
+    agent: &SpiffeId,
+    ids: BTreeSet<String>,
+    bundle_changed: bool,
+    (before, last): (u64, u64),
+    tx: &Sender<pn::SyncEntriesResponse>,
+) -> Result<bool, Status> {
+    let mut upserted = Vec::new();
+    let mut deleted = Vec::new();
+    for id in ids {
+        match state.registry.entry(&id).map_err(status)? {
+            Some(e) if &e.parent_id == agent => upserted.push(pn::Entry::from(&e)),
+            _ => deleted.push(id),
+        }
+    }
+    if upserted.is_empty() && deleted.is_empty() && !bundle_changed {
+        return Ok(true);
+    }
+    // Large deltas go in several messages. All but the final one carry the
+    // revision before this batch, so an agent cut off midway resumes from
+    // there and receives the rest again.
+    let chunks = by_size(upserted);
+    let n = chunks.len();
+    let mut deleted = Some(deleted);
+    for (i, upserted) in chunks.into_iter().enumerate() {
+        let final_part = i + 1 == n;
+        let with_bundle = bundle_changed && final_part;
+        let msg = pn::SyncEntriesResponse {
+            revision: if final_part { last } else { before },
+            kind: Some(pn::sync_entries_response::Kind::Delta(pn::Delta {
+                upserted,
+                deleted: if final_part {
+                    deleted.take().unwrap_or_default()
+                } else {
+                    Vec::new()
+                },
+            })),
+            bundle_jwks: if with_bundle {
+                state.bundle_jwks()
+            } else {
+                Vec::new()
+            },
+            tainted_authorities: if with_bundle {
+                state.tainted_authorities(last)
+            } else {
+                Vec::new()
+            },
+            federated_bundles: if with_bundle {
+                state.federated_jwks()
+            } else {
+                Default::default()
+            },
+        };
+        crate::metrics::metrics().sync_messages.inc();
+        if tx.send(Ok(msg)).await.is_err() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 async fn send_snapshot(

@@ -1,0 +1,796 @@
+//! Fleet load harness: one `sigil server` process and a simulated fleet of
+//! agents in this process, each with its own attested mTLS identity and a
+//! live SyncEntries stream. The server runs as its own process so its RSS
+//! and CPU time are its own; it shares the machine's cores with the fleet.
+//!
+//! 1. Steady state: 1,000 agents with 100 entries each (100,000 entries),
+//!    all 1,000 streams open: server RSS; then entries created one at a time
+//!    for random agents: created → delta on the owner's stream p50/p99, the
+//!    server's CPU time and the bytes pushed per change, and how many
+//!    streams woke per change (the server's `sigil_sync_wakeups_total`).
+//! 2. Resume: an agent reconnects with the revision it had after missing
+//!    10 changes: what it receives (the 10, not a snapshot of 100).
+//! 3. A real `sigil agent` among them: its CPU per delta (apply, new key,
+//!    CSR, signed SVID stored).
+//! 4. CSR storm: every agent renews its 100 SVIDs at the same moment
+//!    (100,000 CSRs), honouring RESOURCE_EXHAUSTED retry-afters with jitter:
+//!    drain time against the in-process signing floor on all cores, measured
+//!    in the same run, while admin Health and AttestAgent are timed.
+//! 5. JWT-SVID minting through the server with the fleet connected.
+//! 6. Signing scales with cores: the server pinned to 1 core, then 2
+//!    (`taskset`), gRPC CSR→SVID throughput in the same run.
+//! 7. Cold start with 1,000,000 entries.
+//!
+//! Run: `cargo bench --bench fleet` (`-- --quick`: 200 agents, 20 entries
+//! each, 200,000 entries for the cold start).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stdout,
+    missing_docs
+)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use sigil::agent::{AgentIdentity, Attestation, attest, connect};
+use sigil::proto::admin as pa;
+use sigil::proto::node as pn;
+use sigil::registry::{EntryParams, EntryValidation, Registry};
+use sigil::store::Kek;
+use sigil::{Bundle, KeyAlgorithm, PrivateKey, SledStore, SpiffeId, TrustDomain};
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+
+type Admin = pa::admin_client::AdminClient<Channel>;
+type Node = pn::node_client::NodeClient<Channel>;
+
+fn td() -> TrustDomain {
+    TrustDomain::new("example.org").unwrap()
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn summary(mut v: Vec<Duration>) -> String {
+    v.sort();
+    format!(
+        "p50 {:?}  p99 {:?}  max {:?} ({} samples)",
+        pct(&v, 0.5),
+        pct(&v, 0.99),
+        v[v.len() - 1],
+        v.len()
+    )
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// User + system CPU time of a process.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<u64> = after
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // Fields 14 and 15 of stat (utime, stime) in clock ticks (100 Hz).
+    Duration::from_millis((f[11] + f[12]) * 10)
+}
+
+/// A `sigil server` process on its own ports and directory.
+struct Server {
+    child: Child,
+    dir: PathBuf,
+    node: String,
+    metrics: String,
+    admin_socket: PathBuf,
+}
+
+impl Server {
+    async fn start(dir: &Path, cores: Option<&str>, extra: &[&str]) -> Server {
+        let node = format!("127.0.0.1:{}", free_port());
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let admin_socket = dir.join("admin.sock");
+        let mut cmd = match cores {
+            Some(list) => {
+                let mut c = Command::new("taskset");
+                c.args(["-c", list, env!("CARGO_BIN_EXE_sigil")]);
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_sigil")),
+        };
+        let child = cmd
+            .args(["server", "--trust-domain", "example.org", "--bind", &node])
+            .args(["--metrics-bind", &metrics])
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .arg("--kek-file")
+            .arg(dir.join("kek"))
+            .arg("--admin-socket")
+            .arg(&admin_socket)
+            .args(extra)
+            .env("SIGIL_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let server = Server {
+            child,
+            dir: dir.to_path_buf(),
+            node,
+            metrics,
+            admin_socket,
+        };
+        server.ready().await;
+        server
+    }
+
+    /// Waits until the admin API answers Health.
+    async fn ready(&self) -> Admin {
+        for _ in 0..6000 {
+            if let Ok(mut a) = sigil::cli::connect_admin(&self.admin_socket).await {
+                if a.health(pa::HealthRequest {}).await.is_ok() {
+                    return a;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("the server never became ready");
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    async fn bundle_pem(&self) -> String {
+        let b = self
+            .ready()
+            .await
+            .get_bundle(pa::GetBundleRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        Bundle::from_jwks(td(), &String::from_utf8(b.bundle_jwks).unwrap())
+            .unwrap()
+            .to_pem()
+    }
+
+    /// A counter from the server's /metrics.
+    async fn metric(&self, name: &str) -> f64 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(&self.metrics).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.unwrap();
+        body.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(0.0)
+    }
+
+    fn stop(mut self) {
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(self.dir.join("admin.sock"));
+    }
+}
+
+async fn tokens(admin: &mut Admin, n: usize) -> Vec<String> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(
+            admin
+                .generate_token(pa::GenerateTokenRequest { ttl_seconds: 3600 })
+                .await
+                .unwrap()
+                .into_inner()
+                .token,
+        );
+    }
+    out
+}
+
+async fn attest_all(node: &str, bundle: &str, tokens: Vec<String>) -> Vec<AgentIdentity> {
+    let mut set = tokio::task::JoinSet::new();
+    let (node, bundle) = (Arc::new(node.to_string()), Arc::new(bundle.to_string()));
+    let mut out = Vec::new();
+    for (i, t) in tokens.into_iter().enumerate() {
+        let (node, bundle) = (node.clone(), bundle.clone());
+        set.spawn(async move {
+            let mut c = connect(&node, &bundle, None).await.unwrap();
+            (
+                i,
+                attest(&mut c, &td(), &Attestation::JoinToken(t))
+                    .await
+                    .unwrap(),
+            )
+        });
+        if set.len() >= 16 {
+            out.push(set.join_next().await.unwrap().unwrap());
+        }
+    }
+    while let Some(r) = set.join_next().await {
+        out.push(r.unwrap());
+    }
+    out.sort_by_key(|(i, _)| *i);
+    out.into_iter().map(|(_, a)| a).collect()
+}
+
+/// Writes entries straight into the (stopped) server's store: `per_agent`
+/// for each agent, plus `filler` parented to agents that never connect.
+fn bulk_load(dir: &Path, agents: &[SpiffeId], per_agent: usize, filler: usize, tag: &str) {
+    let kek = Kek::load_or_create(&dir.join("kek")).unwrap();
+    let store = Arc::new(SledStore::open(&dir.join("data"), kek).unwrap());
+    let registry = Registry::new(store, td(), EntryValidation::default());
+    let now = SystemTime::now();
+    let mut batch = Vec::new();
+    let total = agents.len() * per_agent + filler;
+    for i in 0..total {
+        let parent = if i < agents.len() * per_agent {
+            agents[i % agents.len()].to_string()
+        } else {
+            format!(
+                "spiffe://example.org/sigil/agent/join_token/idle{}",
+                i % 1000
+            )
+        };
+        batch.push(EntryParams {
+            spiffe_id: format!("spiffe://example.org/ns/{tag}/sa/w{i}"),
+            parent_id: parent,
+            selectors: vec![format!("unix:uid:{}", 100_000 + i % 50_000)],
+            ..EntryParams::default()
+        });
+        if batch.len() == 2000 {
+            registry
+                .create_entries(std::mem::take(&mut batch), now)
+                .unwrap();
+        }
+    }
+    if !batch.is_empty() {
+        registry.create_entries(batch, now).unwrap();
+    }
+}
+
+/// What a simulated agent's stream saw: (agent index, when, encoded bytes,
+/// entries upserted or deleted, revision).
+type Seen = (usize, Instant, usize, usize, u64);
+
+/// Opens every agent's sync stream; returns each agent's entry IDs and
+/// last revision once every snapshot is in, and forwards later messages.
+async fn open_streams(
+    clients: &[Node],
+    seen: mpsc::UnboundedSender<Seen>,
+) -> Vec<(Vec<String>, u64)> {
+    let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
+    for (i, c) in clients.iter().enumerate() {
+        let mut c = c.clone();
+        let (seen, ready_tx) = (seen.clone(), ready_tx.clone());
+        tokio::spawn(async move {
+            let mut s = c
+                .sync_entries(pn::SyncEntriesRequest {
+                    resume_from_revision: 0,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let mut ids = Vec::new();
+            loop {
+                let m = s.message().await.unwrap().unwrap();
+                let Some(pn::sync_entries_response::Kind::Snapshot(p)) = m.kind else {
+                    panic!("expected a snapshot")
+                };
+                ids.extend(p.entries.into_iter().map(|e| e.id));
+                if p.last {
+                    ready_tx.send((i, ids, m.revision)).unwrap();
+                    break;
+                }
+            }
+            while let Ok(Some(m)) = s.message().await {
+                let bytes = prost::Message::encoded_len(&m) + 5;
+                let n = match &m.kind {
+                    Some(pn::sync_entries_response::Kind::Delta(d)) => {
+                        d.upserted.len() + d.deleted.len()
+                    }
+                    _ => 0,
+                };
+                if seen
+                    .send((i, Instant::now(), bytes, n, m.revision))
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+    }
+    let mut out = vec![(Vec::new(), 0); clients.len()];
+    for _ in 0..clients.len() {
+        let (i, ids, rev) = ready_rx.recv().await.unwrap();
+        out[i] = (ids, rev);
+    }
+    out
+}
+
+fn new_entry(parent: &SpiffeId, name: String) -> pa::EntryParams {
+    pa::EntryParams {
+        spiffe_id: format!("spiffe://example.org/ns/changes/sa/{name}"),
+        parent_id: parent.to_string(),
+        selectors: vec!["unix:uid:7".into()],
+        ..Default::default()
+    }
+}
+
+/// CSRs per second `threads` threads sign in process (the floor).
+fn signing_floor(threads: usize, per_thread: usize) -> f64 {
+    let ca = Arc::new(
+        sigil::X509Authority::self_signed(
+            &td(),
+            KeyAlgorithm::EcP256,
+            Duration::from_secs(86_400),
+            SystemTime::now(),
+        )
+        .unwrap(),
+    );
+    let csr = PrivateKey::generate(KeyAlgorithm::EcP256)
+        .unwrap()
+        .csr_der("spiffe://example.org/x")
+        .unwrap();
+    let params = sigil::X509SvidParams {
+        spiffe_id: SpiffeId::new("spiffe://example.org/ns/default/sa/api").unwrap(),
+        dns_names: vec![],
+        ttl: Duration::from_secs(3600),
+    };
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                for _ in 0..per_thread {
+                    std::hint::black_box(
+                        ca.issue_from_csr(&csr, &params, SystemTime::now()).unwrap(),
+                    );
+                }
+            });
+        }
+    });
+    (threads * per_thread) as f64 / t.elapsed().as_secs_f64()
+}
+
+/// Sends one batch, waiting out RESOURCE_EXHAUSTED as an agent does.
+/// Returns how many times it was refused.
+async fn sign_until_done(c: &mut Node, req: pn::BatchNewX509svidRequest) -> usize {
+    let mut refused = 0;
+    loop {
+        match c.batch_new_x509svid(req.clone()).await {
+            Ok(r) => {
+                assert!(r.into_inner().results.iter().all(|x| x.code == 0));
+                return refused;
+            }
+            Err(s) => {
+                let wait = sigil::server::limits::retry_after(&s)
+                    .unwrap_or_else(|| panic!("refused without a retry-after: {s}"));
+                refused += 1;
+                let jitter = sigil::runtime::backoff::random_jitter();
+                tokio::time::sleep(wait.mul_f64(1.25 + jitter / 4.0)).await;
+            }
+        }
+    }
+}
+
+fn csr_batch(ids: &[String], csr: &[u8]) -> pn::BatchNewX509svidRequest {
+    pn::BatchNewX509svidRequest {
+        params: ids
+            .iter()
+            .map(|id| pn::NewX509svidParams {
+                entry_id: id.clone(),
+                csr: csr.to_vec(),
+            })
+            .collect(),
+    }
+}
+
+async fn csr_storm(server: &Server, clients: &[Node], ids: &[(Vec<String>, u64)], extra: usize) {
+    let csr = PrivateKey::generate(KeyAlgorithm::EcP256)
+        .unwrap()
+        .csr_der("spiffe://example.org/x")
+        .unwrap();
+    let mut admin = server.ready().await;
+    let spare = tokens(&mut admin, extra).await;
+    let bundle = server.bundle_pem().await;
+    let total: usize = ids.iter().map(|(v, _)| v.len()).sum();
+    let t = Instant::now();
+    let mut storm = tokio::task::JoinSet::new();
+    for (c, (list, _)) in clients.iter().zip(ids) {
+        let (mut c, req) = (c.clone(), csr_batch(list, &csr));
+        storm.spawn(async move { sign_until_done(&mut c, req).await });
+    }
+    let (mut health, mut attests) = (Vec::new(), Vec::new());
+    let mut spare = spare.into_iter();
+    let mut refusals = 0;
+    let mut tick = 0u32;
+    while !storm.is_empty() {
+        let h = Instant::now();
+        admin.health(pa::HealthRequest {}).await.unwrap();
+        health.push(h.elapsed());
+        if tick % 10 == 0 {
+            if let Some(token) = spare.next() {
+                let a = Instant::now();
+                let mut c = connect(&server.node, &bundle, None).await.unwrap();
+                attest(&mut c, &td(), &Attestation::JoinToken(token))
+                    .await
+                    .unwrap();
+                attests.push(a.elapsed());
+            }
+        }
+        tick += 1;
+        while let Some(done) = storm.try_join_next() {
+            refusals += done.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let drained = t.elapsed();
+    let rate = total as f64 / drained.as_secs_f64();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let floor = signing_floor(cores, 2_000);
+    println!(
+        "CSR storm: {} agents x {} CSRs = {total} at once: drained in {drained:?} = {rate:.0} SVIDs/s; {refusals} RESOURCE_EXHAUSTED answers honoured",
+        clients.len(),
+        ids[0].0.len()
+    );
+    println!(
+        "  in-process signing floor on {cores} threads, same run: {floor:.0} SVIDs/s; storm / floor = {:.3} (target >= 0.80)",
+        rate / floor
+    );
+    println!("  admin Health during the storm: {}", summary(health));
+    if !attests.is_empty() {
+        println!(
+            "  AttestAgent (connect + attest) during the storm: {}",
+            summary(attests)
+        );
+    }
+}
+
+/// gRPC CSR→SVID throughput of a server pinned to `cores`.
+async fn pinned_signing(dir: &Path, cores: &str, csrs: usize) -> f64 {
+    let server = Server::start(dir, Some(cores), &["--agent-csr-rate", "0"]).await;
+    let mut admin = server.ready().await;
+    let bundle = server.bundle_pem().await;
+    let token = tokens(&mut admin, 1).await.pop().unwrap();
+    let agent = attest_all(&server.node, &bundle, vec![token])
+        .await
+        .pop()
+        .unwrap();
+    let entry = admin
+        .create_entry(new_entry(
+            &agent.spiffe_id,
+            format!("pinned{}", free_port()),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let csr = PrivateKey::generate(KeyAlgorithm::EcP256)
+        .unwrap()
+        .csr_der("spiffe://example.org/x")
+        .unwrap();
+    let req = csr_batch(&vec![entry.id; 250], &csr);
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(connect(&server.node, &bundle, Some(&agent)).await.unwrap());
+    }
+    // Warm up, then measure.
+    sign_until_done(&mut clients[0], req.clone()).await;
+    let t = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for (i, c) in clients.iter().enumerate() {
+        let (mut c, req) = (c.clone(), req.clone());
+        let batches = csrs / 250 / 4 + usize::from(i < (csrs / 250) % 4);
+        set.spawn(async move {
+            for _ in 0..batches {
+                sign_until_done(&mut c, req.clone()).await;
+            }
+        });
+    }
+    while set.join_next().await.is_some() {}
+    let rate = csrs as f64 / t.elapsed().as_secs_f64();
+    server.stop();
+    rate
+}
+
+async fn run(quick: bool) {
+    let (agents, per_agent, samples) = if quick {
+        (200, 20, 100)
+    } else {
+        (1_000, 100, 300)
+    };
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("fleet");
+    std::fs::create_dir_all(&dir).unwrap();
+
+    // Attest the fleet (and one real agent), then load the entries.
+    let server = Server::start(&dir, None, &[]).await;
+    let mut admin = server.ready().await;
+    let bundle = server.bundle_pem().await;
+    let all = tokens(&mut admin, agents).await;
+    let fleet = attest_all(&server.node, &bundle, all).await;
+    let real_token = tokens(&mut admin, 1).await.pop().unwrap();
+    let real = tokio::process::Command::new(env!("CARGO_BIN_EXE_sigil"))
+        .args([
+            "agent",
+            "--server",
+            &server.node,
+            "--join-token",
+            &real_token,
+        ])
+        .arg("--trust-bundle")
+        .arg({
+            let p = root.path().join("bundle.pem");
+            std::fs::write(&p, &bundle).unwrap();
+            p
+        })
+        .arg("--socket")
+        .arg(root.path().join("agent.sock"))
+        .arg("--data-dir")
+        .arg(root.path().join("agent"))
+        .env("SIGIL_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // The real agent's ID, once it has attested.
+    let real_id = loop {
+        let listed = admin
+            .list_agents(pa::ListAgentsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .agents;
+        let known: std::collections::HashSet<String> =
+            fleet.iter().map(|a| a.spiffe_id.to_string()).collect();
+        if let Some(a) = listed.into_iter().find(|a| !known.contains(&a.spiffe_id)) {
+            break SpiffeId::new(&a.spiffe_id).unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    server.stop();
+    let ids: Vec<SpiffeId> = fleet.iter().map(|a| a.spiffe_id.clone()).collect();
+    let t = Instant::now();
+    bulk_load(&dir, &ids, per_agent, 0, "fleet");
+    bulk_load(&dir, std::slice::from_ref(&real_id), per_agent, 0, "real");
+    println!(
+        "loaded {} entries ({agents} simulated agents x {per_agent}, and {per_agent} for one real agent) in {:?}",
+        (agents + 1) * per_agent,
+        t.elapsed()
+    );
+
+    let server = Server::start(&dir, None, &[]).await;
+    let mut admin = server.ready().await;
+    let idle_rss = proc_status_kib(server.pid(), "VmRSS:");
+    let mut clients = Vec::with_capacity(agents);
+    for a in &fleet {
+        clients.push(connect(&server.node, &bundle, Some(a)).await.unwrap());
+    }
+    let (seen_tx, mut seen) = mpsc::unbounded_channel();
+    let t = Instant::now();
+    let streams = open_streams(&clients, seen_tx).await;
+    let snapshots = t.elapsed();
+    assert!(streams.iter().all(|(ids, _)| ids.len() == per_agent));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    while seen.try_recv().is_ok() {}
+    let steady_rss = proc_status_kib(server.pid(), "VmRSS:");
+    println!(
+        "{agents} sync streams opened (every snapshot in) in {snapshots:?}; server RSS idle {} MiB, with all streams open {} MiB ({:.1} KiB per stream)",
+        idle_rss / 1024,
+        steady_rss / 1024,
+        (steady_rss.saturating_sub(idle_rss)) as f64 / agents as f64
+    );
+
+    // 1. Entry changes while every stream is open.
+    let wakeups = server.metric("sigil_sync_wakeups_total").await;
+    let cpu = cpu_time(server.pid());
+    let mut lat = Vec::with_capacity(samples);
+    let (mut bytes, mut messages) = (0usize, 0usize);
+    for i in 0..samples {
+        let owner = (i * 7919) % agents;
+        let t = Instant::now();
+        admin
+            .create_entry(new_entry(&fleet[owner].spiffe_id, format!("c{i}")))
+            .await
+            .unwrap();
+        loop {
+            let (who, at, b, _, _) = tokio::time::timeout(Duration::from_secs(30), seen.recv())
+                .await
+                .expect("no delta within 30 s")
+                .unwrap();
+            bytes += b;
+            messages += 1;
+            if who == owner {
+                lat.push(at - t);
+                break;
+            }
+        }
+    }
+    let cpu = cpu_time(server.pid()) - cpu;
+    let woke = server.metric("sigil_sync_wakeups_total").await - wakeups;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    while let Ok((_, _, b, _, _)) = seen.try_recv() {
+        bytes += b;
+        messages += 1;
+    }
+    println!(
+        "entry created -> delta on the owner's stream, {agents} streams open, {} entries: {}",
+        (agents + 1) * per_agent,
+        summary(lat)
+    );
+    println!(
+        "  per change: server CPU {:?} (create RPC + commit + push), {:.0} bytes pushed in {:.2} messages, {:.2} streams woken (of {agents})",
+        cpu / samples as u32,
+        bytes as f64 / samples as f64,
+        messages as f64 / samples as f64,
+        woke / samples as f64
+    );
+
+    // 2. Resume after missing 10 changes.
+    let (ids0, _) = &streams[0];
+    let mut c = clients[0].clone();
+    let mut s = c
+        .sync_entries(pn::SyncEntriesRequest {
+            resume_from_revision: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut rev = 0;
+    let mut snapshot_bytes = 0;
+    loop {
+        let m = s.message().await.unwrap().unwrap();
+        snapshot_bytes += prost::Message::encoded_len(&m) + 5;
+        rev = rev.max(m.revision);
+        if matches!(&m.kind, Some(pn::sync_entries_response::Kind::Snapshot(p)) if p.last) {
+            break;
+        }
+    }
+    drop(s);
+    for k in 0..10 {
+        admin
+            .create_entry(new_entry(&fleet[0].spiffe_id, format!("missed{k}")))
+            .await
+            .unwrap();
+    }
+    let mut s = c
+        .sync_entries(pn::SyncEntriesRequest {
+            resume_from_revision: rev,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let m = s.message().await.unwrap().unwrap();
+    let got = match &m.kind {
+        Some(pn::sync_entries_response::Kind::Delta(d)) => d.upserted.len(),
+        other => panic!("resume sent {other:?}"),
+    };
+    println!(
+        "resume after missing 10 changes: one delta of {got} entries, {} bytes (the full snapshot of {} entries is {snapshot_bytes} bytes)",
+        prost::Message::encoded_len(&m) + 5,
+        ids0.len() + 10
+    );
+    drop(s);
+    while seen.try_recv().is_ok() {}
+
+    // 3. The real agent's CPU per delta.
+    let real_pid = real.id().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    // Wait for it to hold its SVIDs (its CPU settles).
+    while Instant::now() < deadline {
+        let before = cpu_time(real_pid);
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        if cpu_time(real_pid) == before {
+            break;
+        }
+    }
+    let before = cpu_time(real_pid);
+    let n = 100;
+    for k in 0..n {
+        admin
+            .create_entry(new_entry(&real_id, format!("real{k}")))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    println!(
+        "real sigil agent holding {} entries: CPU per delta (apply, new key, CSR, store the SVID) {:?} over {n} deltas; agent RSS {} MiB",
+        per_agent + n,
+        (cpu_time(real_pid) - before) / n as u32,
+        proc_status_kib(real_pid, "VmRSS:") / 1024
+    );
+    drop(real);
+
+    // 4. The storm.
+    csr_storm(&server, &clients, &streams, 40).await;
+    while seen.try_recv().is_ok() {}
+
+    // 5. JWT-SVIDs through the server with the fleet connected.
+    let mints = if quick { 2_000 } else { 20_000 };
+    let t = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for w in 0..50 {
+        let mut c = clients[w % agents].clone();
+        let entry = streams[w % agents].0[0].clone();
+        set.spawn(async move {
+            for _ in 0..mints / 50 {
+                c.new_jwtsvid(pn::NewJwtsvidRequest {
+                    entry_id: entry.clone(),
+                    audience: vec!["bench".into()],
+                })
+                .await
+                .unwrap();
+            }
+        });
+    }
+    while set.join_next().await.is_some() {}
+    println!(
+        "JWT-SVID minting via NewJWTSVID, 50 agents at once, {agents} streams open: {:.0} /s",
+        mints as f64 / t.elapsed().as_secs_f64()
+    );
+    drop(clients);
+    server.stop();
+
+    // 6. Signing scales with cores.
+    let scale_dir = root.path().join("pinned");
+    std::fs::create_dir_all(&scale_dir).unwrap();
+    let n = if quick { 10_000 } else { 40_000 };
+    let one = pinned_signing(&scale_dir, "0", n).await;
+    let two = pinned_signing(&scale_dir, "0,1", n).await;
+    let floor2 = signing_floor(2, 2_000);
+    println!(
+        "gRPC CSR->SVID, server pinned to 1 core: {one:.0} /s; to 2 cores: {two:.0} /s; 2-core / 1-core = {:.2} (target >= 1.8); 2-core gRPC / in-process floor on 2 threads ({floor2:.0} /s) = {:.3}",
+        two / one,
+        two / floor2
+    );
+
+    // 7. Cold start with 1,000,000 entries.
+    let cold = root.path().join("cold");
+    std::fs::create_dir_all(&cold).unwrap();
+    Server::start(&cold, None, &[]).await.stop();
+    let total = if quick { 200_000 } else { 1_000_000 };
+    let t = Instant::now();
+    bulk_load(&cold, &[], 0, total, "cold");
+    let load = t.elapsed();
+    let t = Instant::now();
+    let server = Server::start(&cold, None, &[]).await;
+    let ready = t.elapsed();
+    println!(
+        "cold start with {total} entries: admin Health answered {ready:?} after spawn (bulk load took {load:?}); RSS {} MiB",
+        proc_status_kib(server.pid(), "VmRSS:") / 1024
+    );
+    server.stop();
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(run(quick));
+}

@@ -1,0 +1,263 @@
+//! Admission for signing. Each agent has a token bucket of CSRs (and
+//! JWT-SVIDs), and the server holds at most a bounded number of CSRs queued
+//! for its signers. A refusal is `RESOURCE_EXHAUSTED` with a `retry-after-ms`
+//! trailer, which the agent honours with jitter, so a storm drains at the
+//! signing rate instead of piling up memory and latency.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use tonic::Status;
+use tonic::metadata::{MetadataMap, MetadataValue};
+
+use crate::spiffe::SpiffeId;
+
+/// The trailer that says how long to wait before asking again.
+pub const RETRY_AFTER: &str = "retry-after-ms";
+
+/// A `RESOURCE_EXHAUSTED` status that says when to come back.
+pub fn exhausted(message: String, retry: Duration) -> Status {
+    let ms = retry.as_millis().max(1);
+    let mut md = MetadataMap::new();
+    if let Ok(v) = MetadataValue::try_from(ms.to_string()) {
+        md.insert(RETRY_AFTER, v);
+    }
+    Status::with_metadata(
+        tonic::Code::ResourceExhausted,
+        format!("{message}; retry after {ms} ms"),
+        md,
+    )
+}
+
+/// The wait a `RESOURCE_EXHAUSTED` status asks for, if it names one.
+pub fn retry_after(status: &Status) -> Option<Duration> {
+    if status.code() != tonic::Code::ResourceExhausted {
+        return None;
+    }
+    let ms: u64 = status
+        .metadata()
+        .get(RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()?;
+    Some(Duration::from_millis(ms))
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// Per-agent buckets and the signing queue bound.
+#[derive(Debug)]
+pub struct SigningLimits {
+    /// Tokens per second per agent (0: no per-agent limit).
+    rate: f64,
+    /// Bucket size.
+    burst: f64,
+    buckets: Mutex<HashMap<SpiffeId, Bucket>>,
+    /// CSRs admitted and not yet signed.
+    queued: AtomicUsize,
+    max_queued: usize,
+    /// Signers running at once.
+    workers: usize,
+    /// Measured cost of one CSR on one signer, in ns (moving average).
+    cost_ns: AtomicU64,
+}
+
+/// CSRs admitted to the queue; dropping it (signed or abandoned) frees them.
+#[derive(Debug)]
+pub struct Admitted<'a> {
+    limits: &'a SigningLimits,
+    n: usize,
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        self.limits.queued.fetch_sub(self.n, Ordering::AcqRel);
+    }
+}
+
+impl SigningLimits {
+    /// `rate` tokens per second per agent with buckets of `burst` (rate 0
+    /// turns the per-agent limit off); at most `max_queued` CSRs waiting
+    /// for `workers` signers.
+    pub fn new(rate: u32, burst: u32, max_queued: usize, workers: usize) -> Self {
+        SigningLimits {
+            rate: f64::from(rate),
+            burst: f64::from(burst.max(1)),
+            buckets: Mutex::default(),
+            queued: AtomicUsize::new(0),
+            max_queued: max_queued.max(1),
+            workers: workers.max(1),
+            // A first guess (≈ 7k/s per core) until a batch is measured.
+            cost_ns: AtomicU64::new(140_000),
+        }
+    }
+
+    /// Takes `n` tokens from `agent`'s bucket, or says when they will be there.
+    pub fn take(&self, agent: &SpiffeId, n: usize, now: Instant) -> Result<(), Status> {
+        if self.rate <= 0.0 {
+            return Ok(());
+        }
+        let want = n as f64;
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        // Forget full buckets now and then, so the map stays the size of the
+        // agents that are actually busy.
+        if buckets.len() >= 4096 && buckets.len().is_power_of_two() {
+            let (rate, burst) = (self.rate, self.burst);
+            buckets.retain(|_, b| {
+                b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * rate < burst
+            });
+        }
+        let b = buckets.entry(agent.clone()).or_insert(Bucket {
+            tokens: self.burst,
+            at: now,
+        });
+        let refill = now.saturating_duration_since(b.at).as_secs_f64() * self.rate;
+        b.tokens = (b.tokens + refill).min(self.burst);
+        b.at = now.max(b.at);
+        if want > self.burst {
+            return Err(Status::invalid_argument(format!(
+                "{n} signings in one request exceed the per-agent burst of {}",
+                self.burst
+            )));
+        }
+        if b.tokens < want {
+            let wait = Duration::from_secs_f64((want - b.tokens) / self.rate);
+            return Err(exhausted(
+                format!(
+                    "agent {agent} is over its signing rate ({} per second, burst {})",
+                    self.rate, self.burst
+                ),
+                wait,
+            ));
+        }
+        b.tokens -= want;
+        Ok(())
+    }
+
+    /// Admits `n` CSRs to the signing queue, or says how long the queue
+    /// takes to drain at the measured signing rate.
+    pub fn admit(&self, n: usize) -> Result<Admitted<'_>, Status> {
+        let mut queued = self.queued.load(Ordering::Acquire);
+        loop {
+            if queued > 0 && queued + n > self.max_queued {
+                let per_sec = self.signing_rate();
+                return Err(exhausted(
+                    format!(
+                        "the server is signing at capacity ({queued} CSRs queued, about {per_sec:.0} per second)"
+                    ),
+                    Duration::from_secs_f64(queued as f64 / per_sec).max(Duration::from_millis(50)),
+                ));
+            }
+            match self.queued.compare_exchange_weak(
+                queued,
+                queued + n,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Ok(Admitted { limits: self, n }),
+                Err(now) => queued = now,
+            }
+        }
+    }
+
+    /// Records that one signer took `elapsed` for `n` CSRs.
+    pub fn record(&self, n: usize, elapsed: Duration) {
+        if n == 0 {
+            return;
+        }
+        let each = (elapsed.as_nanos() / n as u128).min(u128::from(u32::MAX)) as u64;
+        let old = self.cost_ns.load(Ordering::Relaxed);
+        // Moving average, weight 1/8 per batch.
+        let new = old - old / 8 + each / 8;
+        self.cost_ns.store(new.max(1), Ordering::Relaxed);
+    }
+
+    /// CSRs per second all signers together manage, as measured.
+    pub fn signing_rate(&self) -> f64 {
+        let cost = self.cost_ns.load(Ordering::Relaxed).max(1) as f64;
+        self.workers as f64 * 1e9 / cost
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn agent(n: u32) -> SpiffeId {
+        SpiffeId::new(&format!("spiffe://example.org/sigil/agent/join_token/a{n}")).unwrap()
+    }
+
+    #[test]
+    fn a_bucket_refuses_past_its_burst_and_refills_at_its_rate() {
+        let limits = SigningLimits::new(100, 500, 10_000, 2);
+        let t0 = Instant::now();
+        limits.take(&agent(1), 500, t0).unwrap();
+        let refused = limits.take(&agent(1), 100, t0).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        // 100 tokens at 100/s: one second.
+        assert_eq!(retry_after(&refused), Some(Duration::from_millis(1000)));
+        assert!(
+            refused.message().contains("signing rate"),
+            "{}",
+            refused.message()
+        );
+        // Another agent has its own bucket.
+        limits.take(&agent(2), 500, t0).unwrap();
+        // Half a second refills 50: still short of 100, and the wait shrinks.
+        let later = t0 + Duration::from_millis(500);
+        let refused = limits.take(&agent(1), 100, later).unwrap_err();
+        assert_eq!(retry_after(&refused), Some(Duration::from_millis(500)));
+        limits
+            .take(&agent(1), 100, t0 + Duration::from_secs(1))
+            .unwrap();
+        // Never more than the burst, however long it waited.
+        let much_later = t0 + Duration::from_secs(3600);
+        limits.take(&agent(1), 500, much_later).unwrap();
+        assert!(limits.take(&agent(1), 1, much_later).is_err());
+        // A request larger than the burst could never pass: a plain error.
+        let too_big = limits.take(&agent(3), 501, t0).unwrap_err();
+        assert_eq!(too_big.code(), tonic::Code::InvalidArgument);
+    }
+
+    #[test]
+    fn rate_zero_turns_the_per_agent_limit_off() {
+        let limits = SigningLimits::new(0, 1, 10, 1);
+        let t0 = Instant::now();
+        for _ in 0..100 {
+            limits.take(&agent(1), 1_000_000, t0).unwrap();
+        }
+    }
+
+    #[test]
+    fn the_queue_is_bounded_and_frees_what_was_signed() {
+        let limits = SigningLimits::new(0, 1, 1000, 2);
+        let a = limits.admit(600).unwrap();
+        let b = limits.admit(400).unwrap();
+        let refused = limits.admit(1).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            refused.message().contains("1000 CSRs queued"),
+            "{}",
+            refused.message()
+        );
+        // 1000 queued at the measured rate: 2 signers at 1 ms each = 2000/s.
+        for _ in 0..200 {
+            limits.record(100, Duration::from_millis(100));
+        }
+        let wait = retry_after(&limits.admit(1).unwrap_err()).unwrap();
+        assert!((450..=550).contains(&wait.as_millis()), "{wait:?}");
+        drop(a);
+        let c = limits.admit(600).unwrap();
+        drop((b, c));
+        // An empty queue always takes a request, even one above the bound.
+        limits.admit(5000).unwrap();
+    }
+}

@@ -1,0 +1,235 @@
+//! Routes each commit to the sync streams it concerns.
+//!
+//! One task reads the event log once per commit and hands each open
+//! SyncEntries stream only what touches its agent: the IDs of its entries
+//! that changed, a change to its own agent record (ban, evict, renewal), or a
+//! bundle change (which concerns everyone). A change for one agent wakes that
+//! agent's streams and no other, so a fleet of idle streams costs nothing per
+//! commit.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::{Notify, watch};
+
+use crate::spiffe::SpiffeId;
+use crate::store::{EventsSince, Store, Table};
+
+/// Events read from the log per batch.
+const BATCH: usize = 10_000;
+
+/// What changed for one stream since it last looked.
+#[derive(Debug, Default)]
+pub(crate) struct Pending {
+    /// The log was read up to here when this was handed over.
+    pub revision: u64,
+    /// IDs of the agent's entries that were created, updated, moved or
+    /// deleted (read their current state).
+    pub entries: BTreeSet<String>,
+    /// The trust bundle, a federated bundle or the authorities changed.
+    pub bundle: bool,
+    /// The agent's own record changed (check it again).
+    pub agent: bool,
+    /// The hub lost track (its log position was compacted away): send a
+    /// fresh snapshot.
+    pub resnapshot: bool,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.entries.is_empty() && !self.bundle && !self.agent && !self.resnapshot
+    }
+}
+
+/// One stream's mailbox.
+#[derive(Debug, Default)]
+pub(crate) struct Inbox {
+    pending: Mutex<Pending>,
+    notify: Notify,
+}
+
+impl Inbox {
+    fn lock(&self) -> MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits until something is pending, then takes it.
+    pub async fn next(&self) -> Pending {
+        loop {
+            let notified = self.notify.notified();
+            {
+                let mut p = self.lock();
+                if !p.is_empty() {
+                    crate::metrics::metrics().sync_wakeups.inc();
+                    return std::mem::take(&mut *p);
+                }
+            }
+            notified.await;
+        }
+    }
+}
+
+/// The open streams by agent ID.
+#[derive(Debug, Default)]
+pub(crate) struct SyncHub {
+    streams: Mutex<HashMap<Vec<u8>, Vec<Arc<Inbox>>>>,
+}
+
+/// A registered stream; dropping it unregisters.
+pub(crate) struct Subscription {
+    hub: Arc<SyncHub>,
+    agent: Vec<u8>,
+    /// Where this stream's changes arrive.
+    pub inbox: Arc<Inbox>,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut streams = self.hub.lock();
+        if let Some(list) = streams.get_mut(&self.agent) {
+            list.retain(|i| !Arc::ptr_eq(i, &self.inbox));
+            if list.is_empty() {
+                streams.remove(&self.agent);
+            }
+        }
+    }
+}
+
+impl SyncHub {
+    fn lock(&self) -> MutexGuard<'_, HashMap<Vec<u8>, Vec<Arc<Inbox>>>> {
+        self.streams.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a stream of `agent`. Register before reading the store's
+    /// revision for the snapshot: every commit after that reaches the inbox.
+    pub fn subscribe(self: &Arc<Self>, agent: &SpiffeId) -> Subscription {
+        let inbox = Arc::new(Inbox::default());
+        let key = agent.as_str().as_bytes().to_vec();
+        self.lock()
+            .entry(key.clone())
+            .or_default()
+            .push(inbox.clone());
+        Subscription {
+            hub: self.clone(),
+            agent: key,
+            inbox,
+        }
+    }
+
+    /// Hands one batch of events to the streams they concern.
+    fn route(&self, events: &[crate::store::Event]) {
+        let Some(revision) = events.last().map(|e| e.revision) else {
+            return;
+        };
+        let streams = self.lock();
+        let mut touched: Vec<&Arc<Inbox>> = Vec::new();
+        let mut everyone = false;
+        for change in events.iter().flat_map(|e| &e.changes) {
+            match change.table {
+                Table::EntriesByParent => {
+                    // `p/<parent>\0<entry id>`
+                    let Some(rest) = change.key.strip_prefix(b"p/") else {
+                        continue;
+                    };
+                    let Some(nul) = rest.iter().position(|b| *b == 0) else {
+                        continue;
+                    };
+                    let (parent, id) = (&rest[..nul], &rest[nul + 1..]);
+                    for inbox in streams.get(parent).into_iter().flatten() {
+                        inbox
+                            .lock()
+                            .entries
+                            .insert(String::from_utf8_lossy(id).into_owned());
+                        touched.push(inbox);
+                    }
+                }
+                Table::Agents => {
+                    for inbox in streams.get(change.key.as_slice()).into_iter().flatten() {
+                        inbox.lock().agent = true;
+                        touched.push(inbox);
+                    }
+                }
+                Table::Bundle | Table::Authorities => everyone = true,
+                Table::Entries | Table::JoinTokens => {}
+            }
+        }
+        if everyone {
+            touched = streams.values().flatten().collect();
+            for inbox in &touched {
+                inbox.lock().bundle = true;
+            }
+        }
+        for inbox in touched {
+            let mut p = inbox.lock();
+            p.revision = p.revision.max(revision);
+            drop(p);
+            inbox.notify.notify_one();
+        }
+    }
+
+    /// Tells every stream to start over from a snapshot.
+    fn resnapshot_all(&self, revision: u64) {
+        for inbox in self.lock().values().flatten() {
+            let mut p = inbox.lock();
+            p.resnapshot = true;
+            p.revision = p.revision.max(revision);
+            drop(p);
+            inbox.notify.notify_one();
+        }
+    }
+
+    /// Follows the event log until shutdown. A read error is retried (never
+    /// taken as "nothing changed for good", never as a deletion).
+    pub async fn run(
+        self: Arc<Self>,
+        store: Arc<dyn Store>,
+        mut revisions: watch::Receiver<u64>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut retry = crate::runtime::backoff::Backoff::new(
+            Duration::from_millis(50),
+            Duration::from_secs(5),
+        );
+        let mut last = loop {
+            match store.revision() {
+                Ok(r) => break r,
+                Err(e) => {
+                    tracing::warn!(error = %e, "sync hub: reading the store revision");
+                    tokio::time::sleep(retry.next_delay()).await;
+                }
+            }
+        };
+        loop {
+            loop {
+                match store.events_since(last, BATCH) {
+                    Ok(EventsSince::Events(ev)) if ev.is_empty() => break,
+                    Ok(EventsSince::Events(ev)) => {
+                        self.route(&ev);
+                        last = ev.last().map_or(last, |e| e.revision);
+                        retry.reset();
+                    }
+                    Ok(EventsSince::Compacted { .. }) => match store.revision() {
+                        Ok(now) => {
+                            tracing::warn!(from = last, "sync hub fell behind compaction");
+                            self.resnapshot_all(now);
+                            last = now;
+                        }
+                        Err(e) => tracing::warn!(error = %e, "sync hub: reading the store"),
+                    },
+                    Err(e) => {
+                        tracing::warn!(error = %e, "sync hub: reading the event log; retrying");
+                        tokio::select! {
+                            _ = tokio::time::sleep(retry.next_delay()) => {}
+                            _ = shutdown.changed() => return,
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                changed = revisions.changed() => if changed.is_err() { return },
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
