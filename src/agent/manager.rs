@@ -68,7 +68,7 @@ pub struct Manager {
     pub(super) identity: AgentIdentity,
     pub(super) attestation: Option<Attestation>,
     pub(super) data_dir: PathBuf,
-    pub(super) entries: BTreeMap<String, Entry>,
+    pub(super) entries: BTreeMap<String, Arc<Entry>>,
     pub(super) svids: HashMap<String, Arc<CachedSvid>>,
     pub(super) revision: u64,
     /// A bundle applied but not yet acknowledged to the server (its sequence).
@@ -171,7 +171,7 @@ impl Manager {
         };
         self.client.send_replace(Some(client.clone()));
         tracing::info!(server = %self.server, agent = %self.identity.spiffe_id, resume_from = self.revision, "connected to server");
-        let mut pending: Option<BTreeMap<String, Entry>> = None;
+        let mut pending: Option<BTreeMap<String, Arc<Entry>>> = None;
         let mut tick = tokio::time::interval(TICK);
         let rotate_agent_at = self.agent_rotation_time();
         loop {
@@ -302,7 +302,7 @@ impl Manager {
     fn apply(
         &mut self,
         msg: pn::SyncEntriesResponse,
-        pending: &mut Option<BTreeMap<String, Entry>>,
+        pending: &mut Option<BTreeMap<String, Arc<Entry>>>,
     ) -> bool {
         if !msg.bundle_jwks.is_empty() {
             self.ack_due = true;
@@ -362,6 +362,7 @@ impl Manager {
             Some(pn::sync_entries_response::Kind::Snapshot(page)) => {
                 let acc = pending.get_or_insert_with(BTreeMap::new);
                 for e in page.entries.iter().filter_map(convert) {
+                    let e = shared(self.entries.get(&e.id), e);
                     acc.insert(e.id.clone(), e);
                 }
                 if !page.last {
@@ -374,6 +375,7 @@ impl Manager {
                     self.entries.remove(id);
                 }
                 for e in d.upserted.iter().filter_map(convert) {
+                    let e = shared(self.entries.get(&e.id), e);
                     self.entries.insert(e.id.clone(), e);
                 }
             }
@@ -388,7 +390,7 @@ impl Manager {
     async fn reconcile(&mut self, client: &mut NodeClient<Channel>) {
         let now = SystemTime::now();
         self.svids.retain(|id, _| self.entries.contains_key(id));
-        let due: Vec<Entry> = self
+        let due: Vec<Arc<Entry>> = self
             .entries
             .values()
             .filter(|e| match self.svids.get(&e.id) {
@@ -436,7 +438,7 @@ impl Manager {
     async fn sign(
         &mut self,
         client: &mut NodeClient<Channel>,
-        entries: &[Entry],
+        entries: &[Arc<Entry>],
     ) -> Result<(), NodeClientError> {
         let mut keys = HashMap::new();
         let mut params = Vec::with_capacity(entries.len());
@@ -517,7 +519,7 @@ impl Manager {
     }
 
     pub(super) fn publish(&mut self) {
-        let mut entries: Vec<Entry> = self.entries.values().cloned().collect();
+        let mut entries: Vec<Arc<Entry>> = self.entries.values().cloned().collect();
         entries.sort_by(|a, b| (a.created_at_micros, &a.id).cmp(&(b.created_at_micros, &b.id)));
         let svids = entries
             .iter()
@@ -538,6 +540,16 @@ impl Manager {
             changed
         });
         self.cache_dirty |= changed;
+    }
+}
+
+/// The entry as held: the copy already held when it is unchanged (one copy
+/// is shared by the entry map, the SVID issued for it and the published
+/// state), else a new one.
+fn shared(held: Option<&Arc<Entry>>, e: Entry) -> Arc<Entry> {
+    match held {
+        Some(h) if **h == e => h.clone(),
+        _ => Arc::new(e),
     }
 }
 

@@ -84,21 +84,23 @@ pub fn saved_identity(dir: &Path, td: &TrustDomain) -> Option<(crate::spiffe::Sp
 const CACHE: &str = "cache.json";
 const CACHE_KEK: &str = "cache.kek";
 
+/// The file's layout. Written from borrowed entries (`E = &Entry`), so a
+/// save copies no entry; read back owned (`E = Entry`).
 #[derive(serde::Serialize, serde::Deserialize)]
-struct CacheFile {
+struct CacheFile<E> {
     /// Whose cache: another agent identity's cache is ignored.
     agent: String,
     revision: u64,
-    entries: Vec<crate::registry::Entry>,
-    svids: Vec<SavedSvid>,
+    entries: Vec<E>,
+    svids: Vec<SavedSvid<E>>,
     /// Federated bundles: trust domain name → SPIFFE bundle JSON.
     #[serde(default)]
     federated: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
-struct SavedSvid {
-    entry: crate::registry::Entry,
+struct SavedSvid<E> {
+    entry: E,
     /// Base64 DER, leaf first.
     chain: Vec<String>,
     /// Base64 of the sealed PKCS#8 key.
@@ -110,7 +112,7 @@ pub struct Restored {
     /// The sync revision the entries are at.
     pub revision: u64,
     /// Entries by ID.
-    pub entries: std::collections::BTreeMap<String, crate::registry::Entry>,
+    pub entries: std::collections::BTreeMap<String, std::sync::Arc<crate::registry::Entry>>,
     /// Still-valid SVIDs by entry ID.
     pub svids: std::collections::HashMap<String, std::sync::Arc<crate::workload_api::CachedSvid>>,
     /// Federated bundles by trust domain name.
@@ -122,7 +124,7 @@ pub fn save_cache(
     dir: &Path,
     agent: &crate::spiffe::SpiffeId,
     revision: u64,
-    entries: &std::collections::BTreeMap<String, crate::registry::Entry>,
+    entries: &std::collections::BTreeMap<String, std::sync::Arc<crate::registry::Entry>>,
     svids: &std::collections::HashMap<String, std::sync::Arc<crate::workload_api::CachedSvid>>,
     federated: &std::collections::BTreeMap<String, Bundle>,
 ) {
@@ -139,7 +141,7 @@ pub fn save_cache(
                     .seal(s.entry.id.as_bytes(), s.key.pkcs8_der())
                     .map_err(|e| e.to_string())?;
                 Ok(SavedSvid {
-                    entry: s.entry.clone(),
+                    entry: &*s.entry,
                     chain: s.chain.iter().map(|c| STANDARD.encode(c)).collect(),
                     key: STANDARD.encode(sealed),
                 })
@@ -148,16 +150,18 @@ pub fn save_cache(
         let file = CacheFile {
             agent: agent.to_string(),
             revision,
-            entries: entries.values().cloned().collect(),
+            entries: entries.values().map(|e| &**e).collect(),
             svids,
             federated: federated
                 .iter()
                 .map(|(td, b)| (td.clone(), b.to_jwks()))
                 .collect(),
         };
-        let json = serde_json::to_vec(&file).map_err(|e| e.to_string())?;
-        crate::runtime::files::write_atomic(&dir.join(CACHE), &json, 0o600)
-            .map_err(|e| e.to_string())
+        // Streamed to the file: no second copy of the cache in memory.
+        crate::runtime::files::write_atomic_with(&dir.join(CACHE), 0o600, |w| {
+            serde_json::to_writer(w, &file).map_err(std::io::Error::other)
+        })
+        .map_err(|e| e.to_string())
     })();
     if let Err(e) = result {
         tracing::error!(dir = %dir.display(), error = %e, "cannot persist the SVID cache");
@@ -170,7 +174,7 @@ pub fn load_cache(dir: &Path, agent: &crate::spiffe::SpiffeId) -> Option<Restore
     use base64::Engine;
     use base64::engine::general_purpose::STANDARD;
     let text = std::fs::read(dir.join(CACHE)).ok()?;
-    let file: CacheFile = match serde_json::from_slice(&text) {
+    let file: CacheFile<crate::registry::Entry> = match serde_json::from_slice(&text) {
         Ok(f) => f,
         Err(e) => {
             tracing::warn!(error = %e, "ignoring an unreadable SVID cache");
@@ -193,7 +197,7 @@ pub fn load_cache(dir: &Path, agent: &crate::spiffe::SpiffeId) -> Option<Restore
             let sealed = STANDARD.decode(&s.key).ok()?;
             let pkcs8 = kek.open(s.entry.id.as_bytes(), &sealed).ok()?;
             let key = PrivateKey::from_pkcs8_der(&pkcs8).ok()?;
-            super::state::restore_svid(s.entry.clone(), chain, key)
+            super::state::restore_svid(std::sync::Arc::new(s.entry.clone()), chain, key)
         })();
         match restored {
             Some(svid) if svid.not_after > now => {
@@ -210,7 +214,7 @@ pub fn load_cache(dir: &Path, agent: &crate::spiffe::SpiffeId) -> Option<Restore
         entries: file
             .entries
             .into_iter()
-            .map(|e| (e.id.clone(), e))
+            .map(|e| (e.id.clone(), std::sync::Arc::new(e)))
             .collect(),
         svids,
         federated: file

@@ -9,7 +9,11 @@ use crate::x509::PrivateKey;
 
 /// An SVID read back from the agent's cache: its validity from the leaf,
 /// its rotation due as if received at its NotBefore (plus the backdating).
-pub fn restore_svid(entry: Entry, chain: Vec<Vec<u8>>, key: PrivateKey) -> Option<CachedSvid> {
+pub fn restore_svid(
+    entry: std::sync::Arc<Entry>,
+    chain: Vec<Vec<u8>>,
+    key: PrivateKey,
+) -> Option<CachedSvid> {
     let (not_before, not_after) = validity(chain.first()?)?;
     let issued = (not_before + crate::x509::BACKDATE).min(not_after);
     let issuer = crate::x509::authority_key_id(chain.first()?).unwrap_or_default();

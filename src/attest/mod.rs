@@ -72,7 +72,31 @@ pub struct UnixAttestor {
     digests: Arc<Mutex<HashMap<FileKey, String>>>,
     /// Whether "executable path unreadable" was already logged.
     path_warned: Arc<AtomicBool>,
+    /// Recent attestations by (pid, start time), reused for a short while.
+    recent: Arc<Mutex<HashMap<(i32, u64), Recent>>>,
+    /// How long they are reused ([`REUSE_FOR`]; zero: never).
+    pub reuse_for: std::time::Duration,
 }
+
+/// One process's attestation, kept for [`REUSE_FOR`].
+#[derive(Debug, Clone)]
+struct Recent {
+    uid: u32,
+    gid: u32,
+    exe: Option<PathBuf>,
+    selectors: Vec<Selector>,
+    at: std::time::Instant,
+}
+
+/// How long an attestation of a process is reused for its later calls (a
+/// burst of streams from one process is attested once). The process must
+/// still be the same one: same PID and start time (the PID-reuse guard),
+/// same peer UID and GID, same executable (an `execve` re-attests). A
+/// change of supplementary groups shows within this window.
+pub const REUSE_FOR: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Processes remembered at most.
+const RECENT_CACHE: usize = 4096;
 
 impl std::fmt::Debug for UnixAttestor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -112,6 +136,8 @@ impl Default for UnixAttestor {
             proc_root: PathBuf::from("/proc"),
             digests: Arc::default(),
             path_warned: Arc::default(),
+            recent: Arc::default(),
+            reuse_for: REUSE_FOR,
         }
     }
 }
@@ -239,9 +265,56 @@ impl UnixAttestor {
     /// `unix:supplementary_gid`, `unix:path` and, if enabled, `unix:sha256`.
     /// The process's start time and UID are checked before and after, so a
     /// PID reused mid-attestation is refused.
+    ///
+    /// The same process calling again within [`REUSE_FOR`] gets the same
+    /// selectors from one `/proc` read and one `readlink`, provided its start
+    /// time, UID, GID and executable are unchanged.
     pub fn attest(&self, peer: PeerCredentials) -> Result<Vec<Selector>, AttestError> {
         let pid = peer.pid.ok_or(AttestError::NoPid)?;
         let started = self.start_time(pid)?;
+        if let Some(selectors) = self.reuse(pid, started, peer) {
+            return Ok(selectors);
+        }
+        let selectors = self.attest_afresh(pid, started, peer)?;
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.len() >= RECENT_CACHE {
+            recent.retain(|_, r| r.at.elapsed() < self.reuse_for);
+            if recent.len() >= RECENT_CACHE {
+                recent.clear();
+            }
+        }
+        recent.insert(
+            (pid, started),
+            Recent {
+                uid: peer.uid,
+                gid: peer.gid,
+                exe: std::fs::read_link(self.proc_file(pid, "exe")).ok(),
+                selectors: selectors.clone(),
+                at: std::time::Instant::now(),
+            },
+        );
+        Ok(selectors)
+    }
+
+    /// A recent attestation of this very process, if it still holds.
+    fn reuse(&self, pid: i32, started: u64, peer: PeerCredentials) -> Option<Vec<Selector>> {
+        let hit = self
+            .recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(pid, started))
+            .filter(|r| r.uid == peer.uid && r.gid == peer.gid && r.at.elapsed() < self.reuse_for)
+            .cloned()?;
+        // An exec keeps the PID and start time but not the executable.
+        (std::fs::read_link(self.proc_file(pid, "exe")).ok() == hit.exe).then_some(hit.selectors)
+    }
+
+    fn attest_afresh(
+        &self,
+        pid: i32,
+        started: u64,
+        peer: PeerCredentials,
+    ) -> Result<Vec<Selector>, AttestError> {
         let (uid, groups) = self.status(pid)?;
         if uid != peer.uid {
             return Err(AttestError::PidReused { pid });
@@ -424,5 +497,52 @@ mod tests {
             "the cached digest is the same"
         );
         assert_eq!(a.digests.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_recent_attestation_is_reused_only_for_the_same_process() {
+        use std::time::Duration;
+        let dir = tempfile::tempdir().unwrap();
+        let peer = me();
+        let pid = peer.pid.unwrap();
+        let own = std::path::Path::new("/proc").join(pid.to_string());
+        let fake = dir.path().join(pid.to_string());
+        std::fs::create_dir(&fake).unwrap();
+        for f in ["stat", "status"] {
+            std::fs::copy(own.join(f), fake.join(f)).unwrap();
+        }
+        let a = UnixAttestor {
+            proc_root: dir.path().to_path_buf(),
+            // Long enough that a slow machine never lets it lapse mid-test.
+            reuse_for: Duration::from_secs(3600),
+            ..UnixAttestor::default()
+        };
+        let first = a.attest(peer).unwrap();
+        // Reused: a changed status is not read again...
+        let status = std::fs::read_to_string(fake.join("status")).unwrap();
+        let other_uid = status.replace(
+            &format!("Uid:\t{}\t{}", peer.uid, peer.uid),
+            &format!("Uid:\t{}\t{}", peer.uid + 1, peer.uid + 1),
+        );
+        assert_ne!(other_uid, status, "the fake status names the uid");
+        std::fs::write(fake.join("status"), &other_uid).unwrap();
+        assert_eq!(a.attest(peer).unwrap(), first);
+        // ...but a different peer UID or GID is never served from it.
+        let mut stranger = peer;
+        stranger.gid += 1;
+        assert!(
+            a.attest(stranger).is_err(),
+            "uid in status differs: attested afresh"
+        );
+        // A PID reused by another process (new start time) is attested
+        // afresh, and the guard still refuses what does not add up.
+        let stat = std::fs::read_to_string(fake.join("stat")).unwrap();
+        let (head, tail) = stat.rsplit_once(')').unwrap();
+        let mut fields: Vec<String> = tail.split_whitespace().map(str::to_string).collect();
+        fields[19] = (fields[19].parse::<u64>().unwrap() + 1).to_string();
+        std::fs::write(fake.join("stat"), format!("{head}) {}", fields.join(" "))).unwrap();
+        assert!(matches!(a.attest(peer), Err(AttestError::PidReused { .. })));
+        std::fs::write(fake.join("status"), &status).unwrap();
+        assert_eq!(a.attest(peer).unwrap(), first);
     }
 }

@@ -11,6 +11,15 @@ use std::path::Path;
 /// was at `path` before, a reader sees the old content or the new, never a
 /// half-written key or a loose mode.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
+    write_atomic_with(path, mode, |w| w.write_all(data))
+}
+
+/// [`write_atomic`] with the content written by `fill` through a buffer.
+pub fn write_atomic_with(
+    path: &Path,
+    mode: u32,
+    fill: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+) -> io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -20,7 +29,11 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
         .suffix(".tmp")
         .permissions(std::fs::Permissions::from_mode(0o600))
         .tempfile_in(dir)?;
-    tmp.write_all(data)?;
+    {
+        let mut w = io::BufWriter::new(tmp.as_file_mut());
+        fill(&mut w)?;
+        w.flush()?;
+    }
     tmp.as_file()
         .set_permissions(std::fs::Permissions::from_mode(mode))?;
     tmp.as_file().sync_all()?;

@@ -15,7 +15,7 @@ use crate::x509::{Bundle, PrivateKey};
 #[derive(Debug, Clone)]
 pub struct CachedSvid {
     /// The entry it was issued for (as it was at issuance).
-    pub entry: Entry,
+    pub entry: Arc<Entry>,
     /// DER chain, leaf first.
     pub chain: Vec<Vec<u8>>,
     /// The private key.
@@ -36,7 +36,7 @@ pub struct AgentState {
     /// The trust bundle (absent until first synced).
     pub bundle: Option<Bundle>,
     /// Entries parented to this agent, oldest first.
-    pub entries: Vec<Entry>,
+    pub entries: Vec<Arc<Entry>>,
     /// SVIDs by entry, in the same order as `entries`.
     pub svids: Vec<Arc<CachedSvid>>,
     /// Authorities the server marked tainted: nothing they signed is served
@@ -73,6 +73,7 @@ impl AgentState {
     pub fn entries_for<'a>(&'a self, selectors: &'a [Selector]) -> impl Iterator<Item = &'a Entry> {
         self.entries
             .iter()
+            .map(|e| &**e)
             .filter(move |e| is_subset(&e.selectors, selectors))
     }
 
