@@ -176,14 +176,7 @@ impl Server {
 
     /// A counter from the server's /metrics.
     async fn metric(&self, name: &str) -> f64 {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(&self.metrics).await.unwrap();
-        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
-        let mut body = String::new();
-        s.read_to_string(&mut body).await.unwrap();
-        body.lines()
-            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
-            .unwrap_or(0.0)
+        scrape(&self.metrics, name).await
     }
 
     fn stop(mut self) {
@@ -193,6 +186,29 @@ impl Server {
         let _ = self.child.wait();
         let _ = std::fs::remove_file(self.dir.join("admin.sock"));
     }
+}
+
+/// One sample (`name{labels}`) from a /metrics endpoint (0 if absent).
+async fn scrape(addr: &str, name: &str) -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.unwrap();
+    body.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
+
+/// Waits until a real agent's /metrics reports `n` SVIDs held.
+async fn wait_agent_holding(metrics: &str, n: usize) {
+    for _ in 0..12_000 {
+        if scrape(metrics, "sigil_cache_size{cache=\"svids\"}").await as usize >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the real agent never held {n} SVIDs");
 }
 
 async fn tokens(admin: &mut Admin, n: usize) -> Vec<String> {
@@ -531,6 +547,7 @@ async fn run(quick: bool) {
     let all = tokens(&mut admin, agents).await;
     let fleet = attest_all(&server.node, &bundle, all).await;
     let real_token = tokens(&mut admin, 1).await.pop().unwrap();
+    let real_metrics = format!("127.0.0.1:{}", free_port());
     let real = tokio::process::Command::new(env!("CARGO_BIN_EXE_sigil"))
         .args([
             "agent",
@@ -539,6 +556,7 @@ async fn run(quick: bool) {
             "--join-token",
             &real_token,
         ])
+        .args(["--metrics-bind", &real_metrics])
         .arg("--trust-bundle")
         .arg({
             let p = root.path().join("bundle.pem");
@@ -697,15 +715,10 @@ async fn run(quick: bool) {
 
     // 3. The real agent's CPU per delta.
     let real_pid = real.id().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    // Wait for it to hold its SVIDs (its CPU settles).
-    while Instant::now() < deadline {
-        let before = cpu_time(real_pid);
-        tokio::time::sleep(Duration::from_millis(1000)).await;
-        if cpu_time(real_pid) == before {
-            break;
-        }
-    }
+    // It reconnects on its own backoff after the restart: wait for it to
+    // hold its SVIDs.
+    wait_agent_holding(&real_metrics, per_agent).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let before = cpu_time(real_pid);
     let n = 100;
     for k in 0..n {
@@ -715,7 +728,7 @@ async fn run(quick: bool) {
             .unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_agent_holding(&real_metrics, per_agent + n).await;
     println!(
         "real sigil agent holding {} entries: CPU per delta (apply, new key, CSR, store the SVID) {:?} over {n} deltas; agent RSS {} MiB",
         per_agent + n,

@@ -233,3 +233,103 @@ impl SyncHub {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::store::{Change, Event};
+
+    fn agent(name: &str) -> SpiffeId {
+        SpiffeId::new(&format!(
+            "spiffe://example.org/sigil/agent/join_token/{name}"
+        ))
+        .unwrap()
+    }
+
+    fn event(revision: u64, changes: &[(Table, Vec<u8>)]) -> Event {
+        Event {
+            revision,
+            changes: changes
+                .iter()
+                .map(|(table, key)| Change {
+                    table: *table,
+                    key: key.clone(),
+                    deleted: false,
+                })
+                .collect(),
+        }
+    }
+
+    fn take(s: &Subscription) -> Pending {
+        std::mem::take(&mut *s.inbox.lock())
+    }
+
+    #[test]
+    fn a_commit_reaches_only_the_streams_of_the_agents_it_concerns() {
+        let hub = Arc::new(SyncHub::default());
+        let (a, b) = (agent("a"), agent("b"));
+        let (a1, a2, b1) = (hub.subscribe(&a), hub.subscribe(&a), hub.subscribe(&b));
+        let index = |parent: &SpiffeId, id: &str| {
+            let mut k = crate::registry::parent_prefix(parent);
+            k.extend_from_slice(id.as_bytes());
+            k
+        };
+        hub.route(&[
+            event(
+                5,
+                &[
+                    (Table::Entries, b"e1".to_vec()),
+                    (Table::EntriesByParent, index(&a, "e1")),
+                ],
+            ),
+            event(6, &[(Table::EntriesByParent, index(&a, "e2"))]),
+        ]);
+        for s in [&a1, &a2] {
+            let p = take(s);
+            assert_eq!(p.revision, 6);
+            assert_eq!(p.entries.iter().collect::<Vec<_>>(), ["e1", "e2"]);
+            assert!(!p.bundle && !p.agent && !p.resnapshot);
+        }
+        assert!(take(&b1).is_empty(), "b's stream was not touched");
+
+        // The agent's own record (a ban, say) wakes only its streams.
+        hub.route(&[event(7, &[(Table::Agents, b.as_str().as_bytes().to_vec())])]);
+        assert!(take(&b1).agent);
+        assert!(take(&a1).is_empty());
+
+        // A bundle change concerns everyone.
+        hub.route(&[event(8, &[(Table::Bundle, b"example.org".to_vec())])]);
+        for s in [&a1, &a2, &b1] {
+            let p = take(s);
+            assert!(p.bundle && p.revision == 8);
+        }
+
+        // A closed stream leaves the hub; the last one takes its agent along.
+        drop(b1);
+        assert!(!hub.lock().contains_key(b.as_str().as_bytes()));
+        drop(a1);
+        assert_eq!(hub.lock()[a.as_str().as_bytes()].len(), 1);
+        hub.resnapshot_all(9);
+        assert!(take(&a2).resnapshot);
+    }
+
+    #[tokio::test]
+    async fn a_pending_change_wakes_the_waiting_stream() {
+        let hub = Arc::new(SyncHub::default());
+        let a = agent("a");
+        let s = hub.subscribe(&a);
+        let mut key = crate::registry::parent_prefix(&a);
+        key.extend_from_slice(b"e9");
+        let waiting = {
+            let inbox = s.inbox.clone();
+            tokio::spawn(async move { inbox.next().await })
+        };
+        hub.route(&[event(3, &[(Table::EntriesByParent, key)])]);
+        let p = tokio::time::timeout(std::time::Duration::from_secs(10), waiting)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(p.entries.into_iter().collect::<Vec<_>>(), ["e9"]);
+    }
+}

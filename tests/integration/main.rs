@@ -11,6 +11,7 @@ mod hardening;
 mod interop;
 mod istio_parity;
 mod jwks_https;
+mod limits;
 mod openssl_verify;
 mod operability;
 mod rotation;
