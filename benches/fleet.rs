@@ -22,7 +22,7 @@
 //! 7. Cold start with 1,000,000 entries.
 //!
 //! Run: `cargo bench --bench fleet` (`-- --quick`: 200 agents, 20 entries
-//! each, 200,000 entries for the cold start).
+//! each, 200,000 entries for the cold start; `-- --no-cold-start` skips 7).
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -107,7 +107,14 @@ struct Server {
 
 impl Server {
     async fn start(dir: &Path, cores: Option<&str>, extra: &[&str]) -> Server {
-        let node = format!("127.0.0.1:{}", free_port());
+        // The same address across restarts of one directory's server, as
+        // the real agent keeps the address it was given.
+        let addr_file = dir.join("node.addr");
+        let node = std::fs::read_to_string(&addr_file).unwrap_or_else(|_| {
+            let a = format!("127.0.0.1:{}", free_port());
+            std::fs::write(&addr_file, &a).unwrap();
+            a
+        });
         let metrics = format!("127.0.0.1:{}", free_port());
         let admin_socket = dir.join("admin.sock");
         let mut cmd = match cores {
@@ -353,6 +360,32 @@ fn new_entry(parent: &SpiffeId, name: String) -> pa::EntryParams {
         selectors: vec!["unix:uid:7".into()],
         ..Default::default()
     }
+}
+
+/// A node API client for simulated agent `i`, from its own loopback address
+/// (127.0.x.y), as agents on their own hosts would be: the server caps
+/// connections per IP address.
+async fn connect_from(addr: &str, bundle: &str, id: &AgentIdentity, i: usize) -> Node {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let chain: String = id
+        .cert_chain
+        .iter()
+        .map(|der| pem::encode(&pem::Pem::new("CERTIFICATE", der.clone())))
+        .collect();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(bundle))
+        .domain_name(sigil::registry::SERVER_DNS_NAME)
+        .identity(Identity::from_pem(chain, id.key.to_pem().as_bytes()));
+    let from = std::net::Ipv4Addr::new(127, 0, 1 + (i / 250) as u8, 1 + (i % 250) as u8);
+    let channel = Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .local_address(Some(from.into()))
+        .connect()
+        .await
+        .unwrap();
+    pn::node_client::NodeClient::new(channel)
 }
 
 /// CSRs per second `threads` threads sign in process (the floor).
@@ -603,8 +636,8 @@ async fn run(quick: bool) {
     let mut admin = server.ready().await;
     let idle_rss = proc_status_kib(server.pid(), "VmRSS:");
     let mut clients = Vec::with_capacity(agents);
-    for a in &fleet {
-        clients.push(connect(&server.node, &bundle, Some(a)).await.unwrap());
+    for (i, a) in fleet.iter().enumerate() {
+        clients.push(connect_from(&server.node, &bundle, a, i).await);
     }
     let (seen_tx, mut seen) = mpsc::unbounded_channel();
     let t = Instant::now();
@@ -781,6 +814,9 @@ async fn run(quick: bool) {
     );
 
     // 7. Cold start with 1,000,000 entries.
+    if std::env::args().any(|a| a == "--no-cold-start") {
+        return;
+    }
     let cold = root.path().join("cold");
     std::fs::create_dir_all(&cold).unwrap();
     Server::start(&cold, None, &[]).await.stop();

@@ -152,6 +152,9 @@ impl SigningLimits {
                     format!(
                         "the server is signing at capacity ({queued} CSRs queued, about {per_sec:.0} per second)"
                     ),
+                    // The drain time: a refused request has already cost
+                    // its upload, so asking agents back sooner (measured:
+                    // half the drain time) only adds refusals.
                     Duration::from_secs_f64(queued as f64 / per_sec).max(Duration::from_millis(50)),
                 ));
             }
@@ -248,7 +251,8 @@ mod tests {
             "{}",
             refused.message()
         );
-        // 1000 queued at the measured rate: 2 signers at 1 ms each = 2000/s.
+        // 1000 queued at the measured rate: 2 signers at 1 ms each = 2000/s,
+        // so half a second to drain.
         for _ in 0..200 {
             limits.record(100, Duration::from_millis(100));
         }
