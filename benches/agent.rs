@@ -10,13 +10,16 @@
 //!    Then a CA authority is prepared: the new bundle on every open stream.
 //! 3. Agent RSS holding 1 SVID, then 10,000 SVIDs.
 //! 4. A taint: the old CA's 10,001 SVIDs re-issued by the agent.
+//! 5. A fresh agent with no workload streams: RSS holding 1 SVID, then
+//!    10,001 (the per-SVID cost).
 //! 0. First, the `:authority` layer every Unix socket runs behind: the same
 //!    health service accepted raw and through the layer, first-response
 //!    latency with 1,000 streams open on each; and the layer's own cost per
 //!    request, for a compliant client (bytes pass through) and a grpc-core
 //!    client (the header block is re-encoded).
 //!
-//! Run: `cargo bench --bench agent` (`-- --quick`: 200 streams, 2,000 SVIDs).
+//! Run: `cargo bench --bench agent` (`-- --quick`: 200 streams, 2,000 SVIDs;
+//! `-- --fresh-only` runs only 5).
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -69,6 +72,115 @@ fn req() -> tonic::Request<pw::X509svidRequest> {
     r.metadata_mut()
         .insert("workload.spiffe.io", "true".parse().unwrap());
     r
+}
+
+/// Starts a `sigil agent` process (socket `<name>.sock`, data in `<name>`
+/// under `dir`, where `bundle.pem` is): the child, its log lines, its token.
+async fn spawn_agent(
+    server: &sigil::server::ServerHandle,
+    admin: &mut pa::admin_client::AdminClient<tonic::transport::Channel>,
+    dir: &Path,
+    name: &str,
+) -> (
+    Child,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+    pa::GenerateTokenResponse,
+) {
+    let token = admin
+        .generate_token(pa::GenerateTokenRequest { ttl_seconds: 600 })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut agent: Child = Command::new(env!("CARGO_BIN_EXE_sigil"))
+        .args([
+            "agent",
+            "--server",
+            &server.node_addr().to_string(),
+            "--join-token",
+            &token.token,
+        ])
+        .arg("--trust-bundle")
+        .arg(dir.join("bundle.pem"))
+        .arg("--socket")
+        .arg(dir.join(format!("{name}.sock")))
+        .arg("--data-dir")
+        .arg(dir.join(name))
+        .env("SIGIL_LOG", "info,sigil::audit=warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (line_tx, lines) = tokio::sync::mpsc::unbounded_channel();
+    let stderr = tokio::process::ChildStderr::from_std(agent.stderr.take().unwrap()).unwrap();
+    tokio::spawn(async move {
+        let mut r = tokio::io::BufReader::new(stderr).lines();
+        while let Ok(Some(l)) = r.next_line().await {
+            let _ = line_tx.send(l);
+        }
+    });
+    (agent, lines, token)
+}
+
+/// Creates `n` entries for `parent` that no workload here matches, 16 at
+/// a time.
+async fn create_unmatched(
+    admin: &pa::admin_client::AdminClient<tonic::transport::Channel>,
+    parent: &str,
+    n: usize,
+    tag: &str,
+) {
+    let mut batch = Vec::new();
+    for i in 0..n {
+        let mut a = admin.clone();
+        let (parent, tag) = (parent.to_string(), tag.to_string());
+        batch.push(tokio::spawn(async move {
+            a.create_entry(pa::EntryParams {
+                spiffe_id: format!("spiffe://example.org/ns/{tag}/sa/w{i}"),
+                parent_id: parent,
+                selectors: vec![format!("unix:uid:{}", 100_000 + i)],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        }));
+        if batch.len() == 16 {
+            for b in batch.drain(..) {
+                b.await.unwrap();
+            }
+        }
+    }
+    for b in batch {
+        b.await.unwrap();
+    }
+}
+
+/// A fresh agent with nothing else going on (no workload streams, no
+/// JWT-SVIDs): RSS holding 1 SVID, then `cached + 1`.
+async fn fresh_agent_memory(
+    server: &sigil::server::ServerHandle,
+    admin: &mut pa::admin_client::AdminClient<tonic::transport::Channel>,
+    dir: &Path,
+    cached: usize,
+) {
+    let (mut fresh, mut fresh_lines, fresh_token) = spawn_agent(server, admin, dir, "fresh").await;
+    create_unmatched(admin, &fresh_token.agent_id, 1, "fresh-one").await;
+    wait_holding(&mut fresh_lines, 1).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let base = rss_kib(fresh.id());
+    create_unmatched(admin, &fresh_token.agent_id, cached, "fresh").await;
+    wait_holding(&mut fresh_lines, cached + 1).await;
+    // Past one cache write (every 5 s), so its buffers count too.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let held = rss_kib(fresh.id());
+    println!(
+        "fresh agent RSS: {} MiB holding 1 SVID, {} MiB holding {} SVIDs: {:.2} KiB per SVID (target <= 2 KB)",
+        base / 1024,
+        held / 1024,
+        cached + 1,
+        (held.saturating_sub(base)) as f64 / cached as f64
+    );
+    let _ = fresh.kill();
+    let _ = fresh.wait();
 }
 
 /// Waits for the agent's log to report it holds at least `n` SVIDs.
@@ -213,45 +325,23 @@ async fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let (streams, cached) = if quick { (200, 2_000) } else { (1_000, 10_000) };
     let dir = tempfile::tempdir().unwrap();
+    if std::env::args().any(|a| a == "--fresh-only") {
+        let server = start(config(dir.path())).await.unwrap();
+        let mut admin = sigil::cli::connect_admin(server.admin_socket())
+            .await
+            .unwrap();
+        std::fs::write(dir.path().join("bundle.pem"), server.bundle_pem()).unwrap();
+        fresh_agent_memory(&server, &mut admin, dir.path(), cached).await;
+        return;
+    }
     authority_layer(dir.path(), streams).await;
     let server = start(config(dir.path())).await.unwrap();
     let mut admin = sigil::cli::connect_admin(server.admin_socket())
         .await
         .unwrap();
-    let token = admin
-        .generate_token(pa::GenerateTokenRequest { ttl_seconds: 600 })
-        .await
-        .unwrap()
-        .into_inner();
     std::fs::write(dir.path().join("bundle.pem"), server.bundle_pem()).unwrap();
-    let sock = dir.path().join("api.sock");
-    let mut agent: Child = Command::new(env!("CARGO_BIN_EXE_sigil"))
-        .args([
-            "agent",
-            "--server",
-            &server.node_addr().to_string(),
-            "--join-token",
-            &token.token,
-        ])
-        .arg("--trust-bundle")
-        .arg(dir.path().join("bundle.pem"))
-        .arg("--socket")
-        .arg(&sock)
-        .arg("--data-dir")
-        .arg(dir.path().join("agent"))
-        .env("SIGIL_LOG", "info,sigil::audit=warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (line_tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
-    let stderr = tokio::process::ChildStderr::from_std(agent.stderr.take().unwrap()).unwrap();
-    tokio::spawn(async move {
-        let mut r = tokio::io::BufReader::new(stderr).lines();
-        while let Ok(Some(l)) = r.next_line().await {
-            let _ = line_tx.send(l);
-        }
-    });
+    let sock = dir.path().join("agent.sock");
+    let (mut agent, mut lines, token) = spawn_agent(&server, &mut admin, dir.path(), "agent").await;
     let uid = sigil::attest::current_uid().unwrap();
     let entry = admin
         .create_entry(pa::EntryParams {
@@ -434,29 +524,7 @@ async fn main() {
     );
 
     // 3. Memory with many cached SVIDs (entries the workload does not match).
-    let mut batch = Vec::new();
-    for i in 0..cached {
-        let mut a = admin.clone();
-        let parent = token.agent_id.clone();
-        batch.push(tokio::spawn(async move {
-            a.create_entry(pa::EntryParams {
-                spiffe_id: format!("spiffe://example.org/ns/bench/sa/w{i}"),
-                parent_id: parent,
-                selectors: vec![format!("unix:uid:{}", 100_000 + i)],
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        }));
-        if batch.len() == 16 {
-            for b in batch.drain(..) {
-                b.await.unwrap();
-            }
-        }
-    }
-    for b in batch {
-        b.await.unwrap();
-    }
+    create_unmatched(&admin, &token.agent_id, cached, "bench").await;
     let t = Instant::now();
     wait_holding(&mut lines, cached + 1).await;
     let signed_in = t.elapsed();
@@ -468,6 +536,9 @@ async fn main() {
         rss_many / 1024,
         cached + 1
     );
+
+    // 5. A fresh agent with nothing else going on.
+    fresh_agent_memory(&server, &mut admin, dir.path(), cached).await;
 
     // 4. Taint: activate the prepared CA, taint the old one, and time until
     //    the agent has re-issued every SVID it held (it logs each batch).
@@ -520,5 +591,6 @@ async fn main() {
     );
     let _ = agent.kill();
     let _ = agent.wait();
+
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }

@@ -87,12 +87,12 @@ const CACHE_KEK: &str = "cache.kek";
 /// The file's layout. Written from borrowed entries (`E = &Entry`), so a
 /// save copies no entry; read back owned (`E = Entry`).
 #[derive(serde::Serialize, serde::Deserialize)]
-struct CacheFile<E> {
+struct CacheFile<E, S = Vec<SavedSvid<E>>> {
     /// Whose cache: another agent identity's cache is ignored.
     agent: String,
     revision: u64,
     entries: Vec<E>,
-    svids: Vec<SavedSvid<E>>,
+    svids: S,
     /// Federated bundles: trust domain name → SPIFFE bundle JSON.
     #[serde(default)]
     federated: std::collections::BTreeMap<String, String>,
@@ -119,6 +119,34 @@ pub struct Restored {
     pub federated: std::collections::BTreeMap<String, Bundle>,
 }
 
+/// The SVIDs as the file holds them, each sealed and encoded as it is
+/// written (never all of them at once in memory).
+struct SealedSvids<'a> {
+    kek: &'a crate::store::Kek,
+    svids: &'a std::collections::HashMap<String, std::sync::Arc<crate::workload_api::CachedSvid>>,
+}
+
+impl serde::Serialize for SealedSvids<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use base64::Engine;
+        use base64::engine::general_purpose::STANDARD;
+        use serde::ser::{Error, SerializeSeq};
+        let mut seq = serializer.serialize_seq(Some(self.svids.len()))?;
+        for s in self.svids.values() {
+            let sealed = self
+                .kek
+                .seal(s.entry.id.as_bytes(), s.key.pkcs8_der())
+                .map_err(S::Error::custom)?;
+            seq.serialize_element(&SavedSvid {
+                entry: &*s.entry,
+                chain: s.chain.iter().map(|c| STANDARD.encode(c)).collect(),
+                key: STANDARD.encode(sealed),
+            })?;
+        }
+        seq.end()
+    }
+}
+
 /// Saves the caches; failures are logged (the agent keeps running).
 pub fn save_cache(
     dir: &Path,
@@ -128,25 +156,11 @@ pub fn save_cache(
     svids: &std::collections::HashMap<String, std::sync::Arc<crate::workload_api::CachedSvid>>,
     federated: &std::collections::BTreeMap<String, Bundle>,
 ) {
-    use base64::Engine;
-    use base64::engine::general_purpose::STANDARD;
     let result = (|| -> Result<(), String> {
         crate::runtime::files::private_dir(dir).map_err(|e| e.to_string())?;
         let kek =
             crate::store::Kek::load_or_create(&dir.join(CACHE_KEK)).map_err(|e| e.to_string())?;
-        let svids = svids
-            .values()
-            .map(|s| {
-                let sealed = kek
-                    .seal(s.entry.id.as_bytes(), s.key.pkcs8_der())
-                    .map_err(|e| e.to_string())?;
-                Ok(SavedSvid {
-                    entry: &*s.entry,
-                    chain: s.chain.iter().map(|c| STANDARD.encode(c)).collect(),
-                    key: STANDARD.encode(sealed),
-                })
-            })
-            .collect::<Result<Vec<_>, String>>()?;
+        let svids = SealedSvids { kek: &kek, svids };
         let file = CacheFile {
             agent: agent.to_string(),
             revision,

@@ -97,16 +97,29 @@ impl SledStore {
             }
         };
         // Read everything once: a damaged record fails here, at start, rather
-        // than later on a request while health says all is well.
-        for tree in &trees {
-            for item in tree.iter() {
-                item.map_err(|e| {
-                    open_err(format!(
-                        "tree {:?} is unreadable (corrupt?): {e}; restore it from a backup",
-                        String::from_utf8_lossy(&tree.name())
-                    ))
-                })?;
-            }
+        // than later on a request while health says all is well. One thread
+        // per tree, so a large store is read on every core.
+        let unreadable = std::thread::scope(|s| {
+            let reads: Vec<_> = trees
+                .iter()
+                .map(|tree| {
+                    s.spawn(move || {
+                        tree.iter().find_map(Result::err).map(|e| {
+                            format!(
+                                "tree {:?} is unreadable (corrupt?): {e}; restore it from a backup",
+                                String::from_utf8_lossy(&tree.name())
+                            )
+                        })
+                    })
+                })
+                .collect();
+            reads.into_iter().find_map(|r| {
+                r.join()
+                    .unwrap_or_else(|_| Some("reading the store panicked".into()))
+            })
+        });
+        if let Some(reason) = unreadable {
+            return Err(open_err(reason));
         }
         let meta = &trees[META];
         match meta.get(META_SCHEMA)? {
