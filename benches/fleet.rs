@@ -105,6 +105,14 @@ struct Server {
     admin_socket: PathBuf,
 }
 
+impl Drop for Server {
+    /// A panicking run leaves no server behind.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Server {
     async fn start(dir: &Path, cores: Option<&str>, extra: &[&str]) -> Server {
         // The same address across restarts of one directory's server, as
@@ -186,6 +194,7 @@ impl Server {
         scrape(&self.metrics, name).await
     }
 
+    /// SIGTERM, then wait for the server to finish.
     fn stop(mut self) {
         let _ = Command::new("kill")
             .arg(self.child.id().to_string())

@@ -415,6 +415,7 @@ async fn prepare_acknowledged(agents: usize, rounds: usize) {
                 unix: sigil::attest::UnixAttestor::default(),
                 policy: None,
                 metrics_bind: None,
+                svid_cache_max: None,
             })
             .await
             .unwrap(),

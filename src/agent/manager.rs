@@ -87,6 +87,12 @@ pub struct Manager {
     /// The server asked us to hold signing requests until then
     /// (RESOURCE_EXHAUSTED with a retry-after).
     pub(super) sign_after: Option<std::time::Instant>,
+    /// The SVID cache cap (`svid_cache_max`), if any.
+    pub(super) svid_cache_max: Option<usize>,
+    /// The selectors of connected workloads (tracked only with a cap).
+    pub(super) demand: Arc<crate::workload_api::Demand>,
+    /// When a connected workload last had each entry (with a cap).
+    pub(super) last_used: HashMap<String, std::time::Instant>,
     pub(super) state: watch::Sender<Arc<AgentState>>,
     pub(super) client: watch::Sender<Option<NodeClient<Channel>>>,
     pub(super) shutdown: watch::Receiver<bool>,
@@ -211,6 +217,11 @@ impl Manager {
                     if self.tainted_svids() != self.tainted_reported {
                         self.ack_bundle(&mut client).await;
                     }
+                }
+                // A workload connected with entries that hold no SVID yet
+                // (a capped cache signs them on demand).
+                _ = self.demand.opened.notified(), if self.svid_cache_max.is_some() => {
+                    self.reconcile(&mut client).await;
                 }
                 _ = self.shutdown.changed() => return Ok(SessionEnd::Shutdown),
             }
@@ -389,10 +400,14 @@ impl Manager {
     /// publishes the result.
     async fn reconcile(&mut self, client: &mut NodeClient<Channel>) {
         let now = SystemTime::now();
-        self.svids.retain(|id, _| self.entries.contains_key(id));
+        let kept = self.svid_cache_max.map(|cap| self.cache_plan(cap));
+        let keep = |id: &String| kept.as_ref().is_none_or(|k| k.contains(id));
+        self.svids
+            .retain(|id, _| self.entries.contains_key(id) && keep(id));
         let due: Vec<Arc<Entry>> = self
             .entries
             .values()
+            .filter(|e| keep(&e.id))
             .filter(|e| match self.svids.get(&e.id) {
                 None => true,
                 Some(s) => {
@@ -433,6 +448,40 @@ impl Manager {
             );
         }
         self.publish();
+    }
+
+    /// With `svid_cache_max`: the entries to hold SVIDs for. Those of
+    /// connected workloads always (even past the cap, as SPIRE's LRU cache);
+    /// then, up to the cap, the most recently used, those already held, and
+    /// the oldest entries.
+    fn cache_plan(&mut self, cap: usize) -> std::collections::HashSet<String> {
+        let connected = self.demand.selectors();
+        let now = std::time::Instant::now();
+        let mut kept = std::collections::HashSet::new();
+        let mut others = Vec::new();
+        for e in self.entries.values() {
+            if connected
+                .iter()
+                .any(|have| crate::spiffe::is_subset(&e.selectors, have))
+            {
+                self.last_used.insert(e.id.clone(), now);
+                kept.insert(e.id.clone());
+            } else {
+                others.push(e);
+            }
+        }
+        self.last_used.retain(|id, _| self.entries.contains_key(id));
+        others.sort_by_key(|e| {
+            (
+                std::cmp::Reverse(self.last_used.get(&e.id).copied()),
+                !self.svids.contains_key(&e.id),
+                e.created_at_micros,
+                e.id.clone(),
+            )
+        });
+        let room = cap.saturating_sub(kept.len());
+        kept.extend(others.into_iter().take(room).map(|e| e.id.clone()));
+        kept
     }
 
     async fn sign(

@@ -57,6 +57,7 @@ pub const AGENT_KEYS: &[&str] = &[
     "policy_trusted_proxies",
     "metrics_bind",
     "log_level",
+    "svid_cache_max",
 ];
 
 /// Why the agent could not start.
@@ -117,6 +118,10 @@ pub struct AgentConfig {
     pub policy: Option<PolicyConfig>,
     /// `/metrics`, `/live` and `/ready`, when served.
     pub metrics_bind: Option<SocketAddr>,
+    /// At most this many X509-SVIDs cached (SVIDs of connected workloads
+    /// always; the others up to the cap, most recently used first); none:
+    /// an SVID for every entry.
+    pub svid_cache_max: Option<usize>,
 }
 
 impl AgentConfig {
@@ -243,6 +248,15 @@ impl AgentConfig {
                 Some(_) => Some(raw.socket_addr("metrics_bind", "127.0.0.1:0")?),
                 None => None,
             },
+            svid_cache_max: raw.parsed("svid_cache_max", None, |v| {
+                match v.trim().parse::<usize>() {
+                    Ok(n) if n > 0 => Ok(n),
+                    _ => {
+                        Err("must be a whole number above 0 (leave it out for no limit)"
+                            .to_string())
+                    }
+                }
+            })?,
         })
     }
 }
@@ -434,6 +448,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
             id
         }
     };
+    let demand = crate::workload_api::Demand::new(config.svid_cache_max.is_some());
     let (state_tx, state_rx) = watch::channel(Arc::new(AgentState::default()));
     let (client_tx, client_rx) = watch::channel(None);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -470,6 +485,9 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         cache_dirty: false,
         cache_saved: None,
         sign_after: None,
+        svid_cache_max: config.svid_cache_max,
+        demand: demand.clone(),
+        last_used: HashMap::new(),
         state: state_tx,
         client: client_tx,
         shutdown: shutdown_rx.clone(),
@@ -482,9 +500,14 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         client_rx,
         config.unix.clone(),
         shutdown_rx.clone(),
+        demand.clone(),
     );
-    let sds =
-        crate::workload_api::Sds::new(state_rx.clone(), config.unix.clone(), shutdown_rx.clone());
+    let sds = crate::workload_api::Sds::new(
+        state_rx.clone(),
+        config.unix.clone(),
+        shutdown_rx.clone(),
+        demand,
+    );
     let (health, health_service) = tonic_health::server::health_reporter();
     let probes = agent_probes(state_rx.clone(), client_for_probes.clone());
     let readiness = tokio::spawn(crate::metrics::follow_readiness(

@@ -129,6 +129,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         unix: UnixAttestor::default(),
         policy: None,
         metrics_bind: None,
+        svid_cache_max: None,
     })
     .await?;
 

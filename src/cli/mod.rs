@@ -366,6 +366,11 @@ struct AgentArgs {
     /// such as `info,sigil::audit=warn` [default: info].
     #[arg(long, env = "SIGIL_LOG")]
     log_level: Option<String>,
+    /// Cache at most this many X509-SVIDs: connected workloads' always, the
+    /// rest most recently used first; others are signed when a workload
+    /// asks [default: no limit].
+    #[arg(long)]
+    svid_cache_max: Option<String>,
     /// Check the configuration (reading every file it names), bind nothing, exit.
     #[arg(long)]
     validate: bool,
@@ -389,6 +394,7 @@ impl AgentArgs {
         raw.flag("unix_sha256", self.unix_sha256.then(|| "true".to_string()));
         raw.flag("metrics_bind", self.metrics_bind);
         raw.flag("log_level", self.log_level);
+        raw.flag("svid_cache_max", self.svid_cache_max);
         self.policy.apply(&mut raw);
         let run = Run {
             log_filter: log_filter(&raw)?,

@@ -18,10 +18,12 @@ use crate::proto::workload::{self as pw, spiffe_workload_api_server::SpiffeWorkl
 use crate::spiffe::{Selector, SpiffeId};
 use crate::x509::Bundle;
 
+mod demand;
 mod jwt_cache;
 mod sds;
 mod snapshot;
 
+pub use demand::{Demand, Subscribed};
 pub use sds::{SECRET_TYPE, Sds};
 
 pub use snapshot::{AgentState, CachedSvid};
@@ -40,7 +42,12 @@ pub struct WorkloadApi {
     attestor: UnixAttestor,
     jwts: Mutex<JwtCache>,
     shutdown: watch::Receiver<bool>,
+    demand: Arc<Demand>,
 }
+
+/// How long a new stream waits for SVIDs its entries have but the agent has
+/// not signed yet (a capped cache signs them on demand).
+pub const FIRST_SVID_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl WorkloadApi {
     /// A service reading the agent's published state.
@@ -49,6 +56,7 @@ impl WorkloadApi {
         client: watch::Receiver<Option<NodeClient<Channel>>>,
         attestor: UnixAttestor,
         shutdown: watch::Receiver<bool>,
+        demand: Arc<Demand>,
     ) -> Self {
         WorkloadApi {
             state,
@@ -56,6 +64,7 @@ impl WorkloadApi {
             attestor,
             jwts: Mutex::new(JwtCache::new(JwtCache::CAP)),
             shutdown,
+            demand,
         }
     }
 
@@ -94,7 +103,7 @@ impl WorkloadApi {
 
     /// Spawns a stream that sends `build(state)` at once and then whenever it
     /// changes; ends with PermissionDenied if the caller loses every identity.
-    fn stream<T, F>(
+    async fn stream<T, F>(
         &self,
         rpc: &'static str,
         selectors: Vec<Selector>,
@@ -104,14 +113,15 @@ impl WorkloadApi {
         T: Clone + PartialEq + Send + 'static,
         F: Fn(&AgentState, &[Selector]) -> Option<T> + Send + 'static,
     {
+        let subscribed = self.demand.subscribe(&selectors);
         let mut rx = self.state.clone();
-        let first = build(&rx.borrow_and_update(), &selectors)
-            .ok_or_else(|| self.no_identity(rpc, &selectors))?;
+        let first = self.first(rpc, &mut rx, &selectors, &build).await?;
         tracing::info!(target: "sigil::audit", event = rpc, caller = %crate::edge::peer_caller(), decision = "allow", selectors = ?selectors.iter().map(Selector::as_str).collect::<Vec<_>>());
         let (tx, out) = mpsc::channel(4);
         let mut shutdown = self.shutdown.clone();
         tokio::spawn(crate::edge::as_caller(async move {
             let _open = open_stream("workload");
+            let _subscribed = subscribed;
             let mut last = first.clone();
             if tx.send(Ok(first)).await.is_err() {
                 return;
@@ -139,6 +149,36 @@ impl WorkloadApi {
             }
         }));
         Ok(ReceiverStream::new(out))
+    }
+
+    /// The first response: at once when there is one; when the workload's
+    /// entries have no SVIDs yet (being signed, or signed on demand by a
+    /// capped cache), once they are signed, within [`FIRST_SVID_WAIT`].
+    async fn first<T>(
+        &self,
+        rpc: &'static str,
+        rx: &mut watch::Receiver<Arc<AgentState>>,
+        selectors: &[Selector],
+        build: &impl Fn(&AgentState, &[Selector]) -> Option<T>,
+    ) -> Result<T, Status> {
+        let deadline = tokio::time::Instant::now() + FIRST_SVID_WAIT;
+        loop {
+            {
+                let state = rx.borrow_and_update();
+                if let Some(first) = build(&state, selectors) {
+                    return Ok(first);
+                }
+                if state.entries_for(selectors).next().is_none() {
+                    return Err(self.no_identity(rpc, selectors));
+                }
+            }
+            tokio::select! {
+                changed = rx.changed() => if changed.is_err() {
+                    return Err(Status::unavailable("the agent is shutting down"));
+                },
+                _ = tokio::time::sleep_until(deadline) => return Err(self.no_identity(rpc, selectors)),
+            }
+        }
     }
 
     async fn jwt_for(
@@ -353,11 +393,10 @@ impl SpiffeWorkloadApi for WorkloadApi {
         req: Request<pw::X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         let selectors = self.caller(&req, "fetch_x509_svid").await?;
-        Ok(Response::new(self.stream(
-            "fetch_x509_svid",
-            selectors,
-            x509_svids,
-        )?))
+        Ok(Response::new(
+            self.stream("fetch_x509_svid", selectors, x509_svids)
+                .await?,
+        ))
     }
 
     type FetchX509BundlesStream = Stream<pw::X509BundlesResponse>;
@@ -367,11 +406,10 @@ impl SpiffeWorkloadApi for WorkloadApi {
         req: Request<pw::X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         let selectors = self.caller(&req, "fetch_x509_bundles").await?;
-        Ok(Response::new(self.stream(
-            "fetch_x509_bundles",
-            selectors,
-            x509_bundles,
-        )?))
+        Ok(Response::new(
+            self.stream("fetch_x509_bundles", selectors, x509_bundles)
+                .await?,
+        ))
     }
 
     async fn fetch_jwtsvid(
@@ -425,11 +463,10 @@ impl SpiffeWorkloadApi for WorkloadApi {
         req: Request<pw::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         let selectors = self.caller(&req, "fetch_jwt_bundles").await?;
-        Ok(Response::new(self.stream(
-            "fetch_jwt_bundles",
-            selectors,
-            jwt_bundles,
-        )?))
+        Ok(Response::new(
+            self.stream("fetch_jwt_bundles", selectors, jwt_bundles)
+                .await?,
+        ))
     }
 
     async fn validate_jwtsvid(

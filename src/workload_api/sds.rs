@@ -272,6 +272,7 @@ pub struct Sds {
     state: watch::Receiver<Arc<AgentState>>,
     attestor: UnixAttestor,
     shutdown: watch::Receiver<bool>,
+    demand: Arc<super::Demand>,
 }
 
 impl Sds {
@@ -280,11 +281,13 @@ impl Sds {
         state: watch::Receiver<Arc<AgentState>>,
         attestor: UnixAttestor,
         shutdown: watch::Receiver<bool>,
+        demand: Arc<super::Demand>,
     ) -> Self {
         Sds {
             state,
             attestor,
             shutdown,
+            demand,
         }
     }
 
@@ -446,12 +449,14 @@ impl SecretDiscoveryService for Sds {
         req: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
         let selectors = self.attest(&req, "sds_stream_secrets").await?;
+        let subscribed = self.demand.subscribe(&selectors);
         let mut inbound = req.into_inner();
         let (tx, out) = mpsc::channel(4);
         let mut state = self.state.clone();
         let mut shutdown = self.shutdown.clone();
         tokio::spawn(crate::edge::as_caller(async move {
             let _open = super::open_stream("sds");
+            let _subscribed = subscribed;
             // The first request names what is wanted and pins the node. Any
             // nonce it carries (Envoy reconnecting after an agent restart)
             // belongs to another stream: it is served, not ignored.
@@ -523,12 +528,14 @@ impl SecretDiscoveryService for Sds {
         req: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
         let selectors = self.attest(&req, "sds_delta_secrets").await?;
+        let subscribed = self.demand.subscribe(&selectors);
         let mut inbound = req.into_inner();
         let (tx, out) = mpsc::channel(4);
         let mut state = self.state.clone();
         let mut shutdown = self.shutdown.clone();
         tokio::spawn(crate::edge::as_caller(async move {
             let _open = super::open_stream("sds");
+            let _subscribed = subscribed;
             let first = match inbound.message().await {
                 Ok(Some(r)) => r,
                 _ => return,

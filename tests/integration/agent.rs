@@ -15,7 +15,7 @@ use tonic::Code;
 
 use crate::server::{admin, server_config, td};
 
-fn my_uid() -> u32 {
+pub(crate) fn my_uid() -> u32 {
     sigil::attest::current_uid().unwrap()
 }
 
@@ -29,6 +29,15 @@ pub(crate) async fn start_agent_with(
     dir: &Path,
     policy: Option<sigil::policy::PolicyConfig>,
 ) -> AgentHandle {
+    let config = AgentConfig {
+        policy,
+        ..agent_config(server, dir).await
+    };
+    sigil::agent::start(config).await.unwrap()
+}
+
+/// The configuration of an agent in `dir` with a fresh join token.
+pub(crate) async fn agent_config(server: &ServerHandle, dir: &Path) -> AgentConfig {
     let token = admin(server)
         .await
         .generate_token(pa::GenerateTokenRequest { ttl_seconds: 600 })
@@ -36,7 +45,7 @@ pub(crate) async fn start_agent_with(
         .unwrap()
         .into_inner()
         .token;
-    sigil::agent::start(AgentConfig {
+    AgentConfig {
         server: server.node_addr().to_string(),
         trust_bundle_pem: server.bundle_pem().to_string(),
         trust_domain: td(),
@@ -45,11 +54,10 @@ pub(crate) async fn start_agent_with(
         data_dir: dir.join("agent"),
         log_format: LogFormat::Text,
         unix: UnixAttestor::default(),
-        policy,
+        policy: None,
         metrics_bind: None,
-    })
-    .await
-    .unwrap()
+        svid_cache_max: None,
+    }
 }
 
 /// Registers `spiffe_id` for this test process (its uid) under `agent`.
@@ -96,13 +104,13 @@ async fn register(
     p
 }
 
-async fn raw_client(
+pub(crate) async fn raw_client(
     sock: &Path,
 ) -> pw::spiffe_workload_api_client::SpiffeWorkloadApiClient<tonic::transport::Channel> {
     sigil::cli::connect_workload(sock).await.unwrap()
 }
 
-fn with_header<T>(msg: T) -> tonic::Request<T> {
+pub(crate) fn with_header<T>(msg: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
     r.metadata_mut()
         .insert("workload.spiffe.io", "true".parse().unwrap());
@@ -482,6 +490,7 @@ async fn agent_restart_reuses_its_saved_identity() {
         unix: UnixAttestor::default(),
         policy: None,
         metrics_bind: None,
+        svid_cache_max: None,
     })
     .await
     .unwrap();
@@ -544,6 +553,7 @@ async fn agent_renews_its_svid_and_reattests_with_x509pop_after_expiry() {
         unix: UnixAttestor::default(),
         policy: None,
         metrics_bind: None,
+        svid_cache_max: None,
     };
     let me = format!("unix:uid:{}", my_uid());
 
@@ -671,6 +681,7 @@ async fn an_agent_restarted_while_the_server_is_down_serves_its_cached_svids() {
         unix: UnixAttestor::default(),
         policy: None,
         metrics_bind: None,
+        svid_cache_max: None,
     };
     // The server is down: the restarted agent serves its cached SVID at once.
     let again = sigil::agent::start(config("agent", "again.sock"))

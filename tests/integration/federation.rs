@@ -43,6 +43,7 @@ async fn agent_of(server: &ServerHandle, td: &str, dir: &Path) -> AgentHandle {
         unix: sigil::attest::UnixAttestor::default(),
         policy: None,
         metrics_bind: None,
+        svid_cache_max: None,
     })
     .await
     .unwrap()

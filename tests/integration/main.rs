@@ -18,6 +18,7 @@ mod rotation;
 mod sds;
 mod server;
 mod store_crash;
+mod svid_cache;
 mod upstream;
 mod workload_proto;
 

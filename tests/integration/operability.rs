@@ -94,6 +94,7 @@ async fn metrics_health_and_readiness_on_server_and_agent() {
         unix: sigil::attest::UnixAttestor::default(),
         policy: None,
         metrics_bind: Some("127.0.0.1:0".parse().unwrap()),
+        svid_cache_max: None,
     })
     .await
     .unwrap();

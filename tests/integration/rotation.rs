@@ -425,6 +425,7 @@ async fn a_server_restarted_mid_rotation_and_an_agent_restarted_after_it() {
         unix: sigil::attest::UnixAttestor::default(),
         policy: None,
         metrics_bind: None,
+        svid_cache_max: None,
     })
     .await
     .unwrap();

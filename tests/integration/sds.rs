@@ -317,6 +317,7 @@ async fn sds_streams_follow_the_xds_rules_and_push_on_changes() {
         unix: sigil::attest::UnixAttestor::default(),
         policy: None,
         metrics_bind: None,
+        svid_cache_max: None,
     })
     .await
     .unwrap();
