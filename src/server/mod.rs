@@ -142,8 +142,8 @@ pub struct ServerOptions {
 }
 
 /// CSRs the server holds queued per signing thread before it answers
-/// RESOURCE_EXHAUSTED (at ≈7k CSRs/s per core, about half a second).
-pub const SIGNING_QUEUE_PER_WORKER: usize = 4_000;
+/// RESOURCE_EXHAUSTED (at ≈7k CSRs/s per core, about two seconds; ~5 MB).
+pub const SIGNING_QUEUE_PER_WORKER: usize = 16_000;
 
 /// Validated `sigil server` configuration.
 #[derive(Debug, Clone)]
@@ -1004,11 +1004,16 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
             workers,
         ),
     });
-    tokio::spawn(state.sync_hub.clone().run(
+    // Its own task (it reads the log while the listeners accept), awaited
+    // with the rest on shutdown: it holds the store.
+    let sync_hub = tokio::spawn(state.sync_hub.clone().run(
         state.registry.store().clone(),
         state.registry.subscribe(),
         shutdown_rx.clone(),
     ));
+    let sync_hub = async move {
+        let _ = sync_hub.await;
+    };
     let state_for_compaction = state.clone();
     let state_for_follow = state.clone();
     let state_for_rotation = state.clone();
@@ -1149,8 +1154,9 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         };
         // The background jobs end on shutdown too, and are awaited, so the
         // store is closed when the server says it stopped.
-        let ((), node, admin, authz, (), (), (), (), (), ()) = tokio::join!(
+        let ((), (), node, admin, authz, (), (), (), (), (), ()) = tokio::join!(
             readiness,
+            sync_hub,
             node_server,
             admin_server,
             ext_authz,
