@@ -475,6 +475,16 @@ async fn csr_storm(server: &Server, clients: &[Node], ids: &[(Vec<String>, u64)]
     let bundle = server.bundle_pem().await;
     let total: usize = ids.iter().map(|(v, _)| v.len()).sum();
     let cpu = cpu_time(server.pid());
+    // SIGIL_FLEET_PERF=<file>: record the server with `perf` during the storm.
+    let perf = std::env::var("SIGIL_FLEET_PERF").ok().map(|out| {
+        Command::new("perf")
+            .args(["record", "-e", "cpu-clock", "-F", "499", "-g", "-o", &out, "-p"])
+            .arg(server.pid().to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    });
     let t = Instant::now();
     let mut storm = tokio::task::JoinSet::new();
     for (c, (list, _)) in clients.iter().zip(ids) {
@@ -507,6 +517,10 @@ async fn csr_storm(server: &Server, clients: &[Node], ids: &[(Vec<String>, u64)]
     }
     let drained = t.elapsed();
     let server_cpu = cpu_time(server.pid()) - cpu;
+    if let Some(mut p) = perf {
+        let _ = Command::new("kill").args(["-INT", &p.id().to_string()]).status();
+        let _ = p.wait();
+    }
     let rate = total as f64 / drained.as_secs_f64();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let floor = signing_floor(cores, 2_000);
