@@ -478,7 +478,17 @@ async fn csr_storm(server: &Server, clients: &[Node], ids: &[(Vec<String>, u64)]
     // SIGIL_FLEET_PERF=<file>: record the server with `perf` during the storm.
     let perf = std::env::var("SIGIL_FLEET_PERF").ok().map(|out| {
         Command::new("perf")
-            .args(["record", "-e", "cpu-clock", "-F", "499", "-g", "-o", &out, "-p"])
+            .args([
+                "record",
+                "-e",
+                "cpu-clock",
+                "-F",
+                "499",
+                "-g",
+                "-o",
+                &out,
+                "-p",
+            ])
             .arg(server.pid().to_string())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -518,7 +528,9 @@ async fn csr_storm(server: &Server, clients: &[Node], ids: &[(Vec<String>, u64)]
     let drained = t.elapsed();
     let server_cpu = cpu_time(server.pid()) - cpu;
     if let Some(mut p) = perf {
-        let _ = Command::new("kill").args(["-INT", &p.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-INT", &p.id().to_string()])
+            .status();
         let _ = p.wait();
     }
     let rate = total as f64 / drained.as_secs_f64();
