@@ -489,6 +489,9 @@ pub struct ServerState {
     sync_hub: Arc<sync_hub::SyncHub>,
     /// Per-agent signing rate and the bound on queued CSRs.
     limits: limits::SigningLimits,
+    /// The per-stream tasks (attestation, sync): awaited on shutdown, as
+    /// they hold this state and so the store.
+    tasks: tokio_util::task::TaskTracker,
 }
 
 impl ServerState {
@@ -997,6 +1000,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         bundle_acks: std::sync::Mutex::default(),
         signers: Arc::new(tokio::sync::Semaphore::new(workers)),
         sync_hub: Arc::default(),
+        tasks: tokio_util::task::TaskTracker::new(),
         limits: limits::SigningLimits::new(
             config.options.agent_csr_rate,
             config.options.agent_csr_burst,
@@ -1014,6 +1018,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     let sync_hub = async move {
         let _ = sync_hub.await;
     };
+    let stream_tasks = state.tasks.clone();
     let state_for_compaction = state.clone();
     let state_for_follow = state.clone();
     let state_for_rotation = state.clone();
@@ -1167,6 +1172,8 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
             federation,
             metrics_task
         );
+        stream_tasks.close();
+        stream_tasks.wait().await;
         node.and(admin)
             .and(authz)
             .map_err(|e| ServerError::Transport(e.to_string()))

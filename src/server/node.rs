@@ -241,7 +241,7 @@ impl Node for NodeService {
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(2);
         let state = self.state.clone();
-        tokio::spawn(async move {
+        self.state.tasks.spawn(async move {
             let mut tried = "unknown";
             let outcome = attest(&state, &mut inbound, &tx, &mut tried).await;
             let result = if outcome.is_ok() { "allow" } else { "deny" };
@@ -433,7 +433,7 @@ impl Node for NodeService {
         let (tx, rx) = mpsc::channel(8);
         let state = self.state.clone();
         tracing::info!(target: "sigil::audit", event = "sync_entries", caller = %agent, decision = "allow", resume_from = resume);
-        tokio::spawn(async move {
+        self.state.tasks.spawn(async move {
             let _slot = slot;
             let _open =
                 crate::metrics::GaugeGuard::new(crate::metrics::metrics().sync_streams.clone());
