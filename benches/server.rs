@@ -405,7 +405,7 @@ async fn prepare_acknowledged(agents: usize, rounds: usize) {
         let d = dir.path().join(format!("agent{i}"));
         running.push(
             sigil::agent::start(sigil::agent::AgentConfig {
-                server: server.node_addr().to_string(),
+                servers: vec![server.node_addr().to_string()],
                 trust_bundle_pem: server.bundle_pem().to_string(),
                 trust_domain: td(),
                 attestation: Some(Attestation::JoinToken(token)),

@@ -64,7 +64,9 @@ enum SessionEnd {
 
 /// The control loop's state.
 pub struct Manager {
-    pub(super) server: String,
+    /// The servers to use, in order; `current` is the one in use.
+    pub(super) servers: Vec<String>,
+    pub(super) current: usize,
     pub(super) identity: AgentIdentity,
     pub(super) attestation: Option<Attestation>,
     pub(super) data_dir: PathBuf,
@@ -103,9 +105,20 @@ impl Manager {
         &self.identity.bundle
     }
 
-    /// Runs until shutdown: sessions with the server, backing off between them.
+    /// The server in use.
+    fn server(&self) -> &str {
+        self.servers
+            .get(self.current)
+            .or(self.servers.first())
+            .map_or("", String::as_str)
+    }
+
+    /// Runs until shutdown: sessions with a server. A session that fails
+    /// moves on to the next server of the list at once; once every server
+    /// has failed in a row, it backs off (with jitter) before the next round.
     pub async fn run(mut self) {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+        let mut failed_in_row = 0usize;
         loop {
             match self.session().await {
                 Ok(SessionEnd::Shutdown) => {
@@ -117,9 +130,24 @@ impl Manager {
                 }
                 Ok(SessionEnd::Reconnect) => {
                     backoff.reset();
+                    failed_in_row = 0;
                     continue;
                 }
-                Err(e) => tracing::warn!(error = %e, "server session ended; will retry"),
+                Err(e) => {
+                    tracing::warn!(server = %self.server(), error = %e, "server session ended; will retry");
+                    // A session that got going starts a fresh round.
+                    if self.client.borrow().is_some() {
+                        backoff.reset();
+                        failed_in_row = 0;
+                    }
+                    self.current = (self.current + 1) % self.servers.len().max(1);
+                    failed_in_row += 1;
+                    if failed_in_row < self.servers.len() {
+                        self.client.send_replace(None);
+                        continue;
+                    }
+                    failed_in_row = 0;
+                }
             }
             self.client.send_replace(None);
             // Keep expiring what we hold while waiting to retry.
@@ -146,7 +174,7 @@ impl Manager {
             self.reattest().await?;
         }
         let mut client =
-            node_client::connect(&self.server, &self.bundle().to_pem(), Some(&self.identity))
+            node_client::connect(self.server(), &self.bundle().to_pem(), Some(&self.identity))
                 .await?;
         let opened = client
             .sync_entries(pn::SyncEntriesRequest {
@@ -176,7 +204,7 @@ impl Manager {
             Err(s) => return Err(s.into()),
         };
         self.client.send_replace(Some(client.clone()));
-        tracing::info!(server = %self.server, agent = %self.identity.spiffe_id, resume_from = self.revision, "connected to server");
+        tracing::info!(server = %self.server(), agent = %self.identity.spiffe_id, resume_from = self.revision, "connected to server");
         let mut pending: Option<BTreeMap<String, Arc<Entry>>> = None;
         let mut tick = tokio::time::interval(TICK);
         let rotate_agent_at = self.agent_rotation_time();
@@ -300,7 +328,7 @@ impl Manager {
         if matches!(att, Attestation::JoinToken(_)) {
             self.attestation = None;
         }
-        let mut c = node_client::connect(&self.server, &self.bundle().to_pem(), None).await?;
+        let mut c = node_client::connect(self.server(), &self.bundle().to_pem(), None).await?;
         let td = self.bundle().trust_domain().clone();
         self.identity = node_client::attest(&mut c, &td, &att).await?;
         persist::save(&self.data_dir, &self.identity);

@@ -98,8 +98,9 @@ pub enum AgentError {
 /// Validated `sigil agent` configuration.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
-    /// Server node API address (`host:port`).
-    pub server: String,
+    /// Server node API addresses (`host:port`): the agent uses one and
+    /// fails over to the next.
+    pub servers: Vec<String>,
     /// Bootstrap trust bundle, PEM.
     pub trust_bundle_pem: String,
     /// The trust domain (from the bundle's CA unless given).
@@ -127,7 +128,7 @@ pub struct AgentConfig {
 impl AgentConfig {
     /// Validates merged flags and file values; errors name the key.
     pub fn from_raw(raw: &RawConfig) -> Result<Self, ConfigError> {
-        let server = raw.required("server")?;
+        let servers = raw.list("server")?;
         let bundle_path = raw.required("trust_bundle")?;
         let trust_bundle_pem =
             std::fs::read_to_string(&bundle_path).map_err(|e| ConfigError::Invalid {
@@ -233,7 +234,7 @@ impl AgentConfig {
             })?
             .unwrap_or(false);
         Ok(AgentConfig {
-            server,
+            servers,
             trust_bundle_pem,
             trust_domain,
             attestation,
@@ -390,6 +391,27 @@ fn workload_descriptors() -> prost_types::FileDescriptorSet {
     set
 }
 
+/// Attests with the first server of the list that answers.
+async fn attest_any(config: &AgentConfig, att: &Attestation) -> Result<AgentIdentity, AgentError> {
+    let mut last = None;
+    for (i, server) in config.servers.iter().enumerate() {
+        match connect(server, &config.trust_bundle_pem, None).await {
+            Ok(mut c) => return Ok(attest(&mut c, &config.trust_domain, att).await?),
+            // The last one's error is the answer, said once.
+            Err(e) if i + 1 == config.servers.len() => last = Some(e),
+            Err(e) => {
+                tracing::warn!(server = %server, error = %e, "cannot reach this server; trying the next");
+            }
+        }
+    }
+    Err(last.map(AgentError::from).unwrap_or_else(|| {
+        AgentError::Config(ConfigError::Missing {
+            key: "server",
+            flag: "server".into(),
+        })
+    }))
+}
+
 /// Loads or obtains the agent identity, then starts syncing and serving.
 pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     crate::runtime::files::private_umask();
@@ -441,8 +463,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
                 .attestation
                 .as_ref()
                 .ok_or_else(|| AgentError::NoAttestation(config.data_dir.clone()))?;
-            let mut c = connect(&config.server, &config.trust_bundle_pem, None).await?;
-            let id = attest(&mut c, &config.trust_domain, att).await?;
+            let id = attest_any(&config, att).await?;
             persist::save(&config.data_dir, &id);
             tracing::info!(agent = %id.spiffe_id, "attested to the server");
             id
@@ -470,7 +491,11 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         federated: BTreeMap::new(),
     });
     let mut manager = manager::Manager {
-        server: config.server.clone(),
+        servers: config.servers.clone(),
+        // A random first server, so a fleet spreads over the list.
+        current: crate::registry::random_bytes(1)
+            .ok()
+            .map_or(0, |b| usize::from(b[0]) % config.servers.len().max(1)),
         identity,
         attestation: unspent,
         data_dir: config.data_dir.clone(),
@@ -582,7 +607,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         metrics_addr = Some(bound);
         tasks.push(tokio::spawn(serving));
     }
-    tracing::info!(agent = %spiffe_id, socket = %config.socket.display(), server = %config.server, "sigil agent ready");
+    tracing::info!(agent = %spiffe_id, socket = %config.socket.display(), servers = ?config.servers, "sigil agent ready");
     Ok(AgentHandle {
         spiffe_id,
         socket: config.socket,

@@ -119,7 +119,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     }
 
     let agent = crate::agent::start(AgentConfig {
-        server: server.node_addr().to_string(),
+        servers: vec![server.node_addr().to_string()],
         trust_bundle_pem: server.bundle_pem().to_string(),
         trust_domain: td,
         attestation,

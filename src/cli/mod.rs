@@ -325,9 +325,10 @@ struct AgentArgs {
     /// TOML config file (keys named like the flags, with `_`).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// The server's node API, HOST:PORT.
+    /// The server's node API, HOST:PORT; repeat it for several servers of
+    /// one cluster (the agent uses one and fails over to the next).
     #[arg(long)]
-    server: Option<String>,
+    server: Vec<String>,
     /// PEM bundle to trust the server with on first contact.
     #[arg(long)]
     trust_bundle: Option<String>,
@@ -381,7 +382,10 @@ struct AgentArgs {
 impl AgentArgs {
     fn into_config(self) -> anyhow::Result<(AgentConfig, Run)> {
         let mut raw = RawConfig::load(self.config.as_deref(), AGENT_KEYS)?;
-        raw.flag("server", self.server);
+        raw.flag(
+            "server",
+            (!self.server.is_empty()).then(|| self.server.join(",")),
+        );
         raw.flag("trust_bundle", self.trust_bundle);
         raw.flag("trust_domain", self.trust_domain);
         raw.flag("join_token", self.join_token);
@@ -538,7 +542,7 @@ pub fn main() -> anyhow::Result<()> {
                 return admin::Output::line(&format!(
                     "configuration OK: agent of {} (server {}, socket {})",
                     config.trust_domain,
-                    config.server,
+                    config.servers.join(", "),
                     config.socket.display()
                 ));
             }

@@ -175,12 +175,36 @@ impl RawConfig {
             Some(toml::Value::String(s)) => Ok(Some(s.clone())),
             Some(toml::Value::Integer(i)) => Ok(Some(i.to_string())),
             Some(toml::Value::Boolean(b)) => Ok(Some(b.to_string())),
+            // A list of strings (e.g. `server = ["a:8081", "b:8081"]`): read
+            // back with [`RawConfig::list`].
+            Some(toml::Value::Array(items)) if items.iter().all(toml::Value::is_str) => Ok(Some(
+                items
+                    .iter()
+                    .filter_map(toml::Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(","),
+            )),
             Some(other) => Err(ConfigError::Invalid {
                 key,
                 value: other.to_string(),
                 reason: "expected a string".into(),
             }),
         }
+    }
+
+    /// A required list: a TOML array of strings, or comma-separated values
+    /// (a repeated flag gives one each). Empty items are refused.
+    pub fn list(&self, key: &'static str) -> Result<Vec<String>, ConfigError> {
+        let value = self.required(key)?;
+        let items: Vec<String> = value.split(',').map(|v| v.trim().to_string()).collect();
+        if items.iter().any(String::is_empty) {
+            return Err(ConfigError::Invalid {
+                key,
+                value,
+                reason: "an item of the list is empty".into(),
+            });
+        }
+        Ok(items)
     }
 
     /// A required string.

@@ -141,6 +141,12 @@ pub struct ServerOptions {
     pub agent_csr_burst: u32,
 }
 
+/// How long an agent's connection to the node API may live before the
+/// server asks it to reconnect (HTTP/2 GOAWAY)...
+pub const NODE_CONNECTION_AGE: Duration = Duration::from_secs(3600);
+/// ...and how long its streams may then run on before the connection closes.
+pub const NODE_CONNECTION_AGE_GRACE: Duration = Duration::from_secs(60);
+
 /// CSRs the server holds queued per signing thread before it answers
 /// RESOURCE_EXHAUSTED (at ≈7k CSRs/s per core, about two seconds; ~5 MB).
 pub const SIGNING_QUEUE_PER_WORKER: usize = 16_000;
@@ -1034,6 +1040,10 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     let node_limits = crate::edge::ConnLimits::NODE;
     let node_server = node_limits
         .server_builder()
+        // Agents reconnect now and then (resuming their sync), so a fleet
+        // spreads again over the servers it lists after one was down.
+        .max_connection_age(NODE_CONNECTION_AGE)
+        .max_connection_age_grace(NODE_CONNECTION_AGE_GRACE)
         .layer(crate::metrics::RpcMetricsLayer)
         .add_service(health_service)
         .add_service(NodeServer::new(NodeService::new(state.clone())))

@@ -46,7 +46,7 @@ pub(crate) async fn agent_config(server: &ServerHandle, dir: &Path) -> AgentConf
         .into_inner()
         .token;
     AgentConfig {
-        server: server.node_addr().to_string(),
+        servers: vec![server.node_addr().to_string()],
         trust_bundle_pem: server.bundle_pem().to_string(),
         trust_domain: td(),
         attestation: Some(Attestation::JoinToken(token)),
@@ -480,7 +480,7 @@ async fn agent_restart_reuses_its_saved_identity() {
 
     // No token this time: the saved SVID is used.
     let again = sigil::agent::start(AgentConfig {
-        server: server.node_addr().to_string(),
+        servers: vec![server.node_addr().to_string()],
         trust_bundle_pem: server.bundle_pem().to_string(),
         trust_domain: td(),
         attestation: None,
@@ -540,7 +540,7 @@ async fn agent_renews_its_svid_and_reattests_with_x509pop_after_expiry() {
     cfg.options.agent_ttl = Duration::from_secs(3);
     let server = start(cfg).await.unwrap();
     let agent_config = || AgentConfig {
-        server: server.node_addr().to_string(),
+        servers: vec![server.node_addr().to_string()],
         trust_bundle_pem: server.bundle_pem().to_string(),
         trust_domain: td(),
         attestation: Some(Attestation::X509Pop {
@@ -671,7 +671,7 @@ async fn an_agent_restarted_while_the_server_is_down_serves_its_cached_svids() {
     );
 
     let config = |data: &str, sock: &str| AgentConfig {
-        server: node_addr.clone(),
+        servers: vec![node_addr.clone()],
         trust_bundle_pem: bundle.clone(),
         trust_domain: td(),
         attestation: None,

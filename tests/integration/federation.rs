@@ -33,7 +33,7 @@ async fn agent_of(server: &ServerHandle, td: &str, dir: &Path) -> AgentHandle {
         .into_inner()
         .token;
     sigil::agent::start(AgentConfig {
-        server: server.node_addr().to_string(),
+        servers: vec![server.node_addr().to_string()],
         trust_bundle_pem: server.bundle_pem().to_string(),
         trust_domain: TrustDomain::new(td).unwrap(),
         attestation: Some(Attestation::JoinToken(token)),

@@ -6,6 +6,7 @@ mod bundle_endpoint;
 mod ca_crash;
 mod cli;
 mod ext_authz;
+mod failover;
 mod federation;
 mod hardening;
 mod interop;

@@ -84,7 +84,7 @@ async fn metrics_health_and_readiness_on_server_and_agent() {
         .into_inner()
         .token;
     let agent = sigil::agent::start(sigil::agent::AgentConfig {
-        server: server.node_addr().to_string(),
+        servers: vec![server.node_addr().to_string()],
         trust_bundle_pem: server.bundle_pem().to_string(),
         trust_domain: td(),
         attestation: Some(sigil::agent::Attestation::JoinToken(token)),

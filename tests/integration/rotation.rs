@@ -415,7 +415,7 @@ async fn a_server_restarted_mid_rotation_and_an_agent_restarted_after_it() {
     // Restarted with its original bootstrap bundle (the revoked CA only),
     // the agent trusts the server through the bundle it saved.
     let agent = sigil::agent::start(sigil::agent::AgentConfig {
-        server: node_addr.to_string(),
+        servers: vec![node_addr.to_string()],
         trust_bundle_pem: bootstrap,
         trust_domain: crate::server::td(),
         attestation: None,

@@ -307,7 +307,7 @@ async fn sds_streams_follow_the_xds_rules_and_push_on_changes() {
     drop(tx);
     agent.shutdown(Duration::from_secs(2)).await;
     let agent = sigil::agent::start(sigil::agent::AgentConfig {
-        server: server.node_addr().to_string(),
+        servers: vec![server.node_addr().to_string()],
         trust_bundle_pem: server.bundle_pem().to_string(),
         trust_domain: crate::server::td(),
         attestation: None,
