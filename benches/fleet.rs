@@ -10,8 +10,9 @@
 //!    streams woke per change (the server's `sigil_sync_wakeups_total`).
 //! 2. Resume: an agent reconnects with the revision it had after missing
 //!    10 changes: what it receives (the 10, not a snapshot of 100).
-//! 3. A real `sigil agent` among them: its CPU per delta (apply, new key,
-//!    CSR, signed SVID stored).
+//! 3. Real `sigil agent` processes among them: CPU per delta for one with
+//!    100 entries (apply, new key, CSR, store the SVID), and for one with
+//!    100,000 entries and `svid_cache_max` 100 (apply, reconcile, publish).
 //! 4. CSR storm: every agent renews its 100 SVIDs at the same moment
 //!    (100,000 CSRs), honouring RESOURCE_EXHAUSTED retry-afters with jitter:
 //!    drain time against the in-process signing floor on all cores, measured
@@ -216,15 +217,98 @@ async fn scrape(addr: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Waits until a real agent's /metrics reports `n` SVIDs held.
-async fn wait_agent_holding(metrics: &str, n: usize) {
-    for _ in 0..12_000 {
-        if scrape(metrics, "sigil_cache_size{cache=\"svids\"}").await as usize >= n {
+/// Waits until a real agent's /metrics reports `n` items in `cache`
+/// (`svids` or `entries`).
+async fn wait_agent(metrics: &str, cache: &str, n: usize) {
+    let sample = format!("sigil_cache_size{{cache=\"{cache}\"}}");
+    for _ in 0..30_000 {
+        if scrape(metrics, &sample).await as usize >= n {
             return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    panic!("the real agent never held {n} SVIDs");
+    panic!("the real agent never held {n} {cache}");
+}
+
+/// A `sigil agent` process.
+struct RealAgent {
+    child: tokio::process::Child,
+    id: SpiffeId,
+    metrics: String,
+}
+
+impl RealAgent {
+    async fn spawn(
+        admin: &mut Admin,
+        node: &str,
+        bundle: &Path,
+        dir: &Path,
+        name: &str,
+        extra: &[&str],
+    ) -> RealAgent {
+        let token = admin
+            .generate_token(pa::GenerateTokenRequest { ttl_seconds: 3600 })
+            .await
+            .unwrap()
+            .into_inner();
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sigil"))
+            .args(["agent", "--server", node, "--join-token", &token.token])
+            .args(["--metrics-bind", &metrics])
+            .arg("--trust-bundle")
+            .arg(bundle)
+            .arg("--socket")
+            .arg(dir.join(format!("{name}.sock")))
+            .arg("--data-dir")
+            .arg(dir.join(name))
+            .args(extra)
+            .env("SIGIL_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        RealAgent {
+            child,
+            id: SpiffeId::new(&token.agent_id).unwrap(),
+            metrics,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id().unwrap()
+    }
+
+    /// Waits until the server lists this agent.
+    async fn wait_attested(&self, admin: &mut Admin) {
+        for _ in 0..3_000 {
+            let listed = admin
+                .list_agents(pa::ListAgentsRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .agents;
+            if listed.iter().any(|a| a.spiffe_id == self.id.as_str()) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("agent {} never attested", self.id);
+    }
+
+    /// Creates `n` entries for it, one delta each; returns its CPU time
+    /// before the first.
+    async fn cpu_per_delta(&self, admin: &mut Admin, n: usize, tag: &str) -> Duration {
+        let before = cpu_time(self.pid());
+        for k in 0..n {
+            admin
+                .create_entry(new_entry(&self.id, format!("{tag}{k}")))
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        before
+    }
 }
 
 async fn tokens(admin: &mut Admin, n: usize) -> Vec<String> {
@@ -630,53 +714,37 @@ async fn run(quick: bool) {
     let bundle = server.bundle_pem().await;
     let all = tokens(&mut admin, agents).await;
     let fleet = attest_all(&server.node, &bundle, all).await;
-    let real_token = tokens(&mut admin, 1).await.pop().unwrap();
-    let real_metrics = format!("127.0.0.1:{}", free_port());
-    let real = tokio::process::Command::new(env!("CARGO_BIN_EXE_sigil"))
-        .args([
-            "agent",
-            "--server",
-            &server.node,
-            "--join-token",
-            &real_token,
-        ])
-        .args(["--metrics-bind", &real_metrics])
-        .arg("--trust-bundle")
-        .arg({
-            let p = root.path().join("bundle.pem");
-            std::fs::write(&p, &bundle).unwrap();
-            p
-        })
-        .arg("--socket")
-        .arg(root.path().join("agent.sock"))
-        .arg("--data-dir")
-        .arg(root.path().join("agent"))
-        .env("SIGIL_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    // The real agent's ID, once it has attested.
-    let real_id = loop {
-        let listed = admin
-            .list_agents(pa::ListAgentsRequest::default())
-            .await
-            .unwrap()
-            .into_inner()
-            .agents;
-        let known: std::collections::HashSet<String> =
-            fleet.iter().map(|a| a.spiffe_id.to_string()).collect();
-        if let Some(a) = listed.into_iter().find(|a| !known.contains(&a.spiffe_id)) {
-            break SpiffeId::new(&a.spiffe_id).unwrap();
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let bundle_path = root.path().join("bundle.pem");
+    std::fs::write(&bundle_path, &bundle).unwrap();
+    let real = RealAgent::spawn(
+        &mut admin,
+        &server.node,
+        &bundle_path,
+        root.path(),
+        "agent",
+        &[],
+    )
+    .await;
+    // A second one that will hold many entries, with a small SVID cache.
+    let big = RealAgent::spawn(
+        &mut admin,
+        &server.node,
+        &bundle_path,
+        root.path(),
+        "big",
+        &["--svid-cache-max", "100"],
+    )
+    .await;
+    real.wait_attested(&mut admin).await;
+    big.wait_attested(&mut admin).await;
+    let real_id = real.id.clone();
     server.stop();
     let ids: Vec<SpiffeId> = fleet.iter().map(|a| a.spiffe_id.clone()).collect();
     let t = Instant::now();
     bulk_load(&dir, &ids, per_agent, 0, "fleet");
     bulk_load(&dir, std::slice::from_ref(&real_id), per_agent, 0, "real");
+    let big_entries = if quick { 10_000 } else { 100_000 };
+    bulk_load(&dir, std::slice::from_ref(&big.id), big_entries, 0, "big");
     println!(
         "loaded {} entries ({agents} simulated agents x {per_agent}, and {per_agent} for one real agent) in {:?}",
         (agents + 1) * per_agent,
@@ -797,29 +865,34 @@ async fn run(quick: bool) {
     drop(s);
     while seen.try_recv().is_ok() {}
 
-    // 3. The real agent's CPU per delta.
-    let real_pid = real.id().unwrap();
-    // It reconnects on its own backoff after the restart: wait for it to
-    // hold its SVIDs.
-    wait_agent_holding(&real_metrics, per_agent).await;
+    // 3. The real agents' CPU per delta.
+    // They reconnect on their own backoff after the restart: wait for them
+    // to hold their SVIDs.
+    wait_agent(&real.metrics, "svids", per_agent).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let before = cpu_time(real_pid);
     let n = 100;
-    for k in 0..n {
-        admin
-            .create_entry(new_entry(&real_id, format!("real{k}")))
-            .await
-            .unwrap();
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    wait_agent_holding(&real_metrics, per_agent + n).await;
+    let cpu = real.cpu_per_delta(&mut admin, n, "real").await;
+    wait_agent(&real.metrics, "svids", per_agent + n).await;
+    let cpu = cpu_time(real.pid()) - cpu;
     println!(
         "real sigil agent holding {} entries: CPU per delta (apply, new key, CSR, store the SVID) {:?} over {n} deltas; agent RSS {} MiB",
         per_agent + n,
-        (cpu_time(real_pid) - before) / n as u32,
-        proc_status_kib(real_pid, "VmRSS:") / 1024
+        cpu / n as u32,
+        proc_status_kib(real.pid(), "VmRSS:") / 1024
     );
-    drop(real);
+    wait_agent(&big.metrics, "entries", big_entries).await;
+    wait_agent(&big.metrics, "svids", 100).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let cpu = big.cpu_per_delta(&mut admin, n, "big").await;
+    wait_agent(&big.metrics, "entries", big_entries + n).await;
+    let cpu = cpu_time(big.pid()) - cpu;
+    println!(
+        "real sigil agent holding {} entries (svid_cache_max 100, so nothing is signed): CPU per delta (apply, reconcile, publish) {:?} over {n} deltas; agent RSS {} MiB",
+        big_entries + n,
+        cpu / n as u32,
+        proc_status_kib(big.pid(), "VmRSS:") / 1024
+    );
+    drop((real, big));
 
     // 4. The storm.
     csr_storm(&server, &clients, &streams, 40).await;

@@ -499,15 +499,20 @@ impl Manager {
             }
         }
         self.last_used.retain(|id, _| self.entries.contains_key(id));
-        others.sort_by_key(|e| {
-            (
-                std::cmp::Reverse(self.last_used.get(&e.id).copied()),
-                !self.svids.contains_key(&e.id),
-                e.created_at_micros,
-                e.id.clone(),
-            )
-        });
         let room = cap.saturating_sub(kept.len());
+        if others.len() > room && room > 0 {
+            // Only the best `room` matter: partition, do not sort them all.
+            let rank = |e: &Arc<Entry>| {
+                (
+                    std::cmp::Reverse(self.last_used.get(&e.id).copied()),
+                    !self.svids.contains_key(&e.id),
+                    e.created_at_micros,
+                )
+            };
+            others.select_nth_unstable_by(room - 1, |a, b| {
+                rank(a).cmp(&rank(b)).then_with(|| a.id.cmp(&b.id))
+            });
+        }
         kept.extend(others.into_iter().take(room).map(|e| e.id.clone()));
         kept
     }
@@ -643,7 +648,11 @@ fn same_state(a: &AgentState, b: &AgentState) -> bool {
     a.tainted == b.tainted
         && a.federated == b.federated
         && a.bundle == b.bundle
-        && a.entries == b.entries
+        && a.entries.len() == b.entries.len()
+        && a.entries
+            .iter()
+            .zip(&b.entries)
+            .all(|(x, y)| Arc::ptr_eq(x, y) || x == y)
         && a.svids.len() == b.svids.len()
         && a.svids.iter().zip(&b.svids).all(|(x, y)| Arc::ptr_eq(x, y))
 }
