@@ -883,8 +883,34 @@ async fn run(quick: bool) {
     wait_agent(&big.metrics, "entries", big_entries).await;
     wait_agent(&big.metrics, "svids", 100).await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
+    // SIGIL_FLEET_AGENT_PERF=<file>: record that agent with `perf` meanwhile.
+    let perf = std::env::var("SIGIL_FLEET_AGENT_PERF").ok().map(|out| {
+        Command::new("perf")
+            .args([
+                "record",
+                "-e",
+                "cpu-clock",
+                "-F",
+                "999",
+                "-g",
+                "-o",
+                &out,
+                "-p",
+            ])
+            .arg(big.pid().to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    });
     let cpu = big.cpu_per_delta(&mut admin, n, "big").await;
     wait_agent(&big.metrics, "entries", big_entries + n).await;
+    if let Some(mut p) = perf {
+        let _ = Command::new("kill")
+            .args(["-INT", &p.id().to_string()])
+            .status();
+        let _ = p.wait();
+    }
     let cpu = cpu_time(big.pid()) - cpu;
     println!(
         "real sigil agent holding {} entries (svid_cache_max 100, so nothing is signed): CPU per delta (apply, reconcile, publish) {:?} over {n} deltas; agent RSS {} MiB",

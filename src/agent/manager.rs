@@ -432,10 +432,12 @@ impl Manager {
         let keep = |id: &String| kept.as_ref().is_none_or(|k| k.contains(id));
         self.svids
             .retain(|id, _| self.entries.contains_key(id) && keep(id));
-        let due: Vec<Arc<Entry>> = self
-            .entries
-            .values()
-            .filter(|e| keep(&e.id))
+        // With a cap, only the kept few are looked at.
+        let candidates: Box<dyn Iterator<Item = &Arc<Entry>>> = match &kept {
+            Some(k) => Box::new(k.iter().filter_map(|id| self.entries.get(id))),
+            None => Box::new(self.entries.values()),
+        };
+        let due: Vec<Arc<Entry>> = candidates
             .filter(|e| match self.svids.get(&e.id) {
                 None => true,
                 Some(s) => {
@@ -481,39 +483,64 @@ impl Manager {
     /// With `svid_cache_max`: the entries to hold SVIDs for. Those of
     /// connected workloads always (even past the cap, as SPIRE's LRU cache);
     /// then, up to the cap, the most recently used, those already held, and
-    /// the oldest entries.
+    /// the oldest entries. Only the connected check looks at every entry;
+    /// the rest works on the few used or held, and a partition by age.
     fn cache_plan(&mut self, cap: usize) -> std::collections::HashSet<String> {
         let connected = self.demand.selectors();
         let now = std::time::Instant::now();
         let mut kept = std::collections::HashSet::new();
-        let mut others = Vec::new();
-        for e in self.entries.values() {
-            if connected
-                .iter()
-                .any(|have| crate::spiffe::is_subset(&e.selectors, have))
-            {
-                self.last_used.insert(e.id.clone(), now);
-                kept.insert(e.id.clone());
-            } else {
-                others.push(e);
+        if !connected.is_empty() {
+            for e in self.entries.values() {
+                if connected
+                    .iter()
+                    .any(|have| crate::spiffe::is_subset(&e.selectors, have))
+                {
+                    self.last_used.insert(e.id.clone(), now);
+                    kept.insert(e.id.clone());
+                }
             }
         }
         self.last_used.retain(|id, _| self.entries.contains_key(id));
-        let room = cap.saturating_sub(kept.len());
-        if others.len() > room && room > 0 {
-            // Only the best `room` matter: partition, do not sort them all.
-            let rank = |e: &Arc<Entry>| {
-                (
-                    std::cmp::Reverse(self.last_used.get(&e.id).copied()),
-                    !self.svids.contains_key(&e.id),
-                    e.created_at_micros,
-                )
-            };
-            others.select_nth_unstable_by(room - 1, |a, b| {
-                rank(a).cmp(&rank(b)).then_with(|| a.id.cmp(&b.id))
-            });
+        let mut room = cap.saturating_sub(kept.len());
+        let mut take = |e: &Arc<Entry>, room: &mut usize| {
+            if *room > 0 && kept.insert(e.id.clone()) {
+                *room -= 1;
+            }
+        };
+        // The recently used, then those held.
+        let rank = |e: &Arc<Entry>| {
+            (
+                std::cmp::Reverse(self.last_used.get(&e.id).copied()),
+                !self.svids.contains_key(&e.id),
+                e.created_at_micros,
+            )
+        };
+        let mut preferred: Vec<&Arc<Entry>> = self
+            .last_used
+            .keys()
+            .chain(self.svids.keys())
+            .filter_map(|id| self.entries.get(id))
+            .collect();
+        preferred.sort_by(|a, b| rank(a).cmp(&rank(b)).then_with(|| a.id.cmp(&b.id)));
+        for e in preferred {
+            take(e, &mut room);
         }
-        kept.extend(others.into_iter().take(room).map(|e| e.id.clone()));
+        // Then the oldest entries.
+        if room > 0 {
+            let by_age = |a: &&Arc<Entry>, b: &&Arc<Entry>| {
+                (a.created_at_micros, &a.id).cmp(&(b.created_at_micros, &b.id))
+            };
+            let mut oldest: Vec<&Arc<Entry>> = self.entries.values().collect();
+            let k = (room + cap).min(oldest.len());
+            if k > 0 && k < oldest.len() {
+                oldest.select_nth_unstable_by(k - 1, by_age);
+                oldest.truncate(k);
+            }
+            oldest.sort_by(by_age);
+            for e in oldest {
+                take(e, &mut room);
+            }
+        }
         kept
     }
 
@@ -601,12 +628,18 @@ impl Manager {
     }
 
     pub(super) fn publish(&mut self) {
+        let oldest_first =
+            |a: &Entry, b: &Entry| (a.created_at_micros, &a.id).cmp(&(b.created_at_micros, &b.id));
         let mut entries: Vec<Arc<Entry>> = self.entries.values().cloned().collect();
-        entries.sort_by(|a, b| (a.created_at_micros, &a.id).cmp(&(b.created_at_micros, &b.id)));
-        let svids = entries
-            .iter()
-            .filter_map(|e| self.svids.get(&e.id).cloned())
+        entries.sort_by(|a, b| oldest_first(a, b));
+        // The SVIDs in the same order, from the (often far fewer) SVIDs.
+        let mut svids: Vec<Arc<CachedSvid>> = self
+            .svids
+            .values()
+            .filter(|s| self.entries.contains_key(&s.entry.id))
+            .cloned()
             .collect();
+        svids.sort_by(|a, b| oldest_first(&a.entry, &b.entry));
         let next = AgentState {
             bundle: Some(self.identity.bundle.clone()),
             entries,
