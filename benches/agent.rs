@@ -27,6 +27,9 @@
     missing_docs
 )]
 
+#[path = "common/perf.rs"]
+mod perf;
+
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -365,27 +368,7 @@ async fn main() {
     let (push_tx, mut push_rx) = tokio::sync::mpsc::unbounded_channel();
     let (bundle_tx, mut bundle_rx) = tokio::sync::mpsc::unbounded_channel();
     // SIGIL_AGENT_PERF=<file>: record the agent with `perf` during the burst.
-    let perf = std::env::var("SIGIL_AGENT_PERF").ok().map(|out| {
-        let p = Command::new("perf")
-            .args([
-                "record",
-                "-e",
-                "cpu-clock",
-                "-F",
-                "2999",
-                "-g",
-                "-o",
-                &out,
-                "-p",
-            ])
-            .arg(agent.id().to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(500));
-        p
-    });
+    let perf = perf::Recording::start("SIGIL_AGENT_PERF", agent.id(), 2999);
     let burst_start = Instant::now();
     for i in 0..streams {
         let mut c = channels[i % channels.len()].clone();
@@ -410,12 +393,7 @@ async fn main() {
         burst.push(first_rx.recv().await.unwrap());
     }
     let burst_total = burst_start.elapsed();
-    if let Some(mut p) = perf {
-        let _ = Command::new("kill")
-            .args(["-INT", &p.id().to_string()])
-            .status();
-        let _ = p.wait();
-    }
+    perf.stop();
     println!(
         "first FetchX509SVID response, burst of {streams} concurrent streams (all opened at once, {burst_total:?} in total): {}",
         summary(burst)

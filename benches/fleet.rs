@@ -31,6 +31,9 @@
     missing_docs
 )]
 
+#[path = "common/perf.rs"]
+mod perf;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -560,25 +563,7 @@ async fn csr_storm(server: &Server, clients: &[Node], ids: &[(Vec<String>, u64)]
     let total: usize = ids.iter().map(|(v, _)| v.len()).sum();
     let cpu = cpu_time(server.pid());
     // SIGIL_FLEET_PERF=<file>: record the server with `perf` during the storm.
-    let perf = std::env::var("SIGIL_FLEET_PERF").ok().map(|out| {
-        Command::new("perf")
-            .args([
-                "record",
-                "-e",
-                "cpu-clock",
-                "-F",
-                "499",
-                "-g",
-                "-o",
-                &out,
-                "-p",
-            ])
-            .arg(server.pid().to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
-    });
+    let perf = perf::Recording::start("SIGIL_FLEET_PERF", server.pid(), 499);
     let t = Instant::now();
     let mut storm = tokio::task::JoinSet::new();
     for (c, (list, _)) in clients.iter().zip(ids) {
@@ -611,12 +596,7 @@ async fn csr_storm(server: &Server, clients: &[Node], ids: &[(Vec<String>, u64)]
     }
     let drained = t.elapsed();
     let server_cpu = cpu_time(server.pid()) - cpu;
-    if let Some(mut p) = perf {
-        let _ = Command::new("kill")
-            .args(["-INT", &p.id().to_string()])
-            .status();
-        let _ = p.wait();
-    }
+    perf.stop();
     let rate = total as f64 / drained.as_secs_f64();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let floor = signing_floor(cores, 2_000);
@@ -884,33 +864,10 @@ async fn run(quick: bool) {
     wait_agent(&big.metrics, "svids", 100).await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
     // SIGIL_FLEET_AGENT_PERF=<file>: record that agent with `perf` meanwhile.
-    let perf = std::env::var("SIGIL_FLEET_AGENT_PERF").ok().map(|out| {
-        Command::new("perf")
-            .args([
-                "record",
-                "-e",
-                "cpu-clock",
-                "-F",
-                "999",
-                "-g",
-                "-o",
-                &out,
-                "-p",
-            ])
-            .arg(big.pid().to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
-    });
+    let perf = perf::Recording::start("SIGIL_FLEET_AGENT_PERF", big.pid(), 999);
     let cpu = big.cpu_per_delta(&mut admin, n, "big").await;
     wait_agent(&big.metrics, "entries", big_entries + n).await;
-    if let Some(mut p) = perf {
-        let _ = Command::new("kill")
-            .args(["-INT", &p.id().to_string()])
-            .status();
-        let _ = p.wait();
-    }
+    perf.stop();
     let cpu = cpu_time(big.pid()) - cpu;
     println!(
         "real sigil agent holding {} entries (svid_cache_max 100, so nothing is signed): CPU per delta (apply, reconcile, publish) {:?} over {n} deltas; agent RSS {} MiB",

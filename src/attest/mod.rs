@@ -397,6 +397,21 @@ mod tests {
         }
     }
 
+    /// A proc tree holding only this process's `stat` and `status` (so its
+    /// executable link is unreadable, as for another user's process seen by
+    /// a non-root agent): the tree and this process's directory in it.
+    fn fake_proc() -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let pid = std::process::id().to_string();
+        let own = std::path::Path::new("/proc").join(&pid);
+        let fake = dir.path().join(&pid);
+        std::fs::create_dir(&fake).unwrap();
+        for f in ["stat", "status"] {
+            std::fs::copy(own.join(f), fake.join(f)).unwrap();
+        }
+        (dir, fake)
+    }
+
     #[test]
     fn attests_this_process() {
         let peer = me();
@@ -459,15 +474,8 @@ mod tests {
     fn path_and_sha256_are_best_effort_and_hashes_are_cached() {
         // A proc tree where the executable link is unreadable (as for another
         // user's process seen by a non-root agent).
-        let dir = tempfile::tempdir().unwrap();
+        let (dir, _) = fake_proc();
         let peer = me();
-        let pid = peer.pid.unwrap();
-        let own = std::path::Path::new("/proc").join(pid.to_string());
-        let fake = dir.path().join(pid.to_string());
-        std::fs::create_dir(&fake).unwrap();
-        for f in ["stat", "status"] {
-            std::fs::copy(own.join(f), fake.join(f)).unwrap();
-        }
         let a = UnixAttestor {
             sha256: true,
             proc_root: dir.path().to_path_buf(),
@@ -502,15 +510,8 @@ mod tests {
     #[test]
     fn a_recent_attestation_is_reused_only_for_the_same_process() {
         use std::time::Duration;
-        let dir = tempfile::tempdir().unwrap();
+        let (dir, fake) = fake_proc();
         let peer = me();
-        let pid = peer.pid.unwrap();
-        let own = std::path::Path::new("/proc").join(pid.to_string());
-        let fake = dir.path().join(pid.to_string());
-        std::fs::create_dir(&fake).unwrap();
-        for f in ["stat", "status"] {
-            std::fs::copy(own.join(f), fake.join(f)).unwrap();
-        }
         let a = UnixAttestor {
             proc_root: dir.path().to_path_buf(),
             // Long enough that a slow machine never lets it lapse mid-test.

@@ -316,13 +316,12 @@ impl Node for NodeService {
         }
         // Queue room first, then the agent's tokens: a refusal by the queue
         // costs the agent nothing.
-        let admitted = self
-            .state
-            .limits
+        // Borrowed from `self`: `state` moves to the signing task below.
+        let limits = &self.state.limits;
+        let admitted = limits
             .admit(params.len())
             .and_then(|a| {
-                state
-                    .limits
+                limits
                     .take(&agent, params.len(), std::time::Instant::now())
                     .map(|()| a)
             })

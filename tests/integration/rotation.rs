@@ -400,16 +400,13 @@ async fn a_server_restarted_mid_rotation_and_an_agent_restarted_after_it() {
     let (ok, _, err) = ca(server.admin_socket(), &["revoke", &first]);
     assert!(ok, "{err}");
     // The revocation's bundle reaches the agent (it acknowledges it).
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
+    crate::eventually("the agent acknowledges the revocation's bundle", || {
         let (_, shown, _) = ca(server.admin_socket(), &["show"]);
-        if shown["agents"]["current"] == shown["agents"]["recent"] && shown["agents"]["recent"] == 1
-        {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{shown}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        let agents = &shown["agents"];
+        let done = agents["current"] == agents["recent"] && agents["recent"] == 1;
+        async move { done.then_some(()) }
+    })
+    .await;
     agent.shutdown(Duration::from_secs(2)).await;
 
     // Restarted with its original bootstrap bundle (the revoked CA only),
