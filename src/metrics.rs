@@ -70,6 +70,13 @@ pub struct Metrics {
     /// `sigil_agent_server_refusals_total{code}`: the server refused this
     /// agent (banned, evicted): it keeps serving cached SVIDs until they expire.
     pub agent_refusals: Family<Labels, Counter>,
+    /// `sigil_cluster_lease_held{lease}`: 1 while this server holds a
+    /// cluster-wide lease (shared datastore), else 0 (server).
+    pub lease_held: Family<Labels, Gauge>,
+    /// `sigil_datastore_drift`: differences the last periodic full diff
+    /// found between this server's view of the authorities and the
+    /// datastore (repaired when found) (server).
+    pub datastore_drift: Gauge,
 }
 
 impl Metrics {
@@ -91,6 +98,8 @@ impl Metrics {
             cache_size: Family::default(),
             connections_refused: Family::default(),
             agent_refusals: Family::default(),
+            lease_held: Family::default(),
+            datastore_drift: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("sigil_svids_issued", "SVIDs signed", m.svids_issued.clone());
@@ -148,6 +157,16 @@ impl Metrics {
             "sigil_sync_wakeups",
             "Times a SyncEntries stream woke for a commit that concerns its agent",
             m.sync_wakeups.clone(),
+        );
+        registry.register(
+            "sigil_cluster_lease_held",
+            "1 while this server holds the cluster-wide lease, by lease",
+            m.lease_held.clone(),
+        );
+        registry.register(
+            "sigil_datastore_drift",
+            "Differences the last full diff found between this server's authorities and the datastore",
+            m.datastore_drift.clone(),
         );
         registry.register(
             "sigil_cache_size",

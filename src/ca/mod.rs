@@ -20,7 +20,7 @@ pub mod rotation;
 mod set;
 mod upstream;
 
-pub use set::{Authorities, AuthorityInfo, CaOptions, CaSet, CaSetError, state_name};
+pub use set::{Authorities, AuthorityInfo, CaOptions, CaSet, CaSetError, kind_name, state_name};
 pub use upstream::{Upstream, UpstreamChain, UpstreamError};
 
 use crate::jwt::{EcCurve, JwtError, JwtPublicKey, JwtSigner};

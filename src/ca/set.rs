@@ -142,7 +142,8 @@ fn secs(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-fn kind_name(kind: AuthorityKind) -> &'static str {
+/// The kind's name as `sigil ca show` prints it.
+pub fn kind_name(kind: AuthorityKind) -> &'static str {
     match kind {
         AuthorityKind::X509 => "x509",
         AuthorityKind::Jwt => "jwt",
@@ -681,6 +682,33 @@ impl CaSet {
 }
 
 impl CaSet {
+    /// Reads the authorities back from the store, where another server of
+    /// the cluster may have changed them; publishes a new view only when it
+    /// differs. Returns how many authorities differed (plus one when the
+    /// bundle's sequence did).
+    pub fn reload(&self, store: &dyn Store, now: SystemTime) -> Result<usize, CaSetError> {
+        let _one = self.transitions.lock().unwrap_or_else(|p| p.into_inner());
+        let next = Self::snapshot(store, &self.opts, now, false)?;
+        let current = self.current();
+        let mut differ = next
+            .listed
+            .iter()
+            .filter(|a| !current.listed.contains(a))
+            .count()
+            + current
+                .listed
+                .iter()
+                .filter(|a| !next.listed.iter().any(|n| n.id == a.id))
+                .count();
+        if next.bundle.sequence() != current.bundle.sequence() {
+            differ += 1;
+        }
+        if differ > 0 {
+            self.current.send_replace(Arc::new(next));
+        }
+        Ok(differ)
+    }
+
     /// One step of the automatic schedule at `now`, per kind: activate a
     /// successor prepared on an earlier step once the active authority is
     /// down to its last sixth, else prepare one once it is down to its last

@@ -159,6 +159,11 @@ struct ServerArgs {
     /// Key-encryption key file, created 0600 if absent [default: DATA_DIR/kek].
     #[arg(long)]
     kek_file: Option<String>,
+    /// Shared PostgreSQL datastore, postgres://USER@HOST:PORT/DB (password
+    /// from PGPASSWORD), for several servers of one cluster [default: the
+    /// embedded store under --data-dir].
+    #[arg(long)]
+    datastore: Option<String>,
     /// Log format [default: text].
     #[arg(long, value_parser = ["text", "json"])]
     log_format: Option<String>,
@@ -290,6 +295,7 @@ impl ServerArgs {
         raw.flag("bind", self.bind);
         raw.flag("admin_socket", self.admin_socket);
         raw.flag("kek_file", self.kek_file);
+        raw.flag("datastore", self.datastore);
         raw.flag("log_format", self.log_format);
         raw.flag("ca_ttl", self.ca_ttl);
         raw.flag("default_x509_ttl", self.default_x509_ttl);

@@ -344,6 +344,18 @@ pub(super) async fn run(
     }
     let mut errors = Backoff::new(Duration::from_secs(1), floor.max(Duration::from_secs(1)));
     loop {
+        // One server of a cluster polls; the others serve what it stores.
+        let store = state.registry.store().clone();
+        let leader = tokio::task::spawn_blocking(move || {
+            super::holds_lease(store.as_ref(), super::LEASE_FEDERATION)
+        })
+        .await;
+        if let Ok(Ok(false)) = leader {
+            tokio::select! {
+                () = tokio::time::sleep(floor.max(Duration::from_secs(1))) => continue,
+                _ = shutdown.changed() => return,
+            }
+        }
         let wait = match poll_once(&state, &rel).await {
             Ok(hint) => {
                 errors.reset();

@@ -73,6 +73,7 @@ pub const SERVER_KEYS: &[&str] = &[
     "log_level",
     "agent_csr_rate",
     "agent_csr_burst",
+    "datastore",
 ];
 
 /// Default `agent_csr_rate`: signings per second per agent.
@@ -184,6 +185,9 @@ pub struct ServerConfig {
     pub options: ServerOptions,
     /// Envoy ext_authz, when served.
     pub policy: Option<PolicyConfig>,
+    /// A shared PostgreSQL datastore (`postgres://USER@HOST:PORT/DB`) instead
+    /// of the embedded sled store under `data_dir`.
+    pub datastore: Option<String>,
 }
 
 impl ServerConfig {
@@ -216,6 +220,7 @@ impl ServerConfig {
                 agent_csr_burst: DEFAULT_AGENT_CSR_BURST,
             },
             policy: None,
+            datastore: None,
         }
     }
 
@@ -295,6 +300,13 @@ impl ServerConfig {
                 None => None,
             },
             policy: PolicyConfig::from_raw(raw)?,
+            datastore: raw.parsed("datastore", None, |v| {
+                if v.starts_with("postgres://") || v.starts_with("postgresql://") {
+                    Ok(v.to_string())
+                } else {
+                    Err("expected postgres://USER@HOST:PORT/DB".to_string())
+                }
+            })?,
             bind: raw.socket_addr("bind", DEFAULT_BIND)?,
             admin_socket: PathBuf::from(raw.string_or("admin_socket", DEFAULT_ADMIN_SOCKET)?),
             log_format: raw
@@ -747,6 +759,11 @@ async fn rotate_authorities(
         let step = state.clone();
         let result = tokio::task::spawn_blocking(move || {
             let store = step.registry.store().clone();
+            // One server of a cluster runs the schedule; the others follow
+            // what it commits.
+            if !holds_lease(store.as_ref(), LEASE_ROTATION)? {
+                return step.ca.reload(store.as_ref(), step.clock.now()).map(|_| Vec::new());
+            }
             step.ca.tick(store.as_ref(), step.clock.now())
         })
         .await;
@@ -815,12 +832,114 @@ async fn compact_events(state: Arc<ServerState>, mut shutdown: watch::Receiver<b
             _ = shutdown.changed() => return,
         }
         let store = state.registry.store().clone();
-        let done = tokio::task::spawn_blocking(move || compact_once(store.as_ref())).await;
+        let done = tokio::task::spawn_blocking(move || {
+            if holds_lease(store.as_ref(), LEASE_COMPACTION)? {
+                compact_once(store.as_ref())
+            } else {
+                Ok(0)
+            }
+        })
+        .await;
         match done {
             Ok(Ok(through)) if through > 0 => tracing::info!(through, "event log compacted"),
             Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::error!(error = %e, "event log compaction failed; will retry"),
             Err(e) => tracing::error!(error = %e, "event log compaction task failed; will retry"),
+        }
+    }
+}
+
+/// The lease under which one server of a cluster runs the CA schedule.
+pub const LEASE_ROTATION: &str = "ca-rotation";
+/// The lease under which one server of a cluster compacts the event log.
+pub const LEASE_COMPACTION: &str = "event-compaction";
+/// The lease under which one server of a cluster polls federated bundles.
+pub const LEASE_FEDERATION: &str = "federation";
+
+/// Whether this server holds `lease` (taking it when free); the answer is
+/// also the `sigil_cluster_lease_held` gauge.
+pub(crate) fn holds_lease(
+    store: &dyn Store,
+    lease: &str,
+) -> Result<bool, crate::store::StoreError> {
+    let held = store.try_lease(lease);
+    crate::metrics::metrics()
+        .lease_held
+        .get_or_create(&crate::metrics::label("lease", lease))
+        .set(i64::from(matches!(held, Ok(true))));
+    held
+}
+
+/// How often a server of a cluster diffs its view of the authorities
+/// against the datastore in full.
+const DRIFT_CHECK_EVERY: Duration = Duration::from_secs(60);
+
+/// With a shared datastore: hands other servers' commits to this server's
+/// sync streams, reloads the authorities when a commit touched them, and
+/// every minute diffs the authorities in full (the drift metric). A read
+/// that fails is retried at the next change or tick; it never reads as a
+/// deletion.
+async fn follow_datastore(state: Arc<ServerState>, mut shutdown: watch::Receiver<bool>) {
+    let Some(mut changes) = state.registry.store().changes() else {
+        return;
+    };
+    let mut seen = *changes.borrow_and_update();
+    let mut full = tokio::time::interval(DRIFT_CHECK_EVERY);
+    full.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let diff = tokio::select! {
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                false
+            }
+            _ = full.tick() => true,
+            _ = shutdown.changed() => return,
+        };
+        let revision = *changes.borrow_and_update();
+        let step = state.clone();
+        let from = seen;
+        let done = tokio::task::spawn_blocking(move || {
+            step.registry.notify_committed();
+            let store = step.registry.store();
+            let touched = diff
+                || match store.events_since(from, 10_000).map_err(|e| e.to_string())? {
+                    crate::store::EventsSince::Events(events) => {
+                        events.len() == 10_000
+                            || events.iter().flat_map(|e| &e.changes).any(|c| {
+                                matches!(
+                                    c.table,
+                                    crate::store::Table::Authorities | crate::store::Table::Bundle
+                                )
+                            })
+                    }
+                    crate::store::EventsSince::Compacted { .. } => true,
+                };
+            if !touched {
+                return Ok::<_, String>(());
+            }
+            let differ = step
+                .ca
+                .reload(store.as_ref(), step.clock.now())
+                .map_err(|e| e.to_string())?;
+            if diff {
+                crate::metrics::metrics()
+                    .datastore_drift
+                    .set(i64::try_from(differ).unwrap_or(i64::MAX));
+                if differ > 0 {
+                    tracing::warn!(differ, "the authorities had drifted from the datastore; reloaded");
+                }
+            }
+            Ok(())
+        })
+        .await;
+        match done {
+            Ok(Ok(())) => seen = seen.max(revision),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot follow the datastore; retrying at the next change")
+            }
+            Err(e) => tracing::warn!(error = %e, "datastore follower task failed"),
         }
     }
 }
@@ -964,7 +1083,14 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         reason: e.to_string(),
     })?;
     let kek = Kek::load_or_create(&config.kek_file)?;
-    let store: Arc<dyn Store> = Arc::new(SledStore::open(&config.data_dir, kek)?);
+    let store: Arc<dyn Store> = match &config.datastore {
+        Some(url) => {
+            let pg = crate::store::PostgresStore::connect(url, kek)?;
+            tracing::info!(datastore = %pg.shown(), "using the shared PostgreSQL datastore");
+            Arc::new(pg)
+        }
+        None => Arc::new(SledStore::open(&config.data_dir, kek)?),
+    };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let now = clock.now();
     let ca = CaSet::load_or_create(
@@ -1149,6 +1275,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         },
         shutdown_rx.clone(),
     );
+    let datastore = follow_datastore(state_for_compaction.clone(), shutdown_rx.clone());
     let compactor = compact_events(state_for_compaction, shutdown_rx.clone());
     let rotator = rotate_authorities(
         state_for_rotation,
@@ -1169,9 +1296,10 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         };
         // The background jobs end on shutdown too, and are awaited, so the
         // store is closed when the server says it stopped.
-        let ((), (), node, admin, authz, (), (), (), (), (), ()) = tokio::join!(
+        let ((), (), (), node, admin, authz, (), (), (), (), (), ()) = tokio::join!(
             readiness,
             sync_hub,
+            datastore,
             node_server,
             admin_server,
             ext_authz,

@@ -8,8 +8,10 @@
 //! ([`Kek`]) before they reach any table.
 
 mod memory;
+mod postgres;
 mod seal;
 mod sled_store;
+mod temp_pg;
 
 use std::path::PathBuf;
 
@@ -17,8 +19,10 @@ use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 pub use memory::MemoryStore;
+pub use postgres::{PG_SCHEMA_VERSION, PostgresStore, redact};
 pub use seal::{Kek, default_kek_path};
 pub use sled_store::SledStore;
+pub use temp_pg::TempPostgres;
 
 use crate::x509::PrivateKey;
 
@@ -44,6 +48,24 @@ pub enum StoreError {
         /// Version found in `meta`.
         found: u32,
         /// [`SCHEMA_VERSION`].
+        supported: u32,
+    },
+    /// The PostgreSQL datastore cannot be used.
+    #[error("datastore {datastore}: {reason}")]
+    Datastore {
+        /// The datastore URL, password removed.
+        datastore: String,
+        /// Why.
+        reason: String,
+    },
+    /// The datastore's schema is more than one version ahead of this build.
+    #[error(
+        "datastore schema version {found} is more than one version ahead of this build ({supported}); servers and schema must be within one version of each other: upgrade sigil"
+    )]
+    SchemaSkew {
+        /// Version found in `sigil_schema`.
+        found: u32,
+        /// The version this build writes.
         supported: u32,
     },
     /// The KEK file is unusable.
@@ -486,6 +508,20 @@ pub trait Store: Send + Sync {
     /// reads the revision.
     fn probe(&self) -> Result<(), StoreError> {
         self.revision().map(|_| ())
+    }
+
+    /// Revisions committed by anyone sharing this store (other servers of a
+    /// cluster), for a store that is shared; `None` for an embedded one,
+    /// whose only writer is this process.
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
+
+    /// Whether this process holds the cluster-wide lease `name`, taking it
+    /// if it is free. A lease is held until the process (or its datastore
+    /// session) ends. An embedded store has one server: always true.
+    fn try_lease(&self, _name: &str) -> Result<bool, StoreError> {
+        Ok(true)
     }
 
     /// Drops events with revision ≤ `through`.
