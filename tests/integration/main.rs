@@ -8,6 +8,7 @@ mod cli;
 mod ext_authz;
 mod failover;
 mod federation;
+mod ha;
 mod hardening;
 mod interop;
 mod istio_parity;
