@@ -77,6 +77,9 @@ pub struct Metrics {
     /// found between this server's view of the authorities and the
     /// datastore (repaired when found) (server).
     pub datastore_drift: Gauge,
+    /// `sigil_datastore_operations_total{op}`: calls into the shared
+    /// datastore (each one round trip, or one transaction for `commit`).
+    pub datastore_ops: Family<Labels, Counter>,
 }
 
 impl Metrics {
@@ -100,6 +103,7 @@ impl Metrics {
             agent_refusals: Family::default(),
             lease_held: Family::default(),
             datastore_drift: Gauge::default(),
+            datastore_ops: Family::default(),
             registry: Registry::default(),
         };
         registry.register("sigil_svids_issued", "SVIDs signed", m.svids_issued.clone());
@@ -167,6 +171,11 @@ impl Metrics {
             "sigil_datastore_drift",
             "Differences the last full diff found between this server's authorities and the datastore",
             m.datastore_drift.clone(),
+        );
+        registry.register(
+            "sigil_datastore_operations",
+            "Calls into the shared PostgreSQL datastore, by operation",
+            m.datastore_ops.clone(),
         );
         registry.register(
             "sigil_cache_size",

@@ -762,7 +762,10 @@ async fn rotate_authorities(
             // One server of a cluster runs the schedule; the others follow
             // what it commits.
             if !holds_lease(store.as_ref(), LEASE_ROTATION)? {
-                return step.ca.reload(store.as_ref(), step.clock.now()).map(|_| Vec::new());
+                return step
+                    .ca
+                    .reload(store.as_ref(), step.clock.now())
+                    .map(|_| Vec::new());
             }
             step.ca.tick(store.as_ref(), step.clock.now())
         })
@@ -904,7 +907,10 @@ async fn follow_datastore(state: Arc<ServerState>, mut shutdown: watch::Receiver
             step.registry.notify_committed();
             let store = step.registry.store();
             let touched = diff
-                || match store.events_since(from, 10_000).map_err(|e| e.to_string())? {
+                || match store
+                    .events_since(from, 10_000)
+                    .map_err(|e| e.to_string())?
+                {
                     crate::store::EventsSince::Events(events) => {
                         events.len() == 10_000
                             || events.iter().flat_map(|e| &e.changes).any(|c| {
@@ -928,7 +934,10 @@ async fn follow_datastore(state: Arc<ServerState>, mut shutdown: watch::Receiver
                     .datastore_drift
                     .set(i64::try_from(differ).unwrap_or(i64::MAX));
                 if differ > 0 {
-                    tracing::warn!(differ, "the authorities had drifted from the datastore; reloaded");
+                    tracing::warn!(
+                        differ,
+                        "the authorities had drifted from the datastore; reloaded"
+                    );
                 }
             }
             Ok(())

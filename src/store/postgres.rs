@@ -14,7 +14,7 @@
 //! The [`Store`] trait is synchronous; this store runs its client on a small
 //! runtime of its own and the calling thread waits for each answer.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -163,7 +163,10 @@ fn authority_id(key: &[u8]) -> Result<&str, StoreError> {
 
 /// A lease's advisory-lock key: the first 8 bytes of SHA-256("sigil lease " + name).
 fn lease_key(name: &str) -> i64 {
-    let digest = ring::digest::digest(&ring::digest::SHA256, format!("sigil lease {name}").as_bytes());
+    let digest = ring::digest::digest(
+        &ring::digest::SHA256,
+        format!("sigil lease {name}").as_bytes(),
+    );
     let mut first = [0u8; 8];
     first.copy_from_slice(&digest.as_ref()[..8]);
     i64::from_be_bytes(first)
@@ -287,12 +290,17 @@ impl PostgresStore {
         &self.shown
     }
 
-    /// Runs `f` on the store's runtime and waits for it (bounded).
-    fn run<T, F>(&self, f: F) -> Result<T, StoreError>
+    /// Runs `f` (the operation `op`) on the store's runtime and waits for
+    /// it (bounded).
+    fn run<T, F>(&self, op: &'static str, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: Future<Output = Result<T, StoreError>> + Send + 'static,
     {
+        crate::metrics::metrics()
+            .datastore_ops
+            .get_or_create(&crate::metrics::label("op", op))
+            .inc();
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         self.handle.spawn(async move {
             let out = match tokio::time::timeout(OP_TIMEOUT, f).await {
@@ -311,7 +319,7 @@ impl PostgresStore {
     fn migrate(&self) -> Result<(), StoreError> {
         let pool = self.pool.clone();
         let check = kek_check_value(&self.kek)?;
-        let (found, kek_check) = self.run(async move {
+        let (found, kek_check) = self.run("migrate", async move {
             let mut client = pool.get().await.map_err(pool_error)?;
             let tx = client.transaction().await.map_err(backend)?;
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
@@ -333,12 +341,9 @@ impl PostgresStore {
             let (found, kek_check): (i32, Vec<u8>) = match row {
                 Some(r) => (r.get(0), r.get(1)),
                 None => {
-                    tx.execute(
-                        "INSERT INTO sigil_schema VALUES (1, 0, $1)",
-                        &[&check],
-                    )
-                    .await
-                    .map_err(backend)?;
+                    tx.execute("INSERT INTO sigil_schema VALUES (1, 0, $1)", &[&check])
+                        .await
+                        .map_err(backend)?;
                     (0, check)
                 }
             };
@@ -348,12 +353,9 @@ impl PostgresStore {
             for version in found..PG_SCHEMA_VERSION {
                 let sql = MIGRATIONS[usize::try_from(version).unwrap_or_default()];
                 tx.batch_execute(sql).await.map_err(backend)?;
-                tx.execute(
-                    "UPDATE sigil_schema SET version = $1",
-                    &[&(version + 1)],
-                )
-                .await
-                .map_err(backend)?;
+                tx.execute("UPDATE sigil_schema SET version = $1", &[&(version + 1)])
+                    .await
+                    .map_err(backend)?;
                 tracing::info!(version = version + 1, "datastore schema migrated");
             }
             tx.commit().await.map_err(backend)?;
@@ -449,7 +451,7 @@ async fn follow(pool: Pool, config: tokio_postgres::Config, revisions: watch::Se
 impl Store for PostgresStore {
     fn revision(&self) -> Result<u64, StoreError> {
         let pool = self.pool.clone();
-        self.run(async move {
+        self.run("revision", async move {
             let client = pool.get().await.map_err(pool_error)?;
             let row = client
                 .query_one("SELECT revision FROM sigil_revision WHERE id = 1", &[])
@@ -463,18 +465,20 @@ impl Store for PostgresStore {
         let pool = self.pool.clone();
         // The labels of each authority written, read here (the KEK stays
         // with the store); the sealed value is what is stored.
-        let mut labels = Vec::new();
+        let mut labels = HashMap::new();
         for w in commit.writes() {
             if let (Table::Authorities, Some(value)) = (w.table, &w.value) {
                 let record = AuthorityRecord::unseal(&self.kek, &w.key, value)?;
-                labels.push((
-                    crate::ca::kind_name(record.kind),
-                    crate::ca::state_name(record.state),
-                ));
+                labels.insert(
+                    w.key.clone(),
+                    (
+                        crate::ca::kind_name(record.kind),
+                        crate::ca::state_name(record.state),
+                    ),
+                );
             }
         }
-        let revision = self.run(async move {
-            let mut labels = labels.into_iter();
+        let revision = self.run("commit", async move {
             let mut client = pool.get().await.map_err(pool_error)?;
             let tx = client.transaction().await.map_err(backend)?;
             let row = tx
@@ -506,47 +510,67 @@ impl Store for PostgresStore {
                 return Ok(current);
             }
             let next = current + 1;
+            // The last write to each key wins; the rest of the table
+            // writes go in two statements, whatever the commit's size.
+            let mut last: HashMap<(Table, &[u8]), Option<&Vec<u8>>> = HashMap::new();
+            let mut order = Vec::new();
             for w in commit.writes() {
-                match (&w.value, w.table) {
+                if last.insert((w.table, &w.key), w.value.as_ref()).is_none() {
+                    order.push((w.table, w.key.as_slice()));
+                }
+            }
+            let (mut put_tbl, mut put_key, mut put_value) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut del_tbl, mut del_key) = (Vec::new(), Vec::new());
+            for (table, key) in order {
+                let value = last[&(table, key)];
+                match (value, table) {
                     (Some(value), Table::Authorities) => {
-                        let (kind, state) = labels.next().unwrap_or_default();
+                        let (kind, state) = labels.get(key).copied().unwrap_or_default();
                         tx.execute(
                             "INSERT INTO sigil_authorities (id, kind, state, seq, sealed)
                              VALUES ($1, $2, $3, $4, $5)
                              ON CONFLICT (id) DO UPDATE SET kind = $2, state = $3, seq = $4, sealed = $5",
-                            &[
-                                &authority_id(&w.key)?,
-                                &kind,
-                                &state,
-                                &i64_of(next),
-                                value,
-                            ],
+                            &[&authority_id(key)?, &kind, &state, &i64_of(next), value],
                         )
                         .await
+                        .map_err(backend)?;
                     }
                     (None, Table::Authorities) => {
                         tx.execute(
                             "DELETE FROM sigil_authorities WHERE id = $1",
-                            &[&authority_id(&w.key)?],
+                            &[&authority_id(key)?],
                         )
                         .await
+                        .map_err(backend)?;
                     }
                     (Some(value), table) => {
-                        tx.execute(
-                            "INSERT INTO sigil_kv (tbl, key, value) VALUES ($1, $2, $3)
-                             ON CONFLICT (tbl, key) DO UPDATE SET value = $3",
-                            &[&table_id(table), &w.key, value],
-                        )
-                        .await
+                        put_tbl.push(table_id(table));
+                        put_key.push(key);
+                        put_value.push(value.as_slice());
                     }
                     (None, table) => {
-                        tx.execute(
-                            "DELETE FROM sigil_kv WHERE tbl = $1 AND key = $2",
-                            &[&table_id(table), &w.key],
-                        )
-                        .await
+                        del_tbl.push(table_id(table));
+                        del_key.push(key);
                     }
                 }
+            }
+            if !put_key.is_empty() {
+                tx.execute(
+                    "INSERT INTO sigil_kv (tbl, key, value)
+                     SELECT * FROM UNNEST($1::smallint[], $2::bytea[], $3::bytea[])
+                     ON CONFLICT (tbl, key) DO UPDATE SET value = EXCLUDED.value",
+                    &[&put_tbl, &put_key, &put_value],
+                )
+                .await
+                .map_err(backend)?;
+            }
+            if !del_key.is_empty() {
+                tx.execute(
+                    "DELETE FROM sigil_kv WHERE (tbl, key) IN
+                     (SELECT * FROM UNNEST($1::smallint[], $2::bytea[]))",
+                    &[&del_tbl, &del_key],
+                )
+                .await
                 .map_err(backend)?;
             }
             tx.execute(
@@ -583,7 +607,7 @@ impl Store for PostgresStore {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         let pool = self.pool.clone();
         let key = key.to_vec();
-        self.run(async move {
+        self.run("get", async move {
             let client = pool.get().await.map_err(pool_error)?;
             read(&**client, table, &key).await
         })
@@ -605,7 +629,7 @@ impl Store for PostgresStore {
         };
         if table == Table::Authorities {
             // A handful of rows: read them all, filter here.
-            return self.run(async move {
+            return self.run("scan", async move {
                 let client = pool.get().await.map_err(pool_error)?;
                 let rows = client
                     .query("SELECT id, sealed FROM sigil_authorities ORDER BY id", &[])
@@ -632,7 +656,7 @@ impl Store for PostgresStore {
             if upper.is_some() { " AND key < $4" } else { "" },
         );
         let limit = i64_of(limit as u64);
-        self.run(async move {
+        self.run("scan", async move {
             let client = pool.get().await.map_err(pool_error)?;
             let statement = client.prepare_cached(&sql).await.map_err(backend)?;
             let t = table_id(table);
@@ -651,7 +675,7 @@ impl Store for PostgresStore {
 
     fn events_since(&self, after: u64, limit: usize) -> Result<EventsSince, StoreError> {
         let pool = self.pool.clone();
-        self.run(async move {
+        self.run("events_since", async move {
             let mut client = pool.get().await.map_err(pool_error)?;
             // One snapshot: the horizon and the events agree.
             let tx = client
@@ -693,7 +717,7 @@ impl Store for PostgresStore {
 
     fn size_on_disk(&self) -> Option<u64> {
         let pool = self.pool.clone();
-        self.run(async move {
+        self.run("size", async move {
             let client = pool.get().await.map_err(pool_error)?;
             let row = client
                 .query_one("SELECT pg_database_size(current_database())", &[])
@@ -706,7 +730,7 @@ impl Store for PostgresStore {
 
     fn compact_events(&self, through: u64) -> Result<(), StoreError> {
         let pool = self.pool.clone();
-        self.run(async move {
+        self.run("compact", async move {
             let mut client = pool.get().await.map_err(pool_error)?;
             let tx = client.transaction().await.map_err(backend)?;
             let moved = tx
@@ -741,9 +765,13 @@ impl Store for PostgresStore {
         let leases = self.leases.clone();
         let config = self.config.clone();
         let name = name.to_string();
-        self.run(async move {
+        self.run("lease", async move {
             let mut leases = leases.lock().await;
-            if leases.client.as_ref().is_none_or(tokio_postgres::Client::is_closed) {
+            if leases
+                .client
+                .as_ref()
+                .is_none_or(tokio_postgres::Client::is_closed)
+            {
                 // A new session holds nothing: leases held on the old one
                 // went with it.
                 leases.held.clear();

@@ -57,7 +57,9 @@ fn postgres_account() -> Result<(u32, u32), String> {
         .map(|l| l.split(':').collect::<Vec<_>>())
         .find(|f| f.first() == Some(&"postgres") && f.len() > 3)
         .and_then(|f| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
-        .ok_or_else(|| "running as root, and there is no `postgres` account to run PostgreSQL as".into())
+        .ok_or_else(|| {
+            "running as root, and there is no `postgres` account to run PostgreSQL as".into()
+        })
 }
 
 fn free_port() -> Result<u16, String> {
@@ -97,7 +99,15 @@ impl TempPostgres {
         let data = pg.data();
         let out = pg
             .command("initdb")
-            .args(["-U", "sigil", "--auth=trust", "-E", "UTF8", "--no-sync", "-D"])
+            .args([
+                "-U",
+                "sigil",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "-D",
+            ])
             .arg(&data)
             .output()
             .map_err(|e| format!("initdb: {e}"))?;
@@ -158,7 +168,10 @@ impl TempPostgres {
             .args(["-p", &self.port.to_string()])
             .args(["-c", "listen_addresses=127.0.0.1"])
             .arg("-c")
-            .arg(format!("unix_socket_directories={}", self.dir.path().display()))
+            .arg(format!(
+                "unix_socket_directories={}",
+                self.dir.path().display()
+            ))
             .args(["-c", "fsync=off", "-c", "max_connections=200"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -186,6 +186,22 @@ fn suite(store: &dyn Store) {
     assert_eq!(store.authorities().unwrap(), vec![record.clone()]);
     store.delete_authority("auth-1").unwrap();
     assert!(store.authorities().unwrap().is_empty());
+
+    // Within one commit, the last write to a key wins.
+    store
+        .commit(
+            Commit::new()
+                .put(Table::JoinTokens, "t", "1")
+                .put(Table::JoinTokens, "t", "2")
+                .put(Table::JoinTokens, "u", "1")
+                .delete(Table::JoinTokens, "u"),
+        )
+        .unwrap();
+    assert_eq!(
+        store.get(Table::JoinTokens, b"t").unwrap(),
+        Some(b"2".to_vec())
+    );
+    assert_eq!(store.get(Table::JoinTokens, b"u").unwrap(), None);
 }
 
 #[test]
@@ -332,12 +348,16 @@ fn postgres_store_semantics_schema_kek_leases_and_change_feed() {
     };
     let r = store.put_authority(&record).unwrap();
     assert_eq!(
-        pg.sql("postgres", "SELECT id, kind, state, seq FROM sigil_authorities")
-            .unwrap(),
+        pg.sql(
+            "postgres",
+            "SELECT id, kind, state, seq FROM sigil_authorities"
+        )
+        .unwrap(),
         format!("auth-9|jwt|tainted|{r}")
     );
     assert_eq!(
-        pg.sql("postgres", "SELECT version FROM sigil_schema").unwrap(),
+        pg.sql("postgres", "SELECT version FROM sigil_schema")
+            .unwrap(),
         PG_SCHEMA_VERSION.to_string()
     );
 
@@ -368,7 +388,10 @@ fn postgres_store_semantics_schema_kek_leases_and_change_feed() {
     drop(store);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while !other.try_lease("job").unwrap() {
-        assert!(std::time::Instant::now() < deadline, "the lease never freed");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lease never freed"
+        );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 
@@ -380,13 +403,19 @@ fn postgres_store_semantics_schema_kek_leases_and_change_feed() {
     // versions ahead is refused with a message that says what to do.
     pg.sql(
         "postgres",
-        &format!("UPDATE sigil_schema SET version = {}", PG_SCHEMA_VERSION + 1),
+        &format!(
+            "UPDATE sigil_schema SET version = {}",
+            PG_SCHEMA_VERSION + 1
+        ),
     )
     .unwrap();
     pg_store(&pg, &kek).unwrap();
     pg.sql(
         "postgres",
-        &format!("UPDATE sigil_schema SET version = {}", PG_SCHEMA_VERSION + 2),
+        &format!(
+            "UPDATE sigil_schema SET version = {}",
+            PG_SCHEMA_VERSION + 2
+        ),
     )
     .unwrap();
     let err = pg_store(&pg, &kek).unwrap_err();

@@ -434,7 +434,10 @@ async fn the_rotation_leader_killed_mid_rotation_another_server_completes_it() {
             std::fs::read_to_string(&leader.log).unwrap_or_default()
         )
     });
-    let x509: Vec<_> = after.iter().filter(|(id, _)| id.starts_with("x509:")).collect();
+    let x509: Vec<_> = after
+        .iter()
+        .filter(|(id, _)| id.starts_with("x509:"))
+        .collect();
     assert_eq!(x509.len(), 2, "one root per rotation: {after:?}");
     follower.shutdown(Duration::from_secs(5)).await.unwrap();
 }
