@@ -213,18 +213,13 @@ impl Registry {
     /// authority transitions, which change the bundle agents sync).
     pub fn notify_committed(&self) {
         if let Ok(revision) = self.store.revision() {
-            self.revisions.send_if_modified(|r| {
-                let newer = revision > *r;
-                if newer {
-                    *r = revision;
-                }
-                newer
-            });
+            self.notify_revision(revision);
         }
     }
 
-    fn commit(&self, commit: Commit) -> Result<u64, StoreError> {
-        let revision = self.store.commit(commit)?;
+    /// Announces `revision`, known to be committed (by another server of a
+    /// cluster), if it is newer than the last one announced.
+    pub fn notify_revision(&self, revision: u64) {
         self.revisions.send_if_modified(|r| {
             let newer = revision > *r;
             if newer {
@@ -232,6 +227,11 @@ impl Registry {
             }
             newer
         });
+    }
+
+    fn commit(&self, commit: Commit) -> Result<u64, StoreError> {
+        let revision = self.store.commit(commit)?;
+        self.notify_revision(revision);
         Ok(revision)
     }
 
@@ -393,6 +393,18 @@ impl Registry {
             .transpose()
     }
 
+    /// Several entries by ID, in the same order (`None` where there is
+    /// none), read together.
+    pub fn entries(&self, ids: &[&str]) -> Result<Vec<Option<Entry>>, RegistryError> {
+        let keys: Vec<&[u8]> = ids.iter().map(|id| id.as_bytes()).collect();
+        self.store
+            .get_many(Table::Entries, &keys)?
+            .into_iter()
+            .zip(ids)
+            .map(|(b, id)| b.map(|b| decode(&format!("entry {id}"), &b)).transpose())
+            .collect()
+    }
+
     /// Up to `limit` entries parented to `parent`, after entry ID `after` (paging).
     pub fn entries_by_parent(
         &self,
@@ -405,14 +417,12 @@ impl Registry {
         let keys = self
             .store
             .scan(Table::EntriesByParent, &prefix, after_key.as_deref(), limit)?;
-        let mut out = Vec::with_capacity(keys.len());
-        for (k, _) in keys {
-            let id = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
-            if let Some(e) = self.entry(&id)? {
-                out.push(e);
-            }
-        }
-        Ok(out)
+        let ids: Vec<String> = keys
+            .iter()
+            .map(|(k, _)| String::from_utf8_lossy(&k[prefix.len()..]).into_owned())
+            .collect();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        Ok(self.entries(&ids)?.into_iter().flatten().collect())
     }
 
     /// Up to `limit` entries matching the filters (every entry when none is
@@ -646,18 +656,28 @@ impl Registry {
         agent: &SpiffeId,
         entry_id: &str,
     ) -> Result<Entry, AuthzError> {
-        let entry = self
-            .entry(entry_id)
-            .map_err(AuthzError::Registry)?
-            .ok_or_else(|| AuthzError::NoSuchEntry(entry_id.to_string()))?;
-        if &entry.parent_id != agent {
-            return Err(AuthzError::NotParent {
-                entry: entry_id.to_string(),
-                agent: agent.to_string(),
-            });
-        }
-        Ok(entry)
+        authorize(
+            agent,
+            entry_id,
+            self.entry(entry_id).map_err(AuthzError::Registry)?,
+        )
     }
+}
+
+/// Whether `agent` may have the SVID of entry `entry_id`, read as `entry`.
+pub fn authorize(
+    agent: &SpiffeId,
+    entry_id: &str,
+    entry: Option<Entry>,
+) -> Result<Entry, AuthzError> {
+    let entry = entry.ok_or_else(|| AuthzError::NoSuchEntry(entry_id.to_string()))?;
+    if &entry.parent_id != agent {
+        return Err(AuthzError::NotParent {
+            entry: entry_id.to_string(),
+            agent: agent.to_string(),
+        });
+    }
+    Ok(entry)
 }
 
 /// Why an agent may not have an entry's SVID.

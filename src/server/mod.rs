@@ -904,7 +904,7 @@ async fn follow_datastore(state: Arc<ServerState>, mut shutdown: watch::Receiver
         let step = state.clone();
         let from = seen;
         let done = tokio::task::spawn_blocking(move || {
-            step.registry.notify_committed();
+            step.registry.notify_revision(revision);
             let store = step.registry.store();
             let touched = diff
                 || match store

@@ -1,7 +1,7 @@
 //! The node API service: attestation, signing and the push sync stream.
 //! Every decision is written to the audit log (target `sigil::audit`).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +14,7 @@ use super::attestation::{attest, serial_hex};
 use super::convert::{status, ts};
 use crate::ca::{X509SvidParams, verify_csr};
 use crate::proto::node::{self as pn, node_server::Node};
-use crate::registry::unix;
+use crate::registry::{Entry, authorize, unix};
 use crate::spiffe::SpiffeId;
 use crate::store::{EventsSince, Table};
 use crate::x509::svid_id;
@@ -84,13 +84,26 @@ fn sign_batch(
 ) -> Vec<pn::X509svidResult> {
     let now = state.clock.now();
     let mut denied: Vec<(String, String)> = Vec::new();
+    // The batch's entries, read together (one trip to a shared datastore).
+    let mut ids: Vec<&str> = params.iter().map(|p| p.entry_id.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let entries: HashMap<&str, Result<Entry, Status>> = match state.registry.entries(&ids) {
+        Ok(found) => ids
+            .iter()
+            .zip(found)
+            .map(|(id, e)| (*id, authorize(agent, id, e).map_err(status)))
+            .collect(),
+        Err(e) => {
+            let s = status(e);
+            ids.iter().map(|id| (*id, Err(s.clone()))).collect()
+        }
+    };
     let results = params
         .iter()
         .map(|p| {
-            let outcome = state
-                .registry
-                .authorize_agent_entry(agent, &p.entry_id)
-                .map_err(status)
+            let outcome = entries[p.entry_id.as_str()]
+                .clone()
                 .and_then(|entry| {
                     let params = X509SvidParams {
                         spiffe_id: entry.spiffe_id.clone(),
@@ -566,10 +579,13 @@ async fn send_delta(
 ) -> Result<bool, Status> {
     let mut upserted = Vec::new();
     let mut deleted = Vec::new();
-    for id in ids {
-        match state.registry.entry(&id).map_err(status)? {
+    let ids: Vec<String> = ids.into_iter().collect();
+    let wanted: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let found = state.registry.entries(&wanted).map_err(status)?;
+    for (id, entry) in ids.iter().zip(found) {
+        match entry {
             Some(e) if &e.parent_id == agent => upserted.push(pn::Entry::from(&e)),
-            _ => deleted.push(id),
+            _ => deleted.push(id.clone()),
         }
     }
     if upserted.is_empty() && deleted.is_empty() && !bundle_changed {

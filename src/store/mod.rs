@@ -486,6 +486,12 @@ pub trait Store: Send + Sync {
     /// Reads one key.
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
 
+    /// Reads several keys, answering in the same order. The default reads
+    /// them one by one; a store across a network reads them in one trip.
+    fn get_many(&self, table: Table, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        keys.iter().map(|k| self.get(table, k)).collect()
+    }
+
     /// Reads up to `limit` keys starting with `prefix`, in key order,
     /// strictly after `after` when given (for paging).
     fn scan(

@@ -613,6 +613,27 @@ impl Store for PostgresStore {
         })
     }
 
+    fn get_many(&self, table: Table, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        if table == Table::Authorities || keys.len() < 2 {
+            return keys.iter().map(|k| self.get(table, k)).collect();
+        }
+        let pool = self.pool.clone();
+        let wanted: Vec<Vec<u8>> = keys.iter().map(|k| k.to_vec()).collect();
+        let mut found: HashMap<Vec<u8>, Vec<u8>> = self.run("get_many", async move {
+            let client = pool.get().await.map_err(pool_error)?;
+            let statement = client
+                .prepare_cached("SELECT key, value FROM sigil_kv WHERE tbl = $1 AND key = ANY($2)")
+                .await
+                .map_err(backend)?;
+            let rows = client
+                .query(&statement, &[&table_id(table), &wanted])
+                .await
+                .map_err(backend)?;
+            Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+        })?;
+        Ok(keys.iter().map(|k| found.remove(*k)).collect())
+    }
+
     fn scan(
         &self,
         table: Table,

@@ -16,6 +16,7 @@ pub struct TempPostgres {
     port: u16,
     run_as: Option<(u32, u32)>,
     child: Option<Child>,
+    fsync: bool,
 }
 
 /// Where PostgreSQL's server binaries are: `SIGIL_PG_BIN`, else the newest
@@ -69,8 +70,18 @@ fn free_port() -> Result<u16, String> {
 
 impl TempPostgres {
     /// Creates and starts a server; its superuser is `sigil`, trusted on
-    /// loopback, with the database `postgres`.
+    /// loopback, with the database `postgres`. It does not fsync (tests).
     pub fn start() -> Result<Self, String> {
+        Self::start_with(false)
+    }
+
+    /// As [`start`](Self::start), but flushing every commit to disk as a
+    /// production server does (benchmarks).
+    pub fn start_durable() -> Result<Self, String> {
+        Self::start_with(true)
+    }
+
+    fn start_with(fsync: bool) -> Result<Self, String> {
         let bin = find_bin()?;
         let run_as = if rustix::process::geteuid().is_root() {
             Some(postgres_account()?)
@@ -95,6 +106,7 @@ impl TempPostgres {
             port: free_port()?,
             run_as,
             child: None,
+            fsync,
         };
         let data = pg.data();
         let out = pg
@@ -172,7 +184,8 @@ impl TempPostgres {
                 "unix_socket_directories={}",
                 self.dir.path().display()
             ))
-            .args(["-c", "fsync=off", "-c", "max_connections=200"])
+            .args(["-c", if self.fsync { "fsync=on" } else { "fsync=off" }])
+            .args(["-c", "max_connections=200"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
