@@ -208,6 +208,11 @@ impl SyncHub {
                         self.route(&ev);
                         last = ev.last().map_or(last, |e| e.revision);
                         retry.reset();
+                        // Caught up with what was announced: a later commit
+                        // announces itself (saves a read of an empty tail).
+                        if last >= *revisions.borrow() {
+                            break;
+                        }
                     }
                     Ok(EventsSince::Compacted { .. }) => match store.revision() {
                         Ok(now) => {

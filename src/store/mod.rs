@@ -8,6 +8,7 @@
 //! ([`Kek`]) before they reach any table.
 
 mod memory;
+mod pg_tls;
 mod postgres;
 mod seal;
 mod sled_store;

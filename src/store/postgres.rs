@@ -22,8 +22,8 @@ use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio::sync::watch;
-use tokio_postgres::NoTls;
 
+use super::pg_tls::MakeRustls;
 use super::{
     AuthorityRecord, Check, Commit, Event, EventsSince, Kek, KeyValues, Store, StoreError, Table,
     decode_changes, encode_changes, evaluate_checks, kek_check_value, verify_kek,
@@ -73,6 +73,7 @@ const MIGRATION_LOCK: i64 = 0x5349_4749_4c00_0001;
 pub struct PostgresStore {
     pool: Pool,
     config: tokio_postgres::Config,
+    tls: MakeRustls,
     runtime: Option<tokio::runtime::Runtime>,
     handle: tokio::runtime::Handle,
     kek: Kek,
@@ -126,19 +127,30 @@ fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
     }
 }
 
-/// `url` with any password replaced, for messages and logs.
+/// `url` with any password (in the user part or a `password` parameter)
+/// replaced, for messages and logs.
 pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
+    let Ok(mut parsed) = url::Url::parse(url) else {
+        return "(an unreadable URL)".into();
     };
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    match authority.rsplit_once('@') {
-        Some((user, host)) if user.contains(':') => {
-            let name = user.split(':').next().unwrap_or_default();
-            format!("{scheme}://{name}:***@{host}{path}")
-        }
-        _ => url.to_string(),
+    if parsed.password().is_some() {
+        let _ = parsed.set_password(Some("***"));
     }
+    if parsed.query_pairs().any(|(k, _)| k == "password") {
+        let pairs: Vec<(String, String)> = parsed
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if k == "password" {
+                    "***".into()
+                } else {
+                    v.into_owned()
+                };
+                (k.into_owned(), v)
+            })
+            .collect();
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    parsed.to_string()
 }
 
 fn i64_of(v: u64) -> i64 {
@@ -224,8 +236,11 @@ impl PostgresStore {
                 "not a PostgreSQL URL; expected postgres://USER@HOST:PORT/DB".into(),
             ));
         }
+        let tls = super::pg_tls::settings(url).map_err(&refuse)?;
         let mut config =
-            tokio_postgres::Config::from_str(url).map_err(|e| refuse(e.to_string()))?;
+            tokio_postgres::Config::from_str(&tls.url).map_err(|e| refuse(e.to_string()))?;
+        config.ssl_mode(tls.mode);
+        let tls = tls.tls;
         if config.get_dbname().is_none() {
             return Err(refuse("the URL names no database (…/DB)".into()));
         }
@@ -248,7 +263,7 @@ impl PostgresStore {
         let handle = runtime.handle().clone();
         let manager = Manager::from_config(
             config.clone(),
-            NoTls,
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -264,6 +279,7 @@ impl PostgresStore {
         let store = PostgresStore {
             pool,
             config,
+            tls,
             runtime: Some(runtime),
             handle,
             kek,
@@ -279,7 +295,7 @@ impl PostgresStore {
         store.revisions.send_replace(revision);
         store.handle.spawn(follow(
             store.pool.clone(),
-            store.config.clone(),
+            (store.config.clone(), store.tls.clone()),
             store.revisions.clone(),
         ));
         Ok(store)
@@ -381,7 +397,11 @@ impl PostgresStore {
 /// Announces every revision another server commits: a LISTEN connection for
 /// promptness, and a poll of the revision row every second in case a
 /// notification is lost or the listener is reconnecting.
-async fn follow(pool: Pool, config: tokio_postgres::Config, revisions: watch::Sender<u64>) {
+async fn follow(
+    pool: Pool,
+    (config, tls): (tokio_postgres::Config, MakeRustls),
+    revisions: watch::Sender<u64>,
+) {
     use futures_util::StreamExt;
     let publish = |r: u64| {
         revisions.send_if_modified(|seen| {
@@ -397,7 +417,7 @@ async fn follow(pool: Pool, config: tokio_postgres::Config, revisions: watch::Se
     loop {
         // (Re)connect the listener; without it, the poll alone carries on.
         let (notes_tx, mut notes) = tokio::sync::mpsc::unbounded_channel();
-        let listener = match config.connect(NoTls).await {
+        let listener = match config.connect(tls.clone()).await {
             Ok((client, mut connection)) => {
                 tokio::spawn(async move {
                     let mut messages =
@@ -785,6 +805,7 @@ impl Store for PostgresStore {
     fn try_lease(&self, name: &str) -> Result<bool, StoreError> {
         let leases = self.leases.clone();
         let config = self.config.clone();
+        let tls = self.tls.clone();
         let name = name.to_string();
         self.run("lease", async move {
             let mut leases = leases.lock().await;
@@ -797,7 +818,7 @@ impl Store for PostgresStore {
                 // went with it.
                 leases.held.clear();
                 leases.client = None;
-                let (client, connection) = config.connect(NoTls).await.map_err(backend)?;
+                let (client, connection) = config.connect(tls).await.map_err(backend)?;
                 tokio::spawn(connection);
                 leases.client = Some(client);
             }

@@ -17,6 +17,7 @@ pub struct TempPostgres {
     run_as: Option<(u32, u32)>,
     child: Option<Child>,
     fsync: bool,
+    tls: bool,
 }
 
 /// Where PostgreSQL's server binaries are: `SIGIL_PG_BIN`, else the newest
@@ -107,6 +108,7 @@ impl TempPostgres {
             run_as,
             child: None,
             fsync,
+            tls: false,
         };
         let data = pg.data();
         let out = pg
@@ -144,6 +146,29 @@ impl TempPostgres {
         }
         c.current_dir(self.dir.path());
         c
+    }
+
+    /// Restarts the server offering TLS with this certificate chain and key
+    /// (PEM), beside plain connections.
+    pub fn enable_tls(&mut self, chain_pem: &str, key_pem: &str) -> Result<(), String> {
+        use std::os::unix::fs::PermissionsExt;
+        self.stop()?;
+        for (name, text) in [("server.crt", chain_pem), ("server.key", key_pem)] {
+            let path = self.data().join(name);
+            std::fs::write(&path, text).map_err(|e| format!("{name}: {e}"))?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| format!("{name}: {e}"))?;
+            if let Some((uid, gid)) = self.run_as {
+                rustix::fs::chown(
+                    &path,
+                    Some(rustix::fs::Uid::from_raw(uid)),
+                    Some(rustix::fs::Gid::from_raw(gid)),
+                )
+                .map_err(|e| format!("chown {name}: {e}"))?;
+            }
+        }
+        self.tls = true;
+        self.resume()
     }
 
     /// The loopback port it listens on.
@@ -186,6 +211,18 @@ impl TempPostgres {
             ))
             .args(["-c", if self.fsync { "fsync=on" } else { "fsync=off" }])
             .args(["-c", "max_connections=200"])
+            .args(if self.tls {
+                &[
+                    "-c",
+                    "ssl=on",
+                    "-c",
+                    "ssl_cert_file=server.crt",
+                    "-c",
+                    "ssl_key_file=server.key",
+                ][..]
+            } else {
+                &[]
+            })
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
