@@ -261,16 +261,41 @@ fn bundle_of(td: &TrustDomain, loaded: &[Loaded], now: SystemTime) -> Result<Bun
 /// A store key and value.
 type KeyValue = (Vec<u8>, Vec<u8>);
 
+/// The trust domain's bundle as stored, read once per transition.
+struct StoredBundle {
+    key: Vec<u8>,
+    raw: Option<Vec<u8>>,
+}
+
+impl StoredBundle {
+    fn read(store: &dyn Store, td: &TrustDomain) -> Result<Self, CaSetError> {
+        let key = td.name().as_bytes().to_vec();
+        let raw = store.get(Table::Bundle, &key)?;
+        Ok(StoredBundle { key, raw })
+    }
+
+    /// `commit`, valid only while the stored bundle is still the one read:
+    /// two servers of a cluster changing the authorities at once conflict
+    /// here (the loser retries or is told), instead of both landing.
+    fn guard(&self, commit: Commit) -> Commit {
+        match &self.raw {
+            Some(raw) => commit.require_equals(Table::Bundle, self.key.clone(), raw.clone()),
+            None => commit.require_absent(Table::Bundle, self.key.clone()),
+        }
+    }
+}
+
 /// The bundle write for a commit, with `spiffe_sequence` bumped when the
 /// authorities changed; `None` when the stored bundle is already this one.
 fn bundle_write(
-    store: &dyn Store,
+    stored: &StoredBundle,
     bundle: &mut Bundle,
     refresh_hint: Duration,
 ) -> Result<Option<KeyValue>, CaSetError> {
-    let key = bundle.trust_domain().name().as_bytes().to_vec();
-    let previous = store
-        .get(Table::Bundle, &key)?
+    let key = stored.key.clone();
+    let previous = stored
+        .raw
+        .clone()
         .and_then(|b| String::from_utf8(b).ok())
         .and_then(|s| Bundle::from_jwks(bundle.trust_domain().clone(), &s).ok());
     bundle.set_refresh_hint(Some(refresh_hint.as_secs().max(1)));
@@ -371,36 +396,17 @@ impl CaSet {
         now: SystemTime,
     ) -> Result<Self, CaSetError> {
         for kind in [AuthorityKind::X509, AuthorityKind::Jwt] {
-            let loaded = load(store, opts)?;
-            let usable = |l: &&Loaded, state| {
-                l.info.kind == kind && l.info.state == state && l.info.not_after > now
-            };
-            if loaded.iter().any(|l| usable(&l, SlotState::Active)) {
-                continue;
+            // Servers of a cluster starting at once: nothing may have been
+            // committed since the authorities were read (else read again),
+            // so one of them creates the authority and the others load it.
+            let mut attempts = 0;
+            loop {
+                attempts += 1;
+                match Self::ensure_active(store, opts, kind, now) {
+                    Err(CaSetError::Store(StoreError::CheckFailed(_))) if attempts < 20 => continue,
+                    other => break other?,
+                }
             }
-            // An expired active authority retires.
-            let mut commit = retire_active(store, &loaded, kind, Commit::new())?;
-            let (id, record) = match loaded.iter().find(|l| usable(l, SlotState::Prepared)) {
-                Some(p) => {
-                    let mut r = p.record.clone();
-                    r.state = SlotState::Active;
-                    commit =
-                        commit.require_equals(Table::Authorities, r.id.as_bytes(), p.raw.clone());
-                    (r.id.clone(), r)
-                }
-                None => {
-                    let r = create(opts, kind, SlotState::Active, now)?;
-                    commit = commit.require_absent(Table::Authorities, r.id.as_bytes());
-                    (r.id.clone(), r)
-                }
-            };
-            commit = commit.put(
-                Table::Authorities,
-                id.as_bytes(),
-                store.seal_authority(&record)?,
-            );
-            store.commit(commit)?;
-            tracing::info!(target: "sigil::audit", event = "authority_activated", decision = "allow", subject = %id, kind = kind_name(kind), not_after = record.not_after);
         }
         let set = CaSet {
             opts: opts.clone(),
@@ -408,6 +414,48 @@ impl CaSet {
             transitions: Mutex::new(()),
         };
         Ok(set)
+    }
+
+    /// Makes sure `kind` has a usable active authority: promotes the
+    /// prepared one or creates one (one commit, valid only if nothing was
+    /// committed since the authorities were read).
+    fn ensure_active(
+        store: &dyn Store,
+        opts: &CaOptions,
+        kind: AuthorityKind,
+        now: SystemTime,
+    ) -> Result<(), CaSetError> {
+        let revision = store.revision()?;
+        let loaded = load(store, opts)?;
+        let usable = |l: &&Loaded, state| {
+            l.info.kind == kind && l.info.state == state && l.info.not_after > now
+        };
+        if loaded.iter().any(|l| usable(&l, SlotState::Active)) {
+            return Ok(());
+        }
+        // An expired active authority retires.
+        let mut commit = retire_active(store, &loaded, kind, Commit::new().at_revision(revision))?;
+        let (id, record) = match loaded.iter().find(|l| usable(l, SlotState::Prepared)) {
+            Some(p) => {
+                let mut r = p.record.clone();
+                r.state = SlotState::Active;
+                commit = commit.require_equals(Table::Authorities, r.id.as_bytes(), p.raw.clone());
+                (r.id.clone(), r)
+            }
+            None => {
+                let r = create(opts, kind, SlotState::Active, now)?;
+                commit = commit.require_absent(Table::Authorities, r.id.as_bytes());
+                (r.id.clone(), r)
+            }
+        };
+        commit = commit.put(
+            Table::Authorities,
+            id.as_bytes(),
+            store.seal_authority(&record)?,
+        );
+        store.commit(commit)?;
+        tracing::info!(target: "sigil::audit", event = "authority_activated", decision = "allow", subject = %id, kind = kind_name(kind), not_after = record.not_after);
+        Ok(())
     }
 
     /// Reads the authorities back (and, with `publish`, stores the bundle if
@@ -420,12 +468,15 @@ impl CaSet {
     ) -> Result<Authorities, CaSetError> {
         let loaded = load(store, opts)?;
         let mut bundle = bundle_of(&opts.trust_domain, &loaded, now)?;
-        if publish {
-            if let Some((key, value)) = bundle_write(store, &mut bundle, opts.refresh_hint)? {
-                store.commit(Commit::new().put(Table::Bundle, key, value))?;
+        let stored = StoredBundle::read(store, &opts.trust_domain)?;
+        if let Some((key, value)) = bundle_write(&stored, &mut bundle, opts.refresh_hint)? {
+            if publish {
+                // Another server publishing the same change first is fine.
+                match store.commit(stored.guard(Commit::new()).put(Table::Bundle, key, value)) {
+                    Ok(_) | Err(StoreError::CheckFailed(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
             }
-        } else {
-            bundle_write(store, &mut bundle, opts.refresh_hint)?;
         }
         let mut x509 = None;
         let mut jwt = None;
@@ -497,7 +548,9 @@ impl CaSet {
         force: bool,
     ) -> Result<Commit, CaSetError> {
         let mut bundle = bundle_of(&self.opts.trust_domain, after, now)?;
-        let write = match bundle_write(store, &mut bundle, self.opts.refresh_hint)? {
+        let stored = StoredBundle::read(store, &self.opts.trust_domain)?;
+        let commit = stored.guard(commit);
+        let write = match bundle_write(&stored, &mut bundle, self.opts.refresh_hint)? {
             None if force => {
                 bundle.set_sequence(bundle.sequence() + 1);
                 Some((

@@ -599,3 +599,51 @@ async fn the_schema_version_and_the_kek_are_checked_at_start() {
         .to_string();
     assert!(e.to_lowercase().contains("kek"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_starting_together_create_one_authority_set() {
+    let Some(pg) = temp_pg() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    sigil::store::Kek::load_or_create(&dir.path().join("kek")).unwrap();
+    // Three processes race to create the first authorities of an empty
+    // datastore: one of each kind may come out.
+    let mut servers: Vec<_> = ["p1", "p2", "p3"]
+        .iter()
+        .map(|n| ServerProcess::spawn(dir.path(), n, &pg, &[]))
+        .collect();
+    for s in &mut servers {
+        s.ready().await;
+    }
+    let first = authorities(&servers[0].admin).await;
+    let active = |v: &[(String, String)], kind: &str| {
+        v.iter()
+            .filter(|(id, s)| id.starts_with(kind) && s == "active")
+            .count()
+    };
+    assert_eq!(active(&first, "x509:"), 1, "{first:?}");
+    assert_eq!(active(&first, "jwt:"), 1, "{first:?}");
+    assert_eq!(first.len(), 2, "{first:?}");
+    for s in &servers[1..] {
+        assert_eq!(authorities(&s.admin).await, first);
+    }
+
+    // Two operators preparing at once on two servers: one successor.
+    let prepare = |socket: PathBuf| async move {
+        sigil::cli::connect_admin(&socket)
+            .await
+            .unwrap()
+            .prepare_authority(pa::AuthorityKindRequest {
+                kind: "x509".into(),
+                force: false,
+            })
+            .await
+    };
+    let (a, b) = tokio::join!(
+        prepare(servers[0].admin.clone()),
+        prepare(servers[1].admin.clone())
+    );
+    assert!(a.is_ok() || b.is_ok(), "{a:?} {b:?}");
+    let after = authorities(&servers[2].admin).await;
+    let prepared = after.iter().filter(|(_, s)| s == "prepared").count();
+    assert_eq!(prepared, 1, "{after:?} ({a:?}, {b:?})");
+}
