@@ -25,15 +25,18 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use sigil::agent::{AgentIdentity, Attestation, attest, connect};
 use sigil::proto::admin as pa;
 use sigil::proto::node as pn;
-use sigil::registry::{EntryParams, EntryValidation, Registry};
+use sigil::registry::{EntryValidation, Registry};
 use sigil::server::{ServerConfig, ServerHandle, start};
 use sigil::store::{Kek, PostgresStore, TempPostgres};
 use sigil::{KeyAlgorithm, PrivateKey, TrustDomain};
+
+#[path = "common/load.rs"]
+mod load;
 
 type NodeClient = pn::node_client::NodeClient<tonic::transport::Channel>;
 
@@ -222,47 +225,13 @@ async fn signing(dir: &Path, cluster: &[ServerHandle], quick: bool) {
     sled.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
-/// Writes `n` entries straight into the datastore in large commits, spread
-/// over 1,000 simulated agents, and `extra` more parented to `agent`.
+/// Writes `n` entries straight into the datastore (see `common/load.rs`),
+/// and `extra` more parented to `agent`.
 fn bulk_load(pg: &TempPostgres, kek: &Path, n: usize, agent: &AgentIdentity, extra: usize) {
     let store =
         PostgresStore::connect(&pg.url("postgres"), Kek::load_or_create(kek).unwrap()).unwrap();
     let registry = Registry::new(Arc::new(store), td(), EntryValidation::default());
-    let now = SystemTime::now();
-    let mut batch = Vec::new();
-    let tag = rand_tag();
-    for i in 0..n + extra {
-        let parent = if i >= n {
-            agent.spiffe_id.to_string()
-        } else {
-            format!(
-                "spiffe://example.org/sigil/agent/join_token/sim{}",
-                i % 1000
-            )
-        };
-        batch.push(EntryParams {
-            spiffe_id: format!("spiffe://example.org/ns/bench{tag}/sa/w{i}"),
-            parent_id: parent,
-            selectors: vec![format!("unix:uid:{}", i % 60_000)],
-            ..EntryParams::default()
-        });
-        if batch.len() == 5000 {
-            registry
-                .create_entries(std::mem::take(&mut batch), now)
-                .unwrap();
-        }
-    }
-    if !batch.is_empty() {
-        registry.create_entries(batch, now).unwrap();
-    }
-}
-
-fn rand_tag() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-        % 1_000_000
+    load::bulk_load(&registry, n, Some(&agent.spiffe_id), extra, 5000, "ha");
 }
 
 /// Opens a SyncEntries stream and reads its snapshot; returns the stream

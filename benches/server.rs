@@ -31,9 +31,12 @@ use std::time::{Duration, Instant, SystemTime};
 use sigil::agent::{AgentIdentity, Attestation, attest, connect};
 use sigil::proto::admin as pa;
 use sigil::proto::node as pn;
-use sigil::registry::{EntryParams, EntryValidation, Registry};
+use sigil::registry::{EntryValidation, Registry};
 use sigil::server::{ServerConfig, ServerHandle, start};
 use sigil::store::Kek;
+#[path = "common/load.rs"]
+mod load;
+
 use sigil::{
     KeyAlgorithm, PrivateKey, SledStore, SpiffeId, TrustDomain, X509Authority, X509SvidParams,
 };
@@ -51,37 +54,13 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i]
 }
 
-/// Writes `n` entries straight into the store in large atomic batches,
-/// spread over 1,000 simulated agents; `extra` are parented to `agent`.
+/// Writes `n` entries straight into the sled store under `dir` (see
+/// `common/load.rs`).
 fn bulk_load(dir: &Path, n: usize, agent: Option<&SpiffeId>, extra: usize) {
     let kek = Kek::load_or_create(&dir.join("kek")).unwrap();
     let store = Arc::new(SledStore::open(&dir.join("data"), kek).unwrap());
     let registry = Registry::new(store, td(), EntryValidation::default());
-    let now = SystemTime::now();
-    let mut batch = Vec::new();
-    for i in 0..n + extra {
-        let parent = match agent {
-            Some(a) if i >= n => a.to_string(),
-            _ => format!(
-                "spiffe://example.org/sigil/agent/join_token/sim{}",
-                i % 1000
-            ),
-        };
-        batch.push(EntryParams {
-            spiffe_id: format!("spiffe://example.org/ns/bench/sa/w{i}"),
-            parent_id: parent,
-            selectors: vec![format!("unix:uid:{}", i % 60_000)],
-            ..EntryParams::default()
-        });
-        if batch.len() == 2000 {
-            registry
-                .create_entries(std::mem::take(&mut batch), now)
-                .unwrap();
-        }
-    }
-    if !batch.is_empty() {
-        registry.create_entries(batch, now).unwrap();
-    }
+    load::bulk_load(&registry, n, agent, extra, 2000, "");
 }
 
 async fn join(server: &ServerHandle) -> AgentIdentity {

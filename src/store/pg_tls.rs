@@ -102,11 +102,7 @@ pub(super) fn settings(url: &str) -> Result<Settings, String> {
     let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
         .map_err(|e| format!("sslrootcert: {e}"))?;
-    let verifier = Arc::new(Verifier {
-        check,
-        webpki,
-        provider: provider.clone(),
-    });
+    let verifier = Arc::new(Verifier { check, webpki });
     let config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
@@ -121,12 +117,11 @@ pub(super) fn settings(url: &str) -> Result<Settings, String> {
 }
 
 /// Checks the server certificate as `check` says; handshake signatures are
-/// always verified.
+/// always verified (by webpki, whatever `check` is).
 #[derive(Debug)]
 struct Verifier {
     check: Check,
     webpki: Arc<WebPkiServerVerifier>,
-    provider: Arc<rustls::crypto::CryptoProvider>,
 }
 
 impl ServerCertVerifier for Verifier {
@@ -158,12 +153,7 @@ impl ServerCertVerifier for Verifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.webpki.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -172,18 +162,11 @@ impl ServerCertVerifier for Verifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.webpki.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.webpki.supported_verify_schemes()
     }
 }
 
