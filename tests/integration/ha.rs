@@ -515,6 +515,12 @@ async fn postgres_restarted_under_load() {
     })
     .await;
 
+    // A datastore that cannot be read is not an empty one: the agent keeps
+    // the SVID it holds.
+    assert!(svid_ids(&a).contains("spiffe://example.org/before"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(svid_ids(&a).contains("spiffe://example.org/before"));
+
     // ... and recover by themselves when it returns.
     tokio::task::block_in_place(|| pg.resume()).unwrap();
     for s in [&s1, &s2] {
