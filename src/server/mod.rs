@@ -300,13 +300,21 @@ impl ServerConfig {
                 None => None,
             },
             policy: PolicyConfig::from_raw(raw)?,
-            datastore: raw.parsed("datastore", None, |v| {
-                if v.starts_with("postgres://") || v.starts_with("postgresql://") {
-                    Ok(v.to_string())
-                } else {
-                    Err("expected postgres://USER@HOST:PORT/DB".to_string())
-                }
-            })?,
+            datastore: match raw.get("datastore")? {
+                // Checked here so `--validate` catches it; the value shown in
+                // an error has its password hidden.
+                Some(url) => match crate::store::check_datastore_url(&url) {
+                    Ok(()) => Some(url),
+                    Err(reason) => {
+                        return Err(ConfigError::Invalid {
+                            key: "datastore",
+                            value: crate::store::redact(&url),
+                            reason,
+                        });
+                    }
+                },
+                None => None,
+            },
             bind: raw.socket_addr("bind", DEFAULT_BIND)?,
             admin_socket: PathBuf::from(raw.string_or("admin_socket", DEFAULT_ADMIN_SOCKET)?),
             log_format: raw

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 pub use memory::MemoryStore;
-pub use postgres::{PG_SCHEMA_VERSION, PostgresStore, redact};
+pub use postgres::{PG_SCHEMA_VERSION, PostgresStore, check_datastore_url, redact};
 pub use seal::{Kek, default_kek_path};
 pub use sled_store::SledStore;
 pub use temp_pg::TempPostgres;

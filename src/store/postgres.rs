@@ -220,6 +220,26 @@ async fn read<C: tokio_postgres::GenericClient + Sync>(
     Ok(row.map(|r| r.get(0)))
 }
 
+/// Checks a datastore URL as far as it can be without connecting: the
+/// scheme, tokio-postgres's parameters, a database name, and the TLS
+/// parameters (reading `sslrootcert`). The error says what is wrong.
+pub fn check_datastore_url(url: &str) -> Result<(), String> {
+    parse_url(url).map(|_| ())
+}
+
+fn parse_url(url: &str) -> Result<(tokio_postgres::Config, MakeRustls), String> {
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err("not a PostgreSQL URL; expected postgres://USER@HOST:PORT/DB".into());
+    }
+    let tls = super::pg_tls::settings(url)?;
+    let mut config = tokio_postgres::Config::from_str(&tls.url).map_err(|e| e.to_string())?;
+    config.ssl_mode(tls.mode);
+    if config.get_dbname().is_none() {
+        return Err("the URL names no database (…/DB)".into());
+    }
+    Ok((config, tls.tls))
+}
+
 impl PostgresStore {
     /// Connects to `url` (`postgres://USER@HOST:PORT/DB`; the password may
     /// also come from `PGPASSWORD`), brings the schema up to this build's
@@ -231,19 +251,7 @@ impl PostgresStore {
             datastore: shown.clone(),
             reason,
         };
-        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-            return Err(refuse(
-                "not a PostgreSQL URL; expected postgres://USER@HOST:PORT/DB".into(),
-            ));
-        }
-        let tls = super::pg_tls::settings(url).map_err(&refuse)?;
-        let mut config =
-            tokio_postgres::Config::from_str(&tls.url).map_err(|e| refuse(e.to_string()))?;
-        config.ssl_mode(tls.mode);
-        let tls = tls.tls;
-        if config.get_dbname().is_none() {
-            return Err(refuse("the URL names no database (…/DB)".into()));
-        }
+        let (mut config, tls) = parse_url(url).map_err(&refuse)?;
         if config.get_password().is_none() {
             if let Ok(p) = std::env::var("PGPASSWORD") {
                 config.password(p);

@@ -87,6 +87,31 @@ fn config_errors_name_the_key() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("--trust-domain"), "{}", stderr(&o));
 
+    // A datastore URL is checked by --validate (its TLS root file read), and
+    // its password never shows.
+    for (url, want) in [
+        ("mysql://sigil@db/sigil", "expected postgres://"),
+        ("postgres://sigil:hunter2@db:5432", "names no database"),
+        (
+            "postgres://sigil:hunter2@db/sigil?sslmode=allow",
+            "sslmode=allow",
+        ),
+        (
+            "postgres://sigil:hunter2@db/sigil?sslmode=verify-full&sslrootcert=/nonexistent/db-ca.pem",
+            "/nonexistent/db-ca.pem",
+        ),
+    ] {
+        let o = sigil()
+            .args(["server", "--validate", "--trust-domain", "example.org"])
+            .args(["--datastore", url])
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "{url}");
+        let e = stderr(&o);
+        assert!(e.contains("datastore") && e.contains(want), "{url}: {e}");
+        assert!(!e.contains("hunter2"), "{url}: {e}");
+    }
+
     let o = sigil()
         .args(["server", "--trust-domain", "Bad Domain!"])
         .output()
