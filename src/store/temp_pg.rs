@@ -46,7 +46,8 @@ fn find_bin() -> Result<PathBuf, String> {
         .find(|d| d.join("initdb").exists())
         .ok_or_else(|| {
             "PostgreSQL's server binaries (initdb, postgres) were not found: install Debian's \
-             `postgresql` package or set SIGIL_PG_BIN"
+             `postgresql` package (`bash .ci/run` does) or set SIGIL_PG_BIN; \
+             SIGIL_SKIP_POSTGRES=1 skips the tests that need it"
                 .to_string()
         })
 }
