@@ -649,7 +649,16 @@ async fn servers_starting_together_create_one_authority_set() {
         prepare(servers[1].admin.clone())
     );
     assert!(a.is_ok() || b.is_ok(), "{a:?} {b:?}");
-    let after = authorities(&servers[2].admin).await;
+    // The third server learns of it through the change feed.
+    let third = servers[2].admin.clone();
+    let after = eventually("the successor shows on the third server", || {
+        let third = third.clone();
+        async move {
+            let now = authorities(&third).await;
+            now.iter().any(|(_, s)| s == "prepared").then_some(now)
+        }
+    })
+    .await;
     let prepared = after.iter().filter(|(_, s)| s == "prepared").count();
     assert_eq!(prepared, 1, "{after:?} ({a:?}, {b:?})");
 }
