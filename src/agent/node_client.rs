@@ -8,6 +8,18 @@ use crate::registry::SERVER_DNS_NAME;
 use crate::spiffe::{SpiffeId, TrustDomain};
 use crate::x509::{Bundle, KeyAlgorithm, PrivateKey, certs_to_pem, x509pop_challenge_message};
 
+/// A failed call, worded for what happened: a server that went away did
+/// not refuse anything.
+fn status_text(s: &tonic::Status) -> String {
+    let broken = s.code() == tonic::Code::Unknown
+        && (s.message().contains("h2 protocol error") || s.message().contains("transport error"));
+    match s.code() {
+        _ if broken => format!("lost the connection to the server: {}", s.message()),
+        tonic::Code::Unavailable => format!("the server is unavailable: {}", s.message()),
+        code => format!("server refused: {} ({code:?})", s.message()),
+    }
+}
+
 /// Why talking to the server failed.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeClientError {
@@ -19,8 +31,8 @@ pub enum NodeClientError {
         /// Why.
         reason: String,
     },
-    /// The server refused.
-    #[error("server refused: {} ({:?})", .0.message(), .0.code())]
+    /// The server refused, or the connection to it broke mid-call.
+    #[error("{}", status_text(.0))]
     Status(#[from] tonic::Status),
     /// The server answered something unusable.
     #[error("unexpected answer from the server: {0}")]
@@ -270,4 +282,28 @@ pub async fn renew(
         .svid
         .ok_or_else(|| NodeClientError::Protocol("renewal without an SVID".into()))?;
     identity_from(svid, key, current.bundle.trust_domain())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_broken_connection_is_not_called_a_refusal() {
+        let e = |s| NodeClientError::Status(s).to_string();
+        assert_eq!(
+            e(tonic::Status::unknown(
+                "h2 protocol error: error reading a body from connection"
+            )),
+            "lost the connection to the server: h2 protocol error: error reading a body from connection"
+        );
+        assert_eq!(
+            e(tonic::Status::unavailable("the server is shutting down")),
+            "the server is unavailable: the server is shutting down"
+        );
+        assert_eq!(
+            e(tonic::Status::permission_denied("agent is banned")),
+            "server refused: agent is banned (PermissionDenied)"
+        );
+    }
 }
