@@ -336,8 +336,20 @@ impl PostgresStore {
             };
             let _ = tx.send(out);
         });
-        rx.recv()
-            .map_err(|_| StoreError::Backend("the datastore runtime stopped".into()))?
+        let wait = || {
+            rx.recv()
+                .map_err(|_| StoreError::Backend("the datastore runtime stopped".into()))?
+        };
+        // Called on a worker of a multi-threaded runtime (an RPC handler,
+        // the sync hub), the wait tells tokio to move the worker's other
+        // tasks elsewhere: a slow or unreachable database then stalls this
+        // call only, not the tasks queued behind it.
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(wait)
+            }
+            _ => wait(),
+        }
     }
 
     fn migrate(&self) -> Result<(), StoreError> {
