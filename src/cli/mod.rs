@@ -532,7 +532,10 @@ pub fn main() -> anyhow::Result<()> {
                     "configuration OK: server for {} (node API {}, data in {})",
                     config.trust_domain,
                     config.bind,
-                    config.data_dir.display()
+                    config.datastore.as_deref().map_or_else(
+                        || config.data_dir.display().to_string(),
+                        crate::store::redact
+                    )
                 ));
             }
             runtime()?.block_on(run_server(config, &run.log_filter))
