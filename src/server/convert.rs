@@ -27,6 +27,12 @@ pub enum ApiError {
 /// the field); internal failures are logged and reported without detail.
 pub fn status(err: impl Into<ApiError>) -> Status {
     let err = err.into();
+    // The store failing to answer (a datastore that is down, a full disk)
+    // is transient: Unavailable, which clients retry, and it says so.
+    if let Some(e) = unavailable_store(&err) {
+        tracing::warn!(error = %e, "the store is unavailable");
+        return Status::unavailable(format!("the store is unavailable; retry: {e}"));
+    }
     let code = match &err {
         ApiError::Registry(e) => match e {
             RegistryError::Invalid(_) | RegistryError::ZeroTokenTtl => Code::InvalidArgument,
@@ -59,6 +65,15 @@ pub fn status(err: impl Into<ApiError>) -> Status {
         return Status::internal("internal error; see the server log");
     }
     Status::new(code, err.to_string())
+}
+
+fn unavailable_store(err: &ApiError) -> Option<&crate::store::StoreError> {
+    let e = match err {
+        ApiError::Registry(RegistryError::Store(e))
+        | ApiError::Authz(AuthzError::Registry(RegistryError::Store(e))) => e,
+        _ => return None,
+    };
+    matches!(e, crate::store::StoreError::Backend(_)).then_some(e)
 }
 
 /// Seconds since the epoch, as the protos carry them.

@@ -515,6 +515,15 @@ async fn postgres_restarted_under_load() {
     })
     .await;
 
+    // Admin calls say the store is unavailable (retryable), not "internal".
+    let e = admin(&s2)
+        .await
+        .list_entries(pa::ListEntriesRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("store is unavailable"), "{e:?}");
+
     // A datastore that cannot be read is not an empty one: the agent keeps
     // the SVID it holds.
     assert!(svid_ids(&a).contains("spiffe://example.org/before"));
