@@ -9,6 +9,7 @@ pub mod convert;
 pub mod federation;
 pub mod limits;
 mod node;
+mod presence;
 mod sync_hub;
 mod tls;
 
@@ -499,6 +500,11 @@ pub struct ServerState {
     shutdown: watch::Receiver<bool>,
     /// Per agent: the last bundle it acknowledged and when it was seen.
     bundle_acks: std::sync::Mutex<std::collections::HashMap<SpiffeId, AgentSeen>>,
+    /// Bumped when `bundle_acks` learns something the other servers of a
+    /// cluster should hear (a new agent, a new acknowledgement).
+    acks_generation: std::sync::atomic::AtomicU64,
+    /// This process among the servers of a cluster (random, per start).
+    server_id: String,
     /// The last failure of the rotation schedule, until a step succeeds
     /// (health is unready meanwhile).
     rotation_error: std::sync::Mutex<Option<String>>,
@@ -581,6 +587,7 @@ impl ServerState {
             acks.retain(|_, a| a.seen.elapsed() < RECENT_AGENT);
         }
         let now = std::time::Instant::now();
+        let mut changed = !acks.contains_key(agent);
         let entry = acks.entry(agent.clone()).or_insert(AgentSeen {
             sequence: 0,
             tainted_svids: 0,
@@ -588,18 +595,50 @@ impl ServerState {
         });
         if let Some((sequence, tainted)) = ack {
             if sequence >= entry.sequence {
+                changed |= (sequence, tainted) != (entry.sequence, entry.tainted_svids);
                 entry.sequence = sequence;
                 entry.tainted_svids = tainted;
             }
         }
         entry.seen = now;
+        if changed {
+            self.acks_generation
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
-    /// The agents seen in the last hour, against bundle `sequence`.
-    fn agents_with_bundle(&self, sequence: u64) -> AgentsView {
+    /// The agents this server saw in the last hour, as it saw them.
+    fn own_sightings(
+        &self,
+        now: SystemTime,
+    ) -> std::collections::HashMap<String, presence::Sighting> {
         let acks = self.bundle_acks.lock().unwrap_or_else(|p| p.into_inner());
+        acks.iter()
+            .filter(|(_, a)| a.seen.elapsed() < RECENT_AGENT)
+            .map(|(id, a)| {
+                let seen = now.checked_sub(a.seen.elapsed()).unwrap_or(now);
+                (
+                    id.to_string(),
+                    presence::Sighting {
+                        sequence: a.sequence,
+                        tainted_svids: a.tainted_svids,
+                        seen: crate::registry::unix(seen),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// The agents seen in the last hour, by this server or (with a shared
+    /// store) any other server of the cluster, against bundle `sequence`.
+    fn agents_with_bundle(&self, sequence: u64) -> AgentsView {
+        let now = self.clock.now();
+        let mut agents = presence::others(self, now);
+        for (id, s) in self.own_sightings(now) {
+            presence::merge(&mut agents, id, s);
+        }
         let mut view = AgentsView::default();
-        for a in acks.values().filter(|a| a.seen.elapsed() < RECENT_AGENT) {
+        for a in agents.values() {
             view.recent += 1;
             if a.sequence >= sequence {
                 view.current += 1;
@@ -1147,6 +1186,10 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         tainted_cache: std::sync::Mutex::default(),
         rotation_error: std::sync::Mutex::default(),
         bundle_acks: std::sync::Mutex::default(),
+        acks_generation: std::sync::atomic::AtomicU64::new(0),
+        server_id: crate::registry::random_bytes(8)
+            .map(|b| b.iter().map(|x| format!("{x:02x}")).collect())
+            .unwrap_or_else(|_| format!("pid-{}", std::process::id())),
         signers: Arc::new(tokio::sync::Semaphore::new(workers)),
         sync_hub: Arc::default(),
         tasks: tokio_util::task::TaskTracker::new(),
@@ -1293,6 +1336,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         shutdown_rx.clone(),
     );
     let datastore = follow_datastore(state_for_compaction.clone(), shutdown_rx.clone());
+    let presence = presence::publish(state_for_compaction.clone(), shutdown_rx.clone());
     let compactor = compact_events(state_for_compaction, shutdown_rx.clone());
     let rotator = rotate_authorities(
         state_for_rotation,
@@ -1313,10 +1357,11 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         };
         // The background jobs end on shutdown too, and are awaited, so the
         // store is closed when the server says it stopped.
-        let ((), (), (), node, admin, authz, (), (), (), (), (), ()) = tokio::join!(
+        let ((), (), (), (), node, admin, authz, (), (), (), (), (), ()) = tokio::join!(
             readiness,
             sync_hub,
             datastore,
+            presence,
             node_server,
             admin_server,
             ext_authz,

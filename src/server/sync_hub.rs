@@ -151,7 +151,7 @@ impl SyncHub {
                     }
                 }
                 Table::Bundle | Table::Authorities => everyone = true,
-                Table::Entries | Table::JoinTokens => {}
+                Table::Entries | Table::JoinTokens | Table::Presence => {}
             }
         }
         if everyone {

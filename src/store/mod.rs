@@ -173,17 +173,21 @@ pub enum Table {
     Bundle,
     /// Sealed CA authorities by ID (write only through [`Store::put_authority`]).
     Authorities,
+    /// What each server of a cluster knows of its agents (which bundle they
+    /// applied), by server: so any server can report on the whole fleet.
+    Presence,
 }
 
 impl Table {
     /// Every table, in a fixed order (the sled tree order).
-    pub const ALL: [Table; 6] = [
+    pub const ALL: [Table; 7] = [
         Table::Entries,
         Table::EntriesByParent,
         Table::Agents,
         Table::JoinTokens,
         Table::Bundle,
         Table::Authorities,
+        Table::Presence,
     ];
 
     /// The table's name on disk.
@@ -195,6 +199,7 @@ impl Table {
             Table::JoinTokens => "join_tokens",
             Table::Bundle => "bundle",
             Table::Authorities => "authorities",
+            Table::Presence => "presence",
         }
     }
 

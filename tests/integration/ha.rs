@@ -131,6 +131,19 @@ async fn authorities(socket: &Path) -> Vec<(String, String)> {
     v
 }
 
+/// What `ca show` says of the agents on one server: (seen in the last
+/// hour, of those on the current bundle).
+async fn fleet(socket: &Path) -> (u32, u32) {
+    let r = sigil::cli::connect_admin(socket)
+        .await
+        .unwrap()
+        .list_authorities(pa::AuthorityKindRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    (r.agents_recent, r.agents_current)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_servers_and_two_agents_share_one_cluster() {
     let Some(pg) = temp_pg() else { return };
@@ -188,6 +201,17 @@ async fn three_servers_and_two_agents_share_one_cluster() {
         .await;
     }
 
+    // `ca show` counts the whole fleet on every server, though each agent
+    // talks to one server.
+    for s in [&s1, &s2, &s3] {
+        let socket = s.admin_socket().to_path_buf();
+        eventually("every server counts both agents as current", || {
+            let socket = socket.clone();
+            async move { (fleet(&socket).await == (2, 2)).then_some(()) }
+        })
+        .await;
+    }
+
     // A forced rotation on one server shows on the others.
     admin(&s2)
         .await
@@ -206,6 +230,17 @@ async fn three_servers_and_two_agents_share_one_cluster() {
             let socket = socket.clone();
             let prepared = prepared.clone();
             async move { (authorities(&socket).await == prepared).then_some(()) }
+        })
+        .await;
+    }
+
+    // ... and both agents' acknowledgement of the new bundle is counted
+    // everywhere, whichever server each one told.
+    for s in [&s1, &s2, &s3] {
+        let socket = s.admin_socket().to_path_buf();
+        eventually("every server counts both agents on the new bundle", || {
+            let socket = socket.clone();
+            async move { (fleet(&socket).await == (2, 2)).then_some(()) }
         })
         .await;
     }

@@ -1,0 +1,169 @@
+//! What the servers of a cluster know of their agents, shared through the
+//! store: which bundle each agent applied, and how many SVIDs signed by a
+//! tainted authority it still holds. An agent talks to one server at a time,
+//! so without this `ca show` (and the gate of `ca activate`) would count
+//! only the agents of the server asked.
+//!
+//! Each server writes one row (`Table::Presence`, keyed by a random ID of
+//! the process) when what it knows changed, at most once a second, and again
+//! every few minutes so the "seen" times stay fresh. Readers merge the rows
+//! with their own view, keeping the latest sighting of each agent. Rows not
+//! rewritten for an hour (servers that went away) are ignored, and deleted
+//! by the next writer. With an embedded store there is one server and
+//! nothing is written.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::{RECENT_AGENT, ServerState};
+use crate::registry::unix;
+use crate::store::{Commit, Table};
+
+/// How often a changed view is written.
+const PUBLISH_EVERY: Duration = Duration::from_secs(1);
+/// How often an unchanged view is rewritten (fresh "seen" times).
+const REFRESH_EVERY: Duration = Duration::from_secs(300);
+
+/// One agent as one server saw it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct Sighting {
+    /// The bundle sequence it applied.
+    pub sequence: u64,
+    /// SVIDs signed by a tainted authority it still held then.
+    pub tainted_svids: u32,
+    /// When it was last seen (seconds since the epoch).
+    pub seen: u64,
+}
+
+/// One server's row.
+#[derive(Debug, Serialize, Deserialize)]
+struct Report {
+    written_at: u64,
+    agents: HashMap<String, Sighting>,
+}
+
+/// The sightings in the rows of the other servers of the cluster, fresher
+/// than an hour; empty for an embedded store or when the store cannot be
+/// read (the caller still has its own view).
+pub(crate) fn others(state: &ServerState, now: SystemTime) -> HashMap<String, Sighting> {
+    let store = state.registry.store();
+    if store.changes().is_none() {
+        return HashMap::new();
+    }
+    let rows = match store.scan(Table::Presence, b"", None, usize::MAX) {
+        Ok(rows) => rows,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the other servers' agents; counting this server's only");
+            return HashMap::new();
+        }
+    };
+    let horizon = unix(now).saturating_sub(RECENT_AGENT.as_secs());
+    let mut merged: HashMap<String, Sighting> = HashMap::new();
+    for (key, value) in rows {
+        if key == state.server_id.as_bytes() {
+            continue;
+        }
+        let Ok(report) = serde_json::from_slice::<Report>(&value) else {
+            continue;
+        };
+        for (id, s) in report.agents.into_iter().filter(|(_, s)| s.seen >= horizon) {
+            merge(&mut merged, id, s);
+        }
+    }
+    merged
+}
+
+/// Keeps the latest sighting of `id`.
+pub(crate) fn merge(into: &mut HashMap<String, Sighting>, id: String, s: Sighting) {
+    match into.get(&id) {
+        Some(held) if held.seen > s.seen => {}
+        _ => {
+            into.insert(id, s);
+        }
+    }
+}
+
+/// Writes this server's row whenever its view changed (at most once a
+/// second) and every few minutes regardless, until shutdown; then deletes
+/// it. Only with a shared store.
+pub(crate) async fn publish(state: Arc<ServerState>, mut shutdown: watch::Receiver<bool>) {
+    if state.registry.store().changes().is_none() {
+        return;
+    }
+    let mut tick = tokio::time::interval(PUBLISH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut written = u64::MAX;
+    let mut last_write = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => break,
+        }
+        let generation = state.acks_generation.load(Ordering::Relaxed);
+        if generation == written && last_write.elapsed() < REFRESH_EVERY {
+            continue;
+        }
+        let step = state.clone();
+        let done = tokio::task::spawn_blocking(move || write(&step)).await;
+        match done {
+            Ok(Ok(())) => {
+                written = generation;
+                last_write = tokio::time::Instant::now();
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot share this server's agents; retrying"),
+            Err(e) => tracing::warn!(error = %e, "presence task failed"),
+        }
+    }
+    let store = state.registry.store().clone();
+    let id = state.server_id.clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        store.commit(Commit::new().delete(Table::Presence, id.into_bytes()))
+    })
+    .await;
+}
+
+/// One write of this server's row, dropping rows nobody rewrote for an hour.
+fn write(state: &ServerState) -> Result<(), crate::store::StoreError> {
+    let now = state.clock.now();
+    let report = Report {
+        written_at: unix(now),
+        agents: state.own_sightings(now),
+    };
+    let value = serde_json::to_vec(&report).unwrap_or_default();
+    let store = state.registry.store();
+    let horizon = unix(now).saturating_sub(RECENT_AGENT.as_secs());
+    let mut commit = Commit::new().put(Table::Presence, state.server_id.as_bytes().to_vec(), value);
+    for (key, value) in store.scan(Table::Presence, b"", None, usize::MAX)? {
+        let stale =
+            serde_json::from_slice::<Report>(&value).map_or(true, |r| r.written_at < horizon);
+        if stale && key != state.server_id.as_bytes() {
+            commit = commit.delete(Table::Presence, key);
+        }
+    }
+    store.commit(commit).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_latest_sighting_of_an_agent_wins() {
+        let s = |sequence, seen| Sighting {
+            sequence,
+            tainted_svids: 0,
+            seen,
+        };
+        let mut m = HashMap::new();
+        merge(&mut m, "a".into(), s(1, 100));
+        merge(&mut m, "a".into(), s(2, 50));
+        assert_eq!(m["a"], s(1, 100));
+        merge(&mut m, "a".into(), s(3, 200));
+        assert_eq!(m["a"], s(3, 200));
+    }
+}
