@@ -131,6 +131,24 @@ async fn authorities(socket: &Path) -> Vec<(String, String)> {
     v
 }
 
+/// Waits until `read` of every server's admin socket gives `want`.
+async fn on_every<T, F, Fut>(servers: &[&ServerHandle], what: &str, want: T, read: F)
+where
+    T: PartialEq + Clone,
+    F: Fn(PathBuf) -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    for s in servers {
+        let socket = s.admin_socket().to_path_buf();
+        eventually(what, || {
+            let got = read(socket.clone());
+            let want = want.clone();
+            async move { (got.await == want).then_some(()) }
+        })
+        .await;
+    }
+}
+
 /// What `ca show` says of the agents on one server: (seen in the last
 /// hour, of those on the current bundle).
 async fn fleet(socket: &Path) -> (u32, u32) {
@@ -190,27 +208,23 @@ async fn three_servers_and_two_agents_share_one_cluster() {
     // `entry show`, `bundle show` and `ca show` agree on every server.
     let first = cluster_view(s1.admin_socket()).await;
     assert_eq!(first.0.len(), 3);
-    for s in [&s2, &s3] {
-        let socket = s.admin_socket().to_path_buf();
-        let first = first.clone();
-        eventually("every server shows the same cluster", || {
-            let socket = socket.clone();
-            let first = first.clone();
-            async move { (cluster_view(&socket).await == first).then_some(()) }
-        })
-        .await;
-    }
+    on_every(
+        &[&s2, &s3],
+        "every server shows the same cluster",
+        first,
+        |p| async move { cluster_view(&p).await },
+    )
+    .await;
 
     // `ca show` counts the whole fleet on every server, though each agent
     // talks to one server.
-    for s in [&s1, &s2, &s3] {
-        let socket = s.admin_socket().to_path_buf();
-        eventually("every server counts both agents as current", || {
-            let socket = socket.clone();
-            async move { (fleet(&socket).await == (2, 2)).then_some(()) }
-        })
-        .await;
-    }
+    on_every(
+        &[&s1, &s2, &s3],
+        "every server counts both agents",
+        (2, 2),
+        |p| async move { fleet(&p).await },
+    )
+    .await;
 
     // A forced rotation on one server shows on the others.
     admin(&s2)
@@ -223,27 +237,23 @@ async fn three_servers_and_two_agents_share_one_cluster() {
         .unwrap();
     let prepared = authorities(s2.admin_socket()).await;
     assert!(prepared.iter().any(|(_, state)| state == "prepared"));
-    for s in [&s1, &s3] {
-        let socket = s.admin_socket().to_path_buf();
-        let prepared = prepared.clone();
-        eventually("the prepared authority shows on every server", || {
-            let socket = socket.clone();
-            let prepared = prepared.clone();
-            async move { (authorities(&socket).await == prepared).then_some(()) }
-        })
-        .await;
-    }
+    on_every(
+        &[&s1, &s3],
+        "the successor shows on every server",
+        prepared,
+        |p| async move { authorities(&p).await },
+    )
+    .await;
 
     // ... and both agents' acknowledgement of the new bundle is counted
     // everywhere, whichever server each one told.
-    for s in [&s1, &s2, &s3] {
-        let socket = s.admin_socket().to_path_buf();
-        eventually("every server counts both agents on the new bundle", || {
-            let socket = socket.clone();
-            async move { (fleet(&socket).await == (2, 2)).then_some(()) }
-        })
-        .await;
-    }
+    on_every(
+        &[&s1, &s2, &s3],
+        "both agents on the new bundle",
+        (2, 2),
+        |p| async move { fleet(&p).await },
+    )
+    .await;
 
     a.shutdown(Duration::from_secs(5)).await;
     b.shutdown(Duration::from_secs(5)).await;
