@@ -716,3 +716,52 @@ async fn servers_starting_together_create_one_authority_set() {
     let prepared = after.iter().filter(|(_, s)| s == "prepared").count();
     assert_eq!(prepared, 1, "{after:?} ({a:?}, {b:?})");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ban_on_one_server_closes_the_agents_stream_on_another() {
+    let Some(pg) = temp_pg() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let s1 = start(member(dir.path(), "s1", &pg)).await.unwrap();
+    let s2 = start(member(dir.path(), "s2", &pg)).await.unwrap();
+    // Attested through s1, syncing with s2.
+    let agent = crate::server::join(&s1).await;
+    let mut client = crate::server::agent_client(&s2, &agent).await;
+    let mut stream = client
+        .sync_entries(sigil::proto::node::SyncEntriesRequest {
+            resume_from_revision: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    stream.message().await.unwrap().unwrap();
+
+    admin(&s1)
+        .await
+        .ban_agent(pa::AgentIdRequest {
+            spiffe_id: agent.spiffe_id.to_string(),
+        })
+        .await
+        .unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return None,
+                Err(status) => return Some(status),
+            }
+        }
+    })
+    .await
+    .expect("the banned agent's stream on the other server stayed open");
+    let status = ended.expect("the stream ended without saying why");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    // And s2 refuses it from then on.
+    let e = crate::server::agent_client(&s2, &agent)
+        .await
+        .batch_new_x509svid(sigil::proto::node::BatchNewX509svidRequest { params: vec![] })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    s1.shutdown(Duration::from_secs(5)).await.unwrap();
+    s2.shutdown(Duration::from_secs(5)).await.unwrap();
+}
