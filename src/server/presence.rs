@@ -7,7 +7,8 @@
 //! Each server writes one row (`Table::Presence`, keyed by a random ID of
 //! the process) when what it knows changed, at most once a second, and again
 //! every few minutes so the "seen" times stay fresh. Readers merge the rows
-//! with their own view, keeping the latest sighting of each agent. Rows not
+//! with their own view (per agent: the latest time it was seen, the highest
+//! bundle it acknowledged anywhere). Rows not
 //! rewritten for an hour (servers that went away) are ignored, and deleted
 //! by the next writer. With an embedded store there is one server and
 //! nothing is written.
@@ -78,14 +79,21 @@ pub(crate) fn others(state: &ServerState, now: SystemTime) -> HashMap<String, Si
     merged
 }
 
-/// Keeps the latest sighting of `id`.
+/// Adds a sighting of `id`: the agent was last seen at the latest of them,
+/// has applied the highest bundle sequence any server heard of (an agent
+/// that moved to another server may not acknowledge the same bundle again
+/// there), and still holds the tainted SVIDs it reported with that
+/// acknowledgement (the later report, for the same sequence).
 pub(crate) fn merge(into: &mut HashMap<String, Sighting>, id: String, s: Sighting) {
-    match into.get(&id) {
-        Some(held) if held.seen > s.seen => {}
-        _ => {
-            into.insert(id, s);
-        }
+    let Some(held) = into.get_mut(&id) else {
+        into.insert(id, s);
+        return;
+    };
+    if (s.sequence, s.seen) > (held.sequence, held.seen) {
+        held.sequence = s.sequence;
+        held.tainted_svids = s.tainted_svids;
     }
+    held.seen = held.seen.max(s.seen);
 }
 
 /// Writes this server's row whenever its view changed (at most once a
@@ -153,17 +161,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_latest_sighting_of_an_agent_wins() {
-        let s = |sequence, seen| Sighting {
+    fn sightings_merge_to_the_latest_time_and_the_highest_bundle() {
+        let s = |sequence, tainted_svids, seen| Sighting {
             sequence,
-            tainted_svids: 0,
+            tainted_svids,
             seen,
         };
         let mut m = HashMap::new();
-        merge(&mut m, "a".into(), s(1, 100));
-        merge(&mut m, "a".into(), s(2, 50));
-        assert_eq!(m["a"], s(1, 100));
-        merge(&mut m, "a".into(), s(3, 200));
-        assert_eq!(m["a"], s(3, 200));
+        merge(&mut m, "a".into(), s(2, 5, 100));
+        // Seen later by a server it did not acknowledge anything to.
+        merge(&mut m, "a".into(), s(0, 0, 150));
+        assert_eq!(m["a"], s(2, 5, 150));
+        // A later report on the same bundle: fewer SVIDs left to re-issue.
+        merge(&mut m, "a".into(), s(2, 1, 160));
+        assert_eq!(m["a"], s(2, 1, 160));
+        // An older report on an older bundle changes nothing.
+        merge(&mut m, "a".into(), s(1, 9, 50));
+        assert_eq!(m["a"], s(2, 1, 160));
+        merge(&mut m, "b".into(), s(3, 0, 10));
+        assert_eq!(m.len(), 2);
     }
 }
