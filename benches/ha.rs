@@ -27,27 +27,20 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sigil::agent::{AgentIdentity, Attestation, attest, connect};
+use sigil::agent::{AgentIdentity, connect};
 use sigil::proto::admin as pa;
 use sigil::proto::node as pn;
 use sigil::registry::{EntryValidation, Registry};
 use sigil::server::{ServerConfig, ServerHandle, start};
 use sigil::store::{Kek, PostgresStore, TempPostgres};
-use sigil::{KeyAlgorithm, PrivateKey, TrustDomain};
+use sigil::{KeyAlgorithm, PrivateKey};
 
-#[path = "common/load.rs"]
-mod load;
+#[path = "common/setup.rs"]
+mod setup;
+
+use setup::{join, percentile, td};
 
 type NodeClient = pn::node_client::NodeClient<tonic::transport::Channel>;
-
-fn td() -> TrustDomain {
-    TrustDomain::new("example.org").unwrap()
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
-}
 
 /// A server in `dir/name`, on `pg` when given, without per-agent limits
 /// (the harness is one agent asking for a lot).
@@ -87,24 +80,6 @@ fn ops_since(
 
 fn total(ops: &std::collections::BTreeMap<String, u64>) -> u64 {
     ops.values().sum()
-}
-
-async fn join(server: &ServerHandle) -> AgentIdentity {
-    let mut admin = sigil::cli::connect_admin(server.admin_socket())
-        .await
-        .unwrap();
-    let token = admin
-        .generate_token(pa::GenerateTokenRequest { ttl_seconds: 600 })
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
-    let mut c = connect(&server.node_addr().to_string(), server.bundle_pem(), None)
-        .await
-        .unwrap();
-    attest(&mut c, &td(), &Attestation::JoinToken(token))
-        .await
-        .unwrap()
 }
 
 async fn create(server: &ServerHandle, spiffe_id: String, parent: &AgentIdentity) -> String {
@@ -225,13 +200,13 @@ async fn signing(dir: &Path, cluster: &[ServerHandle], quick: bool) {
     sled.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
-/// Writes `n` entries straight into the datastore (see `common/load.rs`),
+/// Writes `n` entries straight into the datastore (see `common/setup.rs`),
 /// and `extra` more parented to `agent`.
 fn bulk_load(pg: &TempPostgres, kek: &Path, n: usize, agent: &AgentIdentity, extra: usize) {
     let store =
         PostgresStore::connect(&pg.url("postgres"), Kek::load_or_create(kek).unwrap()).unwrap();
     let registry = Registry::new(Arc::new(store), td(), EntryValidation::default());
-    load::bulk_load(&registry, n, Some(&agent.spiffe_id), extra, 5000, "ha");
+    setup::bulk_load(&registry, n, Some(&agent.spiffe_id), extra, 5000, "ha");
 }
 
 /// Opens a SyncEntries stream and reads its snapshot; returns the stream

@@ -28,57 +28,32 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use sigil::agent::{AgentIdentity, Attestation, attest, connect};
+use sigil::agent::{Attestation, connect};
 use sigil::proto::admin as pa;
 use sigil::proto::node as pn;
 use sigil::registry::{EntryValidation, Registry};
-use sigil::server::{ServerConfig, ServerHandle, start};
+use sigil::server::{ServerConfig, start};
 use sigil::store::Kek;
-#[path = "common/load.rs"]
-mod load;
+#[path = "common/setup.rs"]
+mod setup;
+
+use setup::{join, percentile, td};
 
 use sigil::{
     KeyAlgorithm, PrivateKey, SledStore, SpiffeId, TrustDomain, X509Authority, X509SvidParams,
 };
 
-fn td() -> TrustDomain {
-    TrustDomain::new("example.org").unwrap()
-}
-
 fn config(dir: &Path) -> ServerConfig {
     ServerConfig::local(TrustDomain::new("example.org").unwrap(), dir)
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
-}
-
 /// Writes `n` entries straight into the sled store under `dir` (see
-/// `common/load.rs`).
+/// `common/setup.rs`).
 fn bulk_load(dir: &Path, n: usize, agent: Option<&SpiffeId>, extra: usize) {
     let kek = Kek::load_or_create(&dir.join("kek")).unwrap();
     let store = Arc::new(SledStore::open(&dir.join("data"), kek).unwrap());
     let registry = Registry::new(store, td(), EntryValidation::default());
-    load::bulk_load(&registry, n, agent, extra, 2000, "");
-}
-
-async fn join(server: &ServerHandle) -> AgentIdentity {
-    let mut admin = sigil::cli::connect_admin(server.admin_socket())
-        .await
-        .unwrap();
-    let token = admin
-        .generate_token(pa::GenerateTokenRequest { ttl_seconds: 600 })
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
-    let mut c = connect(&server.node_addr().to_string(), server.bundle_pem(), None)
-        .await
-        .unwrap();
-    attest(&mut c, &td(), &Attestation::JoinToken(token))
-        .await
-        .unwrap()
+    setup::bulk_load(&registry, n, agent, extra, 2000, "");
 }
 
 async fn signing_throughput(quick: bool) {

@@ -8,13 +8,13 @@ use crate::registry::SERVER_DNS_NAME;
 use crate::spiffe::{SpiffeId, TrustDomain};
 use crate::x509::{Bundle, KeyAlgorithm, PrivateKey, certs_to_pem, x509pop_challenge_message};
 
-/// A failed call, worded for what happened: a server that went away did
-/// not refuse anything.
+/// A failed call, worded for what happened: a broken connection or a
+/// server that is unavailable did not refuse anything. (Sigil's server
+/// answers every refusal with a specific code; `Unknown` comes from the
+/// transport, e.g. a connection cut mid-call.)
 fn status_text(s: &tonic::Status) -> String {
-    let broken = s.code() == tonic::Code::Unknown
-        && (s.message().contains("h2 protocol error") || s.message().contains("transport error"));
     match s.code() {
-        _ if broken => format!("lost the connection to the server: {}", s.message()),
+        tonic::Code::Unknown => format!("lost the connection to the server: {}", s.message()),
         tonic::Code::Unavailable => format!("the server is unavailable: {}", s.message()),
         code => format!("server refused: {} ({code:?})", s.message()),
     }

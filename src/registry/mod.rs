@@ -128,7 +128,7 @@ pub(crate) fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -220,13 +220,7 @@ impl Registry {
     /// Announces `revision`, known to be committed (by another server of a
     /// cluster), if it is newer than the last one announced.
     pub fn notify_revision(&self, revision: u64) {
-        self.revisions.send_if_modified(|r| {
-            let newer = revision > *r;
-            if newer {
-                *r = revision;
-            }
-            newer
-        });
+        crate::store::advance(&self.revisions, revision);
     }
 
     fn commit(&self, commit: Commit) -> Result<u64, StoreError> {

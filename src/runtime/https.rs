@@ -82,3 +82,52 @@ pub async fn get(tls: Arc<ClientConfig>, uri: &Uri, max_body: usize) -> Result<V
         .map_err(|e| format!("reading the body failed (limit {max_body} bytes): {e}"))?;
     Ok(body.to_bytes().to_vec())
 }
+
+/// The handshake-signature half of a custom `ServerCertVerifier`: every
+/// verifier checks the server's TLS signatures the same way, with the
+/// provider's algorithms, whatever it decides about the certificate.
+#[derive(Debug)]
+pub struct HandshakeSignatures(pub Arc<tokio_rustls::rustls::crypto::CryptoProvider>);
+
+impl HandshakeSignatures {
+    /// For `ServerCertVerifier::verify_tls12_signature`.
+    pub fn tls12(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &tokio_rustls::rustls::DigitallySignedStruct,
+    ) -> Result<
+        tokio_rustls::rustls::client::danger::HandshakeSignatureValid,
+        tokio_rustls::rustls::Error,
+    > {
+        tokio_rustls::rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    /// For `ServerCertVerifier::verify_tls13_signature`.
+    pub fn tls13(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &tokio_rustls::rustls::DigitallySignedStruct,
+    ) -> Result<
+        tokio_rustls::rustls::client::danger::HandshakeSignatureValid,
+        tokio_rustls::rustls::Error,
+    > {
+        tokio_rustls::rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    /// For `ServerCertVerifier::supported_verify_schemes`.
+    pub fn schemes(&self) -> Vec<tokio_rustls::rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}

@@ -8,6 +8,7 @@ use tonic::{Code, Status};
 use crate::ca::CaError;
 use crate::proto::{admin as pa, node as pn};
 use crate::registry::{AgentRecord, AuthzError, Entry, EntryParams, RegistryError, unix};
+use crate::store::StoreError;
 
 /// Domain errors that can reach a gRPC caller.
 #[derive(Debug, thiserror::Error)]
@@ -27,12 +28,6 @@ pub enum ApiError {
 /// the field); internal failures are logged and reported without detail.
 pub fn status(err: impl Into<ApiError>) -> Status {
     let err = err.into();
-    // The store failing to answer (a datastore that is down, a full disk)
-    // is transient: Unavailable, which clients retry, and it says so.
-    if let Some(e) = unavailable_store(&err) {
-        tracing::warn!(error = %e, "the store is unavailable");
-        return Status::unavailable(format!("the store is unavailable; retry: {e}"));
-    }
     let code = match &err {
         ApiError::Registry(e) => match e {
             RegistryError::Invalid(_) | RegistryError::ZeroTokenTtl => Code::InvalidArgument,
@@ -40,6 +35,9 @@ pub fn status(err: impl Into<ApiError>) -> Status {
             RegistryError::DuplicateEntry(_) => Code::AlreadyExists,
             RegistryError::BadToken | RegistryError::AgentBanned(_) => Code::PermissionDenied,
             RegistryError::AgentChanged(_) => Code::Aborted,
+            // The store failing to answer (a datastore that is down, a full
+            // disk) is transient: clients retry Unavailable.
+            RegistryError::Store(StoreError::Backend(_)) => Code::Unavailable,
             RegistryError::Store(_) | RegistryError::Corrupt { .. } => Code::Internal,
         },
         ApiError::Ca(e) => match e {
@@ -57,6 +55,7 @@ pub fn status(err: impl Into<ApiError>) -> Status {
         ApiError::Authz(e) => match e {
             AuthzError::NoSuchEntry(_) => Code::NotFound,
             AuthzError::NotParent { .. } => Code::PermissionDenied,
+            AuthzError::Registry(RegistryError::Store(StoreError::Backend(_))) => Code::Unavailable,
             AuthzError::Registry(_) => Code::Internal,
         },
     };
@@ -64,16 +63,10 @@ pub fn status(err: impl Into<ApiError>) -> Status {
         tracing::error!(error = %err, "internal error");
         return Status::internal("internal error; see the server log");
     }
+    if code == Code::Unavailable {
+        tracing::warn!(error = %err, "unavailable");
+    }
     Status::new(code, err.to_string())
-}
-
-fn unavailable_store(err: &ApiError) -> Option<&crate::store::StoreError> {
-    let e = match err {
-        ApiError::Registry(RegistryError::Store(e))
-        | ApiError::Authz(AuthzError::Registry(RegistryError::Store(e))) => e,
-        _ => return None,
-    };
-    matches!(e, crate::store::StoreError::Backend(_)).then_some(e)
 }
 
 /// Seconds since the epoch, as the protos carry them.

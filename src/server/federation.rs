@@ -173,7 +173,7 @@ fn https_url(url: &str) -> Result<Uri, String> {
 struct SpiffeEndpointVerifier {
     roots: Vec<rustls_pki_types::TrustAnchor<'static>>,
     id: SpiffeId,
-    provider: Arc<rustls::crypto::CryptoProvider>,
+    signatures: crate::runtime::https::HandshakeSignatures,
 }
 
 impl ServerCertVerifier for SpiffeEndpointVerifier {
@@ -215,12 +215,7 @@ impl ServerCertVerifier for SpiffeEndpointVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.signatures.tls12(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -229,18 +224,11 @@ impl ServerCertVerifier for SpiffeEndpointVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.signatures.tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.signatures.schemes()
     }
 }
 
@@ -282,7 +270,7 @@ fn client_config(
                 .with_custom_certificate_verifier(Arc::new(SpiffeEndpointVerifier {
                     roots,
                     id: endpoint_spiffe_id.clone(),
-                    provider,
+                    signatures: crate::runtime::https::HandshakeSignatures(provider),
                 }))
                 .with_no_client_auth()
         }

@@ -809,10 +809,7 @@ async fn rotate_authorities(
             // One server of a cluster runs the schedule; the others follow
             // what it commits.
             if !holds_lease(store.as_ref(), LEASE_ROTATION)? {
-                return step
-                    .ca
-                    .reload(store.as_ref(), step.clock.now())
-                    .map(|_| Vec::new());
+                return Ok(Vec::new());
             }
             step.ca.tick(store.as_ref(), step.clock.now())
         })
@@ -925,58 +922,48 @@ pub(crate) fn holds_lease(
 const DRIFT_CHECK_EVERY: Duration = Duration::from_secs(60);
 
 /// With a shared datastore: hands other servers' commits to this server's
-/// sync streams, reloads the authorities when a commit touched them, and
-/// every minute diffs the authorities in full (the drift metric). A read
-/// that fails is retried at the next change or tick; it never reads as a
-/// deletion.
+/// sync hub (which routes them to the streams), reloads the authorities when
+/// the hub routed a change to them or to a bundle, and every minute diffs the
+/// authorities in full (the drift metric). A reload that fails is retried a
+/// second later; a failed read never reads as a deletion.
 async fn follow_datastore(state: Arc<ServerState>, mut shutdown: watch::Receiver<bool>) {
     let Some(mut changes) = state.registry.store().changes() else {
         return;
     };
-    let mut seen = *changes.borrow_and_update();
+    let mut authorities = state.sync_hub.bundle_changes();
     let mut full = tokio::time::interval(DRIFT_CHECK_EVERY);
     full.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut retry = false;
     loop {
         let diff = tokio::select! {
             changed = changes.changed() => {
                 if changed.is_err() {
                     return;
                 }
+                let revision = *changes.borrow_and_update();
+                state.registry.notify_revision(revision);
+                continue;
+            }
+            changed = authorities.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                authorities.borrow_and_update();
                 false
             }
+            () = tokio::time::sleep(Duration::from_secs(1)), if retry => false,
             _ = full.tick() => true,
             _ = shutdown.changed() => return,
         };
-        let revision = *changes.borrow_and_update();
         let step = state.clone();
-        let from = seen;
         let done = tokio::task::spawn_blocking(move || {
-            step.registry.notify_revision(revision);
-            let store = step.registry.store();
-            let touched = diff
-                || match store
-                    .events_since(from, 10_000)
-                    .map_err(|e| e.to_string())?
-                {
-                    crate::store::EventsSince::Events(events) => {
-                        events.len() == 10_000
-                            || events.iter().flat_map(|e| &e.changes).any(|c| {
-                                matches!(
-                                    c.table,
-                                    crate::store::Table::Authorities | crate::store::Table::Bundle
-                                )
-                            })
-                    }
-                    crate::store::EventsSince::Compacted { .. } => true,
-                };
-            if !touched {
-                return Ok::<_, String>(());
-            }
-            let differ = step
-                .ca
-                .reload(store.as_ref(), step.clock.now())
-                .map_err(|e| e.to_string())?;
-            if diff {
+            step.ca
+                .reload(step.registry.store().as_ref(), step.clock.now())
+        })
+        .await;
+        retry = !matches!(done, Ok(Ok(_)));
+        match done {
+            Ok(Ok(differ)) if diff => {
                 crate::metrics::metrics()
                     .datastore_drift
                     .set(i64::try_from(differ).unwrap_or(i64::MAX));
@@ -987,14 +974,8 @@ async fn follow_datastore(state: Arc<ServerState>, mut shutdown: watch::Receiver
                     );
                 }
             }
-            Ok(())
-        })
-        .await;
-        match done {
-            Ok(Ok(())) => seen = seen.max(revision),
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "cannot follow the datastore; retrying at the next change")
-            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot reload the authorities; retrying"),
             Err(e) => tracing::warn!(error = %e, "datastore follower task failed"),
         }
     }
@@ -1188,7 +1169,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         bundle_acks: std::sync::Mutex::default(),
         acks_generation: std::sync::atomic::AtomicU64::new(0),
         server_id: crate::registry::random_bytes(8)
-            .map(|b| b.iter().map(|x| format!("{x:02x}")).collect())
+            .map(|b| crate::registry::hex(&b))
             .unwrap_or_else(|_| format!("pid-{}", std::process::id())),
         signers: Arc::new(tokio::sync::Semaphore::new(workers)),
         sync_hub: Arc::default(),

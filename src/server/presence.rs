@@ -113,11 +113,12 @@ pub(crate) async fn publish(state: Arc<ServerState>, mut shutdown: watch::Receiv
             _ = shutdown.changed() => break,
         }
         let generation = state.acks_generation.load(Ordering::Relaxed);
-        if generation == written && last_write.elapsed() < REFRESH_EVERY {
+        let refresh = last_write.elapsed() >= REFRESH_EVERY;
+        if generation == written && !refresh {
             continue;
         }
         let step = state.clone();
-        let done = tokio::task::spawn_blocking(move || write(&step)).await;
+        let done = tokio::task::spawn_blocking(move || write(&step, refresh)).await;
         match done {
             Ok(Ok(())) => {
                 written = generation;
@@ -135,8 +136,15 @@ pub(crate) async fn publish(state: Arc<ServerState>, mut shutdown: watch::Receiv
     .await;
 }
 
-/// One write of this server's row, dropping rows nobody rewrote for an hour.
-fn write(state: &ServerState) -> Result<(), crate::store::StoreError> {
+/// When a row was written (read without the rest of it).
+#[derive(Deserialize)]
+struct Written {
+    written_at: u64,
+}
+
+/// One write of this server's row; on a `refresh`, also drops the rows
+/// nobody rewrote for an hour.
+fn write(state: &ServerState, refresh: bool) -> Result<(), crate::store::StoreError> {
     let now = state.clock.now();
     let report = Report {
         written_at: unix(now),
@@ -146,11 +154,13 @@ fn write(state: &ServerState) -> Result<(), crate::store::StoreError> {
     let store = state.registry.store();
     let horizon = unix(now).saturating_sub(RECENT_AGENT.as_secs());
     let mut commit = Commit::new().put(Table::Presence, state.server_id.as_bytes().to_vec(), value);
-    for (key, value) in store.scan(Table::Presence, b"", None, usize::MAX)? {
-        let stale =
-            serde_json::from_slice::<Report>(&value).map_or(true, |r| r.written_at < horizon);
-        if stale && key != state.server_id.as_bytes() {
-            commit = commit.delete(Table::Presence, key);
+    if refresh {
+        for (key, value) in store.scan(Table::Presence, b"", None, usize::MAX)? {
+            let stale =
+                serde_json::from_slice::<Written>(&value).map_or(true, |r| r.written_at < horizon);
+            if stale && key != state.server_id.as_bytes() {
+                commit = commit.delete(Table::Presence, key);
+            }
         }
     }
     store.commit(commit).map(|_| ())

@@ -74,6 +74,10 @@ impl Inbox {
 #[derive(Debug, Default)]
 pub(crate) struct SyncHub {
     streams: Mutex<HashMap<Vec<u8>, Vec<Arc<Inbox>>>>,
+    /// The last revision routed that changed the authorities or a bundle
+    /// (or after which the hub lost track): what the server's own view of
+    /// the authorities follows when other servers share the store.
+    bundle_changes: watch::Sender<u64>,
 }
 
 /// A registered stream; dropping it unregisters.
@@ -117,6 +121,11 @@ impl SyncHub {
         }
     }
 
+    /// Revisions at which the authorities or a bundle changed, as routed.
+    pub fn bundle_changes(&self) -> watch::Receiver<u64> {
+        self.bundle_changes.subscribe()
+    }
+
     /// Hands one batch of events to the streams they concern.
     fn route(&self, events: &[crate::store::Event]) {
         let Some(revision) = events.last().map(|e| e.revision) else {
@@ -155,6 +164,7 @@ impl SyncHub {
             }
         }
         if everyone {
+            self.bundle_changes.send_replace(revision);
             touched = streams.values().flatten().collect();
             for inbox in &touched {
                 inbox.lock().bundle = true;
@@ -170,6 +180,7 @@ impl SyncHub {
 
     /// Tells every stream to start over from a snapshot.
     fn resnapshot_all(&self, revision: u64) {
+        self.bundle_changes.send_replace(revision);
         for inbox in self.lock().values().flatten() {
             let mut p = inbox.lock();
             p.resnapshot = true;

@@ -158,6 +158,18 @@ pub enum CheckFailure {
 /// Key-value pairs returned by a scan, in key order.
 pub type KeyValues = Vec<(Vec<u8>, Vec<u8>)>;
 
+/// Moves a revision watch forward to `to` (never back); tells watchers only
+/// when it moved.
+pub fn advance(revisions: &tokio::sync::watch::Sender<u64>, to: u64) {
+    revisions.send_if_modified(|seen| {
+        let newer = to > *seen;
+        if newer {
+            *seen = to;
+        }
+        newer
+    });
+}
+
 /// The tables of the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Table {

@@ -79,30 +79,22 @@ pub(super) fn settings(url: &str) -> Result<Settings, String> {
             ));
         }
     };
-    let roots = match rootcert.as_deref() {
-        None | Some("system") => crate::runtime::https::web_pki_roots(&[])?,
-        Some(path) => {
-            let pem =
-                std::fs::read_to_string(path).map_err(|e| format!("sslrootcert {path}: {e}"))?;
-            let mut roots = rustls::RootCertStore::empty();
-            for der in
-                crate::x509::certs_from_pem(&pem).map_err(|e| format!("sslrootcert {path}: {e}"))?
-            {
-                roots
-                    .add(CertificateDer::from(der))
-                    .map_err(|e| format!("sslrootcert {path}: {e}"))?;
-            }
-            if roots.is_empty() {
-                return Err(format!("sslrootcert {path}: no certificate in it"));
-            }
-            roots
-        }
-    };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .map_err(|e| format!("sslrootcert: {e}"))?;
-    let verifier = Arc::new(Verifier { check, webpki });
+    // The roots are read only when the certificate is checked: `prefer`
+    // and `require` work on a machine with no CA certificates at all.
+    let webpki = match check {
+        Check::None => None,
+        Check::Chain | Check::Full => Some(webpki_verifier(
+            rootcert.as_deref(),
+            sslmode.as_deref().unwrap_or("require"),
+            provider.clone(),
+        )?),
+    };
+    let verifier = Arc::new(Verifier {
+        check,
+        webpki,
+        signatures: crate::runtime::https::HandshakeSignatures(provider.clone()),
+    });
     let config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
@@ -116,12 +108,49 @@ pub(super) fn settings(url: &str) -> Result<Settings, String> {
     })
 }
 
-/// Checks the server certificate as `check` says; handshake signatures are
-/// always verified (by webpki, whatever `check` is).
+/// The certificate checker for `sslrootcert` (a PEM file, or `system` or
+/// nothing for the system's roots).
+fn webpki_verifier(
+    rootcert: Option<&str>,
+    sslmode: &str,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<WebPkiServerVerifier>, String> {
+    let roots = match rootcert {
+        None | Some("system") => {
+            let roots = crate::runtime::https::web_pki_roots(&[])?;
+            if roots.is_empty() {
+                return Err(format!(
+                    "sslmode={sslmode} checks the database's certificate, but this system has no CA certificates: give sslrootcert=FILE"
+                ));
+            }
+            roots
+        }
+        Some(path) => {
+            let pem =
+                std::fs::read_to_string(path).map_err(|e| format!("sslrootcert {path}: {e}"))?;
+            let mut roots = rustls::RootCertStore::empty();
+            for der in
+                crate::x509::certs_from_pem(&pem).map_err(|e| format!("sslrootcert {path}: {e}"))?
+            {
+                roots
+                    .add(CertificateDer::from(der))
+                    .map_err(|e| format!("sslrootcert {path}: {e}"))?;
+            }
+            roots
+        }
+    };
+    WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+        .build()
+        .map_err(|e| format!("sslrootcert: {e}"))
+}
+
+/// Checks the server certificate as `check` says (with `webpki`, present
+/// unless nothing is checked); handshake signatures are always verified.
 #[derive(Debug)]
 struct Verifier {
     check: Check,
-    webpki: Arc<WebPkiServerVerifier>,
+    webpki: Option<Arc<WebPkiServerVerifier>>,
+    signatures: crate::runtime::https::HandshakeSignatures,
 }
 
 impl ServerCertVerifier for Verifier {
@@ -133,13 +162,10 @@ impl ServerCertVerifier for Verifier {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        if self.check == Check::None {
+        let Some(webpki) = &self.webpki else {
             return Ok(ServerCertVerified::assertion());
-        }
-        match self
-            .webpki
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
-        {
+        };
+        match webpki.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) if self.check == Check::Chain => Ok(ServerCertVerified::assertion()),
@@ -153,7 +179,7 @@ impl ServerCertVerifier for Verifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.webpki.verify_tls12_signature(message, cert, dss)
+        self.signatures.tls12(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -162,11 +188,11 @@ impl ServerCertVerifier for Verifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.webpki.verify_tls13_signature(message, cert, dss)
+        self.signatures.tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.webpki.supported_verify_schemes()
+        self.signatures.schemes()
     }
 }
 

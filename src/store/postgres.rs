@@ -26,7 +26,7 @@ use tokio::sync::watch;
 use super::pg_tls::MakeRustls;
 use super::{
     AuthorityRecord, Check, Commit, Event, EventsSince, Kek, KeyValues, Store, StoreError, Table,
-    decode_changes, encode_changes, evaluate_checks, kek_check_value, verify_kek,
+    advance, decode_changes, encode_changes, evaluate_checks, kek_check_value, verify_kek,
 };
 
 /// The schema version this build writes. A datastore one version ahead is
@@ -423,15 +423,7 @@ async fn follow(
     revisions: watch::Sender<u64>,
 ) {
     use futures_util::StreamExt;
-    let publish = |r: u64| {
-        revisions.send_if_modified(|seen| {
-            let newer = r > *seen;
-            if newer {
-                *seen = r;
-            }
-            newer
-        });
-    };
+    let publish = |r: u64| advance(&revisions, r);
     let mut poll = tokio::time::interval(POLL_EVERY);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -634,13 +626,7 @@ impl Store for PostgresStore {
             tx.commit().await.map_err(backend)?;
             Ok(next)
         })?;
-        self.revisions.send_if_modified(|seen| {
-            let newer = revision > *seen;
-            if newer {
-                *seen = revision;
-            }
-            newer
-        });
+        advance(&self.revisions, revision);
         Ok(revision)
     }
 
@@ -684,12 +670,11 @@ impl Store for PostgresStore {
         let pool = self.pool.clone();
         let prefix = prefix.to_vec();
         let after = after.map(<[u8]>::to_vec);
-        let (wanted, from) = (prefix.clone(), after.clone());
-        let keep = move |k: &[u8]| {
-            k.starts_with(&wanted) && from.as_ref().is_none_or(|a| k > a.as_slice())
-        };
         if table == Table::Authorities {
             // A handful of rows: read them all, filter here.
+            let keep = move |k: &[u8]| {
+                k.starts_with(&prefix) && after.as_ref().is_none_or(|a| k > a.as_slice())
+            };
             return self.run("scan", async move {
                 let client = pool.get().await.map_err(pool_error)?;
                 let rows = client
@@ -729,7 +714,6 @@ impl Store for PostgresStore {
             Ok(rows
                 .into_iter()
                 .map(|r| (r.get::<_, Vec<u8>>(0), r.get::<_, Vec<u8>>(1)))
-                .filter(|(k, _)| keep(k))
                 .collect())
         })
     }
@@ -829,23 +813,19 @@ impl Store for PostgresStore {
         let name = name.to_string();
         self.run("lease", async move {
             let mut leases = leases.lock().await;
-            if leases
-                .client
-                .as_ref()
-                .is_none_or(tokio_postgres::Client::is_closed)
-            {
-                // A new session holds nothing: leases held on the old one
-                // went with it.
-                leases.held.clear();
-                leases.client = None;
-                let (client, connection) = config.connect(tls).await.map_err(backend)?;
-                tokio::spawn(connection);
-                leases.client = Some(client);
-            }
-            let Some(client) = leases.client.as_ref() else {
-                return Ok(false);
+            let Leases { client, held } = &mut *leases;
+            let client = match client {
+                Some(c) if !c.is_closed() => c,
+                _ => {
+                    // A new session holds nothing: leases held on the old
+                    // one went with it.
+                    held.clear();
+                    let (c, connection) = config.connect(tls).await.map_err(backend)?;
+                    tokio::spawn(connection);
+                    client.insert(c)
+                }
             };
-            if leases.held.contains(&name) {
+            if held.contains(&name) {
                 // Still ours while the session lives: prove it does.
                 client.simple_query("").await.map_err(backend)?;
                 return Ok(true);
@@ -856,7 +836,7 @@ impl Store for PostgresStore {
                 .map_err(backend)?;
             let won: bool = row.get(0);
             if won {
-                leases.held.insert(name);
+                held.insert(name);
             }
             Ok(won)
         })

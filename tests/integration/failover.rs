@@ -8,12 +8,12 @@ use sigil::server::start;
 use crate::agent::{agent_config, my_uid, wait_for_svids};
 use crate::server::{admin, server_config};
 
-fn free_addr() -> String {
+/// A loopback address nothing listens on (yet).
+pub(crate) fn free_addr() -> std::net::SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
-        .to_string()
 }
 
 /// Registers `spiffe://example.org/<name>` for this process under `agent`.
@@ -41,7 +41,7 @@ async fn an_agent_fails_over_to_the_next_server_of_its_list() {
         servers: vec![
             "127.0.0.1:1".into(),
             first.node_addr().to_string(),
-            second_addr.clone(),
+            second_addr.to_string(),
         ],
         ..agent_config(&first, &dir.path().join("agent")).await
     };
@@ -56,7 +56,7 @@ async fn an_agent_fails_over_to_the_next_server_of_its_list() {
         .await
         .unwrap();
     let mut config = server_config(&data, vec![]);
-    config.bind = second_addr.parse().unwrap();
+    config.bind = second_addr;
     let second = start(config).await.unwrap();
     register(&second, agent.spiffe_id(), "after").await;
     wait_for_svids(&agent, 2).await;

@@ -327,6 +327,19 @@ impl Drop for ServerProcess {
     }
 }
 
+/// The parent of the entries the write loads register (no agent needs them).
+const LOAD_PARENT: &str = "spiffe://example.org/node";
+
+/// An entry of a write load.
+fn load_entry(spiffe_id: String) -> pa::EntryParams {
+    pa::EntryParams {
+        spiffe_id,
+        parent_id: LOAD_PARENT.into(),
+        selectors: vec!["unix:uid:1000".into()],
+        ..Default::default()
+    }
+}
+
 /// Creates entries through `socket` until a create fails; records each one
 /// the server acknowledged.
 async fn write_until_error(socket: PathBuf, writer: usize, acked: Arc<Mutex<Vec<String>>>) {
@@ -335,12 +348,7 @@ async fn write_until_error(socket: PathBuf, writer: usize, acked: Arc<Mutex<Vec<
     };
     for i in 0.. {
         let created = c
-            .create_entry(pa::EntryParams {
-                spiffe_id: format!("spiffe://example.org/w{writer}/e{i}"),
-                parent_id: "spiffe://example.org/node".into(),
-                selectors: vec!["unix:uid:1000".into()],
-                ..Default::default()
-            })
+            .create_entry(load_entry(format!("spiffe://example.org/w{writer}/e{i}")))
             .await;
         match created {
             Ok(e) => acked.lock().unwrap().push(e.into_inner().id),
@@ -376,34 +384,19 @@ async fn a_server_killed_during_writes_loses_nothing_it_acknowledged() {
     let listed = entry_ids(survivor.admin_socket()).await;
     let lost: Vec<_> = acked.difference(&listed).collect();
     assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");
-    create_one(&survivor).await;
+    crate::server::create_entry(
+        &survivor,
+        "spiffe://example.org/after",
+        &sigil::SpiffeId::new(LOAD_PARENT).unwrap(),
+    )
+    .await;
     survivor.shutdown(Duration::from_secs(5)).await.unwrap();
-}
-
-async fn create_one(server: &ServerHandle) {
-    admin(server)
-        .await
-        .create_entry(pa::EntryParams {
-            spiffe_id: "spiffe://example.org/after".into(),
-            parent_id: "spiffe://example.org/node".into(),
-            selectors: vec!["unix:uid:1000".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
 }
 
 /// The `sigil_cluster_lease_held` gauge of `lease` at `metrics`.
 async fn holds(metrics: std::net::SocketAddr, lease: &str) -> bool {
     let (_, body) = http_get(metrics, "/metrics").await;
     body.contains(&format!("sigil_cluster_lease_held{{lease=\"{lease}\"}} 1"))
-}
-
-fn free_addr() -> std::net::SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -422,7 +415,7 @@ async fn the_rotation_leader_killed_mid_rotation_another_server_completes_it() {
         "--agent-ttl",
         "10s",
     ];
-    let metrics = free_addr();
+    let metrics = crate::failover::free_addr();
     let metrics_flag = metrics.to_string();
     let mut leader_args = short.to_vec();
     leader_args.extend(["--metrics-bind", &metrics_flag]);
@@ -514,12 +507,7 @@ async fn write_through_outage(
             break;
         }
         let created = c
-            .create_entry(pa::EntryParams {
-                spiffe_id: format!("spiffe://example.org/load/{i}"),
-                parent_id: "spiffe://example.org/node".into(),
-                selectors: vec!["unix:uid:1000".into()],
-                ..Default::default()
-            })
+            .create_entry(load_entry(format!("spiffe://example.org/load/{i}")))
             .await;
         match created {
             Ok(e) => acked.push(e.into_inner().id),
@@ -560,14 +548,18 @@ async fn postgres_restarted_under_load() {
     })
     .await;
 
-    // Admin calls say the store is unavailable (retryable), not "internal".
+    // Admin calls answer UNAVAILABLE (retryable) with the datastore's own
+    // error, not "internal".
     let e = admin(&s2)
         .await
         .list_entries(pa::ListEntriesRequest::default())
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
-    assert!(e.message().contains("store is unavailable"), "{e:?}");
+    assert!(
+        e.message().contains("PostgreSQL") && e.message().contains("connect"),
+        "{e:?}"
+    );
 
     // A datastore that cannot be read is not an empty one: the agent keeps
     // the SVID it holds.
