@@ -19,7 +19,7 @@
 //!    client (the header block is re-encoded).
 //!
 //! Run: `cargo bench --bench agent` (`-- --quick`: 200 streams, 2,000 SVIDs;
-//! `-- --fresh-only` runs only 5).
+//! `-- --fresh-only` runs only 5, `-- --burst-only` only 1).
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -342,7 +342,9 @@ async fn main() {
         fresh_agent_memory(&server, &mut admin, dir.path(), cached).await;
         return;
     }
-    authority_layer(dir.path(), streams).await;
+    if !std::env::args().any(|a| a == "--burst-only") {
+        authority_layer(dir.path(), streams).await;
+    }
     let server = start(config(dir.path())).await.unwrap();
     let mut admin = sigil::cli::connect_admin(server.admin_socket())
         .await
@@ -374,6 +376,10 @@ async fn main() {
     let (bundle_tx, mut bundle_rx) = tokio::sync::mpsc::unbounded_channel();
     // SIGIL_AGENT_PERF=<file>: record the agent with `perf` during the burst.
     let perf = perf::Recording::start("SIGIL_AGENT_PERF", agent.id(), 2999);
+    let (agent_cpu, own_cpu) = (
+        perf::threads_cpu_time(agent.id()),
+        perf::threads_cpu_time(std::process::id()),
+    );
     let burst_start = Instant::now();
     for i in 0..streams {
         let mut c = channels[i % channels.len()].clone();
@@ -398,10 +404,16 @@ async fn main() {
         burst.push(first_rx.recv().await.unwrap());
     }
     let burst_total = burst_start.elapsed();
+    let agent_cpu = perf::threads_cpu_time(agent.id()) - agent_cpu;
+    let own_cpu = perf::threads_cpu_time(std::process::id()) - own_cpu;
     perf.stop();
     println!(
         "first FetchX509SVID response, burst of {streams} concurrent streams (all opened at once, {burst_total:?} in total): {}",
         summary(burst)
+    );
+    println!(
+        "  CPU during the burst: agent {agent_cpu:?} ({:?} per stream), this harness (clients and server) {own_cpu:?}",
+        agent_cpu / streams as u32
     );
 
     let mut warm = Vec::new();
@@ -416,6 +428,10 @@ async fn main() {
         "first FetchX509SVID response with {streams} streams open, 200 new fetches one at a time: {}",
         summary(warm)
     );
+    if std::env::args().any(|a| a == "--burst-only") {
+        let _ = agent.kill();
+        return;
+    }
 
     // SDS streams, as Envoy opens them, over 100 more connections.
     let (sds_ready_tx, mut sds_ready_rx) = tokio::sync::mpsc::unbounded_channel();

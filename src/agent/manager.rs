@@ -70,7 +70,7 @@ pub struct Manager {
     pub(super) identity: AgentIdentity,
     pub(super) attestation: Option<Attestation>,
     pub(super) data_dir: PathBuf,
-    pub(super) entries: BTreeMap<String, Arc<Entry>>,
+    pub(super) entries: super::entries::Entries,
     pub(super) svids: HashMap<String, Arc<CachedSvid>>,
     pub(super) revision: u64,
     /// A bundle applied but not yet acknowledged to the server (its sequence).
@@ -407,7 +407,18 @@ impl Manager {
                 if !page.last {
                     return false;
                 }
-                self.entries = pending.take().unwrap_or_default();
+                // Applied as a difference, so what did not change stays shared.
+                let next = pending.take().unwrap_or_default();
+                let gone: Vec<String> = (self.entries.by_id().keys())
+                    .filter(|id| !next.contains_key(*id))
+                    .cloned()
+                    .collect();
+                for id in gone {
+                    self.entries.remove(&id);
+                }
+                for e in next.into_values() {
+                    self.entries.insert(e);
+                }
             }
             Some(pn::sync_entries_response::Kind::Delta(d)) => {
                 for id in &d.deleted {
@@ -415,7 +426,7 @@ impl Manager {
                 }
                 for e in d.upserted.iter().filter_map(convert) {
                     let e = shared(self.entries.get(&e.id), e);
-                    self.entries.insert(e.id.clone(), e);
+                    self.entries.insert(e);
                 }
             }
             None => {}
@@ -435,7 +446,7 @@ impl Manager {
         // With a cap, only the kept few are looked at.
         let candidates: Box<dyn Iterator<Item = &Arc<Entry>>> = match &kept {
             Some(k) => Box::new(k.iter().filter_map(|id| self.entries.get(id))),
-            None => Box::new(self.entries.values()),
+            None => Box::new(self.entries.by_id().values()),
         };
         let due: Vec<Arc<Entry>> = candidates
             .filter(|e| match self.svids.get(&e.id) {
@@ -490,7 +501,7 @@ impl Manager {
         let now = std::time::Instant::now();
         let mut kept = std::collections::HashSet::new();
         if !connected.is_empty() {
-            for e in self.entries.values() {
+            for e in self.entries.by_id().values() {
                 if connected
                     .iter()
                     .any(|have| crate::spiffe::is_subset(&e.selectors, have))
@@ -526,20 +537,11 @@ impl Manager {
             take(e, &mut room);
         }
         // Then the oldest entries.
-        if room > 0 {
-            let by_age = |a: &&Arc<Entry>, b: &&Arc<Entry>| {
-                (a.created_at_micros, &a.id).cmp(&(b.created_at_micros, &b.id))
-            };
-            let mut oldest: Vec<&Arc<Entry>> = self.entries.values().collect();
-            let k = (room + cap).min(oldest.len());
-            if k > 0 && k < oldest.len() {
-                oldest.select_nth_unstable_by(k - 1, by_age);
-                oldest.truncate(k);
+        for e in self.entries.oldest_first() {
+            if room == 0 {
+                break;
             }
-            oldest.sort_by(by_age);
-            for e in oldest {
-                take(e, &mut room);
-            }
+            take(e, &mut room);
         }
         kept
     }
@@ -619,7 +621,7 @@ impl Manager {
             &self.data_dir,
             &self.identity.spiffe_id,
             self.revision,
-            &self.entries,
+            self.entries.by_id(),
             &self.svids,
             &self.federated,
         );
@@ -628,11 +630,9 @@ impl Manager {
     }
 
     pub(super) fn publish(&mut self) {
+        // The SVIDs in the entries' order, from the (often far fewer) SVIDs.
         let oldest_first =
             |a: &Entry, b: &Entry| (a.created_at_micros, &a.id).cmp(&(b.created_at_micros, &b.id));
-        let mut entries: Vec<Arc<Entry>> = self.entries.values().cloned().collect();
-        entries.sort_by(|a, b| oldest_first(a, b));
-        // The SVIDs in the same order, from the (often far fewer) SVIDs.
         let mut svids: Vec<Arc<CachedSvid>> = self
             .svids
             .values()
@@ -642,7 +642,7 @@ impl Manager {
         svids.sort_by(|a, b| oldest_first(&a.entry, &b.entry));
         let next = AgentState {
             bundle: Some(self.identity.bundle.clone()),
-            entries,
+            entries: self.entries.listed(),
             svids,
             tainted: self.tainted.clone(),
             federated: self.federated.clone(),
@@ -681,11 +681,10 @@ fn same_state(a: &AgentState, b: &AgentState) -> bool {
     a.tainted == b.tainted
         && a.federated == b.federated
         && a.bundle == b.bundle
-        && a.entries.len() == b.entries.len()
-        && a.entries
-            .iter()
-            .zip(&b.entries)
-            .all(|(x, y)| Arc::ptr_eq(x, y) || x == y)
+        && (Arc::ptr_eq(&a.entries, &b.entries)
+            || (a.entries.len() == b.entries.len()
+                && (a.entries.iter().zip(b.entries.iter()))
+                    .all(|(x, y)| Arc::ptr_eq(x, y) || x == y)))
         && a.svids.len() == b.svids.len()
         && a.svids.iter().zip(&b.svids).all(|(x, y)| Arc::ptr_eq(x, y))
 }

@@ -2,6 +2,7 @@
 //! identity), keeps entries and SVIDs in sync with the server, and serves the
 //! SPIFFE Workload API on a Unix socket.
 
+mod entries;
 mod manager;
 pub mod node_client;
 mod persist;
@@ -499,7 +500,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         identity,
         attestation: unspent,
         data_dir: config.data_dir.clone(),
-        entries: restored.entries,
+        entries: restored.entries.into_values().collect(),
         svids: restored.svids,
         revision: restored.revision,
         tainted: Arc::default(),

@@ -78,6 +78,8 @@ pub struct AuthorityFix<IO> {
     state: State,
     pending: Option<PendingBlock>,
     hpack: loona_hpack::Decoder<'static>,
+    /// The re-encoded header block (kept to reuse its allocation).
+    encoded: Vec<u8>,
     /// Set at the first rewrite: every later header block is re-encoded.
     rewriting: bool,
     eof: bool,
@@ -97,6 +99,7 @@ impl<IO> AuthorityFix<IO> {
             state: State::Preface(PREFACE.len()),
             pending: None,
             hpack,
+            encoded: Vec::new(),
             rewriting: false,
             eof: false,
             first_request: None,
@@ -230,12 +233,14 @@ impl<IO> AuthorityFix<IO> {
     /// Decodes a complete header block and passes it on, rewritten if needed.
     fn finish_block(&mut self, p: PendingBlock) -> io::Result<()> {
         self.first_request = None;
-        let mut encoded = Vec::with_capacity(p.block.len() + 64);
+        let plain = plain_strings(&p.block)?;
+        let mut encoded = std::mem::take(&mut self.encoded);
+        encoded.clear();
         let mut list_size = 0usize;
         let mut refused_authority = false;
         let mut too_large = false;
         self.hpack
-            .decode_with_cb(&p.block, |name, value| {
+            .decode_with_cb(plain.as_deref().unwrap_or(&p.block), |name, value| {
                 list_size += name.len() + value.len() + 32;
                 if list_size > MAX_HEADER_LIST {
                     too_large = true;
@@ -257,12 +262,14 @@ impl<IO> AuthorityFix<IO> {
             tracing::debug!("rewriting a non-host :authority on this connection");
             self.rewriting = true;
         }
-        if self.rewriting {
-            self.write_block(&p, &encoded)?;
+        let written = if self.rewriting {
+            self.write_block(&p, &encoded)
         } else {
             self.output.unsplit(p.raw);
-        }
-        Ok(())
+            Ok(())
+        };
+        self.encoded = encoded;
+        written
     }
 
     /// Writes a re-encoded block as one HEADERS frame. Literals take fewer
@@ -320,6 +327,80 @@ fn split_headers_payload(flags: u8, payload: &[u8]) -> io::Result<(Option<[u8; 5
         .checked_sub(pad)
         .ok_or_else(|| protocol("HEADERS padding longer than the frame"))?;
     Ok((priority, &rest[..end]))
+}
+
+thread_local! {
+    /// `loona-hpack` builds its Huffman code table anew for every string it
+    /// decodes, which cost about a third of the agent's CPU in a burst of new
+    /// streams; one decoder per thread is built once and reused instead.
+    static HUFFMAN: std::cell::RefCell<loona_hpack::huffman::HuffmanDecoder> =
+        std::cell::RefCell::new(loona_hpack::huffman::HuffmanDecoder::new());
+}
+
+/// The header block with every Huffman-coded string literal replaced by its
+/// plain octets (RFC 7541 §5.2), or `None` when it has none. The field
+/// representations, indexes and order are unchanged, so the HPACK decoder's
+/// table follows exactly as it would on the original block.
+fn plain_strings(block: &[u8]) -> io::Result<Option<Vec<u8>>> {
+    let mut out: Option<Vec<u8>> = None;
+    let mut copied = 0;
+    let mut at = 0;
+    while at < block.len() {
+        let first = block[at];
+        // (prefix bits of the index, string literals when the index is 0)
+        let (prefix, literals) = match first {
+            f if f & 0x80 != 0 => (7, 0), // indexed field
+            f if f & 0x40 != 0 => (6, 2), // literal, incremental indexing
+            f if f & 0x20 != 0 => (5, 0), // dynamic table size update
+            _ => (4, 2),                  // literal, not or never indexed
+        };
+        let (index, n) = hpack_integer(&block[at..], prefix)?;
+        at += n;
+        let strings = if literals == 2 && index != 0 { 1 } else { literals };
+        for _ in 0..strings {
+            let start = at;
+            let huffman = block.get(at).is_some_and(|b| b & 0x80 != 0);
+            let (len, n) = hpack_integer(&block[at..], 7)?;
+            let end = (at + n)
+                .checked_add(len)
+                .filter(|&end| end <= block.len())
+                .ok_or_else(|| protocol("HPACK string longer than its header block"))?;
+            if huffman {
+                let decoded = HUFFMAN
+                    .with(|h| h.borrow_mut().decode(&block[at + n..end]))
+                    .map_err(|e| protocol_owned(format!("HPACK Huffman string: {e:?}")))?;
+                let out = out.get_or_insert_with(|| Vec::with_capacity(block.len() * 2));
+                out.extend_from_slice(&block[copied..start]);
+                // Writing to a Vec cannot fail.
+                let _ = loona_hpack::encoder::encode_integer_into(decoded.len(), 7, 0, out);
+                out.extend_from_slice(&decoded);
+                copied = end;
+            }
+            at = end;
+        }
+    }
+    Ok(out.map(|mut out| {
+        out.extend_from_slice(&block[copied..]);
+        out
+    }))
+}
+
+/// An HPACK integer with a `prefix`-bit prefix (RFC 7541 §5.1) at the start
+/// of `buf`, and the octets it took; at most 5 octets, as `loona-hpack` allows.
+fn hpack_integer(buf: &[u8], prefix: u8) -> io::Result<(usize, usize)> {
+    let mask = u8::MAX >> (8 - prefix);
+    let first = buf.first().ok_or_else(|| protocol("truncated HPACK integer"))? & mask;
+    if first < mask {
+        return Ok((usize::from(first), 1));
+    }
+    let mut value = usize::from(mask);
+    for (k, &b) in buf.iter().skip(1).take(4).enumerate() {
+        value += usize::from(b & 0x7f) << (7 * k);
+        if b & 0x80 == 0 {
+            return Ok((value, k + 2));
+        }
+    }
+    Err(protocol("truncated or overlong HPACK integer"))
 }
 
 /// Whether h2 accepts this `:authority` (it parses it as an RFC 3986 authority).

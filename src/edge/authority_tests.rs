@@ -368,3 +368,131 @@ async fn a_connection_that_sends_no_request_is_closed_at_the_deadline() {
     drop(client);
     fix.read_to_end(&mut out).await.unwrap();
 }
+
+fn hex(s: &str) -> Vec<u8> {
+    let s: String = s.split_whitespace().collect();
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+/// RFC 7541 C.4.1-C.4.3: three requests on one connection, Huffman-coded.
+fn rfc7541_huffman_requests() -> Vec<Vec<u8>> {
+    [
+        "8286 8441 8cf1 e3c2 e5f2 3a6b a0ab 90f4 ff",
+        "8286 84be 5886 a8eb 1064 9cbf",
+        "8287 85bf 4088 25a8 49e9 5ba9 7d7f 8925 a849 e95b b8e8 b4bf",
+    ]
+    .iter()
+    .map(|h| hex(h))
+    .collect()
+}
+
+/// `:method POST`, `:scheme http`, `:path /`, then `:authority` "a b"
+/// Huffman-coded (' ' 010100, 'a' 00011, 'b' 100011, EOS padding): h2
+/// refuses a space.
+fn huffman_refused_authority() -> Vec<u8> {
+    vec![0x83, 0x86, 0x84, 0x01, 0x83, 0x1a, 0x91, 0xff]
+}
+
+/// Decodes blocks in order with one state: loona-hpack on the original, and
+/// loona-hpack on what `plain_strings` made of it.
+fn decode_both(blocks: &[Vec<u8>]) -> (Vec<Result<Headers, String>>, Vec<Result<Headers, String>>) {
+    let (mut original, mut plain) = (loona_hpack::Decoder::new(), loona_hpack::Decoder::new());
+    let mut a = Vec::new();
+    let mut b = Vec::new();
+    for block in blocks {
+        a.push(original.decode(block).map_err(|e| format!("{e:?}")));
+        b.push(match plain_strings(block) {
+            Ok(p) => plain
+                .decode(p.as_deref().unwrap_or(block))
+                .map_err(|e| format!("{e:?}")),
+            Err(e) => Err(e.to_string()),
+        });
+    }
+    (a, b)
+}
+
+#[test]
+fn huffman_strings_are_decoded_once_and_decode_alike() {
+    let blocks = rfc7541_huffman_requests();
+    let (original, plain) = decode_both(&blocks);
+    let lists: Vec<Headers> = plain.into_iter().map(Result::unwrap).collect();
+    assert_eq!(lists, original.into_iter().map(Result::unwrap).collect::<Vec<_>>());
+    assert_eq!(authority(&lists[2]), b"www.example.com");
+    assert!(lists[2].contains(&(b"custom-key".to_vec(), b"custom-value".to_vec())));
+    assert!(lists[1].contains(&(b"cache-control".to_vec(), b"no-cache".to_vec())));
+    // A block without Huffman strings is used as it is.
+    let raw = encode(&mut loona_hpack::Encoder::new(), &request("localhost", "/x"));
+    assert!(plain_strings(&raw).unwrap().is_none());
+    // Broken strings and integers are errors, not panics.
+    for bad in [
+        vec![0x01, 0x83, 0x1a, 0x91],  // string longer than the block
+        vec![0x01, 0x81, 0x00],        // Huffman padding of zeros
+        vec![0xff],                    // truncated integer
+        vec![0xff, 0x80, 0x80, 0x80, 0x80, 0x01], // integer over 5 octets
+    ] {
+        assert!(plain_strings(&bad).is_err(), "{bad:02x?}");
+    }
+}
+
+#[tokio::test]
+async fn huffman_coded_requests_pass_through_or_are_rewritten() {
+    // Compliant (RFC 7541's requests): byte for byte.
+    let mut input = PREFACE.to_vec();
+    for (i, block) in rfc7541_huffman_requests().iter().enumerate() {
+        input.extend(header_frames(block, 1 + 2 * i as u32, 16_384, None, false));
+    }
+    assert_eq!(run(input.clone(), 7).await.unwrap(), input);
+    // A Huffman-coded socket-path-like authority is replaced, and the
+    // requests after it follow the client's table.
+    let mut input = PREFACE.to_vec();
+    input.extend(header_frames(&huffman_refused_authority(), 1, 16_384, None, false));
+    for (i, block) in rfc7541_huffman_requests().iter().enumerate() {
+        input.extend(header_frames(block, 3 + 2 * i as u32, 5, None, false));
+    }
+    let (_, lists) = parse_output(&run(input, 3).await.unwrap());
+    assert_eq!(lists.len(), 4);
+    assert_eq!(authority(&lists[0]), b"localhost");
+    assert_eq!(lists[0][2], (b":path".to_vec(), b"/".to_vec()));
+    assert_eq!(authority(&lists[3]), b"www.example.com");
+    assert!(lists[3].contains(&(b"custom-key".to_vec(), b"custom-value".to_vec())));
+}
+
+proptest! {
+    /// Any sequence of field representations (valid or not, Huffman or
+    /// not): decoding after `plain_strings` gives what decoding the original
+    /// gives, table state included.
+    #[test]
+    fn plain_strings_never_change_what_a_block_means(
+        picks in proptest::collection::vec(proptest::collection::vec(0usize..16, 0..8), 1..6),
+        noise in proptest::collection::vec(any::<u8>(), 0..8),
+    ) {
+        let mut pieces: Vec<Vec<u8>> = vec![
+            vec![0x82], vec![0x86], vec![0x84], vec![0xbe], vec![0xbf], vec![0xc0],
+            hex("41 8cf1 e3c2 e5f2 3a6b a0ab 90f4 ff"),
+            hex("58 86a8 eb10 649c bf"),
+            hex("40 8825 a849 e95b a97d 7f89 25a8 49e9 5bb8 e8b4 bf"),
+            vec![0x01, 0x83, 0x1a, 0x91, 0xff],
+            vec![0x10, 0x01, b'x', 0x81, 0x1a],
+            vec![0x3f, 0xe1, 0x1f], // table size update to 4,096
+            vec![0x20],             // table size update to 0
+            vec![0x44, 0x02, b'/', b'y'],
+            vec![0x0f, 0x2b, 0x01, b'z'],
+        ];
+        pieces.push(noise);
+        let blocks: Vec<Vec<u8>> = picks
+            .iter()
+            .map(|p| p.iter().flat_map(|&i| pieces[i].clone()).collect())
+            .collect();
+        let (original, plain) = decode_both(&blocks);
+        for (a, b) in original.iter().zip(&plain) {
+            match (a, b) {
+                (Ok(a), Ok(b)) => prop_assert_eq!(a, b),
+                (Err(_), Err(_)) => break, // the connection closes at the first error
+                _ => prop_assert!(false, "{a:?} vs {b:?}"),
+            }
+        }
+    }
+}

@@ -35,8 +35,9 @@ pub struct CachedSvid {
 pub struct AgentState {
     /// The trust bundle (absent until first synced).
     pub bundle: Option<Bundle>,
-    /// Entries parented to this agent, oldest first.
-    pub entries: Vec<Arc<Entry>>,
+    /// Entries parented to this agent, oldest first (shared with the agent
+    /// until they change).
+    pub entries: Arc<Vec<Arc<Entry>>>,
     /// SVIDs by entry, in the same order as `entries`.
     pub svids: Vec<Arc<CachedSvid>>,
     /// Authorities the server marked tainted: nothing they signed is served
