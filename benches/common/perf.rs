@@ -13,7 +13,13 @@ impl Recording {
     pub fn start(var: &str, pid: u32, hz: u32) -> Recording {
         Recording(std::env::var(var).ok().map(|out| {
             let child = Command::new("perf")
-                .args(["record", "-e", "cpu-clock", "--call-graph", &std::env::var("SIGIL_PERF_CALLGRAPH").unwrap_or("fp".into())])
+                .args([
+                    "record",
+                    "-e",
+                    "cpu-clock",
+                    "--call-graph",
+                    &std::env::var("SIGIL_PERF_CALLGRAPH").unwrap_or("fp".into()),
+                ])
                 .args(["-F", &hz.to_string(), "-o", &out, "-p", &pid.to_string()])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -44,9 +50,16 @@ impl Recording {
 #[allow(dead_code)]
 pub fn threads_cpu_time(pid: u32) -> Duration {
     let mut ns = 0u64;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
         if let Ok(s) = std::fs::read_to_string(task.path().join("schedstat")) {
-            ns += s.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            ns += s
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
         }
     }
     Duration::from_nanos(ns)

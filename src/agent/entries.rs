@@ -1,49 +1,18 @@
 //! The agent's registration entries, held by ID and kept in publication
-//! order (oldest first: creation time, then ID), so a delta costs the
-//! entries it touches, not a sort of all of them.
+//! order (oldest first: creation time, then ID) in a persistent set, so a
+//! delta costs the entries it touches, not a sort or a copy of all of them.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::registry::Entry;
-
-/// An entry ordered by age: creation time, then ID.
-#[derive(Debug, Clone)]
-struct ByAge(Arc<Entry>);
-
-impl ByAge {
-    fn key(&self) -> (u64, &str) {
-        (self.0.created_at_micros, &self.0.id)
-    }
-}
-
-impl PartialEq for ByAge {
-    fn eq(&self, other: &Self) -> bool {
-        self.key() == other.key()
-    }
-}
-
-impl Eq for ByAge {}
-
-impl PartialOrd for ByAge {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for ByAge {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.key().cmp(&other.key())
-    }
-}
+use crate::workload_api::{ByAge, EntryList};
 
 /// The entries parented to this agent.
 #[derive(Debug, Default)]
 pub struct Entries {
     by_id: BTreeMap<String, Arc<Entry>>,
-    by_age: BTreeSet<ByAge>,
-    /// The oldest-first list last handed out, until the next change.
-    listed: Option<Arc<Vec<Arc<Entry>>>>,
+    by_age: EntryList,
 }
 
 impl Entries {
@@ -69,36 +38,36 @@ impl Entries {
 
     /// The entries, oldest first.
     pub fn oldest_first(&self) -> impl Iterator<Item = &Arc<Entry>> {
-        self.by_age.iter().map(|e| &e.0)
+        self.by_age.iter()
     }
 
     /// Adds or replaces an entry. Handing back the very entry held changes
     /// nothing.
     pub fn insert(&mut self, entry: Arc<Entry>) {
-        if self.by_id.get(&entry.id).is_some_and(|h| Arc::ptr_eq(h, &entry)) {
+        if self
+            .by_id
+            .get(&entry.id)
+            .is_some_and(|h| Arc::ptr_eq(h, &entry))
+        {
             return;
         }
         if let Some(old) = self.by_id.insert(entry.id.clone(), entry.clone()) {
-            self.by_age.remove(&ByAge(old));
+            self.by_age.0.remove(&ByAge(old));
         }
-        self.by_age.insert(ByAge(entry));
-        self.listed = None;
+        self.by_age.0.insert(ByAge(entry));
     }
 
     /// Removes an entry, if held.
     pub fn remove(&mut self, id: &str) {
         if let Some(old) = self.by_id.remove(id) {
-            self.by_age.remove(&ByAge(old));
-            self.listed = None;
+            self.by_age.0.remove(&ByAge(old));
         }
     }
 
-    /// The entries oldest first, as one shared list: the same list (the same
-    /// allocation) until an entry changes.
-    pub fn listed(&mut self) -> Arc<Vec<Arc<Entry>>> {
-        self.listed
-            .get_or_insert_with(|| Arc::new(self.by_age.iter().map(|e| e.0.clone()).collect()))
-            .clone()
+    /// The entries oldest first, to publish: a copy that shares everything
+    /// with this one (and with earlier copies) but never changes.
+    pub fn listed(&self) -> EntryList {
+        self.by_age.clone()
     }
 }
 
@@ -160,16 +129,16 @@ mod tests {
     fn the_list_is_shared_until_something_changes() {
         let mut e: Entries = [entry("a", 1, 1), entry("b", 2, 1)].into_iter().collect();
         let first = e.listed();
-        assert!(Arc::ptr_eq(&first, &e.listed()));
+        assert!(first.ptr_eq(&e.listed()));
         // The same entry handed back: no change.
         let a = e.get("a").cloned().unwrap();
         e.insert(a);
         e.remove("missing");
-        assert!(Arc::ptr_eq(&first, &e.listed()));
+        assert!(first.ptr_eq(&e.listed()));
         // An equal but new copy is a change (the published state compares by pointer).
         e.insert(entry("a", 1, 1));
         let second = e.listed();
-        assert!(!Arc::ptr_eq(&first, &second));
+        assert!(!first.ptr_eq(&second));
         e.remove("b");
         assert_eq!(e.listed().len(), 1);
         assert_eq!(second.len(), 2, "a list handed out never changes");

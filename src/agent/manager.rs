@@ -681,7 +681,7 @@ fn same_state(a: &AgentState, b: &AgentState) -> bool {
     a.tainted == b.tainted
         && a.federated == b.federated
         && a.bundle == b.bundle
-        && (Arc::ptr_eq(&a.entries, &b.entries)
+        && (a.entries.ptr_eq(&b.entries)
             || (a.entries.len() == b.entries.len()
                 && (a.entries.iter().zip(b.entries.iter()))
                     .all(|(x, y)| Arc::ptr_eq(x, y) || x == y)))

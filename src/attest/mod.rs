@@ -83,9 +83,21 @@ pub struct UnixAttestor {
 struct Recent {
     uid: u32,
     gid: u32,
+    started: u64,
     exe: Option<PathBuf>,
     selectors: Vec<Selector>,
     at: std::time::Instant,
+}
+
+/// The workload attestation of one connection's process, shared by the
+/// connection's calls (see [`UnixAttestor::attest_connection`]).
+#[derive(Debug, Default)]
+pub struct ConnectionAttestation(Mutex<Option<Recent>>);
+
+impl ConnectionAttestation {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Recent>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// How long an attestation of a process is reused for its later calls (a
@@ -270,12 +282,52 @@ impl UnixAttestor {
     /// selectors from one `/proc` read and one `readlink`, provided its start
     /// time, UID, GID and executable are unchanged.
     pub fn attest(&self, peer: PeerCredentials) -> Result<Vec<Selector>, AttestError> {
+        self.attest_recent(peer).map(|r| r.selectors)
+    }
+
+    /// Attests a call on one connection. The peer's credentials are those of
+    /// the process that connected, fixed for the connection's life; its later
+    /// calls within [`REUSE_FOR`] reuse the connection's attestation while
+    /// the executable is unchanged (an `execve` re-attests), without reading
+    /// `/proc/<pid>/stat` again. Past that, the call is attested again, and a
+    /// process with another start time than the one first attested on this
+    /// connection is refused: its PID was reused, and the connection is held
+    /// by someone else than the process that opened it.
+    pub fn attest_connection(
+        &self,
+        conn: &ConnectionAttestation,
+        peer: PeerCredentials,
+    ) -> Result<Vec<Selector>, AttestError> {
+        let pid = peer.pid.ok_or(AttestError::NoPid)?;
+        let held = conn.lock().clone();
+        if let Some(h) = held.as_ref().filter(|h| h.at.elapsed() < self.reuse_for) {
+            if std::fs::read_link(self.proc_file(pid, "exe")).ok() == h.exe {
+                return Ok(h.selectors.clone());
+            }
+        }
+        let fresh = self.attest_recent(peer)?;
+        if held.is_some_and(|h| h.started != fresh.started) {
+            return Err(AttestError::PidReused { pid });
+        }
+        let selectors = fresh.selectors.clone();
+        *conn.lock() = Some(fresh);
+        Ok(selectors)
+    }
+
+    fn attest_recent(&self, peer: PeerCredentials) -> Result<Recent, AttestError> {
         let pid = peer.pid.ok_or(AttestError::NoPid)?;
         let started = self.start_time(pid)?;
-        if let Some(selectors) = self.reuse(pid, started, peer) {
-            return Ok(selectors);
+        if let Some(hit) = self.reuse(pid, started, peer) {
+            return Ok(hit);
         }
-        let selectors = self.attest_afresh(pid, started, peer)?;
+        let fresh = Recent {
+            uid: peer.uid,
+            gid: peer.gid,
+            started,
+            selectors: self.attest_afresh(pid, started, peer)?,
+            exe: std::fs::read_link(self.proc_file(pid, "exe")).ok(),
+            at: std::time::Instant::now(),
+        };
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         if recent.len() >= RECENT_CACHE {
             recent.retain(|_, r| r.at.elapsed() < self.reuse_for);
@@ -283,21 +335,12 @@ impl UnixAttestor {
                 recent.clear();
             }
         }
-        recent.insert(
-            (pid, started),
-            Recent {
-                uid: peer.uid,
-                gid: peer.gid,
-                exe: std::fs::read_link(self.proc_file(pid, "exe")).ok(),
-                selectors: selectors.clone(),
-                at: std::time::Instant::now(),
-            },
-        );
-        Ok(selectors)
+        recent.insert((pid, started), fresh.clone());
+        Ok(fresh)
     }
 
     /// A recent attestation of this very process, if it still holds.
-    fn reuse(&self, pid: i32, started: u64, peer: PeerCredentials) -> Option<Vec<Selector>> {
+    fn reuse(&self, pid: i32, started: u64, peer: PeerCredentials) -> Option<Recent> {
         let hit = self
             .recent
             .lock()
@@ -306,7 +349,7 @@ impl UnixAttestor {
             .filter(|r| r.uid == peer.uid && r.gid == peer.gid && r.at.elapsed() < self.reuse_for)
             .cloned()?;
         // An exec keeps the PID and start time but not the executable.
-        (std::fs::read_link(self.proc_file(pid, "exe")).ok() == hit.exe).then_some(hit.selectors)
+        (std::fs::read_link(self.proc_file(pid, "exe")).ok() == hit.exe).then_some(hit)
     }
 
     fn attest_afresh(
@@ -537,13 +580,75 @@ mod tests {
         );
         // A PID reused by another process (new start time) is attested
         // afresh, and the guard still refuses what does not add up.
+        bump_start_time(&fake);
+        assert!(matches!(a.attest(peer), Err(AttestError::PidReused { .. })));
+        std::fs::write(fake.join("status"), &status).unwrap();
+        assert_eq!(a.attest(peer).unwrap(), first);
+    }
+
+    /// Moves the fake process's start time (field 22 of its `stat`) by one.
+    fn bump_start_time(fake: &std::path::Path) {
         let stat = std::fs::read_to_string(fake.join("stat")).unwrap();
         let (head, tail) = stat.rsplit_once(')').unwrap();
         let mut fields: Vec<String> = tail.split_whitespace().map(str::to_string).collect();
         fields[19] = (fields[19].parse::<u64>().unwrap() + 1).to_string();
         std::fs::write(fake.join("stat"), format!("{head}) {}", fields.join(" "))).unwrap();
-        assert!(matches!(a.attest(peer), Err(AttestError::PidReused { .. })));
-        std::fs::write(fake.join("status"), &status).unwrap();
-        assert_eq!(a.attest(peer).unwrap(), first);
+    }
+
+    #[test]
+    fn a_connection_keeps_its_attestation_until_an_exec_and_refuses_a_reused_pid() {
+        use std::time::Duration;
+        let (dir, fake) = fake_proc();
+        let peer = me();
+        let a = UnixAttestor {
+            proc_root: dir.path().to_path_buf(),
+            reuse_for: Duration::from_secs(3600),
+            ..UnixAttestor::default()
+        };
+        let conn = ConnectionAttestation::default();
+        let first = a.attest_connection(&conn, peer).unwrap();
+        // Later calls on the connection read no /proc/<pid>/stat...
+        let stat = std::fs::read_to_string(fake.join("stat")).unwrap();
+        std::fs::remove_file(fake.join("stat")).unwrap();
+        assert_eq!(a.attest_connection(&conn, peer).unwrap(), first);
+        assert!(
+            a.attest(peer).is_err(),
+            "a call outside the connection reads it"
+        );
+        // ...but an exec (another executable) attests again.
+        std::fs::write(fake.join("stat"), &stat).unwrap();
+        std::os::unix::fs::symlink("/opt/first", fake.join("exe")).unwrap();
+        let after_exec = a.attest_connection(&conn, peer).unwrap();
+        assert!(
+            after_exec
+                .iter()
+                .any(|s| s.as_str() == "unix:path:/opt/first"),
+            "{after_exec:?}"
+        );
+        // Another process on the same PID (new start time) is refused on this
+        // connection, though it attests on a connection of its own.
+        bump_start_time(&fake);
+        std::fs::remove_file(fake.join("exe")).unwrap();
+        std::os::unix::fs::symlink("/opt/second", fake.join("exe")).unwrap();
+        assert!(matches!(
+            a.attest_connection(&conn, peer),
+            Err(AttestError::PidReused { .. })
+        ));
+        let own = a
+            .attest_connection(&ConnectionAttestation::default(), peer)
+            .unwrap();
+        assert!(own.iter().any(|s| s.as_str() == "unix:path:/opt/second"));
+        // Past the reuse window the start time is read again, executable unchanged or not.
+        let b = UnixAttestor {
+            reuse_for: Duration::ZERO,
+            ..a.clone()
+        };
+        let conn = ConnectionAttestation::default();
+        b.attest_connection(&conn, peer).unwrap();
+        bump_start_time(&fake);
+        assert!(matches!(
+            b.attest_connection(&conn, peer),
+            Err(AttestError::PidReused { .. })
+        ));
     }
 }

@@ -217,7 +217,8 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Admitted<IO> {
     }
 }
 
-forward_write_and_connect_info!(Admitted);
+forward_write!(Admitted);
+forward_connect_info!(Admitted);
 
 /// Raises the soft limit on open files to the hard limit, so the connection
 /// caps, not the descriptor limit, decide when to refuse. Returns the limit now

@@ -82,6 +82,8 @@ pub struct AuthorityFix<IO> {
     encoded: Vec<u8>,
     /// Set at the first rewrite: every later header block is re-encoded.
     rewriting: bool,
+    /// The workload attestation shared by the connection's requests.
+    attested: std::sync::Arc<crate::attest::ConnectionAttestation>,
     eof: bool,
     /// Until the first request arrives: the connection is closed at this deadline.
     first_request: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -101,6 +103,7 @@ impl<IO> AuthorityFix<IO> {
             hpack,
             encoded: Vec::new(),
             rewriting: false,
+            attested: std::sync::Arc::default(),
             eof: false,
             first_request: None,
         }
@@ -356,7 +359,11 @@ fn plain_strings(block: &[u8]) -> io::Result<Option<Vec<u8>>> {
         };
         let (index, n) = hpack_integer(&block[at..], prefix)?;
         at += n;
-        let strings = if literals == 2 && index != 0 { 1 } else { literals };
+        let strings = if literals == 2 && index != 0 {
+            1
+        } else {
+            literals
+        };
         for _ in 0..strings {
             let start = at;
             let huffman = block.get(at).is_some_and(|b| b & 0x80 != 0);
@@ -389,7 +396,10 @@ fn plain_strings(block: &[u8]) -> io::Result<Option<Vec<u8>>> {
 /// of `buf`, and the octets it took; at most 5 octets, as `loona-hpack` allows.
 fn hpack_integer(buf: &[u8], prefix: u8) -> io::Result<(usize, usize)> {
     let mask = u8::MAX >> (8 - prefix);
-    let first = buf.first().ok_or_else(|| protocol("truncated HPACK integer"))? & mask;
+    let first = buf
+        .first()
+        .ok_or_else(|| protocol("truncated HPACK integer"))?
+        & mask;
     if first < mask {
         return Ok((usize::from(first), 1));
     }
@@ -471,7 +481,32 @@ impl<IO: AsyncRead + Unpin> AsyncRead for AuthorityFix<IO> {
     }
 }
 
-forward_write_and_connect_info!(AuthorityFix);
+forward_write!(AuthorityFix);
+
+/// What each request on a Unix socket connection carries (tonic puts it in
+/// the request's extensions): the peer's credentials as tonic reads them at
+/// accept, and the workload attestation the connection's requests share.
+#[derive(Debug, Clone)]
+pub struct UnixConnInfo {
+    /// Peer credentials (SO_PEERCRED, taken when the peer connected).
+    pub uds: tonic::transport::server::UdsConnectInfo,
+    /// The attestation of the connection's process, once made.
+    pub attested: std::sync::Arc<crate::attest::ConnectionAttestation>,
+}
+
+impl<IO> tonic::transport::server::Connected for AuthorityFix<IO>
+where
+    IO: tonic::transport::server::Connected<ConnectInfo = tonic::transport::server::UdsConnectInfo>,
+{
+    type ConnectInfo = UnixConnInfo;
+
+    fn connect_info(&self) -> UnixConnInfo {
+        UnixConnInfo {
+            uds: self.io.connect_info(),
+            attested: self.attested.clone(),
+        }
+    }
+}
 
 #[cfg(test)]
 #[path = "authority_tests.rs"]

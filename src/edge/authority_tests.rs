@@ -419,18 +419,24 @@ fn huffman_strings_are_decoded_once_and_decode_alike() {
     let blocks = rfc7541_huffman_requests();
     let (original, plain) = decode_both(&blocks);
     let lists: Vec<Headers> = plain.into_iter().map(Result::unwrap).collect();
-    assert_eq!(lists, original.into_iter().map(Result::unwrap).collect::<Vec<_>>());
+    assert_eq!(
+        lists,
+        original.into_iter().map(Result::unwrap).collect::<Vec<_>>()
+    );
     assert_eq!(authority(&lists[2]), b"www.example.com");
     assert!(lists[2].contains(&(b"custom-key".to_vec(), b"custom-value".to_vec())));
     assert!(lists[1].contains(&(b"cache-control".to_vec(), b"no-cache".to_vec())));
     // A block without Huffman strings is used as it is.
-    let raw = encode(&mut loona_hpack::Encoder::new(), &request("localhost", "/x"));
+    let raw = encode(
+        &mut loona_hpack::Encoder::new(),
+        &request("localhost", "/x"),
+    );
     assert!(plain_strings(&raw).unwrap().is_none());
     // Broken strings and integers are errors, not panics.
     for bad in [
-        vec![0x01, 0x83, 0x1a, 0x91],  // string longer than the block
-        vec![0x01, 0x81, 0x00],        // Huffman padding of zeros
-        vec![0xff],                    // truncated integer
+        vec![0x01, 0x83, 0x1a, 0x91],             // string longer than the block
+        vec![0x01, 0x81, 0x00],                   // Huffman padding of zeros
+        vec![0xff],                               // truncated integer
         vec![0xff, 0x80, 0x80, 0x80, 0x80, 0x01], // integer over 5 octets
     ] {
         assert!(plain_strings(&bad).is_err(), "{bad:02x?}");
@@ -448,7 +454,13 @@ async fn huffman_coded_requests_pass_through_or_are_rewritten() {
     // A Huffman-coded socket-path-like authority is replaced, and the
     // requests after it follow the client's table.
     let mut input = PREFACE.to_vec();
-    input.extend(header_frames(&huffman_refused_authority(), 1, 16_384, None, false));
+    input.extend(header_frames(
+        &huffman_refused_authority(),
+        1,
+        16_384,
+        None,
+        false,
+    ));
     for (i, block) in rfc7541_huffman_requests().iter().enumerate() {
         input.extend(header_frames(block, 3 + 2 * i as u32, 5, None, false));
     }

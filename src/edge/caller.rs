@@ -52,8 +52,8 @@ where
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let caller = req
             .extensions()
-            .get::<tonic::transport::server::UdsConnectInfo>()
-            .and_then(|i| i.peer_cred)
+            .get::<super::UnixConnInfo>()
+            .and_then(|i| i.uds.peer_cred)
             .map_or_else(
                 || "unknown".to_string(),
                 |c| match c.pid() {

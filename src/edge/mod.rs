@@ -3,9 +3,9 @@
 //! back-off on `EMFILE`), and Unix sockets add the `:authority` layer so every
 //! gRPC transport (grpc-go, grpc-core, grpc-java, tonic) can call them.
 
-/// Forwards writes and tonic's connection info to the wrapped connection
-/// `io` of a read-side wrapper (`$ty<IO>`).
-macro_rules! forward_write_and_connect_info {
+/// Forwards writes to the wrapped connection `io` of a read-side wrapper
+/// (`$ty<IO>`).
+macro_rules! forward_write {
     ($ty:ident) => {
         impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for $ty<IO> {
             fn poll_write(
@@ -42,7 +42,12 @@ macro_rules! forward_write_and_connect_info {
                 std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
             }
         }
+    };
+}
 
+/// Forwards tonic's connection info to the wrapped connection `io`.
+macro_rules! forward_connect_info {
+    ($ty:ident) => {
         impl<IO: tonic::transport::server::Connected> tonic::transport::server::Connected
             for $ty<IO>
         {
@@ -60,7 +65,7 @@ mod authority;
 mod caller;
 
 pub use accept::{Admitted, ConnLimits, raise_fd_limit};
-pub use authority::{AuthorityFix, MAX_HEADER_BLOCK, MAX_HEADER_LIST};
+pub use authority::{AuthorityFix, MAX_HEADER_BLOCK, MAX_HEADER_LIST, UnixConnInfo};
 pub use caller::{PeerCaller, PeerCallerLayer, as_caller, peer_caller};
 
 use std::io;

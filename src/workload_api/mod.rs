@@ -5,11 +5,11 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::edge::UnixConnInfo;
 use prost_types::{ListValue, Struct, Value as PValue, value::Kind};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
-use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
 use crate::attest::{PeerCredentials, UnixAttestor};
@@ -26,7 +26,7 @@ mod snapshot;
 pub use demand::{Demand, Subscribed};
 pub use sds::{SECRET_TYPE, Sds};
 
-pub use snapshot::{AgentState, CachedSvid};
+pub use snapshot::{AgentState, ByAge, CachedSvid, EntryList};
 
 use jwt_cache::{CachedJwt, JwtCache};
 
@@ -270,10 +270,13 @@ pub(crate) async fn attest_peer<T>(
     req: &Request<T>,
     rpc: &str,
 ) -> Result<Vec<Selector>, Status> {
-    let peer = req
+    let conn = req
         .extensions()
-        .get::<UdsConnectInfo>()
-        .and_then(|i| i.peer_cred)
+        .get::<UnixConnInfo>()
+        .ok_or_else(|| Status::unavailable("workload attestation failed: no peer credentials"))?;
+    let peer = conn
+        .uds
+        .peer_cred
         .ok_or_else(|| Status::unavailable("workload attestation failed: no peer credentials"))?;
     let creds = PeerCredentials {
         pid: peer.pid(),
@@ -283,12 +286,12 @@ pub(crate) async fn attest_peer<T>(
     // Hashing the executable reads a whole file: keep it off the async
     // workers (a cache hit is cheap, but the first call per binary is not).
     let attested = if attestor.sha256 {
-        let attestor = attestor.clone();
-        tokio::task::spawn_blocking(move || attestor.attest(creds))
+        let (attestor, conn) = (attestor.clone(), conn.attested.clone());
+        tokio::task::spawn_blocking(move || attestor.attest_connection(&conn, creds))
             .await
             .map_err(|e| Status::internal(format!("attestation task failed: {e}")))?
     } else {
-        attestor.attest(creds)
+        attestor.attest_connection(&conn.attested, creds)
     };
     match attested {
         Ok(selectors) => {

@@ -30,14 +30,72 @@ pub struct CachedSvid {
     pub issuer: String,
 }
 
+/// An entry ordered by age: creation time, then ID (the oldest entry gives a
+/// workload its default SVID).
+#[derive(Debug, Clone)]
+pub struct ByAge(pub Arc<Entry>);
+
+impl ByAge {
+    fn key(&self) -> (u64, &str) {
+        (self.0.created_at_micros, &self.0.id)
+    }
+}
+
+impl PartialEq for ByAge {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+
+impl Eq for ByAge {}
+
+impl PartialOrd for ByAge {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ByAge {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.key().cmp(&other.key())
+    }
+}
+
+/// Entries oldest first, as a persistent ordered set: the agent publishes a
+/// copy after every change for nothing (the copies share their nodes), and
+/// changes one entry in O(log n), so a delta never costs the whole list.
+#[derive(Debug, Clone, Default)]
+pub struct EntryList(pub imbl::OrdSet<ByAge>);
+
+impl EntryList {
+    /// The entries, oldest first.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Entry>> {
+        self.0.iter().map(|e| &e.0)
+    }
+
+    /// How many entries.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there is none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether both are the same copy (nothing changed in between).
+    pub fn ptr_eq(&self, other: &Self) -> bool {
+        self.0.ptr_eq(&other.0)
+    }
+}
+
 /// The agent's view, as workloads see it.
 #[derive(Debug, Clone, Default)]
 pub struct AgentState {
     /// The trust bundle (absent until first synced).
     pub bundle: Option<Bundle>,
-    /// Entries parented to this agent, oldest first (shared with the agent
-    /// until they change).
-    pub entries: Arc<Vec<Arc<Entry>>>,
+    /// Entries parented to this agent, oldest first.
+    pub entries: EntryList,
     /// SVIDs by entry, in the same order as `entries`.
     pub svids: Vec<Arc<CachedSvid>>,
     /// Authorities the server marked tainted: nothing they signed is served
