@@ -398,7 +398,9 @@ fn huffman_refused_authority() -> Vec<u8> {
 
 /// Decodes blocks in order with one state: loona-hpack on the original, and
 /// loona-hpack on what `plain_strings` made of it.
-fn decode_both(blocks: &[Vec<u8>]) -> (Vec<Result<Headers, String>>, Vec<Result<Headers, String>>) {
+type Decoded = Vec<Result<Headers, String>>;
+
+fn decode_both(blocks: &[Vec<u8>]) -> (Decoded, Decoded) {
     let (mut original, mut plain) = (loona_hpack::Decoder::new(), loona_hpack::Decoder::new());
     let mut a = Vec::new();
     let mut b = Vec::new();
