@@ -552,15 +552,8 @@ mod tests {
 
     #[test]
     fn a_recent_attestation_is_reused_only_for_the_same_process() {
-        use std::time::Duration;
-        let (dir, fake) = fake_proc();
+        let (_dir, fake, a) = reusing_attestor();
         let peer = me();
-        let a = UnixAttestor {
-            proc_root: dir.path().to_path_buf(),
-            // Long enough that a slow machine never lets it lapse mid-test.
-            reuse_for: Duration::from_secs(3600),
-            ..UnixAttestor::default()
-        };
         let first = a.attest(peer).unwrap();
         // Reused: a changed status is not read again...
         let status = std::fs::read_to_string(fake.join("status")).unwrap();
@@ -586,6 +579,19 @@ mod tests {
         assert_eq!(a.attest(peer).unwrap(), first);
     }
 
+    /// An attestor on a fake proc tree (see [`fake_proc`]) that reuses
+    /// attestations long enough that a slow machine never lets one lapse
+    /// mid-test: the tree, this process's directory in it, the attestor.
+    fn reusing_attestor() -> (tempfile::TempDir, std::path::PathBuf, UnixAttestor) {
+        let (dir, fake) = fake_proc();
+        let a = UnixAttestor {
+            proc_root: dir.path().to_path_buf(),
+            reuse_for: std::time::Duration::from_secs(3600),
+            ..UnixAttestor::default()
+        };
+        (dir, fake, a)
+    }
+
     /// Moves the fake process's start time (field 22 of its `stat`) by one.
     fn bump_start_time(fake: &std::path::Path) {
         let stat = std::fs::read_to_string(fake.join("stat")).unwrap();
@@ -597,14 +603,8 @@ mod tests {
 
     #[test]
     fn a_connection_keeps_its_attestation_until_an_exec_and_refuses_a_reused_pid() {
-        use std::time::Duration;
-        let (dir, fake) = fake_proc();
+        let (_dir, fake, a) = reusing_attestor();
         let peer = me();
-        let a = UnixAttestor {
-            proc_root: dir.path().to_path_buf(),
-            reuse_for: Duration::from_secs(3600),
-            ..UnixAttestor::default()
-        };
         let conn = ConnectionAttestation::default();
         let first = a.attest_connection(&conn, peer).unwrap();
         // Later calls on the connection read no /proc/<pid>/stat...
@@ -640,7 +640,7 @@ mod tests {
         assert!(own.iter().any(|s| s.as_str() == "unix:path:/opt/second"));
         // Past the reuse window the start time is read again, executable unchanged or not.
         let b = UnixAttestor {
-            reuse_for: Duration::ZERO,
+            reuse_for: std::time::Duration::ZERO,
             ..a.clone()
         };
         let conn = ConnectionAttestation::default();
