@@ -23,7 +23,8 @@
 //! 7. Cold start with 1,000,000 entries.
 //!
 //! Run: `cargo bench --bench fleet` (`-- --quick`: 200 agents, 20 entries
-//! each, 200,000 entries for the cold start; `-- --no-cold-start` skips 7, `-- --cold-start-only` runs only 7).
+//! each, 200,000 entries for the cold start; `-- --no-cold-start` skips 7, `-- --cold-start-only` runs only 7,
+//! `-- --scaling-only` only 6).
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -562,6 +563,7 @@ async fn csr_storm(server: &Server, clients: &[Node], ids: &[(Vec<String>, u64)]
     let bundle = server.bundle_pem().await;
     let total: usize = ids.iter().map(|(v, _)| v.len()).sum();
     let cpu = cpu_time(server.pid());
+    let own_cpu = cpu_time(std::process::id());
     // SIGIL_FLEET_PERF=<file>: record the server with `perf` during the storm.
     let perf = perf::Recording::start("SIGIL_FLEET_PERF", server.pid(), 499);
     let t = Instant::now();
@@ -596,6 +598,7 @@ async fn csr_storm(server: &Server, clients: &[Node], ids: &[(Vec<String>, u64)]
     }
     let drained = t.elapsed();
     let server_cpu = cpu_time(server.pid()) - cpu;
+    let own_cpu = cpu_time(std::process::id()) - own_cpu;
     perf.stop();
     let rate = total as f64 / drained.as_secs_f64();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -619,6 +622,10 @@ async fn csr_storm(server: &Server, clients: &[Node], ids: &[(Vec<String>, u64)]
         1e6 / one,
         (1.0 / one) / per_csr
     );
+    println!(
+        "  this harness (the fleet's clients, retries and timers) used {own_cpu:?} of CPU meanwhile = {:.1} us per CSR",
+        own_cpu.as_secs_f64() / total as f64 * 1e6
+    );
     println!("  admin Health during the storm: {}", summary(health));
     if !attests.is_empty() {
         println!(
@@ -628,8 +635,18 @@ async fn csr_storm(server: &Server, clients: &[Node], ids: &[(Vec<String>, u64)]
     }
 }
 
+/// What one pinned run measured.
+struct Pinned {
+    /// CSRs signed per second.
+    rate: f64,
+    /// The server's CPU per CSR.
+    server_cpu: Duration,
+    /// This harness's CPU per CSR (the gRPC clients).
+    client_cpu: Duration,
+}
+
 /// gRPC CSR→SVID throughput of a server pinned to `cores`.
-async fn pinned_signing(dir: &Path, cores: &str, csrs: usize) -> f64 {
+async fn pinned_signing(dir: &Path, cores: &str, csrs: usize) -> Pinned {
     let server = Server::start(dir, Some(cores), &["--agent-csr-rate", "0"]).await;
     let mut admin = server.ready().await;
     let bundle = server.bundle_pem().await;
@@ -657,6 +674,7 @@ async fn pinned_signing(dir: &Path, cores: &str, csrs: usize) -> f64 {
     }
     // Warm up, then measure.
     sign_until_done(&mut clients[0], req.clone()).await;
+    let cpu = (cpu_time(server.pid()), cpu_time(std::process::id()));
     let t = Instant::now();
     let mut set = tokio::task::JoinSet::new();
     for (i, c) in clients.iter().enumerate() {
@@ -670,14 +688,26 @@ async fn pinned_signing(dir: &Path, cores: &str, csrs: usize) -> f64 {
     }
     while set.join_next().await.is_some() {}
     let rate = csrs as f64 / t.elapsed().as_secs_f64();
+    let per_csr = |d: Duration| d / u32::try_from(csrs).unwrap();
+    let server_cpu = per_csr(cpu_time(server.pid()) - cpu.0);
+    let client_cpu = per_csr(cpu_time(std::process::id()) - cpu.1);
     server.stop();
-    rate
+    Pinned {
+        rate,
+        server_cpu,
+        client_cpu,
+    }
 }
 
 async fn run(quick: bool) {
     if std::env::args().any(|a| a == "--cold-start-only") {
         let root = tempfile::tempdir().unwrap();
         return cold_start(root.path(), quick).await;
+    }
+    if std::env::args().any(|a| a == "--scaling-only") {
+        let root = tempfile::tempdir().unwrap();
+        let n = if quick { 10_000 } else { 40_000 };
+        return scaling(root.path(), n).await;
     }
     let (agents, per_agent, samples) = if quick {
         (200, 20, 100)
@@ -908,22 +938,35 @@ async fn run(quick: bool) {
     server.stop();
 
     // 6. Signing scales with cores.
-    let scale_dir = root.path().join("pinned");
-    std::fs::create_dir_all(&scale_dir).unwrap();
-    let n = if quick { 10_000 } else { 40_000 };
-    let one = pinned_signing(&scale_dir, "0", n).await;
-    let two = pinned_signing(&scale_dir, "0,1", n).await;
-    let floor2 = signing_floor(2, 2_000);
-    println!(
-        "gRPC CSR->SVID, server pinned to 1 core: {one:.0} /s; to 2 cores: {two:.0} /s; 2-core / 1-core = {:.2} (target >= 1.8); 2-core gRPC / in-process floor on 2 threads ({floor2:.0} /s) = {:.3}",
-        two / one,
-        two / floor2
-    );
+    scaling(root.path(), if quick { 10_000 } else { 40_000 }).await;
 
     // 7. Cold start with 1,000,000 entries.
     if !std::env::args().any(|a| a == "--no-cold-start") {
         cold_start(root.path(), quick).await;
     }
+}
+
+/// Signing scales with cores: gRPC CSR→SVID throughput with the server
+/// pinned to 1 core, then 2 (`taskset`), in the same run.
+async fn scaling(root: &Path, n: usize) {
+    let scale_dir = root.join("pinned");
+    std::fs::create_dir_all(&scale_dir).unwrap();
+    let one = pinned_signing(&scale_dir, "0", n).await;
+    let two = pinned_signing(&scale_dir, "0,1", n).await;
+    let floor2 = signing_floor(2, 2_000);
+    println!(
+        "gRPC CSR->SVID, server pinned to 1 core: {:.0} /s; to 2 cores: {:.0} /s; 2-core / 1-core = {:.2} (target >= 1.8); 2-core gRPC / in-process floor on 2 threads ({floor2:.0} /s) = {:.3}",
+        one.rate,
+        two.rate,
+        two.rate / one.rate,
+        two.rate / floor2
+    );
+    // The clients are not pinned: on 1 core they have the other core to
+    // themselves, on 2 cores they take their share from the server.
+    println!(
+        "  CPU per CSR, server on 1 core / 2 cores: {:?} / {:?}; the gRPC clients (this harness): {:?} / {:?}",
+        one.server_cpu, two.server_cpu, one.client_cpu, two.client_cpu
+    );
 }
 
 /// Spawn → admin Health answers, with 1,000,000 entries stored.
