@@ -332,20 +332,13 @@ fn split_headers_payload(flags: u8, payload: &[u8]) -> io::Result<(Option<[u8; 5
     Ok((priority, &rest[..end]))
 }
 
-thread_local! {
-    /// `loona-hpack` builds its Huffman code table anew for every string it
-    /// decodes, which cost about a third of the agent's CPU in a burst of new
-    /// streams; one decoder per thread is built once and reused instead.
-    static HUFFMAN: std::cell::RefCell<loona_hpack::huffman::HuffmanDecoder> =
-        std::cell::RefCell::new(loona_hpack::huffman::HuffmanDecoder::new());
-}
-
 /// The header block with every Huffman-coded string literal replaced by its
 /// plain octets (RFC 7541 §5.2), or `None` when it has none. The field
 /// representations, indexes and order are unchanged, so the HPACK decoder's
 /// table follows exactly as it would on the original block.
 fn plain_strings(block: &[u8]) -> io::Result<Option<Vec<u8>>> {
     let mut out: Option<Vec<u8>> = None;
+    let mut decoded = Vec::new();
     let mut copied = 0;
     let mut at = 0;
     while at < block.len() {
@@ -373,9 +366,8 @@ fn plain_strings(block: &[u8]) -> io::Result<Option<Vec<u8>>> {
                 .filter(|&end| end <= block.len())
                 .ok_or_else(|| protocol("HPACK string longer than its header block"))?;
             if huffman {
-                let decoded = HUFFMAN
-                    .with(|h| h.borrow_mut().decode(&block[at + n..end]))
-                    .map_err(|e| protocol_owned(format!("HPACK Huffman string: {e:?}")))?;
+                decoded.clear();
+                super::huffman::decode(&block[at + n..end], &mut decoded).map_err(protocol)?;
                 let out = out.get_or_insert_with(|| Vec::with_capacity(block.len() * 2));
                 out.extend_from_slice(&block[copied..start]);
                 // Writing to a Vec cannot fail.

@@ -63,6 +63,7 @@ macro_rules! forward_connect_info {
 mod accept;
 mod authority;
 mod caller;
+mod huffman;
 
 pub use accept::{Admitted, ConnLimits, raise_fd_limit};
 pub use authority::{AuthorityFix, MAX_HEADER_BLOCK, MAX_HEADER_LIST, UnixConnInfo};
