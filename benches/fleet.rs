@@ -534,8 +534,7 @@ async fn sign_until_done(c: &mut Node, req: pn::BatchNewX509svidRequest) -> usiz
                 let wait = sigil::server::limits::retry_after(&s)
                     .unwrap_or_else(|| panic!("refused without a retry-after: {s}"));
                 refused += 1;
-                let jitter = sigil::runtime::backoff::random_jitter();
-                tokio::time::sleep(wait.mul_f64(1.25 + jitter / 4.0)).await;
+                tokio::time::sleep(sigil::server::limits::come_back_after(wait)).await;
             }
         }
     }

@@ -469,9 +469,7 @@ impl Manager {
                     _ => None,
                 };
                 if let Some(wait) = asked {
-                    // Come back when asked, spread over half as much again
-                    // so refused agents do not return together.
-                    let wait = wait.mul_f64(1.25 + random_jitter() / 4.0);
+                    let wait = crate::server::limits::come_back_after(wait);
                     self.sign_after = Some(std::time::Instant::now() + wait);
                     tracing::info!(wait = ?wait, pending = due.len(), error = %e, "the server is busy; holding signing requests");
                     break;

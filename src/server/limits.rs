@@ -46,6 +46,13 @@ pub fn retry_after(status: &Status) -> Option<Duration> {
     Some(Duration::from_millis(ms))
 }
 
+/// How long a refused client waits before coming back when asked to wait
+/// `asked`: the server gives each refused request its own turn, so only a
+/// little jitter (up to a tenth more) is added, against identical clocks.
+pub fn come_back_after(asked: Duration) -> Duration {
+    asked.mul_f64(1.05 + crate::runtime::backoff::random_jitter() / 20.0)
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
     tokens: f64,
@@ -67,6 +74,9 @@ pub struct SigningLimits {
     workers: usize,
     /// Measured cost of one CSR on one signer, in ns (moving average).
     cost_ns: AtomicU64,
+    /// When the turns already handed to refused requests end: each refusal
+    /// gets the next turn after the queue and after those before it.
+    turns_end: Mutex<Option<Instant>>,
 }
 
 /// CSRs admitted to the queue; dropping it (signed or abandoned) frees them.
@@ -96,6 +106,7 @@ impl SigningLimits {
             workers: workers.max(1),
             // A first guess (≈ 7k/s per core) until a batch is measured.
             cost_ns: AtomicU64::new(140_000),
+            turns_end: Mutex::default(),
         }
     }
 
@@ -141,21 +152,30 @@ impl SigningLimits {
         Ok(())
     }
 
-    /// Admits `n` CSRs to the signing queue, or says how long the queue
-    /// takes to drain at the measured signing rate.
+    /// Admits `n` CSRs to the signing queue, or gives the request a turn:
+    /// when the queue will have drained at the measured signing rate, after
+    /// the turns given to the requests refused before it. Refused agents
+    /// then come back one after another as the signers free up, instead of
+    /// all at once when the queue is empty (a refused request has already
+    /// cost its upload, so asking it back sooner only adds refusals).
     pub fn admit(&self, n: usize) -> Result<Admitted<'_>, Status> {
+        self.admit_at(n, Instant::now())
+    }
+
+    fn admit_at(&self, n: usize, now: Instant) -> Result<Admitted<'_>, Status> {
         let mut queued = self.queued.load(Ordering::Acquire);
         loop {
             if queued > 0 && queued + n > self.max_queued {
                 let per_sec = self.signing_rate();
+                let drained = now + Duration::from_secs_f64(queued as f64 / per_sec);
+                let mut turns_end = self.turns_end.lock().unwrap_or_else(|p| p.into_inner());
+                let turn = turns_end.map_or(drained, |end| end.max(drained));
+                *turns_end = Some(turn + Duration::from_secs_f64(n as f64 / per_sec));
                 return Err(exhausted(
                     format!(
                         "the server is signing at capacity ({queued} CSRs queued, about {per_sec:.0} per second)"
                     ),
-                    // The drain time: a refused request has already cost
-                    // its upload, so asking agents back sooner (measured:
-                    // half the drain time) only adds refusals.
-                    Duration::from_secs_f64(queued as f64 / per_sec).max(Duration::from_millis(50)),
+                    (turn - now).max(Duration::from_millis(50)),
                 ));
             }
             match self.queued.compare_exchange_weak(
@@ -256,7 +276,26 @@ mod tests {
         for _ in 0..200 {
             limits.record(100, Duration::from_millis(100));
         }
-        let wait = retry_after(&limits.admit(1).unwrap_err()).unwrap();
+        let t0 = Instant::now();
+        let wait = retry_after(&limits.admit_at(1, t0).unwrap_err()).unwrap();
+        assert!((450..=550).contains(&wait.as_millis()), "{wait:?}");
+        // The next refusals get the turns after it, one batch (100 CSRs =
+        // 50 ms at 2000/s) apart, not the same moment.
+        let turns: Vec<u128> = (0..3)
+            .map(|_| {
+                retry_after(&limits.admit_at(100, t0).unwrap_err())
+                    .unwrap()
+                    .as_millis()
+            })
+            .collect();
+        assert!(turns[0] >= wait.as_millis(), "{turns:?}");
+        assert!(
+            turns.windows(2).all(|w| (45..=55).contains(&(w[1] - w[0]))),
+            "{turns:?}"
+        );
+        // Once those turns are past, a refusal waits for the queue again.
+        let later = t0 + Duration::from_secs(5);
+        let wait = retry_after(&limits.admit_at(1, later).unwrap_err()).unwrap();
         assert!((450..=550).contains(&wait.as_millis()), "{wait:?}");
         drop(a);
         let c = limits.admit(600).unwrap();
