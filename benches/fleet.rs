@@ -575,7 +575,16 @@ async fn csr_storm(server: &Server, clients: &[Node], ids: &[(Vec<String>, u64)]
     let mut spare = spare.into_iter();
     let mut refusals = 0;
     let mut tick = 0u32;
+    // SVIDs signed, read every second: shows whether the signers ever wait.
+    let issued = "sigil_svids_issued_total{type=\"x509\"}";
+    let mut per_second = Vec::new();
+    let (mut last_count, mut last_at) = (server.metric(issued).await, Instant::now());
     while !storm.is_empty() {
+        if last_at.elapsed() >= Duration::from_secs(1) {
+            let count = server.metric(issued).await;
+            per_second.push(count - last_count);
+            (last_count, last_at) = (count, Instant::now());
+        }
         let h = Instant::now();
         admin.health(pa::HealthRequest {}).await.unwrap();
         health.push(h.elapsed());
@@ -624,6 +633,14 @@ async fn csr_storm(server: &Server, clients: &[Node], ids: &[(Vec<String>, u64)]
     println!(
         "  this harness (the fleet's clients, retries and timers) used {own_cpu:?} of CPU meanwhile = {:.1} us per CSR",
         own_cpu.as_secs_f64() / total as f64 * 1e6
+    );
+    println!(
+        "  SVIDs signed in each second of the storm: {}",
+        per_second
+            .iter()
+            .map(|n| format!("{n:.0}"))
+            .collect::<Vec<_>>()
+            .join(" ")
     );
     println!("  admin Health during the storm: {}", summary(health));
     if !attests.is_empty() {
