@@ -46,6 +46,15 @@ pub fn retry_after(status: &Status) -> Option<Duration> {
     Some(Duration::from_millis(ms))
 }
 
+/// CPU time the calling thread has used so far.
+pub fn thread_cpu_time() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    Duration::new(
+        u64::try_from(t.tv_sec).unwrap_or(0),
+        u32::try_from(t.tv_nsec).unwrap_or(0),
+    )
+}
+
 /// How long a refused client waits before coming back when asked to wait
 /// `asked`: the server gives each refused request its own turn, so only a
 /// little jitter (up to a tenth more) is added, against identical clocks.
@@ -72,7 +81,7 @@ pub struct SigningLimits {
     max_queued: usize,
     /// Signers running at once.
     workers: usize,
-    /// Measured cost of one CSR on one signer, in ns (moving average).
+    /// Measured CPU cost of one CSR on one signer, in ns (moving average).
     cost_ns: AtomicU64,
     /// When the turns already handed to refused requests end: each refusal
     /// gets the next turn after the queue and after those before it.
@@ -190,7 +199,13 @@ impl SigningLimits {
         }
     }
 
-    /// Records that one signer took `elapsed` for `n` CSRs.
+    /// Records that one signer used `elapsed` of CPU for `n` CSRs. CPU time,
+    /// not wall time: while the cores are shared (the accept loops decoding
+    /// a storm of requests), a signer's wall time grows with the others'
+    /// work, and a rate from it made the server look several times slower
+    /// than it signs once it has its cores, handing refused agents turns
+    /// seconds too late (measured: the signers idle for 2 s, then fed at
+    /// half their rate).
     pub fn record(&self, n: usize, elapsed: Duration) {
         if n == 0 {
             return;
@@ -248,6 +263,30 @@ mod tests {
         // A request larger than the burst could never pass: a plain error.
         let too_big = limits.take(&agent(3), 501, t0).unwrap_err();
         assert_eq!(too_big.code(), tonic::Code::InvalidArgument);
+    }
+
+    #[test]
+    fn thread_cpu_time_counts_this_threads_work_only() {
+        let before = thread_cpu_time();
+        // Another thread's work is not this thread's.
+        std::thread::spawn(|| {
+            let t = thread_cpu_time();
+            let mut x = 1u64;
+            while thread_cpu_time() - t < Duration::from_millis(20) {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+            }
+        })
+        .join()
+        .unwrap();
+        let idle = thread_cpu_time() - before;
+        let mut x = 1u64;
+        while thread_cpu_time() - before < idle + Duration::from_millis(20) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+        }
+        assert!(
+            idle < Duration::from_millis(20),
+            "{idle:?} while another thread worked"
+        );
     }
 
     #[test]

@@ -348,9 +348,10 @@ impl Node for NodeService {
             .await
             .map_err(|_| Status::unavailable("the server is shutting down"))?;
         let results = tokio::task::spawn_blocking(move || {
-            let started = std::time::Instant::now();
+            let started = super::limits::thread_cpu_time();
             let results = sign_batch(&state, &agent, &params);
-            state.limits.record(params.len(), started.elapsed());
+            let used = super::limits::thread_cpu_time().saturating_sub(started);
+            state.limits.record(params.len(), used);
             results
         })
         .await
