@@ -3,6 +3,12 @@
 use std::io::Write;
 use std::process::ExitCode;
 
+// mimalloc instead of glibc's malloc: glibc grows each thread's arena a page
+// at a time (an `mprotect` per step), which dominated bursts of new streams
+// and the store's read at start (see docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     match sigil::cli::main() {
         Ok(()) => ExitCode::SUCCESS,

@@ -70,3 +70,9 @@ where
 pub fn as_caller<F: std::future::Future>(f: F) -> impl std::future::Future<Output = F::Output> {
     CALLER.scope(peer_caller(), f)
 }
+
+/// Runs `f` as `caller`'s: for work done after the call returned, such as a
+/// response stream polled by its connection.
+pub fn with_caller<R>(caller: String, f: impl FnOnce() -> R) -> R {
+    CALLER.sync_scope(caller, f)
+}

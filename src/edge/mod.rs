@@ -67,7 +67,7 @@ mod huffman;
 
 pub use accept::{Admitted, ConnLimits, raise_fd_limit};
 pub use authority::{AuthorityFix, MAX_HEADER_BLOCK, MAX_HEADER_LIST, UnixConnInfo};
-pub use caller::{PeerCaller, PeerCallerLayer, as_caller, peer_caller};
+pub use caller::{PeerCaller, PeerCallerLayer, as_caller, peer_caller, with_caller};
 
 use std::io;
 use std::net::IpAddr;

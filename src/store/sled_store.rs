@@ -54,6 +54,113 @@ fn u64_of(bytes: Option<sled::IVec>) -> u64 {
         .map_or(0, u64::from_be_bytes)
 }
 
+/// A key range of one tree: (tree index, from (inclusive), to (exclusive;
+/// `None` is the end)).
+type Piece = (usize, Vec<u8>, Option<Vec<u8>>);
+
+/// Reads every record of every tree on all cores; the first failure, as a
+/// message that names the tree. Trees are split into key ranges (see
+/// [`split`]), so one large tree does not leave a core idle.
+fn read_everything(trees: &[Tree]) -> Option<String> {
+    let unreadable = |tree: &Tree, e: sled::Error| {
+        format!(
+            "tree {:?} is unreadable (corrupt?): {e}; restore it from a backup",
+            String::from_utf8_lossy(&tree.name())
+        )
+    };
+    let mut pieces = Vec::new();
+    for (i, tree) in trees.iter().enumerate() {
+        if let Err(e) = split(tree, i, Vec::new(), None, 2, &mut pieces) {
+            return Some(unreadable(tree, e));
+        }
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    std::thread::scope(|s| {
+        let reads: Vec<_> = (0..workers)
+            .map(|_| {
+                s.spawn(|| {
+                    use std::sync::atomic::Ordering::Relaxed;
+                    while !failed.load(Relaxed) {
+                        let (i, from, to) = pieces.get(next.fetch_add(1, Relaxed))?;
+                        let mut range = match to {
+                            Some(to) => trees[*i].range(from.as_slice()..to.as_slice()),
+                            None => trees[*i].range(from.as_slice()..),
+                        };
+                        if let Some(e) = range.find_map(Result::err) {
+                            failed.store(true, Relaxed);
+                            return Some(unreadable(&trees[*i], e));
+                        }
+                    }
+                    None
+                })
+            })
+            .collect();
+        reads.into_iter().fold(None, |first, r| {
+            let r = r
+                .join()
+                .unwrap_or_else(|_| Some("reading the store panicked".into()));
+            first.or(r)
+        })
+    })
+}
+
+/// Splits the keys of `tree` in `from..to` into ranges, `depth` times over:
+/// all its keys share the prefix of its first and last key, so the byte
+/// after that prefix divides them.
+fn split(
+    tree: &Tree,
+    index: usize,
+    from: Vec<u8>,
+    to: Option<Vec<u8>>,
+    depth: u32,
+    out: &mut Vec<Piece>,
+) -> Result<(), sled::Error> {
+    let mut range = match &to {
+        Some(to) => tree.range(from.as_slice()..to.as_slice()),
+        None => tree.range(from.as_slice()..),
+    };
+    let (Some(first), Some(last)) = (range.next().transpose()?, range.next_back().transpose()?)
+    else {
+        // Empty, or a single key.
+        out.push((index, from, to));
+        return Ok(());
+    };
+    let (first, last) = (first.0, last.0);
+    let common = first
+        .iter()
+        .zip(last.iter())
+        .take_while(|(a, b)| a == b)
+        .count();
+    // `first` may be the prefix itself (a shorter key sorts first).
+    let (low, Some(&high)) = (first.get(common).copied().unwrap_or(0), last.get(common)) else {
+        out.push((index, from, to));
+        return Ok(());
+    };
+    if depth == 0 {
+        out.push((index, from, to));
+        return Ok(());
+    }
+    // Bounds between the pieces: the prefix and a byte after `low`, at most
+    // 16 pieces per level.
+    let bound = |b: u8| [&first[..common], &[b]].concat();
+    let step = usize::from(high - low).div_ceil(16).max(1);
+    let mut start = from;
+    for b in (usize::from(low) + step..=usize::from(high)).step_by(step) {
+        let end = bound(u8::try_from(b).unwrap_or(u8::MAX));
+        split(
+            tree,
+            index,
+            std::mem::replace(&mut start, end.clone()),
+            Some(end),
+            depth - 1,
+            out,
+        )?;
+    }
+    split(tree, index, start, to, depth - 1, out)
+}
+
 impl SledStore {
     /// Opens (or creates) the store in `dir`, refusing a newer schema or a
     /// KEK other than the one the store was created with.
@@ -65,6 +172,7 @@ impl SledStore {
         crate::runtime::files::private_dir(dir).map_err(|e| open_err(e.to_string()))?;
         // sled panics on some damaged files (a truncated log, for one): turn
         // that into an error that says what is wrong, not a crash.
+        let started = std::time::Instant::now();
         let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let db = sled::Config::new().path(dir.join("db")).open()?;
             let mut trees = vec![db.open_tree("meta")?, db.open_tree("events")?];
@@ -96,31 +204,18 @@ impl SledStore {
                 )));
             }
         };
+        let recovered = started.elapsed();
         // Read everything once: a damaged record fails here, at start, rather
-        // than later on a request while health says all is well. One thread
-        // per tree, so a large store is read on every core.
-        let unreadable = std::thread::scope(|s| {
-            let reads: Vec<_> = trees
-                .iter()
-                .map(|tree| {
-                    s.spawn(move || {
-                        tree.iter().find_map(Result::err).map(|e| {
-                            format!(
-                                "tree {:?} is unreadable (corrupt?): {e}; restore it from a backup",
-                                String::from_utf8_lossy(&tree.name())
-                            )
-                        })
-                    })
-                })
-                .collect();
-            reads.into_iter().find_map(|r| {
-                r.join()
-                    .unwrap_or_else(|_| Some("reading the store panicked".into()))
-            })
-        });
+        // than later on a request while health says all is well.
+        let unreadable = read_everything(&trees);
         if let Some(reason) = unreadable {
             return Err(open_err(reason));
         }
+        tracing::info!(
+            recovery_ms = recovered.as_millis(),
+            verify_ms = (started.elapsed() - recovered).as_millis(),
+            "store opened"
+        );
         let meta = &trees[META];
         match meta.get(META_SCHEMA)? {
             Some(v) => {
@@ -324,5 +419,62 @@ impl Store for SledStore {
 
     fn kek(&self) -> &Kek {
         &self.kek
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The ranges the store is read in cover every key exactly once, and a
+    /// tree with varied keys is divided.
+    #[test]
+    fn split_ranges_cover_every_key_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new()
+            .temporary(true)
+            .path(dir.path())
+            .open()
+            .unwrap();
+        let tree = db.open_tree("t").unwrap();
+        let mut keys: Vec<Vec<u8>> = Vec::new();
+        for i in 0..3000u32 {
+            keys.push(format!("p/spiffe://td/agent{}\0{i:08x}", i % 37).into_bytes());
+            keys.push(format!("u/{:08x}", i.wrapping_mul(2_654_435_761)).into_bytes());
+            keys.push(i.to_be_bytes().to_vec());
+        }
+        keys.push(Vec::new());
+        keys.push(vec![0xff; 3]);
+        for k in &keys {
+            tree.insert(k, b"v").unwrap();
+        }
+        for depth in 0..3 {
+            let mut pieces = Vec::new();
+            split(&tree, 0, Vec::new(), None, depth, &mut pieces).unwrap();
+            let mut seen: Vec<Vec<u8>> = Vec::new();
+            for (_, from, to) in &pieces {
+                let range = match to {
+                    Some(to) => tree.range(from.as_slice()..to.as_slice()),
+                    None => tree.range(from.as_slice()..),
+                };
+                seen.extend(range.map(|r| r.unwrap().0.to_vec()));
+            }
+            let mut want = keys.clone();
+            want.sort();
+            assert_eq!(seen, want, "depth {depth}");
+            assert!(
+                depth == 0 || pieces.len() > 2,
+                "depth {depth}: {}",
+                pieces.len()
+            );
+        }
+        // Empty and single-key trees are one piece each.
+        let empty = db.open_tree("e").unwrap();
+        let mut pieces = Vec::new();
+        split(&empty, 1, Vec::new(), None, 2, &mut pieces).unwrap();
+        empty.insert(b"k", b"v").unwrap();
+        split(&empty, 1, Vec::new(), None, 2, &mut pieces).unwrap();
+        assert_eq!(pieces.len(), 2);
+        assert_eq!(read_everything(&[tree, empty]), None);
     }
 }

@@ -7,8 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::edge::UnixConnInfo;
 use prost_types::{ListValue, Struct, Value as PValue, value::Kind};
-use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::watch;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
@@ -33,7 +32,21 @@ use jwt_cache::{CachedJwt, JwtCache};
 /// The metadata every Workload API request must carry.
 pub const HEADER: &str = "workload.spiffe.io";
 
-type Stream<T> = ReceiverStream<Result<T, Status>>;
+type Stream<T> = std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<T, Status>> + Send>>;
+
+/// What a Workload API stream holds between its messages.
+struct Watched<T, F> {
+    rx: watch::Receiver<Arc<AgentState>>,
+    shutdown: watch::Receiver<bool>,
+    /// The last message sent (an unchanged one is not sent again).
+    last: T,
+    selectors: Vec<Selector>,
+    build: F,
+    /// Who opened it, for the audit record when it ends in a denial.
+    caller: String,
+    _open: crate::metrics::GaugeGuard,
+    _subscribed: Subscribed,
+}
 
 /// The Workload API service.
 pub struct WorkloadApi {
@@ -101,8 +114,10 @@ impl WorkloadApi {
         Status::permission_denied("no identity issued: no registration entry matches this workload")
     }
 
-    /// Spawns a stream that sends `build(state)` at once and then whenever it
+    /// A stream that sends `build(state)` at once and then whenever it
     /// changes; ends with PermissionDenied if the caller loses every identity.
+    /// The connection polls it: no task or channel per stream, so a burst of
+    /// new streams costs less.
     async fn stream<T, F>(
         &self,
         rpc: &'static str,
@@ -113,42 +128,48 @@ impl WorkloadApi {
         T: Clone + PartialEq + Send + 'static,
         F: Fn(&AgentState, &[Selector]) -> Option<T> + Send + 'static,
     {
+        use futures_util::StreamExt;
         let subscribed = self.demand.subscribe(&selectors);
         let mut rx = self.state.clone();
         let first = self.first(rpc, &mut rx, &selectors, &build).await?;
-        tracing::info!(target: "sigil::audit", event = rpc, caller = %crate::edge::peer_caller(), decision = "allow", selectors = ?selectors.iter().map(Selector::as_str).collect::<Vec<_>>());
-        let (tx, out) = mpsc::channel(4);
-        let mut shutdown = self.shutdown.clone();
-        tokio::spawn(crate::edge::as_caller(async move {
-            let _open = open_stream("workload");
-            let _subscribed = subscribed;
-            let mut last = first.clone();
-            if tx.send(Ok(first)).await.is_err() {
-                return;
-            }
+        let caller = crate::edge::peer_caller();
+        tracing::info!(target: "sigil::audit", event = rpc, caller = %caller, decision = "allow", selectors = ?selectors.iter().map(Selector::as_str).collect::<Vec<_>>());
+        let watched = Watched {
+            rx,
+            shutdown: self.shutdown.clone(),
+            last: first.clone(),
+            selectors,
+            build,
+            caller,
+            _open: open_stream("workload"),
+            _subscribed: subscribed,
+        };
+        let rest = futures_util::stream::unfold(Some(watched), move |watched| async move {
+            let mut w = watched?;
             loop {
                 tokio::select! {
-                    changed = rx.changed() => if changed.is_err() { return },
-                    _ = tx.closed() => return,
-                    _ = shutdown.changed() => return,
+                    changed = w.rx.changed() => if changed.is_err() { return None },
+                    _ = w.shutdown.changed() => return None,
                 }
-                let next = build(&rx.borrow_and_update(), &selectors);
+                let next = (w.build)(&w.rx.borrow_and_update(), &w.selectors);
                 match next {
-                    Some(msg) if msg != last => {
-                        last = msg.clone();
-                        if tx.send(Ok(msg)).await.is_err() {
-                            return;
-                        }
+                    Some(msg) if msg != w.last => {
+                        w.last = msg.clone();
+                        return Some((Ok(msg), Some(w)));
                     }
                     Some(_) => {}
                     None => {
-                        let _ = tx.send(Err(Self::no_entry(rpc, &selectors))).await;
-                        return;
+                        let denied = crate::edge::with_caller(w.caller.clone(), || {
+                            Self::no_entry(rpc, &w.selectors)
+                        });
+                        return Some((Err(denied), None));
                     }
                 }
             }
-        }));
-        Ok(ReceiverStream::new(out))
+        });
+        Ok(Box::pin(
+            futures_util::stream::once(async { Ok(first) }).chain(rest),
+        ))
     }
 
     /// The first response: at once when there is one; when the workload's
