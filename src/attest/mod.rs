@@ -299,14 +299,19 @@ impl UnixAttestor {
         peer: PeerCredentials,
     ) -> Result<Vec<Selector>, AttestError> {
         let pid = peer.pid.ok_or(AttestError::NoPid)?;
-        let held = conn.lock().clone();
-        if let Some(h) = held.as_ref().filter(|h| h.at.elapsed() < self.reuse_for) {
-            if std::fs::read_link(self.proc_file(pid, "exe")).ok() == h.exe {
-                return Ok(h.selectors.clone());
+        // The lock is this connection's only: holding it over the readlink
+        // spares copying the attestation for every call.
+        let first_started = {
+            let held = conn.lock();
+            if let Some(h) = held.as_ref().filter(|h| h.at.elapsed() < self.reuse_for) {
+                if std::fs::read_link(self.proc_file(pid, "exe")).ok() == h.exe {
+                    return Ok(h.selectors.clone());
+                }
             }
-        }
+            held.as_ref().map(|h| h.started)
+        };
         let fresh = self.attest_recent(peer)?;
-        if held.is_some_and(|h| h.started != fresh.started) {
+        if first_started.is_some_and(|started| started != fresh.started) {
             return Err(AttestError::PidReused { pid });
         }
         let selectors = fresh.selectors.clone();
