@@ -527,9 +527,9 @@ fn signing_floor(threads: usize, per_thread: usize) -> f64 {
 }
 
 /// Sends one batch, waiting out RESOURCE_EXHAUSTED as an agent does.
-/// Returns how many times it was refused.
-async fn sign_until_done(c: &mut Node, req: pn::BatchNewX509svidRequest) -> usize {
-    let mut refused = 0;
+/// Returns each refusal: its message and when it asked the client back.
+async fn sign_until_done(c: &mut Node, req: pn::BatchNewX509svidRequest) -> Vec<(String, Instant)> {
+    let mut refused = Vec::new();
     loop {
         match c.batch_new_x509svid(req.clone()).await {
             Ok(r) => {
@@ -539,7 +539,7 @@ async fn sign_until_done(c: &mut Node, req: pn::BatchNewX509svidRequest) -> usiz
             Err(s) => {
                 let wait = sigil::server::limits::retry_after(&s)
                     .unwrap_or_else(|| panic!("refused without a retry-after: {s}"));
-                refused += 1;
+                refused.push((s.message().to_string(), Instant::now() + wait));
                 tokio::time::sleep(sigil::server::limits::come_back_after(wait)).await;
             }
         }
@@ -580,6 +580,7 @@ async fn csr_storm(server: &Server, clients: &[Node], ids: &[(Vec<String>, u64)]
     let (mut health, mut attests) = (Vec::new(), Vec::new());
     let mut spare = spare.into_iter();
     let mut refusals = 0;
+    let (mut turns, mut first_refusal) = (Vec::new(), None);
     let mut tick = 0u32;
     // SVIDs signed, read every second: shows whether the signers ever wait.
     let issued = "sigil_svids_issued_total{type=\"x509\"}";
@@ -606,7 +607,11 @@ async fn csr_storm(server: &Server, clients: &[Node], ids: &[(Vec<String>, u64)]
         }
         tick += 1;
         while let Some(done) = storm.try_join_next() {
-            refusals += done.unwrap();
+            for (message, back) in done.unwrap() {
+                refusals += 1;
+                turns.push(back - t);
+                first_refusal.get_or_insert(message);
+            }
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -648,6 +653,12 @@ async fn csr_storm(server: &Server, clients: &[Node], ids: &[(Vec<String>, u64)]
             .collect::<Vec<_>>()
             .join(" ")
     );
+    if let (Some(first), Some(last)) = (turns.iter().min(), turns.iter().max()) {
+        println!(
+            "  refused requests were asked back {first:?} to {last:?} after the storm began; one refusal said: {}",
+            first_refusal.unwrap_or_default()
+        );
+    }
     println!("  admin Health during the storm: {}", summary(health));
     if !attests.is_empty() {
         println!(

@@ -81,8 +81,14 @@ pub struct SigningLimits {
     max_queued: usize,
     /// Signers running at once.
     workers: usize,
-    /// Measured CPU cost of one CSR on one signer, in ns (moving average).
+    /// Batches admitted and not yet signed.
+    batches: AtomicUsize,
+    /// Measured CPU cost of one CSR on one signer, in ns: a moving average
+    /// over batches of at least [`FULL_BATCH`] CSRs.
     cost_ns: AtomicU64,
+    /// Measured CPU cost of a batch beyond its CSRs (the agent's record,
+    /// the task), in ns: a moving average over smaller batches.
+    batch_ns: AtomicU64,
     /// When the turns already handed to refused requests end: each refusal
     /// gets the next turn after the queue and after those before it.
     turns_end: Mutex<Option<Instant>>,
@@ -98,7 +104,18 @@ pub struct Admitted<'a> {
 impl Drop for Admitted<'_> {
     fn drop(&mut self) {
         self.limits.queued.fetch_sub(self.n, Ordering::AcqRel);
+        self.limits.batches.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// Batches at least this large measure the cost of a CSR; smaller ones the
+/// fixed cost of a batch.
+const FULL_BATCH: usize = 50;
+
+/// Moves a moving average an eighth of the way to `sample`.
+fn average(cell: &AtomicU64, sample: u64) {
+    let old = cell.load(Ordering::Relaxed);
+    cell.store(old - old / 8 + sample / 8, Ordering::Relaxed);
 }
 
 impl SigningLimits {
@@ -113,8 +130,10 @@ impl SigningLimits {
             queued: AtomicUsize::new(0),
             max_queued: max_queued.max(1),
             workers: workers.max(1),
-            // A first guess (≈ 7k/s per core) until a batch is measured.
+            batches: AtomicUsize::new(0),
+            // First guesses (≈ 7k/s per core) until batches are measured.
             cost_ns: AtomicU64::new(140_000),
+            batch_ns: AtomicU64::new(0),
             turns_end: Mutex::default(),
         }
     }
@@ -175,14 +194,15 @@ impl SigningLimits {
         let mut queued = self.queued.load(Ordering::Acquire);
         loop {
             if queued > 0 && queued + n > self.max_queued {
-                let per_sec = self.signing_rate();
-                let drained = now + Duration::from_secs_f64(queued as f64 / per_sec);
+                let batches = self.batches.load(Ordering::Acquire);
+                let drained = now + self.signing_time(queued, batches);
                 let mut turns_end = self.turns_end.lock().unwrap_or_else(|p| p.into_inner());
                 let turn = turns_end.map_or(drained, |end| end.max(drained));
-                *turns_end = Some(turn + Duration::from_secs_f64(n as f64 / per_sec));
+                *turns_end = Some(turn + self.signing_time(n, 1));
                 return Err(exhausted(
                     format!(
-                        "the server is signing at capacity ({queued} CSRs queued, about {per_sec:.0} per second)"
+                        "the server is signing at capacity ({queued} CSRs queued, about {:.0} per second)",
+                        self.signing_rate()
                     ),
                     (turn - now).max(Duration::from_millis(50)),
                 ));
@@ -193,7 +213,10 @@ impl SigningLimits {
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
-                Ok(_) => return Ok(Admitted { limits: self, n }),
+                Ok(_) => {
+                    self.batches.fetch_add(1, Ordering::AcqRel);
+                    return Ok(Admitted { limits: self, n });
+                }
                 Err(now) => queued = now,
             }
         }
@@ -206,18 +229,36 @@ impl SigningLimits {
     /// than it signs once it has its cores, handing refused agents turns
     /// seconds too late (measured: the signers idle for 2 s, then fed at
     /// half their rate).
+    ///
+    /// A batch also has a fixed cost (the agent's record, the task), which
+    /// is measured apart: spread over one CSR it made a server that had
+    /// signed single renewals think it signs a third as fast as it does in
+    /// a storm of full batches, and its first refusals got turns 5 s late.
     pub fn record(&self, n: usize, elapsed: Duration) {
         if n == 0 {
             return;
         }
-        let each = (elapsed.as_nanos() / n as u128).min(u128::from(u32::MAX)) as u64;
-        let old = self.cost_ns.load(Ordering::Relaxed);
-        // Moving average, weight 1/8 per batch.
-        let new = old - old / 8 + each / 8;
-        self.cost_ns.store(new.max(1), Ordering::Relaxed);
+        let ns = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        if n >= FULL_BATCH {
+            average(&self.cost_ns, (ns / n as u64).max(1));
+        } else {
+            let csrs = self
+                .cost_ns
+                .load(Ordering::Relaxed)
+                .saturating_mul(n as u64);
+            average(&self.batch_ns, ns.saturating_sub(csrs));
+        }
     }
 
-    /// CSRs per second all signers together manage, as measured.
+    /// How long all signers together take for `csrs` CSRs in `batches`.
+    fn signing_time(&self, csrs: usize, batches: usize) -> Duration {
+        let ns = csrs as f64 * self.cost_ns.load(Ordering::Relaxed).max(1) as f64
+            + batches as f64 * self.batch_ns.load(Ordering::Relaxed) as f64;
+        Duration::from_secs_f64(ns / 1e9 / self.workers as f64)
+    }
+
+    /// CSRs per second all signers together manage in full batches, as
+    /// measured.
     pub fn signing_rate(&self) -> f64 {
         let cost = self.cost_ns.load(Ordering::Relaxed).max(1) as f64;
         self.workers as f64 * 1e9 / cost
@@ -296,6 +337,33 @@ mod tests {
         for _ in 0..100 {
             limits.take(&agent(1), 1_000_000, t0).unwrap();
         }
+    }
+
+    #[test]
+    fn a_batch_fixed_cost_is_measured_apart_from_the_csrs() {
+        let limits = SigningLimits::new(0, 1, 1000, 2);
+        // Full batches at 100 µs per CSR: 2 signers, 20,000 per second.
+        for _ in 0..100 {
+            limits.record(100, Duration::from_millis(10));
+        }
+        // Single renewals at 500 µs each: 100 µs of CSR, 400 µs per batch.
+        for _ in 0..100 {
+            limits.record(1, Duration::from_micros(500));
+        }
+        let rate = limits.signing_rate();
+        assert!((19_000.0..=21_000.0).contains(&rate), "{rate}");
+        let us = |d: Duration| d.as_micros();
+        // 1,000 CSRs in 10 batches: (100 ms + 4 ms) / 2 signers.
+        assert!((51_000..=53_000).contains(&us(limits.signing_time(1000, 10))));
+        // 100 single CSRs: (10 ms + 40 ms) / 2.
+        assert!((24_000..=26_000).contains(&us(limits.signing_time(100, 100))));
+        // A refusal's turn counts the batches queued.
+        let queued: Vec<_> = (0..100).map(|_| limits.admit(10).unwrap()).collect();
+        let wait = retry_after(&limits.admit(1).unwrap_err()).unwrap();
+        // 1,000 CSRs in 100 batches: (100 ms + 40 ms) / 2 = 70 ms.
+        assert!((65..=75).contains(&wait.as_millis()), "{wait:?}");
+        drop(queued);
+        assert_eq!(limits.batches.load(Ordering::Acquire), 0);
     }
 
     #[test]
