@@ -199,19 +199,32 @@ async fn fresh_agent_memory(
 
 /// Waits for the agent's log to report it holds at least `n` SVIDs.
 async fn wait_holding(lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>, n: usize) {
-    tokio::time::timeout(Duration::from_secs(300), async {
+    // The last lines, to show on failure what the agent was doing.
+    let mut last = std::collections::VecDeque::new();
+    let waited = tokio::time::timeout(Duration::from_secs(300), async {
         while let Some(line) = lines.recv().await {
             if let Some(h) = line.split("holding=").nth(1) {
                 let held: usize = h.split_whitespace().next().unwrap().parse().unwrap();
                 if held >= n {
-                    return;
+                    return true;
                 }
             }
+            if last.len() == 20 {
+                last.pop_front();
+            }
+            last.push_back(line);
         }
-        panic!("agent exited");
+        false
     })
-    .await
-    .expect("agent never reached the SVID count");
+    .await;
+    if waited != Ok(true) {
+        let last: Vec<String> = last.into();
+        panic!(
+            "the agent never held {n} SVIDs ({}); its last log lines:\n{}",
+            if waited.is_ok() { "it exited" } else { "300 s" },
+            last.join("\n")
+        );
+    }
 }
 
 fn health_request() -> tonic_health::pb::HealthCheckRequest {

@@ -136,6 +136,11 @@ impl Server {
         });
         let metrics = format!("127.0.0.1:{}", free_port());
         let admin_socket = dir.join("admin.sock");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("server.log"))
+            .unwrap();
         let mut cmd = match cores {
             Some(list) => {
                 let mut c = Command::new("taskset");
@@ -154,9 +159,10 @@ impl Server {
             .arg("--admin-socket")
             .arg(&admin_socket)
             .args(extra)
-            .env("SIGIL_LOG", "warn")
+            // Warnings, and the store's own line on how long it took to open.
+            .env("SIGIL_LOG", "warn,sigil::store=info")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .unwrap();
         let server = Server {
@@ -1004,12 +1010,28 @@ async fn scaling(root: &Path, n: usize) {
 
 /// Spawn → admin Health answers, with 1,000,000 entries stored.
 async fn cold_start(root: &Path, quick: bool) {
+    // SIGIL_FLEET_COLD_DIR=<dir> keeps the loaded store there, to start a
+    // server on it again by hand; an existing one is copied, not reloaded.
+    let kept = std::env::var_os("SIGIL_FLEET_COLD_DIR").map(std::path::PathBuf::from);
     let cold = root.join("cold");
-    std::fs::create_dir_all(&cold).unwrap();
-    Server::start(&cold, None, &[]).await.stop();
     let total = if quick { 200_000 } else { 1_000_000 };
     let t = Instant::now();
-    bulk_load(&cold, &[], 0, total, "cold");
+    if let Some(kept) = kept.as_ref().filter(|k| k.join("data").exists()) {
+        let copied = Command::new("cp").arg("-a").arg(kept).arg(&cold).status();
+        assert!(copied.unwrap().success(), "cannot copy {}", kept.display());
+    } else {
+        std::fs::create_dir_all(&cold).unwrap();
+        Server::start(&cold, None, &[]).await.stop();
+        bulk_load(&cold, &[], 0, total, "cold");
+        if let Some(kept) = &kept {
+            let copied = Command::new("cp").arg("-a").arg(&cold).arg(kept).status();
+            assert!(
+                copied.unwrap().success(),
+                "cannot copy to {}",
+                kept.display()
+            );
+        }
+    }
     let load = t.elapsed();
     // Three starts in a row (the page cache is warm for all of them, as
     // it is after the bulk load for the first).
@@ -1018,9 +1040,14 @@ async fn cold_start(root: &Path, quick: bool) {
         let server = Server::start(&cold, None, &[]).await;
         let ready = t.elapsed();
         println!(
-            "cold start {round} with {total} entries: admin Health answered {ready:?} after spawn (bulk load took {load:?}); RSS {} MiB",
+            "cold start {round} with {total} entries: admin Health answered {ready:?} after spawn (bulk load or copy took {load:?}); RSS {} MiB",
             proc_status_kib(server.pid(), "VmRSS:") / 1024
         );
+        // The store's own account: sled's recovery, then the read of every record.
+        let log = std::fs::read_to_string(cold.join("server.log")).unwrap_or_default();
+        if let Some(line) = log.lines().rev().find(|l| l.contains("store opened")) {
+            println!("  {}", line.trim());
+        }
         server.stop();
     }
 }

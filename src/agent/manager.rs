@@ -283,7 +283,7 @@ impl Manager {
         let workloads = self
             .svids
             .values()
-            .filter(|s| self.tainted.contains(&s.issuer))
+            .filter(|s| self.tainted.contains(&*s.issuer))
             .count();
         u32::try_from(workloads + usize::from(self.own_svid_tainted())).unwrap_or(u32::MAX)
     }
@@ -454,7 +454,7 @@ impl Manager {
                 Some(s) => {
                     !same_issuance(&s.entry, e)
                         || now >= s.rotate_at
-                        || self.tainted.contains(&s.issuer)
+                        || self.tainted.contains(&*s.issuer)
                 }
             })
             .cloned()
@@ -580,10 +580,14 @@ impl Manager {
                 tracing::warn!(entry = ?r.entry_id, "server returned an unparsable certificate");
                 continue;
             };
+            // Held for hours by thousands: no spare capacity (prost leaves
+            // room for four certificates), the issuer ID shared.
+            let mut chain = r.cert_chain;
+            chain.shrink_to_fit();
             let svid = CachedSvid {
-                issuer: crate::x509::authority_key_id(&r.cert_chain[0]).unwrap_or_default(),
+                issuer: crate::workload_api::issuer_of(&chain[0]),
                 entry: entry.clone(),
-                chain: r.cert_chain,
+                chain,
                 key,
                 not_before,
                 not_after,

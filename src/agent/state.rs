@@ -11,12 +11,13 @@ use crate::x509::PrivateKey;
 /// its rotation due as if received at its NotBefore (plus the backdating).
 pub fn restore_svid(
     entry: std::sync::Arc<Entry>,
-    chain: Vec<Vec<u8>>,
+    mut chain: Vec<Vec<u8>>,
     key: PrivateKey,
 ) -> Option<CachedSvid> {
+    chain.shrink_to_fit();
     let (not_before, not_after) = validity(chain.first()?)?;
     let issued = (not_before + crate::x509::BACKDATE).min(not_after);
-    let issuer = crate::x509::authority_key_id(chain.first()?).unwrap_or_default();
+    let issuer = crate::workload_api::issuer_of(chain.first()?);
     Some(CachedSvid {
         issuer,
         entry,

@@ -25,7 +25,7 @@ mod snapshot;
 pub use demand::{Demand, Subscribed};
 pub use sds::{SECRET_TYPE, Sds};
 
-pub use snapshot::{AgentState, ByAge, CachedSvid, EntryList};
+pub use snapshot::{AgentState, ByAge, CachedSvid, EntryList, issuer_of};
 
 use jwt_cache::{CachedJwt, JwtCache};
 

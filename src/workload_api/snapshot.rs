@@ -26,8 +26,25 @@ pub struct CachedSvid {
     pub not_after: SystemTime,
     /// When the agent replaces it.
     pub rotate_at: SystemTime,
-    /// The ID of the authority that signed it (the leaf's AuthorityKeyIdentifier).
-    pub issuer: String,
+    /// The ID of the authority that signed it (the leaf's AuthorityKeyIdentifier),
+    /// shared with the other SVIDs it signed (see [`issuer_of`]).
+    pub issuer: Arc<str>,
+}
+
+/// The ID of the authority that signed `leaf`, one allocation shared by all
+/// the SVIDs it signed: a handful of authorities sign thousands of SVIDs.
+/// IDs no SVID holds any more are dropped as new ones arrive.
+pub fn issuer_of(leaf: &[u8]) -> Arc<str> {
+    static KNOWN: std::sync::Mutex<Vec<Arc<str>>> = std::sync::Mutex::new(Vec::new());
+    let id = crate::x509::authority_key_id(leaf).unwrap_or_default();
+    let mut known = KNOWN.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(k) = known.iter().find(|k| ***k == *id) {
+        return k.clone();
+    }
+    known.retain(|k| Arc::strong_count(k) > 1);
+    let k: Arc<str> = id.into();
+    known.push(k.clone());
+    k
 }
 
 /// An entry ordered by age: creation time, then ID (the oldest entry gives a
@@ -146,5 +163,49 @@ impl AgentState {
             .filter(|s| s.entry.hint.is_empty() || hints.insert(s.entry.hint.clone()))
             .cloned()
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ca::{X509Authority, X509SvidParams};
+    use crate::spiffe::{SpiffeId, TrustDomain};
+    use crate::x509::KeyAlgorithm;
+    use std::time::Duration;
+
+    fn leaf(ca: &X509Authority) -> Vec<u8> {
+        let key = PrivateKey::generate(KeyAlgorithm::EcP256).unwrap();
+        let params = X509SvidParams {
+            spiffe_id: SpiffeId::new("spiffe://example.org/w").unwrap(),
+            dns_names: vec![],
+            ttl: Duration::from_secs(60),
+        };
+        let issued = ca
+            .issue_for_private_key(&key, &params, SystemTime::now())
+            .unwrap();
+        issued.chain()[0].clone()
+    }
+
+    #[test]
+    fn svids_of_one_authority_share_its_id_and_others_do_not() {
+        let td = TrustDomain::new("example.org").unwrap();
+        let ca = |_| {
+            X509Authority::self_signed(
+                &td,
+                KeyAlgorithm::EcP256,
+                Duration::from_secs(600),
+                SystemTime::now(),
+            )
+            .unwrap()
+        };
+        let (a, b) = (ca(1), ca(2));
+        let first = issuer_of(&leaf(&a));
+        let second = issuer_of(&leaf(&a));
+        assert!(Arc::ptr_eq(&first, &second), "one allocation per authority");
+        assert_eq!(*first, *a.id());
+        let other = issuer_of(&leaf(&b));
+        assert_eq!(*other, *b.id());
+        assert_ne!(first, other);
     }
 }

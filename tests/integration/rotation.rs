@@ -192,7 +192,7 @@ async fn operators_rotate_the_ca_and_agents_follow() {
                 .borrow_and_update()
                 .svids
                 .iter()
-                .all(|s| s.issuer == second);
+                .all(|s| *s.issuer == *second);
             let own = sigil::x509::certs_from_pem(
                 &std::fs::read_to_string(dir.path().join("agent/agent-svid.pem")).unwrap(),
             )
@@ -328,7 +328,7 @@ async fn wait_all_signed_by(
         loop {
             let workloads = {
                 let s = state.borrow_and_update();
-                !s.svids.is_empty() && s.svids.iter().all(|s| s.issuer == issuer)
+                !s.svids.is_empty() && s.svids.iter().all(|s| *s.issuer == *issuer)
             };
             let own = std::fs::read_to_string(dir.join("agent/agent-svid.pem"))
                 .ok()
@@ -432,7 +432,7 @@ async fn a_server_restarted_mid_rotation_and_an_agent_restarted_after_it() {
         loop {
             let found = state.borrow_and_update().svids.iter().any(|s| {
                 s.entry.spiffe_id.as_str() == "spiffe://example.org/after-restart"
-                    && s.issuer == second
+                    && *s.issuer == *second
             });
             if found {
                 return;

@@ -244,7 +244,7 @@ async fn an_upstream_pki_signs_sigils_intermediates_and_openssl_verifies_the_cha
         loop {
             let reissued = {
                 let s = state.borrow_and_update();
-                !s.svids.is_empty() && s.svids.iter().all(|s| s.issuer != first)
+                !s.svids.is_empty() && s.svids.iter().all(|s| *s.issuer != *first)
             };
             if reissued {
                 return;
