@@ -22,7 +22,9 @@ const BATCH: usize = 10_000;
 /// What changed for one stream since it last looked.
 #[derive(Debug, Default)]
 pub(crate) struct Pending {
-    /// The log was read up to here when this was handed over.
+    /// The log was read up to here when this was handed over. Raised under
+    /// the same lock as each change is added: a stream that took a change
+    /// with an older revision would skip it as already sent.
     pub revision: u64,
     /// IDs of the agent's entries that were created, updated, moved or
     /// deleted (read their current state).
@@ -146,16 +148,19 @@ impl SyncHub {
                     };
                     let (parent, id) = (&rest[..nul], &rest[nul + 1..]);
                     for inbox in streams.get(parent).into_iter().flatten() {
-                        inbox
-                            .lock()
-                            .entries
-                            .insert(String::from_utf8_lossy(id).into_owned());
+                        let mut p = inbox.lock();
+                        p.entries.insert(String::from_utf8_lossy(id).into_owned());
+                        p.revision = p.revision.max(revision);
+                        drop(p);
                         touched.push(inbox);
                     }
                 }
                 Table::Agents => {
                     for inbox in streams.get(change.key.as_slice()).into_iter().flatten() {
-                        inbox.lock().agent = true;
+                        let mut p = inbox.lock();
+                        p.agent = true;
+                        p.revision = p.revision.max(revision);
+                        drop(p);
                         touched.push(inbox);
                     }
                 }
@@ -167,13 +172,12 @@ impl SyncHub {
             self.bundle_changes.send_replace(revision);
             touched = streams.values().flatten().collect();
             for inbox in &touched {
-                inbox.lock().bundle = true;
+                let mut p = inbox.lock();
+                p.bundle = true;
+                p.revision = p.revision.max(revision);
             }
         }
         for inbox in touched {
-            let mut p = inbox.lock();
-            p.revision = p.revision.max(revision);
-            drop(p);
             inbox.notify.notify_one();
         }
     }
@@ -328,6 +332,49 @@ mod tests {
         assert_eq!(hub.lock()[a.as_str().as_bytes()].len(), 1);
         hub.resnapshot_all(9);
         assert!(take(&a2).resnapshot);
+    }
+
+    /// A stream may take its inbox at any moment, also while the hub is
+    /// routing: whatever it takes must carry a revision that covers it (an
+    /// entry once arrived without one, was skipped as already sent, and its
+    /// agent never received it).
+    #[test]
+    fn a_change_is_never_taken_without_its_revision() {
+        let hub = Arc::new(SyncHub::default());
+        let a = agent("a");
+        let sub = hub.subscribe(&a);
+        const N: u64 = 200_000;
+        let router = {
+            let hub = hub.clone();
+            let a = a.clone();
+            std::thread::spawn(move || {
+                for revision in 1..=N {
+                    let mut key = crate::registry::parent_prefix(&a);
+                    key.extend_from_slice(revision.to_string().as_bytes());
+                    hub.route(&[event(revision, &[(Table::EntriesByParent, key)])]);
+                }
+            })
+        };
+        let mut seen = 0;
+        loop {
+            // Finished before the take: then this take holds the rest.
+            let finished = router.is_finished();
+            let p = take(&sub);
+            if finished && p.is_empty() {
+                break;
+            }
+            for id in &p.entries {
+                let at: u64 = id.parse().unwrap();
+                assert!(
+                    p.revision >= at,
+                    "entry of revision {at} handed over with revision {}",
+                    p.revision
+                );
+                seen = seen.max(at);
+            }
+        }
+        router.join().unwrap();
+        assert_eq!(seen, N, "every change was handed over");
     }
 
     #[tokio::test]
