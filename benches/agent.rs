@@ -90,13 +90,37 @@ fn req() -> tonic::Request<pw::X509svidRequest> {
 
 /// Starts a `sigil agent` process (socket `<name>.sock`, data in `<name>`
 /// under `dir`, where `bundle.pem` is): the child, its log lines, its token.
+/// A `sigil agent` process, killed when dropped: a section that panics
+/// leaves no agent running behind it.
+struct AgentProcess(Child);
+
+impl std::ops::Deref for AgentProcess {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for AgentProcess {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 async fn spawn_agent(
     server: &sigil::server::ServerHandle,
     admin: &mut pa::admin_client::AdminClient<tonic::transport::Channel>,
     dir: &Path,
     name: &str,
 ) -> (
-    Child,
+    AgentProcess,
     tokio::sync::mpsc::UnboundedReceiver<String>,
     pa::GenerateTokenResponse,
 ) {
@@ -132,7 +156,7 @@ async fn spawn_agent(
             let _ = line_tx.send(l);
         }
     });
-    (agent, lines, token)
+    (AgentProcess(agent), lines, token)
 }
 
 /// Creates `n` entries for `parent` that no workload here matches, 16 at
