@@ -88,8 +88,6 @@ fn req() -> tonic::Request<pw::X509svidRequest> {
     r
 }
 
-/// Starts a `sigil agent` process (socket `<name>.sock`, data in `<name>`
-/// under `dir`, where `bundle.pem` is): the child, its log lines, its token.
 /// A `sigil agent` process, killed when dropped: a section that panics
 /// leaves no agent running behind it.
 struct AgentProcess(Child);
@@ -114,6 +112,8 @@ impl Drop for AgentProcess {
     }
 }
 
+/// Starts a `sigil agent` process (socket `<name>.sock`, data in `<name>`
+/// under `dir`, where `bundle.pem` is): the child, its log lines, its token.
 async fn spawn_agent(
     server: &sigil::server::ServerHandle,
     admin: &mut pa::admin_client::AdminClient<tonic::transport::Channel>,

@@ -1016,20 +1016,19 @@ async fn cold_start(root: &Path, quick: bool) {
     let cold = root.join("cold");
     let total = if quick { 200_000 } else { 1_000_000 };
     let t = Instant::now();
+    let copy = |from: &Path, to: &Path| {
+        let copied = Command::new("cp").arg("-a").arg(from).arg(to).status();
+        let ok = copied.is_ok_and(|s| s.success());
+        assert!(ok, "cannot copy {} to {}", from.display(), to.display());
+    };
     if let Some(kept) = kept.as_ref().filter(|k| k.join("data").exists()) {
-        let copied = Command::new("cp").arg("-a").arg(kept).arg(&cold).status();
-        assert!(copied.unwrap().success(), "cannot copy {}", kept.display());
+        copy(kept, &cold);
     } else {
         std::fs::create_dir_all(&cold).unwrap();
         Server::start(&cold, None, &[]).await.stop();
         bulk_load(&cold, &[], 0, total, "cold");
         if let Some(kept) = &kept {
-            let copied = Command::new("cp").arg("-a").arg(&cold).arg(kept).status();
-            assert!(
-                copied.unwrap().success(),
-                "cannot copy to {}",
-                kept.display()
-            );
+            copy(&cold, kept);
         }
     }
     let load = t.elapsed();

@@ -22,9 +22,8 @@ const BATCH: usize = 10_000;
 /// What changed for one stream since it last looked.
 #[derive(Debug, Default)]
 pub(crate) struct Pending {
-    /// The log was read up to here when this was handed over. Raised under
-    /// the same lock as each change is added: a stream that took a change
-    /// with an older revision would skip it as already sent.
+    /// The log was read up to here when this was handed over (see
+    /// [`SyncHub::route`] for why a batch is handed over whole).
     pub revision: u64,
     /// IDs of the agent's entries that were created, updated, moved or
     /// deleted (read their current state).
@@ -71,6 +70,9 @@ impl Inbox {
         }
     }
 }
+
+/// What one batch brings each stream it touches, by inbox address.
+type Shares<'a> = HashMap<*const Inbox, (&'a Arc<Inbox>, Pending)>;
 
 /// The open streams by agent ID.
 #[derive(Debug, Default)]
@@ -139,7 +141,13 @@ impl SyncHub {
         };
         let streams = self.lock();
         // Each touched stream's share, by inbox address.
-        let mut shares: HashMap<*const Inbox, (&Arc<Inbox>, Pending)> = HashMap::new();
+        let mut shares: Shares<'_> = HashMap::new();
+        fn share<'s, 'a>(shares: &'s mut Shares<'a>, inbox: &'a Arc<Inbox>) -> &'s mut Pending {
+            &mut shares
+                .entry(Arc::as_ptr(inbox))
+                .or_insert_with(|| (inbox, Pending::default()))
+                .1
+        }
         let mut everyone = false;
         for change in events.iter().flat_map(|e| &e.changes) {
             match change.table {
@@ -153,18 +161,14 @@ impl SyncHub {
                     };
                     let (parent, id) = (&rest[..nul], &rest[nul + 1..]);
                     for inbox in streams.get(parent).into_iter().flatten() {
-                        let (_, p) = shares
-                            .entry(Arc::as_ptr(inbox))
-                            .or_insert_with(|| (inbox, Pending::default()));
-                        p.entries.insert(String::from_utf8_lossy(id).into_owned());
+                        share(&mut shares, inbox)
+                            .entries
+                            .insert(String::from_utf8_lossy(id).into_owned());
                     }
                 }
                 Table::Agents => {
                     for inbox in streams.get(change.key.as_slice()).into_iter().flatten() {
-                        let (_, p) = shares
-                            .entry(Arc::as_ptr(inbox))
-                            .or_insert_with(|| (inbox, Pending::default()));
-                        p.agent = true;
+                        share(&mut shares, inbox).agent = true;
                     }
                 }
                 Table::Bundle | Table::Authorities => everyone = true,
@@ -174,10 +178,7 @@ impl SyncHub {
         if everyone {
             self.bundle_changes.send_replace(revision);
             for inbox in streams.values().flatten() {
-                let (_, p) = shares
-                    .entry(Arc::as_ptr(inbox))
-                    .or_insert_with(|| (inbox, Pending::default()));
-                p.bundle = true;
+                share(&mut shares, inbox).bundle = true;
             }
         }
         for (inbox, new) in shares.into_values() {
