@@ -370,6 +370,7 @@ async fn prepare_acknowledged(agents: usize, rounds: usize) {
                 policy: None,
                 metrics_bind: None,
                 svid_cache_max: None,
+                server_keepalive: sigil::agent::node_client::DEFAULT_KEEPALIVE,
             })
             .await
             .unwrap(),

@@ -92,6 +92,8 @@ pub struct Manager {
     /// The SVID cache cap (`svid_cache_max`), if any.
     pub(super) svid_cache_max: Option<usize>,
     /// The selectors of connected workloads (tracked only with a cap).
+    /// How often to ping the server (`server_keepalive`).
+    pub(super) keepalive: Duration,
     pub(super) demand: Arc<crate::workload_api::Demand>,
     /// When a connected workload last had each entry (with a cap).
     pub(super) last_used: HashMap<String, std::time::Instant>,
@@ -173,9 +175,13 @@ impl Manager {
         if self.agent_svid_expired() {
             self.reattest().await?;
         }
-        let mut client =
-            node_client::connect(self.server(), &self.bundle().to_pem(), Some(&self.identity))
-                .await?;
+        let mut client = node_client::connect_with(
+            self.server(),
+            &self.bundle().to_pem(),
+            Some(&self.identity),
+            self.keepalive,
+        )
+        .await?;
         let opened = client
             .sync_entries(pn::SyncEntriesRequest {
                 resume_from_revision: self.revision,
@@ -328,7 +334,8 @@ impl Manager {
         if matches!(att, Attestation::JoinToken(_)) {
             self.attestation = None;
         }
-        let mut c = node_client::connect(self.server(), &self.bundle().to_pem(), None).await?;
+        let pem = self.bundle().to_pem();
+        let mut c = node_client::connect_with(self.server(), &pem, None, self.keepalive).await?;
         let td = self.bundle().trust_domain().clone();
         self.identity = node_client::attest(&mut c, &td, &att).await?;
         persist::save(&self.data_dir, &self.identity);

@@ -59,6 +59,7 @@ pub const AGENT_KEYS: &[&str] = &[
     "metrics_bind",
     "log_level",
     "svid_cache_max",
+    "server_keepalive",
 ];
 
 /// Why the agent could not start.
@@ -124,6 +125,10 @@ pub struct AgentConfig {
     /// always; the others up to the cap, most recently used first); none:
     /// an SVID for every entry.
     pub svid_cache_max: Option<usize>,
+    /// How often the agent pings the server over its connection; a ping
+    /// unanswered for as long (at most 20 s) drops the connection, and the
+    /// agent reconnects or fails over.
+    pub server_keepalive: Duration,
 }
 
 impl AgentConfig {
@@ -259,6 +264,7 @@ impl AgentConfig {
                     }
                 }
             })?,
+            server_keepalive: raw.duration("server_keepalive", "30s")?,
         })
     }
 }
@@ -396,7 +402,14 @@ fn workload_descriptors() -> prost_types::FileDescriptorSet {
 async fn attest_any(config: &AgentConfig, att: &Attestation) -> Result<AgentIdentity, AgentError> {
     let mut last = None;
     for (i, server) in config.servers.iter().enumerate() {
-        match connect(server, &config.trust_bundle_pem, None).await {
+        match node_client::connect_with(
+            server,
+            &config.trust_bundle_pem,
+            None,
+            config.server_keepalive,
+        )
+        .await
+        {
             Ok(mut c) => return Ok(attest(&mut c, &config.trust_domain, att).await?),
             // The last one's error is the answer, said once.
             Err(e) if i + 1 == config.servers.len() => last = Some(e),
@@ -512,6 +525,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         cache_saved: None,
         sign_after: None,
         svid_cache_max: config.svid_cache_max,
+        keepalive: config.server_keepalive,
         demand: demand.clone(),
         last_used: HashMap::new(),
         state: state_tx,

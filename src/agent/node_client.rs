@@ -1,6 +1,8 @@
 //! The agent's side of the node API: connecting over TLS (mTLS once it has
 //! an SVID) and attesting with a join token or x509pop.
 
+use std::time::Duration;
+
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::proto::node::{self as pn, node_client::NodeClient};
@@ -67,12 +69,39 @@ pub struct AgentIdentity {
     pub bundle: Bundle,
 }
 
+/// How often the agent pings its server over an open connection, by default
+/// (`server_keepalive`): a connection that died without a word (a host gone,
+/// a NAT entry dropped) ends the session within this plus [`ping_timeout`],
+/// where it would otherwise wait on a sync stream forever.
+pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(30);
+/// The longest any one call may wait for the server's answer (its response
+/// headers: a sync stream, once open, runs on). The server answers a signing
+/// request it cannot take soon with `RESOURCE_EXHAUSTED`, so a call this slow
+/// means a server that is stuck, and the agent moves on.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long an unanswered keepalive ping is given before the connection is
+/// dropped: the ping interval, at most 20 s.
+pub fn ping_timeout(keepalive: Duration) -> Duration {
+    keepalive.min(Duration::from_secs(20))
+}
+
 /// Opens a channel to the server, verifying it against `bundle_pem`, and
 /// presenting `identity` as client certificate when given.
 pub async fn connect(
     addr: &str,
     bundle_pem: &str,
     identity: Option<&AgentIdentity>,
+) -> Result<NodeClient<Channel>, NodeClientError> {
+    connect_with(addr, bundle_pem, identity, DEFAULT_KEEPALIVE).await
+}
+
+/// [`connect`], pinging the server every `keepalive`.
+pub async fn connect_with(
+    addr: &str,
+    bundle_pem: &str,
+    identity: Option<&AgentIdentity>,
+    keepalive: Duration,
 ) -> Result<NodeClient<Channel>, NodeClientError> {
     let err = |reason: String| NodeClientError::Connect {
         addr: addr.to_string(),
@@ -96,7 +125,12 @@ pub async fn connect(
         .map_err(|e| err(e.to_string()))?
         .tls_config(tls)
         .map_err(|e| err(e.to_string()))?
-        .connect_timeout(std::time::Duration::from_secs(10))
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(CALL_TIMEOUT)
+        .tcp_keepalive(Some(keepalive))
+        .http2_keep_alive_interval(keepalive)
+        .keep_alive_timeout(ping_timeout(keepalive))
+        .keep_alive_while_idle(true)
         .connect()
         .await
         .map_err(|e| err(explain_connect_error(&e)))?;

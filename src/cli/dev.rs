@@ -130,6 +130,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         policy: None,
         metrics_bind: None,
         svid_cache_max: None,
+        server_keepalive: crate::agent::node_client::DEFAULT_KEEPALIVE,
     })
     .await?;
 

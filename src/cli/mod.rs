@@ -378,6 +378,11 @@ struct AgentArgs {
     /// asks [default: no limit].
     #[arg(long)]
     svid_cache_max: Option<String>,
+    /// Ping the server this often over the agent's connection; an unanswered
+    /// ping (for as long, at most 20s) drops it and the agent reconnects
+    /// [default: 30s].
+    #[arg(long)]
+    server_keepalive: Option<String>,
     /// Check the configuration (reading every file it names), bind nothing, exit.
     #[arg(long)]
     validate: bool,
@@ -405,6 +410,7 @@ impl AgentArgs {
         raw.flag("metrics_bind", self.metrics_bind);
         raw.flag("log_level", self.log_level);
         raw.flag("svid_cache_max", self.svid_cache_max);
+        raw.flag("server_keepalive", self.server_keepalive);
         self.policy.apply(&mut raw);
         let run = Run {
             log_filter: log_filter(&raw)?,

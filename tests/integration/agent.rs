@@ -57,6 +57,7 @@ pub(crate) async fn agent_config(server: &ServerHandle, dir: &Path) -> AgentConf
         policy: None,
         metrics_bind: None,
         svid_cache_max: None,
+        server_keepalive: sigil::agent::node_client::DEFAULT_KEEPALIVE,
     }
 }
 
@@ -491,6 +492,7 @@ async fn agent_restart_reuses_its_saved_identity() {
         policy: None,
         metrics_bind: None,
         svid_cache_max: None,
+        server_keepalive: sigil::agent::node_client::DEFAULT_KEEPALIVE,
     })
     .await
     .unwrap();
@@ -554,6 +556,7 @@ async fn agent_renews_its_svid_and_reattests_with_x509pop_after_expiry() {
         policy: None,
         metrics_bind: None,
         svid_cache_max: None,
+        server_keepalive: sigil::agent::node_client::DEFAULT_KEEPALIVE,
     };
     let me = format!("unix:uid:{}", my_uid());
 
@@ -682,6 +685,7 @@ async fn an_agent_restarted_while_the_server_is_down_serves_its_cached_svids() {
         policy: None,
         metrics_bind: None,
         svid_cache_max: None,
+        server_keepalive: sigil::agent::node_client::DEFAULT_KEEPALIVE,
     };
     // The server is down: the restarted agent serves its cached SVID at once.
     let again = sigil::agent::start(config("agent", "again.sock"))

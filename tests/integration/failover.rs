@@ -98,4 +98,115 @@ fn the_server_list_comes_from_repeated_flags_or_a_toml_array() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("server") && err.contains("empty"), "{err}");
+
+    // The keepalive: 30 s unless set; zero is refused by name.
+    let mut raw = sigil::config::RawConfig::load(Some(&toml), sigil::agent::AGENT_KEYS).unwrap();
+    assert_eq!(
+        sigil::agent::AgentConfig::from_raw(&raw)
+            .unwrap()
+            .server_keepalive,
+        std::time::Duration::from_secs(30)
+    );
+    raw.flag("server_keepalive", Some("0s".into()));
+    let err = sigil::agent::AgentConfig::from_raw(&raw)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("server_keepalive") && err.contains("zero"),
+        "{err}"
+    );
+}
+
+/// A TCP relay to a server whose connections can be frozen: a frozen
+/// connection stays open but passes nothing more either way, not even its
+/// closing (a peer gone without a word: a host lost, a NAT entry dropped).
+/// Connections opened after a freeze relay normally.
+struct Relay {
+    addr: std::net::SocketAddr,
+    freezes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Relay {
+    async fn start(to: std::net::SocketAddr) -> Relay {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let freezes = std::sync::Arc::new(AtomicU64::new(0));
+        let relay = Relay {
+            addr: listener.local_addr().unwrap(),
+            freezes: freezes.clone(),
+        };
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(to).await else {
+                    continue;
+                };
+                let born = freezes.load(Ordering::SeqCst);
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                tokio::spawn(pump(client_read, server_write, born, freezes.clone()));
+                tokio::spawn(pump(server_read, client_write, born, freezes.clone()));
+            }
+        });
+        relay
+    }
+
+    /// Freezes every connection open now.
+    fn freeze(&self) {
+        self.freezes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Copies `from` to `to` until either ends, or forever holds both once the
+/// connection (opened at freeze count `born`) is frozen.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    born: u64,
+    freezes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let read = from.read(&mut buf).await;
+        if freezes.load(std::sync::atomic::Ordering::SeqCst) > born {
+            // Hold both halves open and pass nothing.
+            let _held = (from, to);
+            std::future::pending::<()>().await;
+            return;
+        }
+        match read {
+            Ok(n) if n > 0 => {
+                if to.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+            _ => return,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_leaves_a_connection_that_went_silent() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(server_config(&dir.path().join("server"), vec![]))
+        .await
+        .unwrap();
+    let relay = Relay::start(server.node_addr()).await;
+    let config = sigil::agent::AgentConfig {
+        servers: vec![relay.addr.to_string()],
+        server_keepalive: std::time::Duration::from_secs(1),
+        ..agent_config(&server, &dir.path().join("agent")).await
+    };
+    let agent = sigil::agent::start(config).await.unwrap();
+    register(&server, agent.spiffe_id(), "before").await;
+    wait_for_svids(&agent, 1).await;
+
+    // The agent's connection goes silent: the entry registered now reaches
+    // the agent only if it notices (its pings go unanswered) and reconnects.
+    // Without pings it would wait on its sync stream forever (the server's
+    // own pings close its end, but that close never arrives either).
+    relay.freeze();
+    register(&server, agent.spiffe_id(), "after").await;
+    wait_for_svids(&agent, 2).await;
 }

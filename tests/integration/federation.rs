@@ -44,6 +44,7 @@ async fn agent_of(server: &ServerHandle, td: &str, dir: &Path) -> AgentHandle {
         policy: None,
         metrics_bind: None,
         svid_cache_max: None,
+        server_keepalive: sigil::agent::node_client::DEFAULT_KEEPALIVE,
     })
     .await
     .unwrap()

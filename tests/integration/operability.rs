@@ -95,6 +95,7 @@ async fn metrics_health_and_readiness_on_server_and_agent() {
         policy: None,
         metrics_bind: Some("127.0.0.1:0".parse().unwrap()),
         svid_cache_max: None,
+        server_keepalive: sigil::agent::node_client::DEFAULT_KEEPALIVE,
     })
     .await
     .unwrap();

@@ -318,6 +318,7 @@ async fn sds_streams_follow_the_xds_rules_and_push_on_changes() {
         policy: None,
         metrics_bind: None,
         svid_cache_max: None,
+        server_keepalive: sigil::agent::node_client::DEFAULT_KEEPALIVE,
     })
     .await
     .unwrap();
