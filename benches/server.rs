@@ -371,6 +371,7 @@ async fn prepare_acknowledged(agents: usize, rounds: usize) {
                 metrics_bind: None,
                 svid_cache_max: None,
                 server_keepalive: sigil::agent::node_client::DEFAULT_KEEPALIVE,
+                full_sync_interval: sigil::agent::DEFAULT_FULL_SYNC_INTERVAL,
             })
             .await
             .unwrap(),

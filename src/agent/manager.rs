@@ -94,6 +94,11 @@ pub struct Manager {
     /// The selectors of connected workloads (tracked only with a cap).
     /// How often to ping the server (`server_keepalive`).
     pub(super) keepalive: Duration,
+    /// How often to fetch every entry again (`full_sync_interval`)...
+    pub(super) full_sync_every: Duration,
+    /// ...and when next: a session opened after this asks for a snapshot
+    /// instead of resuming. Any snapshot moves it on.
+    pub(super) full_sync_at: tokio::time::Instant,
     pub(super) demand: Arc<crate::workload_api::Demand>,
     /// When a connected workload last had each entry (with a cap).
     pub(super) last_used: HashMap<String, std::time::Instant>,
@@ -182,9 +187,14 @@ impl Manager {
             self.keepalive,
         )
         .await?;
+        // A full sync now and then: what the agent holds is then exactly the
+        // server's, whatever a resume could not repair (a store restored from
+        // a backup, whose revisions went on from an older point).
+        let full = tokio::time::Instant::now() >= self.full_sync_at;
+        let resume_from_revision = if full { 0 } else { self.revision };
         let opened = client
             .sync_entries(pn::SyncEntriesRequest {
-                resume_from_revision: self.revision,
+                resume_from_revision,
             })
             .await;
         if let Err(s) = &opened {
@@ -210,7 +220,7 @@ impl Manager {
             Err(s) => return Err(s.into()),
         };
         self.client.send_replace(Some(client.clone()));
-        tracing::info!(server = %self.server(), agent = %self.identity.spiffe_id, resume_from = self.revision, "connected to server");
+        tracing::info!(server = %self.server(), agent = %self.identity.spiffe_id, resume_from = resume_from_revision, "connected to server");
         let mut pending: Option<BTreeMap<String, Arc<Entry>>> = None;
         let mut tick = tokio::time::interval(TICK);
         let rotate_agent_at = self.agent_rotation_time();
@@ -241,6 +251,10 @@ impl Manager {
                 }
                 _ = tick.tick() => {
                     self.save_cache(false);
+                    if !full && tokio::time::Instant::now() >= self.full_sync_at {
+                        tracing::info!(server = %self.server(), "full sync due: reconnecting for a snapshot of every entry");
+                        return Ok(SessionEnd::Reconnect);
+                    }
                     if SystemTime::now() >= rotate_agent_at || self.own_svid_tainted() {
                         self.identity = node_client::renew(&mut client, &self.identity).await?;
                         persist::save(&self.data_dir, &self.identity);
@@ -420,12 +434,25 @@ impl Manager {
                     .filter(|id| !next.contains_key(*id))
                     .cloned()
                     .collect();
+                let new = (next.keys())
+                    .filter(|id| self.entries.get(id).is_none())
+                    .count();
+                if self.revision != 0 && (new > 0 || !gone.is_empty()) {
+                    tracing::info!(
+                        added = new,
+                        removed = gone.len(),
+                        from_revision = self.revision,
+                        to_revision = msg.revision,
+                        "a snapshot changed the entries held"
+                    );
+                }
                 for id in gone {
                     self.entries.remove(&id);
                 }
                 for e in next.into_values() {
                     self.entries.insert(e);
                 }
+                self.full_sync_at = next_full_sync(self.full_sync_every);
             }
             Some(pn::sync_entries_response::Kind::Delta(d)) => {
                 for id in &d.deleted {
@@ -670,6 +697,12 @@ impl Manager {
 /// The entry as held: the copy already held when it is unchanged (one copy
 /// is shared by the entry map, the SVID issued for it and the published
 /// state), else a new one.
+/// When the next full sync is due: `every` from now, ±10 % so a fleet
+/// started together spreads its snapshots.
+pub(super) fn next_full_sync(every: Duration) -> tokio::time::Instant {
+    tokio::time::Instant::now() + every.mul_f64(1.0 + 0.1 * random_jitter())
+}
+
 fn shared(held: Option<&Arc<Entry>>, e: Entry) -> Arc<Entry> {
     match held {
         Some(h) if **h == e => h.clone(),

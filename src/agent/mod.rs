@@ -28,13 +28,16 @@ pub use persist::saved_identity;
 pub use state::{Backoff, rotation_time};
 
 use crate::attest::UnixAttestor;
-use crate::config::{ConfigError, LogFormat, RawConfig};
+use crate::config::{ConfigError, LogFormat, RawConfig, format_duration};
 use crate::policy::{PolicyConfig, serve_ext_authz};
 use crate::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 use crate::spiffe::{SpiffeId, TrustDomain};
 use crate::workload_api::WorkloadApi;
 use crate::x509::{Bundle, PrivateKey, certs_from_pem, svid_id};
 use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryServiceServer;
+
+/// How often an agent fetches every entry again, by default.
+pub const DEFAULT_FULL_SYNC_INTERVAL: Duration = Duration::from_secs(30 * 60);
 
 /// Default Workload API socket.
 pub const DEFAULT_SOCKET: &str = "/tmp/sigil-agent/public/api.sock";
@@ -60,6 +63,7 @@ pub const AGENT_KEYS: &[&str] = &[
     "log_level",
     "svid_cache_max",
     "server_keepalive",
+    "full_sync_interval",
 ];
 
 /// Why the agent could not start.
@@ -129,6 +133,10 @@ pub struct AgentConfig {
     /// unanswered for as long (at most 20 s) drops the connection, and the
     /// agent reconnects or fails over.
     pub server_keepalive: Duration,
+    /// How often the agent fetches every entry again instead of resuming
+    /// from its revision (a safety net: it then holds exactly the server's
+    /// entries, whatever a resume could not repair).
+    pub full_sync_interval: Duration,
 }
 
 impl AgentConfig {
@@ -264,7 +272,14 @@ impl AgentConfig {
                     }
                 }
             })?,
-            server_keepalive: raw.duration("server_keepalive", "30s")?,
+            server_keepalive: raw.duration(
+                "server_keepalive",
+                &format_duration(node_client::DEFAULT_KEEPALIVE),
+            )?,
+            full_sync_interval: raw.duration(
+                "full_sync_interval",
+                &format_duration(DEFAULT_FULL_SYNC_INTERVAL),
+            )?,
         })
     }
 }
@@ -526,6 +541,8 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         sign_after: None,
         svid_cache_max: config.svid_cache_max,
         keepalive: config.server_keepalive,
+        full_sync_every: config.full_sync_interval,
+        full_sync_at: manager::next_full_sync(config.full_sync_interval),
         demand: demand.clone(),
         last_used: HashMap::new(),
         state: state_tx,

@@ -131,6 +131,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         metrics_bind: None,
         svid_cache_max: None,
         server_keepalive: crate::agent::node_client::DEFAULT_KEEPALIVE,
+        full_sync_interval: crate::agent::DEFAULT_FULL_SYNC_INTERVAL,
     })
     .await?;
 

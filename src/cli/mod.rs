@@ -56,7 +56,7 @@ enum Command {
         #[command(subcommand)]
         cmd: Option<admin::AgentCmd>,
         #[command(flatten)]
-        run: AgentArgs,
+        run: Box<AgentArgs>,
     },
     /// A server and an agent in one process, registering the calling user.
     #[command(
@@ -383,6 +383,10 @@ struct AgentArgs {
     /// [default: 30s].
     #[arg(long)]
     server_keepalive: Option<String>,
+    /// Fetch every entry from the server again this often, instead of
+    /// resuming from the last change seen [default: 30m].
+    #[arg(long)]
+    full_sync_interval: Option<String>,
     /// Check the configuration (reading every file it names), bind nothing, exit.
     #[arg(long)]
     validate: bool,
@@ -411,6 +415,7 @@ impl AgentArgs {
         raw.flag("log_level", self.log_level);
         raw.flag("svid_cache_max", self.svid_cache_max);
         raw.flag("server_keepalive", self.server_keepalive);
+        raw.flag("full_sync_interval", self.full_sync_interval);
         self.policy.apply(&mut raw);
         let run = Run {
             log_filter: log_filter(&raw)?,

@@ -58,6 +58,7 @@ pub(crate) async fn agent_config(server: &ServerHandle, dir: &Path) -> AgentConf
         metrics_bind: None,
         svid_cache_max: None,
         server_keepalive: sigil::agent::node_client::DEFAULT_KEEPALIVE,
+        full_sync_interval: sigil::agent::DEFAULT_FULL_SYNC_INTERVAL,
     }
 }
 
@@ -493,6 +494,7 @@ async fn agent_restart_reuses_its_saved_identity() {
         metrics_bind: None,
         svid_cache_max: None,
         server_keepalive: sigil::agent::node_client::DEFAULT_KEEPALIVE,
+        full_sync_interval: sigil::agent::DEFAULT_FULL_SYNC_INTERVAL,
     })
     .await
     .unwrap();
@@ -557,6 +559,7 @@ async fn agent_renews_its_svid_and_reattests_with_x509pop_after_expiry() {
         metrics_bind: None,
         svid_cache_max: None,
         server_keepalive: sigil::agent::node_client::DEFAULT_KEEPALIVE,
+        full_sync_interval: sigil::agent::DEFAULT_FULL_SYNC_INTERVAL,
     };
     let me = format!("unix:uid:{}", my_uid());
 
@@ -686,6 +689,7 @@ async fn an_agent_restarted_while_the_server_is_down_serves_its_cached_svids() {
         metrics_bind: None,
         svid_cache_max: None,
         server_keepalive: sigil::agent::node_client::DEFAULT_KEEPALIVE,
+        full_sync_interval: sigil::agent::DEFAULT_FULL_SYNC_INTERVAL,
     };
     // The server is down: the restarted agent serves its cached SVID at once.
     let again = sigil::agent::start(config("agent", "again.sock"))

@@ -120,10 +120,12 @@ fn the_server_list_comes_from_repeated_flags_or_a_toml_array() {
 /// A TCP relay to a server whose connections can be frozen: a frozen
 /// connection stays open but passes nothing more either way, not even its
 /// closing (a peer gone without a word: a host lost, a NAT entry dropped).
-/// Connections opened after a freeze relay normally.
+/// Connections opened after a freeze relay normally, to the server of the
+/// moment (see [`Relay::retarget`]).
 struct Relay {
     addr: std::net::SocketAddr,
     freezes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    to: std::sync::Arc<std::sync::Mutex<std::net::SocketAddr>>,
 }
 
 impl Relay {
@@ -134,9 +136,12 @@ impl Relay {
         let relay = Relay {
             addr: listener.local_addr().unwrap(),
             freezes: freezes.clone(),
+            to: std::sync::Arc::new(std::sync::Mutex::new(to)),
         };
+        let target = relay.to.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
+                let to = *target.lock().unwrap();
                 let Ok(server) = tokio::net::TcpStream::connect(to).await else {
                     continue;
                 };
@@ -148,6 +153,11 @@ impl Relay {
             }
         });
         relay
+    }
+
+    /// Relays new connections to `to`.
+    fn retarget(&self, to: std::net::SocketAddr) {
+        *self.to.lock().unwrap() = to;
     }
 
     /// Freezes every connection open now.
@@ -209,4 +219,85 @@ async fn an_agent_leaves_a_connection_that_went_silent() {
     relay.freeze();
     register(&server, agent.spiffe_id(), "after").await;
     wait_for_svids(&agent, 2).await;
+}
+
+/// Waits until the agent holds SVIDs for exactly `names` (under
+/// `spiffe://example.org/`).
+async fn wait_for_exactly(agent: &sigil::agent::AgentHandle, names: &[&str]) {
+    let want: std::collections::BTreeSet<String> = names
+        .iter()
+        .map(|n| format!("spiffe://example.org/{n}"))
+        .collect();
+    let mut state = agent.state();
+    let held = |s: &sigil::agent::AgentState| -> std::collections::BTreeSet<String> {
+        s.svids
+            .iter()
+            .map(|v| v.entry.spiffe_id.to_string())
+            .collect()
+    };
+    let waited = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while held(&state.borrow_and_update()) != want {
+            state.changed().await.unwrap();
+        }
+    })
+    .await;
+    assert!(
+        waited.is_ok(),
+        "the agent holds {:?}, not {want:?}",
+        held(&state.borrow())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_sync_repairs_what_resuming_cannot() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("server");
+    let first = start(server_config(&home, vec![])).await.unwrap();
+    let relay = Relay::start(first.node_addr()).await;
+    let config = sigil::agent::AgentConfig {
+        servers: vec![relay.addr.to_string()],
+        full_sync_interval: std::time::Duration::from_secs(2),
+        ..agent_config(&first, &dir.path().join("agent")).await
+    };
+    let agent = sigil::agent::start(config).await.unwrap();
+    register(&first, agent.spiffe_id(), "a").await;
+    wait_for_exactly(&agent, &["a"]).await;
+
+    // A backup of the store, then more changes the agent follows.
+    first
+        .shutdown(std::time::Duration::from_secs(5))
+        .await
+        .unwrap();
+    let backup = dir.path().join("backup");
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(home.join("data"))
+        .arg(&backup)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let second = start(server_config(&home, vec![])).await.unwrap();
+    relay.retarget(second.node_addr());
+    register(&second, agent.spiffe_id(), "b").await;
+    register(&second, agent.spiffe_id(), "c").await;
+    wait_for_exactly(&agent, &["a", "b", "c"]).await;
+    second
+        .shutdown(std::time::Duration::from_secs(5))
+        .await
+        .unwrap();
+
+    // The store is restored from the backup and goes on from there while the
+    // agent is away: its revisions pass the agent's again, so a resume would
+    // keep b and c (gone) and miss e (made at a revision the agent had seen).
+    std::fs::remove_dir_all(home.join("data")).unwrap();
+    std::fs::rename(&backup, home.join("data")).unwrap();
+    let third = start(server_config(&home, vec![])).await.unwrap();
+    register(&third, agent.spiffe_id(), "e").await;
+    let other = sigil::SpiffeId::new("spiffe://example.org/sigil/agent/join_token/other").unwrap();
+    for i in 0..20 {
+        register(&third, &other, &format!("filler{i}")).await;
+    }
+    register(&third, agent.spiffe_id(), "d").await;
+    relay.retarget(third.node_addr());
+    wait_for_exactly(&agent, &["a", "d", "e"]).await;
 }

@@ -45,6 +45,7 @@ async fn agent_of(server: &ServerHandle, td: &str, dir: &Path) -> AgentHandle {
         metrics_bind: None,
         svid_cache_max: None,
         server_keepalive: sigil::agent::node_client::DEFAULT_KEEPALIVE,
+        full_sync_interval: sigil::agent::DEFAULT_FULL_SYNC_INTERVAL,
     })
     .await
     .unwrap()

@@ -96,6 +96,7 @@ async fn metrics_health_and_readiness_on_server_and_agent() {
         metrics_bind: Some("127.0.0.1:0".parse().unwrap()),
         svid_cache_max: None,
         server_keepalive: sigil::agent::node_client::DEFAULT_KEEPALIVE,
+        full_sync_interval: sigil::agent::DEFAULT_FULL_SYNC_INTERVAL,
     })
     .await
     .unwrap();

@@ -424,6 +424,7 @@ async fn a_server_restarted_mid_rotation_and_an_agent_restarted_after_it() {
         metrics_bind: None,
         svid_cache_max: None,
         server_keepalive: sigil::agent::node_client::DEFAULT_KEEPALIVE,
+        full_sync_interval: sigil::agent::DEFAULT_FULL_SYNC_INTERVAL,
     })
     .await
     .unwrap();

@@ -319,6 +319,7 @@ async fn sds_streams_follow_the_xds_rules_and_push_on_changes() {
         metrics_bind: None,
         svid_cache_max: None,
         server_keepalive: sigil::agent::node_client::DEFAULT_KEEPALIVE,
+        full_sync_interval: sigil::agent::DEFAULT_FULL_SYNC_INTERVAL,
     })
     .await
     .unwrap();
