@@ -379,6 +379,12 @@ pub async fn follow_readiness<T: Send + Sync + 'static>(
         if last.as_ref() != Some(&now) {
             let status = match &now {
                 Ok(()) => ServingStatus::Serving,
+                // Not ready while starting is expected: a warning only
+                // when a ready process stops being ready.
+                Err(why) if last.is_none() => {
+                    tracing::info!(reason = %why, "not ready yet");
+                    ServingStatus::NotServing
+                }
                 Err(why) => {
                     tracing::warn!(reason = %why, "not ready");
                     ServingStatus::NotServing
