@@ -91,7 +91,6 @@ pub struct Manager {
     pub(super) sign_after: Option<std::time::Instant>,
     /// The SVID cache cap (`svid_cache_max`), if any.
     pub(super) svid_cache_max: Option<usize>,
-    /// The selectors of connected workloads (tracked only with a cap).
     /// How often to ping the server (`server_keepalive`).
     pub(super) keepalive: Duration,
     /// How often to fetch every entry again (`full_sync_interval`)...
@@ -99,6 +98,7 @@ pub struct Manager {
     /// ...and when next: a session opened after this asks for a snapshot
     /// instead of resuming. Any snapshot moves it on.
     pub(super) full_sync_at: tokio::time::Instant,
+    /// The selectors of connected workloads (tracked only with a cap).
     pub(super) demand: Arc<crate::workload_api::Demand>,
     /// When a connected workload last had each entry (with a cap).
     pub(super) last_used: HashMap<String, std::time::Instant>,
@@ -694,15 +694,15 @@ impl Manager {
     }
 }
 
-/// The entry as held: the copy already held when it is unchanged (one copy
-/// is shared by the entry map, the SVID issued for it and the published
-/// state), else a new one.
 /// When the next full sync is due: `every` from now, ±10 % so a fleet
 /// started together spreads its snapshots.
 pub(super) fn next_full_sync(every: Duration) -> tokio::time::Instant {
     tokio::time::Instant::now() + every.mul_f64(1.0 + 0.1 * random_jitter())
 }
 
+/// The entry as held: the copy already held when it is unchanged (one copy
+/// is shared by the entry map, the SVID issued for it and the published
+/// state), else a new one.
 fn shared(held: Option<&Arc<Entry>>, e: Entry) -> Arc<Entry> {
     match held {
         Some(h) if **h == e => h.clone(),
