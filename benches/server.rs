@@ -359,19 +359,14 @@ async fn prepare_acknowledged(agents: usize, rounds: usize) {
         let d = dir.path().join(format!("agent{i}"));
         running.push(
             sigil::agent::start(sigil::agent::AgentConfig {
-                servers: vec![server.node_addr().to_string()],
-                trust_bundle_pem: server.bundle_pem().to_string(),
-                trust_domain: td(),
                 attestation: Some(Attestation::JoinToken(token)),
-                socket: d.join("api.sock"),
-                data_dir: d.join("data"),
-                log_format: sigil::config::LogFormat::Text,
-                unix: sigil::attest::UnixAttestor::default(),
-                policy: None,
-                metrics_bind: None,
-                svid_cache_max: None,
-                server_keepalive: sigil::agent::node_client::DEFAULT_KEEPALIVE,
-                full_sync_interval: sigil::agent::DEFAULT_FULL_SYNC_INTERVAL,
+                ..sigil::agent::AgentConfig::new(
+                    vec![server.node_addr().to_string()],
+                    server.bundle_pem().to_string(),
+                    td(),
+                    d.join("api.sock"),
+                    d.join("data"),
+                )
             })
             .await
             .unwrap(),

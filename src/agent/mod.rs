@@ -140,6 +140,33 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
+    /// An agent of `servers` that trusts `trust_bundle_pem` at first
+    /// contact, with its socket and data directory, and every other setting
+    /// at its default (no attestation: a saved identity is used).
+    pub fn new(
+        servers: Vec<String>,
+        trust_bundle_pem: String,
+        trust_domain: TrustDomain,
+        socket: PathBuf,
+        data_dir: PathBuf,
+    ) -> Self {
+        AgentConfig {
+            servers,
+            trust_bundle_pem,
+            trust_domain,
+            attestation: None,
+            socket,
+            data_dir,
+            log_format: LogFormat::Text,
+            unix: UnixAttestor::default(),
+            policy: None,
+            metrics_bind: None,
+            svid_cache_max: None,
+            server_keepalive: node_client::DEFAULT_KEEPALIVE,
+            full_sync_interval: DEFAULT_FULL_SYNC_INTERVAL,
+        }
+    }
+
     /// Validates merged flags and file values; errors name the key.
     pub fn from_raw(raw: &RawConfig) -> Result<Self, ConfigError> {
         let servers = raw.list("server")?;

@@ -9,7 +9,7 @@ use clap::Args;
 
 use super::admin::Output;
 use crate::agent::{AgentConfig, Attestation, DEFAULT_SOCKET};
-use crate::attest::{UnixAttestor, current_uid, user_name};
+use crate::attest::{current_uid, user_name};
 use crate::config::LogFormat;
 use crate::proto::admin as pa;
 use crate::server::ServerConfig;
@@ -119,19 +119,15 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     }
 
     let agent = crate::agent::start(AgentConfig {
-        servers: vec![server.node_addr().to_string()],
-        trust_bundle_pem: server.bundle_pem().to_string(),
-        trust_domain: td,
         attestation,
-        socket: args.socket.clone(),
-        data_dir: agent_dir,
         log_format,
-        unix: UnixAttestor::default(),
-        policy: None,
-        metrics_bind: None,
-        svid_cache_max: None,
-        server_keepalive: crate::agent::node_client::DEFAULT_KEEPALIVE,
-        full_sync_interval: crate::agent::DEFAULT_FULL_SYNC_INTERVAL,
+        ..AgentConfig::new(
+            vec![server.node_addr().to_string()],
+            server.bundle_pem().to_string(),
+            td,
+            args.socket.clone(),
+            agent_dir,
+        )
     })
     .await?;
 

@@ -6,8 +6,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use sigil::agent::{AgentConfig, AgentHandle, Attestation};
-use sigil::attest::UnixAttestor;
-use sigil::config::LogFormat;
 use sigil::proto::admin as pa;
 use sigil::proto::workload as pw;
 use sigil::server::{ServerHandle, start};
@@ -46,19 +44,14 @@ pub(crate) async fn agent_config(server: &ServerHandle, dir: &Path) -> AgentConf
         .into_inner()
         .token;
     AgentConfig {
-        servers: vec![server.node_addr().to_string()],
-        trust_bundle_pem: server.bundle_pem().to_string(),
-        trust_domain: td(),
         attestation: Some(Attestation::JoinToken(token)),
-        socket: dir.join("api.sock"),
-        data_dir: dir.join("agent"),
-        log_format: LogFormat::Text,
-        unix: UnixAttestor::default(),
-        policy: None,
-        metrics_bind: None,
-        svid_cache_max: None,
-        server_keepalive: sigil::agent::node_client::DEFAULT_KEEPALIVE,
-        full_sync_interval: sigil::agent::DEFAULT_FULL_SYNC_INTERVAL,
+        ..AgentConfig::new(
+            vec![server.node_addr().to_string()],
+            server.bundle_pem().to_string(),
+            td(),
+            dir.join("api.sock"),
+            dir.join("agent"),
+        )
     }
 }
 
@@ -481,21 +474,13 @@ async fn agent_restart_reuses_its_saved_identity() {
     );
 
     // No token this time: the saved SVID is used.
-    let again = sigil::agent::start(AgentConfig {
-        servers: vec![server.node_addr().to_string()],
-        trust_bundle_pem: server.bundle_pem().to_string(),
-        trust_domain: td(),
-        attestation: None,
-        socket: dir.path().join("api.sock"),
-        data_dir: dir.path().join("agent"),
-        log_format: LogFormat::Text,
-        unix: UnixAttestor::default(),
-        policy: None,
-        metrics_bind: None,
-        svid_cache_max: None,
-        server_keepalive: sigil::agent::node_client::DEFAULT_KEEPALIVE,
-        full_sync_interval: sigil::agent::DEFAULT_FULL_SYNC_INTERVAL,
-    })
+    let again = sigil::agent::start(AgentConfig::new(
+        vec![server.node_addr().to_string()],
+        server.bundle_pem().to_string(),
+        td(),
+        dir.path().join("api.sock"),
+        dir.path().join("agent"),
+    ))
     .await
     .unwrap();
     assert_eq!(again.spiffe_id(), &id);
@@ -544,22 +529,17 @@ async fn agent_renews_its_svid_and_reattests_with_x509pop_after_expiry() {
     cfg.options.agent_ttl = Duration::from_secs(3);
     let server = start(cfg).await.unwrap();
     let agent_config = || AgentConfig {
-        servers: vec![server.node_addr().to_string()],
-        trust_bundle_pem: server.bundle_pem().to_string(),
-        trust_domain: td(),
         attestation: Some(Attestation::X509Pop {
             chain: vec![node_cert.clone()],
             key: node_key.clone(),
         }),
-        socket: dir.path().join("api.sock"),
-        data_dir: dir.path().join("agent"),
-        log_format: LogFormat::Text,
-        unix: UnixAttestor::default(),
-        policy: None,
-        metrics_bind: None,
-        svid_cache_max: None,
-        server_keepalive: sigil::agent::node_client::DEFAULT_KEEPALIVE,
-        full_sync_interval: sigil::agent::DEFAULT_FULL_SYNC_INTERVAL,
+        ..AgentConfig::new(
+            vec![server.node_addr().to_string()],
+            server.bundle_pem().to_string(),
+            td(),
+            dir.path().join("api.sock"),
+            dir.path().join("agent"),
+        )
     };
     let me = format!("unix:uid:{}", my_uid());
 
@@ -676,20 +656,14 @@ async fn an_agent_restarted_while_the_server_is_down_serves_its_cached_svids() {
         "keys are sealed in the cache"
     );
 
-    let config = |data: &str, sock: &str| AgentConfig {
-        servers: vec![node_addr.clone()],
-        trust_bundle_pem: bundle.clone(),
-        trust_domain: td(),
-        attestation: None,
-        socket: dir.path().join(sock),
-        data_dir: dir.path().join(data),
-        log_format: LogFormat::Text,
-        unix: UnixAttestor::default(),
-        policy: None,
-        metrics_bind: None,
-        svid_cache_max: None,
-        server_keepalive: sigil::agent::node_client::DEFAULT_KEEPALIVE,
-        full_sync_interval: sigil::agent::DEFAULT_FULL_SYNC_INTERVAL,
+    let config = |data: &str, sock: &str| {
+        AgentConfig::new(
+            vec![node_addr.clone()],
+            bundle.clone(),
+            td(),
+            dir.path().join(sock),
+            dir.path().join(data),
+        )
     };
     // The server is down: the restarted agent serves its cached SVID at once.
     let again = sigil::agent::start(config("agent", "again.sock"))

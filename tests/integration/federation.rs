@@ -33,19 +33,14 @@ async fn agent_of(server: &ServerHandle, td: &str, dir: &Path) -> AgentHandle {
         .into_inner()
         .token;
     sigil::agent::start(AgentConfig {
-        servers: vec![server.node_addr().to_string()],
-        trust_bundle_pem: server.bundle_pem().to_string(),
-        trust_domain: TrustDomain::new(td).unwrap(),
         attestation: Some(Attestation::JoinToken(token)),
-        socket: dir.join("api.sock"),
-        data_dir: dir.join("agent"),
-        log_format: sigil::config::LogFormat::Text,
-        unix: sigil::attest::UnixAttestor::default(),
-        policy: None,
-        metrics_bind: None,
-        svid_cache_max: None,
-        server_keepalive: sigil::agent::node_client::DEFAULT_KEEPALIVE,
-        full_sync_interval: sigil::agent::DEFAULT_FULL_SYNC_INTERVAL,
+        ..AgentConfig::new(
+            vec![server.node_addr().to_string()],
+            server.bundle_pem().to_string(),
+            TrustDomain::new(td).unwrap(),
+            dir.join("api.sock"),
+            dir.join("agent"),
+        )
     })
     .await
     .unwrap()

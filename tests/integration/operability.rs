@@ -84,19 +84,15 @@ async fn metrics_health_and_readiness_on_server_and_agent() {
         .into_inner()
         .token;
     let agent = sigil::agent::start(sigil::agent::AgentConfig {
-        servers: vec![server.node_addr().to_string()],
-        trust_bundle_pem: server.bundle_pem().to_string(),
-        trust_domain: td(),
         attestation: Some(sigil::agent::Attestation::JoinToken(token)),
-        socket: dir.path().join("api.sock"),
-        data_dir: dir.path().join("agent"),
-        log_format: sigil::config::LogFormat::Text,
-        unix: sigil::attest::UnixAttestor::default(),
-        policy: None,
         metrics_bind: Some("127.0.0.1:0".parse().unwrap()),
-        svid_cache_max: None,
-        server_keepalive: sigil::agent::node_client::DEFAULT_KEEPALIVE,
-        full_sync_interval: sigil::agent::DEFAULT_FULL_SYNC_INTERVAL,
+        ..sigil::agent::AgentConfig::new(
+            vec![server.node_addr().to_string()],
+            server.bundle_pem().to_string(),
+            td(),
+            dir.path().join("api.sock"),
+            dir.path().join("agent"),
+        )
     })
     .await
     .unwrap();

@@ -411,21 +411,13 @@ async fn a_server_restarted_mid_rotation_and_an_agent_restarted_after_it() {
 
     // Restarted with its original bootstrap bundle (the revoked CA only),
     // the agent trusts the server through the bundle it saved.
-    let agent = sigil::agent::start(sigil::agent::AgentConfig {
-        servers: vec![node_addr.to_string()],
-        trust_bundle_pem: bootstrap,
-        trust_domain: crate::server::td(),
-        attestation: None,
-        socket: dir.path().join("api.sock"),
-        data_dir: dir.path().join("agent"),
-        log_format: sigil::config::LogFormat::Text,
-        unix: sigil::attest::UnixAttestor::default(),
-        policy: None,
-        metrics_bind: None,
-        svid_cache_max: None,
-        server_keepalive: sigil::agent::node_client::DEFAULT_KEEPALIVE,
-        full_sync_interval: sigil::agent::DEFAULT_FULL_SYNC_INTERVAL,
-    })
+    let agent = sigil::agent::start(sigil::agent::AgentConfig::new(
+        vec![node_addr.to_string()],
+        bootstrap,
+        crate::server::td(),
+        dir.path().join("api.sock"),
+        dir.path().join("agent"),
+    ))
     .await
     .unwrap();
     crate::agent::register_me(&server, "spiffe://example.org/after-restart", &agent).await;

@@ -306,21 +306,13 @@ async fn sds_streams_follow_the_xds_rules_and_push_on_changes() {
     // and version: it is served at once.
     drop(tx);
     agent.shutdown(Duration::from_secs(2)).await;
-    let agent = sigil::agent::start(sigil::agent::AgentConfig {
-        servers: vec![server.node_addr().to_string()],
-        trust_bundle_pem: server.bundle_pem().to_string(),
-        trust_domain: crate::server::td(),
-        attestation: None,
-        socket: dir.path().join("api.sock"),
-        data_dir: dir.path().join("agent"),
-        log_format: sigil::config::LogFormat::Text,
-        unix: sigil::attest::UnixAttestor::default(),
-        policy: None,
-        metrics_bind: None,
-        svid_cache_max: None,
-        server_keepalive: sigil::agent::node_client::DEFAULT_KEEPALIVE,
-        full_sync_interval: sigil::agent::DEFAULT_FULL_SYNC_INTERVAL,
-    })
+    let agent = sigil::agent::start(sigil::agent::AgentConfig::new(
+        vec![server.node_addr().to_string()],
+        server.bundle_pem().to_string(),
+        crate::server::td(),
+        dir.path().join("api.sock"),
+        dir.path().join("agent"),
+    ))
     .await
     .unwrap();
     let mut client =
