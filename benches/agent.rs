@@ -205,6 +205,7 @@ async fn fresh_agent_memory(
     wait_holding(&mut fresh_lines, 1).await;
     tokio::time::sleep(Duration::from_secs(6)).await;
     let base = rss_kib(fresh.id());
+    let idle_one = idle_cpu(fresh.id()).await;
     create_unmatched(admin, &fresh_token.agent_id, cached, "fresh").await;
     wait_holding(&mut fresh_lines, cached + 1).await;
     // Past one cache write (every 5 s), so its buffers count too.
@@ -217,8 +218,20 @@ async fn fresh_agent_memory(
         cached + 1,
         (held.saturating_sub(base)) as f64 / cached as f64
     );
+    let idle_held = idle_cpu(fresh.id()).await;
+    println!(
+        "  idle agent CPU (nothing changing, no workloads): {idle_one:?} per second holding 1 SVID, {idle_held:?} holding {} SVIDs",
+        cached + 1
+    );
     let _ = fresh.kill();
     let _ = fresh.wait();
+}
+
+/// The CPU an agent uses per second over 5 s.
+async fn idle_cpu(pid: u32) -> Duration {
+    let before = perf::threads_cpu_time(pid);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    (perf::threads_cpu_time(pid) - before) / 5
 }
 
 /// Waits for the agent's log to report it holds at least `n` SVIDs.

@@ -27,6 +27,9 @@ const COALESCE: usize = 1000;
 const CACHE_SAVE_EVERY: Duration = Duration::from_secs(5);
 /// How often rotation and expiry are checked.
 const TICK: Duration = Duration::from_millis(500);
+/// The longest an uncapped agent goes without looking at every entry (a
+/// safety net: a change of what is due also makes it look at once).
+const RECONCILE_AT_LEAST: Duration = Duration::from_secs(60);
 
 /// Converts a synced entry at the edge; a malformed one is skipped and logged.
 pub fn entry_from_proto(e: &pn::Entry) -> Result<Entry, String> {
@@ -89,6 +92,13 @@ pub struct Manager {
     /// The server asked us to hold signing requests until then
     /// (RESOURCE_EXHAUSTED with a retry-after).
     pub(super) sign_after: Option<std::time::Instant>,
+    /// When a tick must reconcile again (without a cap): at once while
+    /// something due is unsigned, else when the first SVID held is due for
+    /// rotation. In between, a tick costs nothing per entry...
+    pub(super) reconcile_at: SystemTime,
+    /// ...but it does at least every [`RECONCILE_AT_LEAST`] after the last
+    /// (on the monotonic clock, whatever the wall clock does).
+    pub(super) reconciled: std::time::Instant,
     /// The SVID cache cap (`svid_cache_max`), if any.
     pub(super) svid_cache_max: Option<usize>,
     /// How often to ping the server (`server_keepalive`).
@@ -261,7 +271,14 @@ impl Manager {
                         tracing::info!(agent = %self.identity.spiffe_id, expires_at = self.identity.expires_at, "agent SVID renewed");
                         return Ok(SessionEnd::Reconnect);
                     }
-                    self.reconcile(&mut client).await;
+                    // A capped cache's plan follows the workloads connected
+                    // now, so it is looked at on every tick.
+                    if self.svid_cache_max.is_some()
+                        || SystemTime::now() >= self.reconcile_at
+                        || self.reconciled.elapsed() >= RECONCILE_AT_LEAST
+                    {
+                        self.reconcile(&mut client).await;
+                    }
                     if self.tainted_svids() != self.tainted_reported {
                         self.ack_bundle(&mut client).await;
                     }
@@ -476,21 +493,14 @@ impl Manager {
         let kept = self.svid_cache_max.map(|cap| self.cache_plan(cap));
         let keep = |id: &String| kept.as_ref().is_none_or(|k| k.contains(id));
         self.svids
-            .retain(|id, _| self.entries.contains_key(id) && keep(id));
+            .retain(|id, s| self.entries.contains_key(id) && keep(id) && s.not_after > now);
         // With a cap, only the kept few are looked at.
         let candidates: Box<dyn Iterator<Item = &Arc<Entry>>> = match &kept {
             Some(k) => Box::new(k.iter().filter_map(|id| self.entries.get(id))),
             None => Box::new(self.entries.by_id().values()),
         };
         let due: Vec<Arc<Entry>> = candidates
-            .filter(|e| match self.svids.get(&e.id) {
-                None => true,
-                Some(s) => {
-                    !same_issuance(&s.entry, e)
-                        || now >= s.rotate_at
-                        || self.tainted.contains(&*s.issuer)
-                }
-            })
+            .filter(|e| self.needs_svid(e, now))
             .cloned()
             .collect();
         let held = self
@@ -520,7 +530,32 @@ impl Manager {
                 "SVID cache updated"
             );
         }
+        // Looked at again at the next tick while something due is still
+        // unsigned (refused, or held back by the server); else once the first
+        // SVID held is due (and at least every RECONCILE_AT_LEAST).
+        let unsigned = due.iter().any(|e| self.needs_svid(e, now));
+        let first_rotation = self.svids.values().map(|s| s.rotate_at).min();
+        self.reconcile_at = match first_rotation {
+            Some(t) if !unsigned => t,
+            _ if !unsigned => now + RECONCILE_AT_LEAST,
+            _ => now,
+        };
+        self.reconciled = std::time::Instant::now();
         self.publish();
+    }
+
+    /// Whether `e` needs an SVID signed: none held, or the one held no
+    /// longer fits the entry, is due for rotation, or came from a tainted
+    /// authority.
+    fn needs_svid(&self, e: &Entry, now: SystemTime) -> bool {
+        match self.svids.get(&e.id) {
+            None => true,
+            Some(s) => {
+                !same_issuance(&s.entry, e)
+                    || now >= s.rotate_at
+                    || self.tainted.contains(&*s.issuer)
+            }
+        }
     }
 
     /// With `svid_cache_max`: the entries to hold SVIDs for. Those of
