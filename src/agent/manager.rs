@@ -202,6 +202,9 @@ impl Manager {
         // a backup, whose revisions went on from an older point).
         let full = tokio::time::Instant::now() >= self.full_sync_at;
         let resume_from_revision = if full { 0 } else { self.revision };
+        // The full sync asked for (by its due time): not asked again while
+        // its snapshot is on the way; a snapshot moves `full_sync_at` on.
+        let mut asked = full.then_some(self.full_sync_at);
         let opened = client
             .sync_entries(pn::SyncEntriesRequest {
                 resume_from_revision,
@@ -261,9 +264,20 @@ impl Manager {
                 }
                 _ = tick.tick() => {
                     self.save_cache(false);
-                    if !full && tokio::time::Instant::now() >= self.full_sync_at {
-                        tracing::info!(server = %self.server(), "full sync due: reconnecting for a snapshot of every entry");
-                        return Ok(SessionEnd::Reconnect);
+                    if tokio::time::Instant::now() >= self.full_sync_at
+                        && asked != Some(self.full_sync_at)
+                    {
+                        // A new stream on the same connection replaces this one.
+                        tracing::info!(server = %self.server(), "full sync due: asking for a snapshot of every entry");
+                        stream = client
+                            .sync_entries(pn::SyncEntriesRequest {
+                                resume_from_revision: 0,
+                            })
+                            .await?
+                            .into_inner();
+                        pending = None;
+                        asked = Some(self.full_sync_at);
+                        continue;
                     }
                     if SystemTime::now() >= rotate_agent_at || self.own_svid_tainted() {
                         self.identity = node_client::renew(&mut client, &self.identity).await?;
