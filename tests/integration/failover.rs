@@ -126,6 +126,10 @@ struct Relay {
     addr: std::net::SocketAddr,
     freezes: std::sync::Arc<std::sync::atomic::AtomicU64>,
     to: std::sync::Arc<std::sync::Mutex<std::net::SocketAddr>>,
+    /// Connections relayed so far.
+    connections: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Bytes relayed from the server to the client so far.
+    downstream: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Relay {
@@ -137,19 +141,25 @@ impl Relay {
             addr: listener.local_addr().unwrap(),
             freezes: freezes.clone(),
             to: std::sync::Arc::new(std::sync::Mutex::new(to)),
+            connections: std::sync::Arc::default(),
+            downstream: std::sync::Arc::default(),
         };
         let target = relay.to.clone();
+        let (connections, downstream) = (relay.connections.clone(), relay.downstream.clone());
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let to = *target.lock().unwrap();
                 let Ok(server) = tokio::net::TcpStream::connect(to).await else {
                     continue;
                 };
+                connections.fetch_add(1, Ordering::SeqCst);
                 let born = freezes.load(Ordering::SeqCst);
                 let (client_read, client_write) = client.into_split();
                 let (server_read, server_write) = server.into_split();
-                tokio::spawn(pump(client_read, server_write, born, freezes.clone()));
-                tokio::spawn(pump(server_read, client_write, born, freezes.clone()));
+                let up = std::sync::Arc::default();
+                tokio::spawn(pump(client_read, server_write, born, freezes.clone(), up));
+                let down = downstream.clone();
+                tokio::spawn(pump(server_read, client_write, born, freezes.clone(), down));
             }
         });
         relay
@@ -168,12 +178,14 @@ impl Relay {
 }
 
 /// Copies `from` to `to` until either ends, or forever holds both once the
-/// connection (opened at freeze count `born`) is frozen.
+/// connection (opened at freeze count `born`) is frozen; adds what it
+/// copies to `copied`.
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     born: u64,
     freezes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    copied: std::sync::Arc<std::sync::atomic::AtomicU64>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = vec![0u8; 16 * 1024];
@@ -190,6 +202,7 @@ async fn pump(
                 if to.write_all(&buf[..n]).await.is_err() {
                     return;
                 }
+                copied.fetch_add(n as u64, std::sync::atomic::Ordering::SeqCst);
             }
             _ => return,
         }
@@ -300,4 +313,48 @@ async fn a_full_sync_repairs_what_resuming_cannot() {
     register(&third, agent.spiffe_id(), "d").await;
     relay.retarget(third.node_addr());
     wait_for_exactly(&agent, &["a", "d", "e"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connected_agent_fetches_every_entry_again_on_its_connection() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(server_config(&dir.path().join("server"), vec![]))
+        .await
+        .unwrap();
+    let relay = Relay::start(server.node_addr()).await;
+    let config = sigil::agent::AgentConfig {
+        servers: vec![relay.addr.to_string()],
+        full_sync_interval: std::time::Duration::from_secs(1),
+        ..agent_config(&server, &dir.path().join("agent")).await
+    };
+    let agent = sigil::agent::start(config).await.unwrap();
+    // 40 entries: a snapshot of them is several KiB, where an idle
+    // connection carries a few hundred bytes of pings in the same time.
+    for i in 0..40 {
+        register(
+            &server,
+            agent.spiffe_id(),
+            &format!("ns/default/sa/workload-{i:02}"),
+        )
+        .await;
+    }
+    wait_for_svids(&agent, 40).await;
+
+    let (connections, before) = (
+        relay.connections.load(Ordering::SeqCst),
+        relay.downstream.load(Ordering::SeqCst),
+    );
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    let sent = relay.downstream.load(Ordering::SeqCst) - before;
+    assert_eq!(
+        relay.connections.load(Ordering::SeqCst),
+        connections,
+        "a full sync must not reconnect"
+    );
+    // About four snapshots of 40 entries (over 2 KiB each) in 5 s.
+    assert!(
+        sent > 8 * 1024,
+        "only {sent} bytes reached the agent in 5 s"
+    );
 }
