@@ -352,9 +352,10 @@ async fn a_connected_agent_fetches_every_entry_again_on_its_connection() {
         connections,
         "a full sync must not reconnect"
     );
-    // About four snapshots of 40 entries (over 2 KiB each) in 5 s.
+    // A snapshot of the 40 entries is about 5 KiB (about 4 of them came in
+    // 5 s when this was written); without full syncs, nothing at all.
     assert!(
-        sent > 8 * 1024,
+        sent > 4 * 1024,
         "only {sent} bytes reached the agent in 5 s"
     );
 }
