@@ -27,8 +27,10 @@ const COALESCE: usize = 1000;
 const CACHE_SAVE_EVERY: Duration = Duration::from_secs(5);
 /// How often rotation and expiry are checked.
 const TICK: Duration = Duration::from_millis(500);
-/// The longest an uncapped agent goes without looking at every entry (a
-/// safety net: a change of what is due also makes it look at once).
+/// The longest an agent goes without looking at every entry (a safety net:
+/// a message, a workload coming or going, or an SVID coming due makes it
+/// look at once). With a cap, also how stale a connected workload's "last
+/// used" time may get.
 const RECONCILE_AT_LEAST: Duration = Duration::from_secs(60);
 
 /// Converts a synced entry at the edge; a malformed one is skipped and logged.
@@ -92,7 +94,7 @@ pub struct Manager {
     /// The server asked us to hold signing requests until then
     /// (RESOURCE_EXHAUSTED with a retry-after).
     pub(super) sign_after: Option<std::time::Instant>,
-    /// When a tick must reconcile again (without a cap): at once while
+    /// When a tick must reconcile again: at once while
     /// something due is unsigned, else when the first SVID held is due for
     /// rotation. In between, a tick costs nothing per entry...
     pub(super) reconcile_at: SystemTime,
@@ -110,6 +112,8 @@ pub struct Manager {
     pub(super) full_sync_at: tokio::time::Instant,
     /// The selectors of connected workloads (tracked only with a cap).
     pub(super) demand: Arc<crate::workload_api::Demand>,
+    /// The `demand` generation the last reconcile planned for.
+    pub(super) demand_seen: u64,
     /// When a connected workload last had each entry (with a cap).
     pub(super) last_used: HashMap<String, std::time::Instant>,
     pub(super) state: watch::Sender<Arc<AgentState>>,
@@ -285,9 +289,9 @@ impl Manager {
                         tracing::info!(agent = %self.identity.spiffe_id, expires_at = self.identity.expires_at, "agent SVID renewed");
                         return Ok(SessionEnd::Reconnect);
                     }
-                    // A capped cache's plan follows the workloads connected
-                    // now, so it is looked at on every tick.
-                    if self.svid_cache_max.is_some()
+                    // A capped cache's plan follows the workloads connected,
+                    // so it is looked at again when one comes or goes.
+                    if self.demand.generation() != self.demand_seen
                         || SystemTime::now() >= self.reconcile_at
                         || self.reconciled.elapsed() >= RECONCILE_AT_LEAST
                     {
@@ -504,6 +508,7 @@ impl Manager {
     /// publishes the result.
     async fn reconcile(&mut self, client: &mut NodeClient<Channel>) {
         let now = SystemTime::now();
+        self.demand_seen = self.demand.generation();
         let kept = self.svid_cache_max.map(|cap| self.cache_plan(cap));
         let keep = |id: &String| kept.as_ref().is_none_or(|k| k.contains(id));
         self.svids

@@ -573,6 +573,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         full_sync_every: config.full_sync_interval,
         full_sync_at: manager::next_full_sync(config.full_sync_interval),
         demand: demand.clone(),
+        demand_seen: 0,
         last_used: HashMap::new(),
         state: state_tx,
         client: client_tx,

@@ -17,6 +17,8 @@ pub struct Demand {
     enabled: bool,
     streams: Mutex<HashMap<u64, Vec<Selector>>>,
     next: AtomicU64,
+    /// Bumped whenever a stream opens or closes.
+    generation: AtomicU64,
     /// Woken when a stream opens (the agent may have to sign for it).
     pub opened: Notify,
 }
@@ -36,6 +38,7 @@ impl Drop for Subscribed {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&id);
+            self.demand.generation.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -57,6 +60,7 @@ impl Demand {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(id, selectors.to_vec());
+            self.generation.fetch_add(1, Ordering::Relaxed);
             self.opened.notify_one();
             id
         });
@@ -64,6 +68,11 @@ impl Demand {
             demand: self.clone(),
             id,
         }
+    }
+
+    /// Changes whenever a stream opens or closes (the selectors may differ).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
     }
 
     /// The selector sets of the open streams.
@@ -74,5 +83,29 @@ impl Demand {
             .values()
             .cloned()
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_generation_moves_when_a_stream_opens_or_closes_and_only_with_a_cap() {
+        let selectors = [Selector::new("unix:uid:1000").unwrap()];
+        let capped = Demand::new(true);
+        let before = capped.generation();
+        let open = capped.subscribe(&selectors);
+        let opened = capped.generation();
+        assert_ne!(opened, before);
+        assert_eq!(capped.selectors().len(), 1);
+        drop(open);
+        assert_ne!(capped.generation(), opened);
+        assert!(capped.selectors().is_empty());
+
+        // Without a cap nothing is tracked, so nothing wakes the agent.
+        let uncapped = Demand::new(false);
+        drop(uncapped.subscribe(&selectors));
+        assert_eq!(uncapped.generation(), 0);
     }
 }
