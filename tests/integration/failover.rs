@@ -209,19 +209,37 @@ async fn pump(
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_agent_leaves_a_connection_that_went_silent() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = start(server_config(&dir.path().join("server"), vec![]))
+/// A server in `dir/server`, a relay to it, and an agent in `dir/agent` that
+/// reaches the server only through the relay, with `tune` applied to its
+/// configuration.
+async fn agent_behind_relay(
+    dir: &std::path::Path,
+    tune: impl FnOnce(&mut sigil::agent::AgentConfig),
+) -> (
+    sigil::server::ServerHandle,
+    Relay,
+    sigil::agent::AgentHandle,
+) {
+    let server = start(server_config(&dir.join("server"), vec![]))
         .await
         .unwrap();
     let relay = Relay::start(server.node_addr()).await;
-    let config = sigil::agent::AgentConfig {
+    let mut config = sigil::agent::AgentConfig {
         servers: vec![relay.addr.to_string()],
-        server_keepalive: std::time::Duration::from_secs(1),
-        ..agent_config(&server, &dir.path().join("agent")).await
+        ..agent_config(&server, &dir.join("agent")).await
     };
+    tune(&mut config);
     let agent = sigil::agent::start(config).await.unwrap();
+    (server, relay, agent)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_leaves_a_connection_that_went_silent() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, relay, agent) = agent_behind_relay(dir.path(), |c| {
+        c.server_keepalive = std::time::Duration::from_secs(1);
+    })
+    .await;
     register(&server, agent.spiffe_id(), "before").await;
     wait_for_svids(&agent, 1).await;
 
@@ -265,14 +283,10 @@ async fn wait_for_exactly(agent: &sigil::agent::AgentHandle, names: &[&str]) {
 async fn a_full_sync_repairs_what_resuming_cannot() {
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path().join("server");
-    let first = start(server_config(&home, vec![])).await.unwrap();
-    let relay = Relay::start(first.node_addr()).await;
-    let config = sigil::agent::AgentConfig {
-        servers: vec![relay.addr.to_string()],
-        full_sync_interval: std::time::Duration::from_secs(2),
-        ..agent_config(&first, &dir.path().join("agent")).await
-    };
-    let agent = sigil::agent::start(config).await.unwrap();
+    let (first, relay, agent) = agent_behind_relay(dir.path(), |c| {
+        c.full_sync_interval = std::time::Duration::from_secs(2);
+    })
+    .await;
     register(&first, agent.spiffe_id(), "a").await;
     wait_for_exactly(&agent, &["a"]).await;
 
@@ -319,16 +333,10 @@ async fn a_full_sync_repairs_what_resuming_cannot() {
 async fn a_connected_agent_fetches_every_entry_again_on_its_connection() {
     use std::sync::atomic::Ordering;
     let dir = tempfile::tempdir().unwrap();
-    let server = start(server_config(&dir.path().join("server"), vec![]))
-        .await
-        .unwrap();
-    let relay = Relay::start(server.node_addr()).await;
-    let config = sigil::agent::AgentConfig {
-        servers: vec![relay.addr.to_string()],
-        full_sync_interval: std::time::Duration::from_secs(1),
-        ..agent_config(&server, &dir.path().join("agent")).await
-    };
-    let agent = sigil::agent::start(config).await.unwrap();
+    let (server, relay, agent) = agent_behind_relay(dir.path(), |c| {
+        c.full_sync_interval = std::time::Duration::from_secs(1);
+    })
+    .await;
     // 40 entries: a snapshot of them is several KiB, where an idle
     // connection carries a few hundred bytes of pings in the same time.
     for i in 0..40 {
