@@ -200,7 +200,7 @@ async fn fresh_agent_memory(
     dir: &Path,
     cached: usize,
 ) {
-    let (mut fresh, mut fresh_lines, fresh_token) = spawn_agent(server, admin, dir, "fresh").await;
+    let (fresh, mut fresh_lines, fresh_token) = spawn_agent(server, admin, dir, "fresh").await;
     create_unmatched(admin, &fresh_token.agent_id, 1, "fresh-one").await;
     wait_holding(&mut fresh_lines, 1).await;
     tokio::time::sleep(Duration::from_secs(6)).await;
@@ -223,8 +223,6 @@ async fn fresh_agent_memory(
         "  idle agent CPU (nothing changing, no workloads): {idle_one:?} per second holding 1 SVID, {idle_held:?} holding {} SVIDs",
         cached + 1
     );
-    let _ = fresh.kill();
-    let _ = fresh.wait();
 }
 
 /// The CPU an agent uses per second over 5 s.

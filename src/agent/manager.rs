@@ -94,10 +94,10 @@ pub struct Manager {
     /// The server asked us to hold signing requests until then
     /// (RESOURCE_EXHAUSTED with a retry-after).
     pub(super) sign_after: Option<std::time::Instant>,
-    /// When a tick must reconcile again: at once while
-    /// something due is unsigned, else when the first SVID held is due for
-    /// rotation. In between, a tick costs nothing per entry...
-    pub(super) reconcile_at: SystemTime,
+    /// When a tick must reconcile again: at once while something due is
+    /// unsigned, else when the first SVID held is due for rotation (none: no
+    /// SVID held). In between, a tick costs nothing per entry...
+    pub(super) reconcile_at: Option<SystemTime>,
     /// ...but it does at least every [`RECONCILE_AT_LEAST`] after the last
     /// (on the monotonic clock, whatever the wall clock does).
     pub(super) reconciled: std::time::Instant,
@@ -292,7 +292,7 @@ impl Manager {
                     // A capped cache's plan follows the workloads connected,
                     // so it is looked at again when one comes or goes.
                     if self.demand.generation() != self.demand_seen
-                        || SystemTime::now() >= self.reconcile_at
+                        || self.reconcile_at.is_some_and(|t| SystemTime::now() >= t)
                         || self.reconciled.elapsed() >= RECONCILE_AT_LEAST
                     {
                         self.reconcile(&mut client).await;
@@ -470,7 +470,7 @@ impl Manager {
                     .cloned()
                     .collect();
                 let new = (next.keys())
-                    .filter(|id| self.entries.get(id).is_none())
+                    .filter(|id| !self.entries.contains_key(id))
                     .count();
                 if self.revision != 0 && (new > 0 || !gone.is_empty()) {
                     tracing::info!(
@@ -552,12 +552,10 @@ impl Manager {
         // Looked at again at the next tick while something due is still
         // unsigned (refused, or held back by the server); else once the first
         // SVID held is due (and at least every RECONCILE_AT_LEAST).
-        let unsigned = due.iter().any(|e| self.needs_svid(e, now));
-        let first_rotation = self.svids.values().map(|s| s.rotate_at).min();
-        self.reconcile_at = match first_rotation {
-            Some(t) if !unsigned => t,
-            _ if !unsigned => now + RECONCILE_AT_LEAST,
-            _ => now,
+        self.reconcile_at = if due.iter().any(|e| self.needs_svid(e, now)) {
+            Some(now)
+        } else {
+            self.svids.values().map(|s| s.rotate_at).min()
         };
         self.reconciled = std::time::Instant::now();
         self.publish();

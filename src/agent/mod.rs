@@ -566,7 +566,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         cache_dirty: false,
         cache_saved: None,
         sign_after: None,
-        reconcile_at: std::time::UNIX_EPOCH,
+        reconcile_at: Some(std::time::UNIX_EPOCH),
         reconciled: std::time::Instant::now(),
         svid_cache_max: config.svid_cache_max,
         keepalive: config.server_keepalive,
