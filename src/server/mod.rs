@@ -10,6 +10,7 @@ pub mod federation;
 pub mod limits;
 mod node;
 mod presence;
+mod signing;
 mod sync_hub;
 mod tls;
 
@@ -513,14 +514,14 @@ pub struct ServerState {
     sync_streams: std::sync::Mutex<std::collections::HashMap<SpiffeId, usize>>,
     /// `tainted_authorities` as of a store revision.
     tainted_cache: std::sync::Mutex<(u64, Vec<String>)>,
-    /// Signing runs on the blocking pool, this many batches at once (one per
-    /// core), so a flood of CSRs never stalls the async workers that serve
-    /// health, attestation and sync.
-    signers: Arc<tokio::sync::Semaphore>,
+    /// Signing runs on its own threads, one batch per core at a time, so a
+    /// flood of CSRs never stalls the async workers that serve health,
+    /// attestation and sync.
+    signers: signing::SigningPool,
     /// Hands each commit to the sync streams it concerns.
     sync_hub: Arc<sync_hub::SyncHub>,
     /// Per-agent signing rate and the bound on queued CSRs.
-    limits: limits::SigningLimits,
+    limits: Arc<limits::SigningLimits>,
     /// The per-stream tasks (attestation, sync): awaited on shutdown, as
     /// they hold this state and so the store.
     tasks: tokio_util::task::TaskTracker,
@@ -1171,15 +1172,17 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         server_id: crate::registry::random_bytes(8)
             .map(|b| crate::registry::hex(&b))
             .unwrap_or_else(|_| format!("pid-{}", std::process::id())),
-        signers: Arc::new(tokio::sync::Semaphore::new(workers)),
+        signers: signing::SigningPool::new(workers).map_err(|e| {
+            ServerError::Transport(format!("cannot start the signing threads: {e}"))
+        })?,
         sync_hub: Arc::default(),
         tasks: tokio_util::task::TaskTracker::new(),
-        limits: limits::SigningLimits::new(
+        limits: Arc::new(limits::SigningLimits::new(
             config.options.agent_csr_rate,
             config.options.agent_csr_burst,
             SIGNING_QUEUE_PER_WORKER * workers,
             workers,
-        ),
+        )),
     });
     // Its own task (it reads the log while the listeners accept), awaited
     // with the rest on shutdown: it holds the store.

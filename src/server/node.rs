@@ -329,8 +329,7 @@ impl Node for NodeService {
         }
         // Queue room first, then the agent's tokens: a refusal by the queue
         // costs the agent nothing.
-        // Borrowed from `self`: `state` moves to the signing task below.
-        let limits = &self.state.limits;
+        let limits = &state.limits;
         let admitted = limits
             .admit(params.len())
             .and_then(|a| {
@@ -341,22 +340,21 @@ impl Node for NodeService {
             .inspect_err(|s| {
                 tracing::warn!(target: "sigil::audit", event = "new_x509_svid", caller = %agent, decision = "deny", csrs = params.len(), reason = s.message());
             })?;
-        let _permit = state
+        let signing = state.clone();
+        let results = state
             .signers
-            .clone()
-            .acquire_owned()
+            .run(move || {
+                let started = super::limits::thread_cpu_time();
+                let results = sign_batch(&signing, &agent, &params);
+                let used = super::limits::thread_cpu_time().saturating_sub(started);
+                signing.limits.record(params.len(), used);
+                // Its place in the queue is free once signed (or, when the
+                // agent has gone, once dropped unsigned).
+                drop(admitted);
+                results
+            })
             .await
-            .map_err(|_| Status::unavailable("the server is shutting down"))?;
-        let results = tokio::task::spawn_blocking(move || {
-            let started = super::limits::thread_cpu_time();
-            let results = sign_batch(&state, &agent, &params);
-            let used = super::limits::thread_cpu_time().saturating_sub(started);
-            state.limits.record(params.len(), used);
-            results
-        })
-        .await
-        .map_err(|e| Status::internal(format!("signing task failed: {e}")))?;
-        drop(admitted);
+            .ok_or_else(|| Status::internal("signing failed; see the server log"))?;
         Ok(Response::new(pn::BatchNewX509svidResponse { results }))
     }
 
