@@ -32,6 +32,8 @@ const TICK: Duration = Duration::from_millis(500);
 /// look at once). With a cap, also how stale a connected workload's "last
 /// used" time may get.
 const RECONCILE_AT_LEAST: Duration = Duration::from_secs(60);
+/// A session connected at least this long resets the reconnect backoff.
+const GOOD_SESSION: Duration = Duration::from_secs(10);
 
 /// Converts a synced entry at the edge; a malformed one is skipped and logged.
 pub fn entry_from_proto(e: &pn::Entry) -> Result<Entry, String> {
@@ -101,6 +103,8 @@ pub struct Manager {
     /// ...but it does at least every [`RECONCILE_AT_LEAST`] after the last
     /// (on the monotonic clock, whatever the wall clock does).
     pub(super) reconciled: std::time::Instant,
+    /// When the current session connected (its sync stream opened).
+    pub(super) connected_at: Option<std::time::Instant>,
     /// The SVID cache cap (`svid_cache_max`), if any.
     pub(super) svid_cache_max: Option<usize>,
     /// How often to ping the server (`server_keepalive`).
@@ -156,8 +160,11 @@ impl Manager {
                 }
                 Err(e) => {
                     tracing::warn!(server = %self.server(), error = %e, "server session ended; will retry");
-                    // A session that got going starts a fresh round.
-                    if self.client.borrow().is_some() {
+                    // A session that got going starts a fresh round; one that
+                    // failed within seconds (a server that cannot sign) does
+                    // not, or a lone failing server would be retried at once.
+                    let lasted = self.connected_at.take().map(|t| t.elapsed());
+                    if lasted.is_some_and(|d| d >= GOOD_SESSION) {
                         backoff.reset();
                         failed_in_row = 0;
                     }
@@ -237,6 +244,7 @@ impl Manager {
             Err(s) => return Err(s.into()),
         };
         self.client.send_replace(Some(client.clone()));
+        self.connected_at = Some(std::time::Instant::now());
         tracing::info!(server = %self.server(), agent = %self.identity.spiffe_id, resume_from = resume_from_revision, "connected to server");
         let mut pending: Option<BTreeMap<String, Arc<Entry>>> = None;
         let mut tick = tokio::time::interval(TICK);
@@ -255,7 +263,7 @@ impl Manager {
                         }
                     }
                     if ready {
-                        self.reconcile(&mut client).await;
+                        self.reconcile(&mut client).await?;
                     }
                     // Durable before acknowledged: a restarted agent
                     // still trusts what it told the server it has.
@@ -295,7 +303,7 @@ impl Manager {
                         || self.reconcile_at.is_some_and(|t| SystemTime::now() >= t)
                         || self.reconciled.elapsed() >= RECONCILE_AT_LEAST
                     {
-                        self.reconcile(&mut client).await;
+                        self.reconcile(&mut client).await?;
                     }
                     if self.tainted_svids() != self.tainted_reported {
                         self.ack_bundle(&mut client).await;
@@ -304,7 +312,7 @@ impl Manager {
                 // A workload connected with entries that hold no SVID yet
                 // (a capped cache signs them on demand).
                 _ = self.demand.opened.notified(), if self.svid_cache_max.is_some() => {
-                    self.reconcile(&mut client).await;
+                    self.reconcile(&mut client).await?;
                 }
                 _ = self.shutdown.changed() => return Ok(SessionEnd::Shutdown),
             }
@@ -505,8 +513,10 @@ impl Manager {
     }
 
     /// Signs what is missing, changed or due for rotation; drops what is gone;
-    /// publishes the result.
-    async fn reconcile(&mut self, client: &mut NodeClient<Channel>) {
+    /// publishes the result. Fails (ending the session, so the next server
+    /// is tried) when signing failed by the server's fault; what was signed
+    /// before that is kept and published.
+    async fn reconcile(&mut self, client: &mut NodeClient<Channel>) -> Result<(), NodeClientError> {
         let now = SystemTime::now();
         self.demand_seen = self.demand.generation();
         let kept = self.svid_cache_max.map(|cap| self.cache_plan(cap));
@@ -525,6 +535,7 @@ impl Manager {
         let held = self
             .sign_after
             .is_some_and(|t| std::time::Instant::now() < t);
+        let mut failed = None;
         for chunk in due.chunks(SIGN_BATCH).take_while(|_| !held) {
             if let Err(e) = self.sign(client, chunk).await {
                 let asked = match &e {
@@ -538,6 +549,7 @@ impl Manager {
                     break;
                 }
                 tracing::warn!(error = %e, pending = due.len(), "signing SVIDs failed; will retry");
+                failed = e.server_failing().then_some(e);
                 break;
             }
         }
@@ -559,6 +571,7 @@ impl Manager {
         };
         self.reconciled = std::time::Instant::now();
         self.publish();
+        failed.map_or(Ok(()), Err)
     }
 
     /// Whether `e` needs an SVID signed: none held, or the one held no

@@ -568,6 +568,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         sign_after: None,
         reconcile_at: Some(std::time::UNIX_EPOCH),
         reconciled: std::time::Instant::now(),
+        connected_at: None,
         svid_cache_max: config.svid_cache_max,
         keepalive: config.server_keepalive,
         full_sync_every: config.full_sync_interval,

@@ -22,6 +22,26 @@ fn status_text(s: &tonic::Status) -> String {
     }
 }
 
+impl NodeClientError {
+    /// Whether the server, not the request, is at fault: it cannot serve now
+    /// (`UNAVAILABLE`: cut off from its datastore, shutting down), the call
+    /// got no answer in time, or the connection broke. Another server of the
+    /// list may do better.
+    pub fn server_failing(&self) -> bool {
+        match self {
+            NodeClientError::Connect { .. } => true,
+            NodeClientError::Status(s) => matches!(
+                s.code(),
+                tonic::Code::Unavailable
+                    | tonic::Code::DeadlineExceeded
+                    | tonic::Code::Cancelled
+                    | tonic::Code::Unknown
+            ),
+            _ => false,
+        }
+    }
+}
+
 /// Why talking to the server failed.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeClientError {
@@ -321,6 +341,21 @@ pub async fn renew(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_next_server_is_tried_only_for_the_servers_faults() {
+        let failing = |s| NodeClientError::Status(s).server_failing();
+        assert!(failing(tonic::Status::unavailable(
+            "cut off from its datastore"
+        )));
+        assert!(failing(tonic::Status::cancelled("Timeout expired")));
+        assert!(failing(tonic::Status::unknown("transport error")));
+        // A refusal of this request would be the same on any server.
+        assert!(!failing(tonic::Status::permission_denied("not parented")));
+        assert!(!failing(tonic::Status::invalid_argument("bad CSR")));
+        assert!(!failing(tonic::Status::resource_exhausted("busy")));
+        assert!(!NodeClientError::Protocol("odd".into()).server_failing());
+    }
 
     #[test]
     fn a_broken_connection_is_not_called_a_refusal() {

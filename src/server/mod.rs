@@ -11,6 +11,7 @@ pub mod limits;
 mod node;
 mod presence;
 mod signing;
+mod store_watch;
 mod sync_hub;
 mod tls;
 
@@ -518,6 +519,9 @@ pub struct ServerState {
     /// flood of CSRs never stalls the async workers that serve health,
     /// attestation and sync.
     signers: signing::SigningPool,
+    /// Why this server cannot read its store, while it cannot: its sync
+    /// streams end, so agents move to another server.
+    store_down: watch::Receiver<Option<String>>,
     /// Hands each commit to the sync streams it concerns.
     sync_hub: Arc<sync_hub::SyncHub>,
     /// Per-agent signing rate and the bound on queued CSRs.
@@ -1158,7 +1162,9 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     let bundle_for_policies = ca.bundle().clone();
+    let (store_down_tx, store_down) = watch::channel(None);
     let state = Arc::new(ServerState {
+        store_down,
         registry,
         ca,
         clock,
@@ -1191,8 +1197,13 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         state.registry.subscribe(),
         shutdown_rx.clone(),
     ));
+    let store_watch = tokio::spawn(store_watch::run(
+        state.registry.store().clone(),
+        store_down_tx,
+        shutdown_rx.clone(),
+    ));
     let sync_hub = async move {
-        let _ = sync_hub.await;
+        let _ = tokio::join!(sync_hub, store_watch);
     };
     let stream_tasks = state.tasks.clone();
     let state_for_compaction = state.clone();

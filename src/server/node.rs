@@ -74,7 +74,7 @@ impl Drop for SyncSlot {
 /// CSRs in one BatchNewX509SVID request, at most.
 pub const MAX_BATCH: usize = 500;
 
-/// Signs one batch (on the blocking pool): each item is authorized (the entry
+/// Signs one batch (on a signing thread): each item is authorized (the entry
 /// is parented to `agent`) and signed on its own. Denials are logged once for
 /// the batch, with the first few reasons.
 fn sign_batch(
@@ -439,6 +439,9 @@ impl Node for NodeService {
             serial,
         } = caller(&self.state, &req, "sync_entries")?;
         let resume = req.get_ref().resume_from_revision;
+        if let Some(why) = self.state.store_down.borrow().as_deref() {
+            return Err(super::store_watch::unavailable(why));
+        }
         let slot = SyncSlot::take(self.state.clone(), &agent)?;
         self.state.note_agent(&agent, None);
         let (tx, rx) = mpsc::channel(8);
@@ -482,6 +485,7 @@ async fn sync(
     // Registered before the revision is read: every later commit arrives.
     let sub = state.sync_hub.subscribe(agent);
     let mut shutdown = state.shutdown.clone();
+    let mut store_down = state.store_down.clone();
     let mut last = match catch_up(state, agent, resume)? {
         Some((ids, bundle, upto)) => {
             if !send_delta(state, agent, ids, bundle, (resume, upto), tx).await? {
@@ -496,6 +500,9 @@ async fn sync(
         let pending = tokio::select! {
             p = sub.inbox.next() => p,
             _ = shutdown.changed() => return Err(Status::unavailable("server is shutting down")),
+            Ok(down) = store_down.wait_for(Option::is_some) => {
+                return Err(super::store_watch::unavailable(down.as_deref().unwrap_or_default()));
+            }
             _ = tokio::time::sleep_until(deadline) => {
                 return Err(Status::unauthenticated("the agent SVID this stream was opened with has expired"));
             }

@@ -122,8 +122,8 @@ fn the_server_list_comes_from_repeated_flags_or_a_toml_array() {
 /// closing (a peer gone without a word: a host lost, a NAT entry dropped).
 /// Connections opened after a freeze relay normally, to the server of the
 /// moment (see [`Relay::retarget`]).
-struct Relay {
-    addr: std::net::SocketAddr,
+pub(crate) struct Relay {
+    pub(crate) addr: std::net::SocketAddr,
     freezes: std::sync::Arc<std::sync::atomic::AtomicU64>,
     to: std::sync::Arc<std::sync::Mutex<std::net::SocketAddr>>,
     /// Connections relayed so far.
@@ -133,7 +133,7 @@ struct Relay {
 }
 
 impl Relay {
-    async fn start(to: std::net::SocketAddr) -> Relay {
+    pub(crate) async fn start(to: std::net::SocketAddr) -> Relay {
         use std::sync::atomic::{AtomicU64, Ordering};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let freezes = std::sync::Arc::new(AtomicU64::new(0));
@@ -166,12 +166,12 @@ impl Relay {
     }
 
     /// Relays new connections to `to`.
-    fn retarget(&self, to: std::net::SocketAddr) {
+    pub(crate) fn retarget(&self, to: std::net::SocketAddr) {
         *self.to.lock().unwrap() = to;
     }
 
     /// Freezes every connection open now.
-    fn freeze(&self) {
+    pub(crate) fn freeze(&self) {
         self.freezes
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }

@@ -2,7 +2,8 @@
 //! packages, `initdb`-ed into a temp dir on a loopback port): agents that
 //! list several servers, admin commands answered by any of them, a server
 //! SIGKILLed during writes, the rotation leader killed mid-rotation, the
-//! database restarted under load, and the schema version check.
+//! database restarted under load, a server cut off from the database, and
+//! the schema version check.
 //!
 //! `SIGIL_SKIP_POSTGRES=1` skips these on a machine without PostgreSQL;
 //! otherwise a missing PostgreSQL fails them.
@@ -756,4 +757,57 @@ async fn a_ban_on_one_server_closes_the_agents_stream_on_another() {
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
     s1.shutdown(Duration::from_secs(5)).await.unwrap();
     s2.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+/// A server cut off from the database (its connections to it go silent, new
+/// ones fail) ends its agents' sync streams with UNAVAILABLE once its reads
+/// have failed twice in a row, and an agent that lists another server of
+/// the cluster moves there: an entry registered after the cut reaches it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_cut_off_from_the_database_sends_its_agents_to_another() {
+    let Some(pg) = temp_pg() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let database = format!("127.0.0.1:{}", pg.port()).parse().unwrap();
+    let relay = crate::failover::Relay::start(database).await;
+    let mut config = member(dir.path(), "cut", &pg);
+    config.datastore = Some(format!("postgres://sigil@{}/postgres", relay.addr));
+    let cut = start(config).await.unwrap();
+    // The other server starts once the agent syncs with `cut` (an agent
+    // starts at a random server of its list), on an address kept for it.
+    let unused = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
+    let mut config = member(dir.path(), "other", &pg);
+    config.bind = unused();
+    let agent = sigil::agent::start(AgentConfig {
+        servers: vec![cut.node_addr().to_string(), config.bind.to_string()],
+        ..agent_config(&cut, &dir.path().join("a")).await
+    })
+    .await
+    .unwrap();
+    register(&cut, &agent, "before").await;
+    wait_for_svids(&agent, 1).await;
+    let other = start(config).await.unwrap();
+
+    // Nothing listens on the relay's new target: connections made after
+    // the cut fail, and those open before it pass nothing more.
+    relay.retarget(unused());
+    relay.freeze();
+    register(&other, &agent, "after").await;
+    // Two failed reads (each ending within 10 s) 5 s apart, then the move.
+    let mut state = agent.state();
+    tokio::time::timeout(Duration::from_secs(90), async {
+        while state.borrow_and_update().svids.len() < 2 {
+            state.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("the agent never got the entry registered after its server was cut off");
+    let names = ["after", "before"].map(|n| format!("spiffe://example.org/{n}"));
+    assert_eq!(svid_ids(&agent), BTreeSet::from(names));
+    other.shutdown(Duration::from_secs(5)).await.unwrap();
+    let _ = cut.shutdown(Duration::from_secs(1)).await;
 }
