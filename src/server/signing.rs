@@ -9,6 +9,10 @@ use std::sync::{Arc, Mutex, PoisonError, mpsc};
 
 type Job = Box<dyn FnOnce() + Send>;
 
+/// The signers' nice value: when the cores are busy signing a storm, a
+/// thread with an interactive request to serve gets the CPU first.
+const SIGNER_NICE: i32 = 5;
+
 /// A fixed set of signing threads over one queue (first come, first served).
 /// The threads end when the pool is dropped.
 pub struct SigningPool {
@@ -31,6 +35,9 @@ impl SigningPool {
             std::thread::Builder::new()
                 .name(format!("sigil-signer-{i}"))
                 .spawn(move || {
+                    // Below the threads that answer health, attestation and
+                    // sync (Linux applies this to the calling thread only).
+                    let _ = rustix::process::setpriority_process(None, SIGNER_NICE);
                     loop {
                         let next = jobs.lock().unwrap_or_else(PoisonError::into_inner).recv();
                         let Ok(job) = next else { return };
