@@ -230,6 +230,10 @@ struct ServerArgs {
     /// [default: 10000].
     #[arg(long)]
     agent_csr_burst: Option<String>,
+    /// The embedded store's page cache in MiB (at least 16; not with
+    /// --datastore) [default: sled's, 1024].
+    #[arg(long)]
+    store_cache_mib: Option<String>,
     /// Check the configuration (reading every file it names), bind nothing, exit.
     #[arg(long)]
     validate: bool,
@@ -316,6 +320,7 @@ impl ServerArgs {
         raw.flag("log_level", self.log_level);
         raw.flag("agent_csr_rate", self.agent_csr_rate);
         raw.flag("agent_csr_burst", self.agent_csr_burst);
+        raw.flag("store_cache_mib", self.store_cache_mib);
         self.policy.apply(&mut raw);
         let run = Run {
             log_filter: log_filter(&raw)?,

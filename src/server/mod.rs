@@ -77,6 +77,7 @@ pub const SERVER_KEYS: &[&str] = &[
     "agent_csr_rate",
     "agent_csr_burst",
     "datastore",
+    "store_cache_mib",
 ];
 
 /// Default `agent_csr_rate`: signings per second per agent.
@@ -191,7 +192,13 @@ pub struct ServerConfig {
     /// A shared PostgreSQL datastore (`postgres://USER@HOST:PORT/DB`) instead
     /// of the embedded sled store under `data_dir`.
     pub datastore: Option<String>,
+    /// The embedded store's page cache, in MiB (sled's own default, 1 GiB,
+    /// when unset).
+    pub store_cache_mib: Option<u32>,
 }
+
+/// The smallest `store_cache_mib` taken.
+pub const MIN_STORE_CACHE_MIB: u32 = 16;
 
 impl ServerConfig {
     /// A server with every file under `dir` (store, KEK, admin socket), the
@@ -224,6 +231,7 @@ impl ServerConfig {
             },
             policy: None,
             datastore: None,
+            store_cache_mib: None,
         }
     }
 
@@ -318,6 +326,7 @@ impl ServerConfig {
                 },
                 None => None,
             },
+            store_cache_mib: store_cache_from_raw(raw)?,
             bind: raw.socket_addr("bind", DEFAULT_BIND)?,
             admin_socket: PathBuf::from(raw.string_or("admin_socket", DEFAULT_ADMIN_SOCKET)?),
             log_format: raw
@@ -333,6 +342,28 @@ impl ServerConfig {
             ca_ttl,
         })
     }
+}
+
+/// `store_cache_mib`: only for the embedded store (PostgreSQL keeps its own
+/// cache), and at least [`MIN_STORE_CACHE_MIB`].
+fn store_cache_from_raw(raw: &RawConfig) -> Result<Option<u32>, ConfigError> {
+    let mib = raw.parsed("store_cache_mib", None, |v| {
+        parse_count(v).and_then(|n| {
+            if n < MIN_STORE_CACHE_MIB {
+                Err(format!("must be at least {MIN_STORE_CACHE_MIB} (MiB)"))
+            } else {
+                Ok(n)
+            }
+        })
+    })?;
+    if let (Some(n), Some(_)) = (mib, raw.get("datastore")?) {
+        return Err(ConfigError::Invalid {
+            key: "store_cache_mib",
+            value: n.to_string(),
+            reason: "applies to the embedded store only, and `datastore` names PostgreSQL; remove one of them".into(),
+        });
+    }
+    Ok(mib)
 }
 
 /// `bundle_refresh_hint`: 5m by default, or less when `ca_ttl` is short; an
@@ -1131,7 +1162,11 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
             tracing::info!(datastore = %pg.shown(), "using the shared PostgreSQL datastore");
             Arc::new(pg)
         }
-        None => Arc::new(SledStore::open(&config.data_dir, kek)?),
+        None => Arc::new(SledStore::open_with_cache(
+            &config.data_dir,
+            kek,
+            config.store_cache_mib.map(|m| u64::from(m) << 20),
+        )?),
     };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let now = clock.now();

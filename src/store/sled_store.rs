@@ -165,6 +165,19 @@ impl SledStore {
     /// Opens (or creates) the store in `dir`, refusing a newer schema or a
     /// KEK other than the one the store was created with.
     pub fn open(dir: &Path, kek: Kek) -> Result<Self, StoreError> {
+        Self::open_with_cache(dir, kek, None)
+    }
+
+    /// [`open`](Self::open), with sled's page cache limited to
+    /// `cache_bytes` (sled's default, 1 GiB, when `None`). The cache is most
+    /// of a large store's memory: after the read at open, a server with a
+    /// million entries held about 1.2 GiB with the default and 350 MiB with
+    /// 64 MiB.
+    pub fn open_with_cache(
+        dir: &Path,
+        kek: Kek,
+        cache_bytes: Option<u64>,
+    ) -> Result<Self, StoreError> {
         let open_err = |reason: String| StoreError::Open {
             path: dir.to_path_buf(),
             reason,
@@ -174,7 +187,11 @@ impl SledStore {
         // that into an error that says what is wrong, not a crash.
         let started = std::time::Instant::now();
         let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let db = sled::Config::new().path(dir.join("db")).open()?;
+            let mut config = sled::Config::new().path(dir.join("db"));
+            if let Some(bytes) = cache_bytes {
+                config = config.cache_capacity(bytes);
+            }
+            let db = config.open()?;
             let mut trees = vec![db.open_tree("meta")?, db.open_tree("events")?];
             for table in Table::ALL {
                 trees.push(db.open_tree(table.name())?);

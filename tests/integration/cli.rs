@@ -112,6 +112,41 @@ fn config_errors_name_the_key() {
         assert!(!e.contains("hunter2"), "{url}: {e}");
     }
 
+    // The embedded store's cache: a whole number of MiB, at least 16, and
+    // not with a PostgreSQL datastore (which keeps its own).
+    for (args, want) in [
+        (&["--store-cache-mib", "lots"][..], "whole number"),
+        (&["--store-cache-mib", "8"][..], "at least 16"),
+        (
+            &[
+                "--store-cache-mib",
+                "64",
+                "--datastore",
+                "postgres://sigil@db/sigil",
+            ][..],
+            "embedded store only",
+        ),
+    ] {
+        let o = sigil()
+            .args(["server", "--validate", "--trust-domain", "example.org"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "{args:?}");
+        let e = stderr(&o);
+        assert!(
+            e.contains("store_cache_mib") && e.contains(want),
+            "{args:?}: {e}"
+        );
+    }
+    let o = sigil()
+        .args(["server", "--validate", "--trust-domain", "example.org"])
+        .args(["--store-cache-mib", "64", "--data-dir"])
+        .arg(dir.path().join("cache"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+
     let o = sigil()
         .args(["server", "--trust-domain", "Bad Domain!"])
         .output()
