@@ -171,7 +171,7 @@ impl SledStore {
     /// [`open`](Self::open), with sled's page cache limited to
     /// `cache_bytes` (sled's default, 1 GiB, when `None`). The cache is most
     /// of a large store's memory: after the read at open, a server with a
-    /// million entries held about 1.2 GiB with the default and 350 MiB with
+    /// million entries held about 1.3 GB with the default and 0.5 GB with
     /// 64 MiB.
     pub fn open_with_cache(
         dir: &Path,
