@@ -527,6 +527,17 @@ async fn postgres_restarted_under_load() {
     let a = agent_on(dir.path(), "a", &s1, &[&s2, &s1]).await;
     register(&s1, &a, "before").await;
     wait_for_svids(&a, 1).await;
+    // A sync stream held on s1 by another agent, to see it end.
+    let probe = crate::server::join(&s1).await;
+    let mut held = crate::server::agent_client(&s1, &probe)
+        .await
+        .sync_entries(sigil::proto::node::SyncEntriesRequest {
+            resume_from_revision: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    held.message().await.unwrap().unwrap();
 
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let load = tokio::spawn(write_through_outage(
@@ -565,7 +576,24 @@ async fn postgres_restarted_under_load() {
     // A datastore that cannot be read is not an empty one: the agent keeps
     // the SVID it holds.
     assert!(svid_ids(&a).contains("spiffe://example.org/before"));
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // A server that cannot read its store ends its sync streams (so agents
+    // try another server), once two reads 5 s apart have failed.
+    let ended = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            match held.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the sync stream ended without saying why"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await
+    .expect("a sync stream stayed open while the database was down");
+    assert_eq!(ended.code(), tonic::Code::Unavailable, "{ended:?}");
+    assert!(
+        ended.message().contains("cannot read its store"),
+        "{ended:?}"
+    );
     assert!(svid_ids(&a).contains("spiffe://example.org/before"));
 
     // ... and recover by themselves when it returns.
@@ -591,8 +619,8 @@ async fn postgres_restarted_under_load() {
     let lost: Vec<_> = acked.difference(&listed).collect();
     assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");
 
-    // The change feed came back: an entry written on one server reaches the
-    // agent through the other.
+    // The change feed came back, and the servers take sync streams again: an
+    // entry written on one server reaches the agent through the other.
     register(&s1, &a, "after").await;
     wait_for_svids(&a, 2).await;
     a.shutdown(Duration::from_secs(5)).await;
