@@ -550,9 +550,9 @@ pub struct ServerState {
     /// flood of CSRs never stalls the async workers that serve health,
     /// attestation and sync.
     signers: signing::SigningPool,
-    /// Why this server cannot read its store, while it cannot: its sync
-    /// streams end, so agents move to another server.
-    store_down: watch::Receiver<Option<String>>,
+    /// Whether the store can be read (from the readiness probe's reads):
+    /// while it cannot, sync streams end, so agents move to another server.
+    store_watch: store_watch::StoreWatch,
     /// Hands each commit to the sync streams it concerns.
     sync_hub: Arc<sync_hub::SyncHub>,
     /// Per-agent signing rate and the bound on queued CSRs.
@@ -1062,6 +1062,9 @@ fn server_probes(state: Arc<ServerState>) -> crate::metrics::Probes {
             }
         }),
         ready: Arc::new(move || {
+            // Read first, whatever else fails: the store watch follows it.
+            let read = state.registry.store().revision();
+            state.store_watch.observe(&read, std::time::Instant::now());
             if let Some(why) = state
                 .rotation_error
                 .lock()
@@ -1070,11 +1073,7 @@ fn server_probes(state: Arc<ServerState>) -> crate::metrics::Probes {
             {
                 return Err(format!("CA rotation is failing: {why}"));
             }
-            state
-                .registry
-                .store()
-                .revision()
-                .map_err(|e| format!("the store cannot be read: {e}"))?;
+            read.map_err(|e| format!("the store cannot be read: {e}"))?;
             if state.ca.x509().not_after() <= state.clock.now() {
                 return Err("the active X.509 authority has expired".into());
             }
@@ -1197,9 +1196,8 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     let bundle_for_policies = ca.bundle().clone();
-    let (store_down_tx, store_down) = watch::channel(None);
     let state = Arc::new(ServerState {
-        store_down,
+        store_watch: store_watch::StoreWatch::default(),
         registry,
         ca,
         clock,
@@ -1232,13 +1230,8 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         state.registry.subscribe(),
         shutdown_rx.clone(),
     ));
-    let store_watch = tokio::spawn(store_watch::run(
-        state.registry.store().clone(),
-        store_down_tx,
-        shutdown_rx.clone(),
-    ));
     let sync_hub = async move {
-        let _ = tokio::join!(sync_hub, store_watch);
+        let _ = sync_hub.await;
     };
     let stream_tasks = state.tasks.clone();
     let state_for_compaction = state.clone();

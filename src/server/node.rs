@@ -439,8 +439,8 @@ impl Node for NodeService {
             serial,
         } = caller(&self.state, &req, "sync_entries")?;
         let resume = req.get_ref().resume_from_revision;
-        if let Some(why) = self.state.store_down.borrow().as_deref() {
-            return Err(super::store_watch::unavailable(why));
+        if let Some(why) = self.state.store_watch.down() {
+            return Err(super::store_watch::unavailable(&why));
         }
         let slot = SyncSlot::take(self.state.clone(), &agent)?;
         self.state.note_agent(&agent, None);
@@ -485,7 +485,7 @@ async fn sync(
     // Registered before the revision is read: every later commit arrives.
     let sub = state.sync_hub.subscribe(agent);
     let mut shutdown = state.shutdown.clone();
-    let mut store_down = state.store_down.clone();
+    let mut store_down = state.store_watch.subscribe();
     let mut last = match catch_up(state, agent, resume)? {
         Some((ids, bundle, upto)) => {
             if !send_delta(state, agent, ids, bundle, (resume, upto), tx).await? {

@@ -55,6 +55,38 @@ async fn agent_on(
     sigil::agent::start(config).await.unwrap()
 }
 
+type SyncStream = tonic::Streaming<sigil::proto::node::SyncEntriesResponse>;
+
+/// A sync stream of `agent` on `server`, its first snapshot page read.
+async fn open_sync(server: &ServerHandle, agent: &sigil::agent::AgentIdentity) -> SyncStream {
+    let mut stream = crate::server::agent_client(server, agent)
+        .await
+        .sync_entries(sigil::proto::node::SyncEntriesRequest {
+            resume_from_revision: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    stream.message().await.unwrap().unwrap();
+    stream
+}
+
+/// The status `stream` ends with, within `within` (`what` says what was
+/// expected, for the failure message).
+async fn stream_end(stream: &mut SyncStream, within: Duration, what: &str) -> tonic::Status {
+    tokio::time::timeout(within, async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the sync stream ended without saying why"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what}"))
+}
+
 async fn register(server: &ServerHandle, agent: &AgentHandle, name: &str) -> String {
     admin(server)
         .await
@@ -529,15 +561,7 @@ async fn postgres_restarted_under_load() {
     wait_for_svids(&a, 1).await;
     // A sync stream held on s1 by another agent, to see it end.
     let probe = crate::server::join(&s1).await;
-    let mut held = crate::server::agent_client(&s1, &probe)
-        .await
-        .sync_entries(sigil::proto::node::SyncEntriesRequest {
-            resume_from_revision: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    held.message().await.unwrap().unwrap();
+    let mut held = open_sync(&s1, &probe).await;
 
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let load = tokio::spawn(write_through_outage(
@@ -577,18 +601,13 @@ async fn postgres_restarted_under_load() {
     // the SVID it holds.
     assert!(svid_ids(&a).contains("spiffe://example.org/before"));
     // A server that cannot read its store ends its sync streams (so agents
-    // try another server), once two reads 5 s apart have failed.
-    let ended = tokio::time::timeout(Duration::from_secs(60), async {
-        loop {
-            match held.message().await {
-                Ok(Some(_)) => continue,
-                Ok(None) => panic!("the sync stream ended without saying why"),
-                Err(status) => return status,
-            }
-        }
-    })
-    .await
-    .expect("a sync stream stayed open while the database was down");
+    // try another server), once its reads have failed for 10 s.
+    let ended = stream_end(
+        &mut held,
+        Duration::from_secs(60),
+        "a sync stream stayed open while the database was down",
+    )
+    .await;
     assert_eq!(ended.code(), tonic::Code::Unavailable, "{ended:?}");
     assert!(
         ended.message().contains("cannot read its store"),
@@ -746,15 +765,7 @@ async fn a_ban_on_one_server_closes_the_agents_stream_on_another() {
     let s2 = start(member(dir.path(), "s2", &pg)).await.unwrap();
     // Attested through s1, syncing with s2.
     let agent = crate::server::join(&s1).await;
-    let mut client = crate::server::agent_client(&s2, &agent).await;
-    let mut stream = client
-        .sync_entries(sigil::proto::node::SyncEntriesRequest {
-            resume_from_revision: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    stream.message().await.unwrap().unwrap();
+    let mut stream = open_sync(&s2, &agent).await;
 
     admin(&s1)
         .await
@@ -763,18 +774,12 @@ async fn a_ban_on_one_server_closes_the_agents_stream_on_another() {
         })
         .await
         .unwrap();
-    let ended = tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            match stream.message().await {
-                Ok(Some(_)) => continue,
-                Ok(None) => return None,
-                Err(status) => return Some(status),
-            }
-        }
-    })
-    .await
-    .expect("the banned agent's stream on the other server stayed open");
-    let status = ended.expect("the stream ended without saying why");
+    let status = stream_end(
+        &mut stream,
+        Duration::from_secs(30),
+        "the banned agent's stream on the other server stayed open",
+    )
+    .await;
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
     // And s2 refuses it from then on.
     let e = crate::server::agent_client(&s2, &agent)
@@ -789,7 +794,7 @@ async fn a_ban_on_one_server_closes_the_agents_stream_on_another() {
 
 /// A server cut off from the database (its connections to it go silent, new
 /// ones fail) ends its agents' sync streams with UNAVAILABLE once its reads
-/// have failed twice in a row, and an agent that lists another server of
+/// have failed for 10 s, and an agent that lists another server of
 /// the cluster moves there: an entry registered after the cut reaches it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_cut_off_from_the_database_sends_its_agents_to_another() {
@@ -825,7 +830,7 @@ async fn a_server_cut_off_from_the_database_sends_its_agents_to_another() {
     relay.retarget(unused());
     relay.freeze();
     register(&other, &agent, "after").await;
-    // Two failed reads (each ending within 10 s) 5 s apart, then the move.
+    // 10 s of failed reads (a read may itself wait 10 s), then the move.
     let mut state = agent.state();
     tokio::time::timeout(Duration::from_secs(90), async {
         while state.borrow_and_update().svids.len() < 2 {
